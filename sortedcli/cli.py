@@ -1,0 +1,174 @@
+"""``sortednet VERB [flags] [key=value ...]``: verbs on top of Hydra.
+
+Each verb is a Hydra app whose primary config is ``conf/<verb>.yaml``; everything after the verb is
+Hydra's own command line (overrides, ``-m`` multirun, ``--cfg job``, ``--help``), so Hydra's
+features keep working. A few flags are sugar for overrides:
+
+    --all-submodels   all_submodels=true            (eval)
+    --budget B        budget=B                      (export)
+    --ckpt PATH       ckpt=PATH                     (eval, export)
+    --resume RUN_DIR  resume=RUN_DIR, and Hydra's run dir is that folder   (train)
+    --recipe NAME     the primary config recipes/NAME.yaml, which builds on conf/train.yaml  (train)
+
+A user's mistake (a bad override, a missing file, an impossible budget) ends with one line on
+stderr and exit status 2; a crash (a bug) keeps its traceback and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = Path(os.environ.get("SORTEDNET_CONF", ROOT / "conf"))
+RECIPES_DIR = Path(os.environ.get("SORTEDNET_RECIPES", ROOT / "recipes"))
+
+VERBS = {
+    "train": "train every nested sub-model of the grid in one run",
+    "eval": "accuracy, FLOPs, parameters and latency of the sub-models of a run (--all-submodels)",
+    "export": "cut the best sub-model within a FLOPs budget out as a plain model (--budget B)",
+    "submodels": "list a model's grid of sub-models with parameters and FLOPs (no data, no training)",
+}
+FLAGS = {  # flag -> (verbs that take it, takes a value)
+    "--all-submodels": ({"eval"}, False),
+    "--budget": ({"export"}, True),
+    "--ckpt": ({"eval", "export"}, True),
+    "--resume": ({"train"}, True),
+    "--recipe": ({"train"}, True),
+}
+MISSING_HINTS = {"budget": "--budget B (a fraction of the full model's FLOPs, e.g. --budget 0.5)"}
+
+USAGE = "usage: sortednet {train,eval,export,submodels} [--help] [flags] [key=value ...]\n\n" + "\n".join(
+    f"  {verb:<10} {text}" for verb, text in VERBS.items()) + (
+    "\n\nExamples:\n"
+    "  sortednet train model=resnet50 'dims=[width,depth]' data=fashion_mnist\n"
+    "  sortednet eval --all-submodels\n"
+    "  sortednet export --budget 0.5\n"
+    "  sortednet submodels model=resnet50 'dims=[width,depth]'\n\n"
+    "`sortednet VERB --help` lists that verb's config groups and options.")
+
+
+class _Usage(Exception):
+    pass
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def translate(verb: str, args: list[str]) -> list[str]:
+    """Hydra's command line for ``sortednet VERB args``: flags become overrides."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in FLAGS:
+            verbs, takes_value = FLAGS[flag]
+            if verb not in verbs:
+                raise _Usage(f"sortednet {verb} does not take {flag} (it is for: {', '.join(sorted(verbs))})")
+            if takes_value and not eq:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise _Usage(f"{flag} needs a value, e.g. {flag} {'0.5' if flag == '--budget' else 'PATH'}")
+                i += 1
+                value = args[i]
+            if flag == "--all-submodels":
+                out.append("all_submodels=true")
+            elif flag == "--budget":
+                out.append(f"budget={value}")
+            elif flag == "--recipe":
+                if not (RECIPES_DIR / f"{value}.yaml").is_file():
+                    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+                    raise _Usage(f"unknown recipe {value!r}: choose one of {known}")
+                out += ["--config-dir", str(CONF_DIR), "--config-path", str(RECIPES_DIR), "--config-name", value]
+            elif flag == "--resume":
+                out += [f"resume={_quote(value)}", f"hydra.run.dir={_quote(value)}"]
+            else:
+                out.append(f"{flag[2:]}={_quote(value)}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def console():
+    """Rich console for the verbs: wide tables when writing to a file or pipe (no terminal width)."""
+    from rich.console import Console
+
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=160)
+
+
+def _run_verb(verb: str, cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import MissingMandatoryValue
+
+    from .commands import eval as eval_cmd, export, submodels, train
+    from .errors import UsageError
+
+    try:
+        if verb == "train":
+            hydra_cfg = HydraConfig.get()
+            train.run(cfg, Path(hydra_cfg.runtime.output_dir), console(), overrides=list(hydra_cfg.overrides.task))
+        elif verb == "eval":
+            eval_cmd.run(cfg, console())
+        elif verb == "export":
+            export.run(cfg, console())
+        else:
+            submodels.run(cfg, console())
+    except UsageError as e:
+        _fail(str(e))
+    except MissingMandatoryValue as e:
+        key = e.full_key or e.key
+        _fail(f"{key} is required: pass {MISSING_HINTS.get(key, f'{key}=VALUE')}")
+    except KeyboardInterrupt:
+        print("sortednet: interrupted; a train run continues with --resume RUN_DIR", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def _fail(message: str) -> None:
+    print(f"sortednet: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"sortednet: error: unknown command {verb!r}: choose one of {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    try:
+        hydra_args = translate(verb, rest)
+    except _Usage as e:
+        print(f"sortednet: error: {e}", file=sys.stderr)
+        return 2
+
+    import hydra
+
+    started = False
+
+    def task(cfg) -> None:
+        nonlocal started
+        started = True
+        _run_verb(verb, cfg)
+
+    saved_argv = sys.argv
+    sys.argv = [f"sortednet {verb}", *hydra_args]
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(task)()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        # Hydra exits 1 on a config it cannot compose (typo, unknown option): the user's mistake.
+        return 2 if code == 1 and not started else code
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

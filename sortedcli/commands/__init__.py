@@ -1,0 +1,1 @@
+"""One plain function per verb: ``run(cfg, ...)``. Tests call them with a composed config."""

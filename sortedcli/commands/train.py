@@ -1,0 +1,140 @@
+"""``sortednet train``: train every sub-model of the grid in one run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+from .. import runs
+from ..build import build_device, build_distill, build_grid, build_model, build_optimizer, build_sampler
+from ..data import build_vision_data
+from ..engine import Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
+from ..errors import UsageError
+from ..nest import has_batchnorm
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The saved config of ``run_dir`` with the ``key=value`` overrides that name existing leaves
+    (``trainer.epochs=30``); choosing another model, data or grid is refused."""
+    cfg = runs.load_config(run_dir)
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key in ("resume", "hydra.run.dir") or key.startswith("hydra"):
+            continue
+        current = OmegaConf.select(cfg, key, default="<missing>")
+        if isinstance(current, DictConfig) or current == "<missing>":
+            raise UsageError(f"cannot change {key!r} when resuming {run_dir}: only settings the run "
+                             "already has (e.g. trainer.epochs=30) can be changed; start a new run instead")
+        OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else None)
+    return cfg
+
+
+def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, overrides: list[str] = ()) -> Path:
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the final checkpoint folder."""
+    console = console or Console()
+    run_dir = Path(run_dir)
+    resuming = cfg.get("resume") is not None
+    if resuming:
+        run_dir = Path(cfg.resume)
+        ckpt = runs.latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UsageError(f"--resume {run_dir}: no complete checkpoint there to resume from")
+        cfg = resume_config(run_dir, list(overrides))
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    data = build_vision_data(cfg.data)
+    model = build_model(cfg, data.num_classes, data.in_channels)
+    grid = build_grid(cfg, model)
+    sampler = build_sampler(cfg, grid)
+    device, amp = build_device(cfg)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    t = cfg.trainer
+    per_epoch = steps_per_epoch(data.train, t.batch_size)
+    total = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
+    scheduler = cosine_schedule(optimizer, per_epoch * t.epochs, cfg.optim.get("warmup_steps", 0))
+    progress = Progress()
+
+    if resuming:
+        weights, _ = runs.load_weights(ckpt)
+        model.load_state_dict(weights)
+        state = runs.load_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        progress = Progress(**state["progress"])
+        console.print(f"resuming {run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})")
+    else:
+        runs.save_config(run_dir, cfg)
+
+    console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} images), "
+                  f"{len(grid)} sub-models ({' x '.join(f'{d.name} {len(d.levels)}' for d in grid.dims)}), "
+                  f"sampler={sampler.name}, device={device.type}"
+                  f"{'+' + str(amp).removeprefix('torch.') if amp else ''} -> {run_dir}")
+
+    calib = test = None
+    if t.epoch_eval:
+        calib = calibration_batches(data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches, cfg.seed,
+                                    device) if has_batchnorm(model) else []
+        subset = torch.utils.data.Subset(data.test, range(min(len(data.test), t.epoch_eval_subset)))
+        test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size)
+
+    def checkpoint():
+        state = {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+            "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch},
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        return runs.save_checkpoint(run_dir, progress.step, model, state, cfg, keep=t.keep_checkpoints)
+
+    started = time.perf_counter()
+    losses: list[float] = []
+
+    with Bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+             TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
+             transient=False) as bar:
+        task = bar.add_task("train", total=total, completed=progress.step, epoch=progress.epoch + 1, loss="-")
+
+        def on_step(p: Progress, loss: float) -> None:
+            losses.append(loss)
+            bar.update(task, completed=p.step, epoch=p.epoch + 1, loss=f"{loss:.3f}")
+            if p.step % t.log_every == 0:
+                runs.append_metrics(run_dir, {"step": p.step, "epoch": p.epoch, "loss": sum(losses) / len(losses),
+                                              "lr": scheduler.get_last_lr()[0],
+                                              "time": time.perf_counter() - started})
+                losses.clear()
+            if t.ckpt_every and p.step % t.ckpt_every == 0:
+                checkpoint()
+
+        def on_epoch_end(p: Progress) -> None:
+            record = {"epoch": p.epoch, "step": p.step, "time": time.perf_counter() - started}
+            if test is not None:
+                for label, sub in (("largest", grid.largest), ("smallest", grid.smallest)):
+                    record[f"acc_{label}"] = evaluate(model, sub, calib, test, device, amp)
+                bar.console.print(f"epoch {p.epoch}: accuracy largest {record['acc_largest']:.2f}%, "
+                                  f"smallest {record['acc_smallest']:.2f}% (first {len(test.dataset)} test images)")
+            runs.append_metrics(run_dir, record)
+            checkpoint()
+
+        fit(model, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
+            seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
+            max_steps=t.max_steps, num_workers=t.num_workers, on_step=on_step, on_epoch_end=on_epoch_end)
+
+    final = runs.latest_checkpoint(run_dir)
+    if final is None or final.name != f"step-{progress.step:08d}":
+        final = checkpoint()
+    console.print(f"trained {progress.step} steps in {time.perf_counter() - started:.1f}s; checkpoint {final}")
+    return final

@@ -1,0 +1,285 @@
+"""Image-classification datasets: Fashion-MNIST, CIFAR-10/100, an ImageFolder tree, sklearn digits.
+
+:func:`build_vision_data` turns the ``data`` config section into a :class:`VisionData`: train, test
+and calibration datasets whose items are ``(normalized float32 C x H x W tensor, int label)``.
+Small datasets live in memory as tensors and are normalized (and augmented) in ``__getitem__``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import Dataset, Subset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from sortedcli.errors import UsageError
+
+FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_ROOT = "data"  # where download=true puts files when data.root is not set
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_MAGIC = {1: 2049, 3: 2051}  # unsigned-byte IDX files: labels (1 dim), images (3 dims)
+DEFAULT_STATS = {  # (mean, std) per channel
+    "fashion_mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "imagefolder": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "digits": ([0.3053], [0.3760]),
+}
+
+
+@dataclass
+class VisionData:
+    name: str
+    train: Dataset  # items are (float32 tensor C x H x W, normalized; int label)
+    test: Dataset  # no augmentation
+    calib: Dataset  # the training images without augmentation (to recalibrate BatchNorm)
+    num_classes: int
+    in_channels: int
+    image_size: int  # H == W
+
+
+class TensorImages(Dataset):
+    """Images kept in memory (uint8 0..255 or float 0..1, N x C x H x W), normalized per item."""
+
+    def __init__(self, images, labels, mean, std, size, augment=None):
+        n, c, h, _ = images.shape
+        if h != size and n * c * size * size <= 2**28:  # small enough: resize once, up front
+            images = TF.resize(images, [size, size], antialias=True)
+        self.images, self.labels, self.size, self.augment = images, labels, size, augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        if x.shape[-1] != self.size:
+            x = TF.resize(x, [self.size, self.size], antialias=True)
+        if self.augment is not None:
+            x = self.augment(x)
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+def _augmentation(size, flip=True):
+    steps = [v2.RandomCrop(size, padding=4)] if size >= 28 else []
+    steps += [v2.RandomHorizontalFlip()] if flip else []
+    return v2.Compose(steps) if steps else None
+
+
+def _stats(cfg, name, channels):
+    mean, std = DEFAULT_STATS[name]
+    mean = [float(v) for v in (cfg.get("mean") or mean)]
+    std = [float(v) for v in (cfg.get("std") or std)]
+    for key, vals in (("mean", mean), ("std", std)):
+        if len(vals) not in (1, channels):
+            raise UsageError(f"data.{key} must have 1 or {channels} values for {name}, got {len(vals)}")
+    if any(s <= 0 for s in std):
+        raise UsageError("data.std values must be positive")
+    return mean * (channels // len(mean)), std * (channels // len(std))
+
+
+def _subset_size(cfg, key):
+    n = cfg.get(key)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UsageError(f"data.{key} must be a positive integer or null, got {n!r}")
+    return n
+
+
+def _in_memory(name, cfg, train, test, num_classes, native, flip=True):
+    """Wrap (images, labels) pairs for train and test into a VisionData."""
+    size = int(cfg.get("image_size") or native)
+    channels = train[0].shape[1]
+    mean, std = _stats(cfg, name, channels)
+    ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
+    train = (train[0][:ntr], train[1][:ntr])
+    test = (test[0][:nte], test[1][:nte])
+    aug = _augmentation(size, flip) if cfg.get("augment", False) else None
+    return VisionData(name, train=TensorImages(*train, mean, std, size, aug),
+                      test=TensorImages(*test, mean, std, size),
+                      calib=TensorImages(*train, mean, std, size),
+                      num_classes=num_classes, in_channels=channels, image_size=size)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+def read_idx(path, ndim):
+    """Read an unsigned-byte IDX file (gzip or plain) into a numpy array with ``ndim`` dimensions."""
+    try:
+        raw = Path(path).read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != IDX_MAGIC[ndim]:
+        raise UsageError(f"{path} is not an IDX file of {ndim}-d unsigned bytes (bad magic number)")
+    dims = [int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
+    if len(raw) - header != int(np.prod(dims)):
+        raise UsageError(f"{path} is corrupt: header says {dims} but holds {len(raw) - header} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_file(folder, stem):
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _fashion_dir(candidates):
+    for folder in candidates:
+        if all(_find_file(folder, stem) for stem in FASHION_FILES):
+            return folder
+    return None
+
+
+def _fashion_split(folder, prefix):
+    images = read_idx(_find_file(folder, f"{prefix}-images-idx3-ubyte"), 3)
+    labels = read_idx(_find_file(folder, f"{prefix}-labels-idx1-ubyte"), 1)
+    if len(images) != len(labels) or images.shape[1:] != (28, 28) or labels.max(initial=0) > 9:
+        raise UsageError(f"Fashion-MNIST files in {folder} are inconsistent: {images.shape} images, "
+                         f"{len(labels)} labels (want N x 28 x 28 images, N labels 0..9)")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def _fashion_mnist(cfg):
+    root = Path(cfg.get("root") or DEFAULT_ROOT)
+    if cfg.get("root"):
+        candidates = [root, root / "FashionMNIST" / "raw"]
+    else:
+        candidates = [Path(FASHION_SYSTEM_DIR), root / "FashionMNIST" / "raw"]
+    folder = _fashion_dir(candidates)
+    if folder is None and cfg.get("download", False):
+        try:
+            torchvision.datasets.FashionMNIST(str(root), download=True)
+        except Exception as e:  # network errors come in many types
+            raise UsageError(f"could not download Fashion-MNIST into {root}: {e}") from None
+        folder = _fashion_dir(candidates)
+    if folder is None:
+        where = " or ".join(str(c) for c in candidates)
+        raise UsageError(f"Fashion-MNIST not found in {where}: install it with `apt-get install "
+                         "dataset-fashion-mnist`, or pass data.root=DIR, or data.download=true (needs internet)")
+    return _in_memory("fashion_mnist", cfg, _fashion_split(folder, "train"),
+                      _fashion_split(folder, "t10k"), num_classes=10, native=28)
+
+
+# ---------------------------------------------------------------- CIFAR (torchvision parses)
+class _NoMd5:
+    """Mixin: accept re-packed user copies; only check that the files exist (torchvision parses)."""
+
+    def _check_integrity(self):
+        names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in names)
+
+    def _load_meta(self):  # torchvision's version insists on the md5 of the meta file
+        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class CIFAR10(_NoMd5, torchvision.datasets.CIFAR10):
+    pass
+
+
+class CIFAR100(_NoMd5, torchvision.datasets.CIFAR100):
+    pass
+
+
+def _cifar(cfg, name):
+    cls, classes = (CIFAR10, 10) if name == "cifar10" else (CIFAR100, 100)
+    root, download = cfg.get("root"), bool(cfg.get("download", False))
+    if not root and not download:
+        raise UsageError(f"{name} needs data.root: put torchvision's {cls.base_folder} folder under "
+                         "data.root=DIR or pass data.download=true (needs internet)")
+    root = root or DEFAULT_ROOT
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(root, train=train, download=download)
+        except RuntimeError:
+            raise UsageError(f"{name} not found in {root}: put torchvision's {cls.base_folder} folder "
+                             "under data.root=DIR or pass data.download=true (needs internet)") from None
+        except Exception as e:  # bad pickles, missing keys, wrong shapes, network errors
+            raise UsageError(f"cannot load {name} from {Path(root) / cls.base_folder}: {e!r}") from None
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        splits.append((images, torch.tensor(ds.targets, dtype=torch.int64)))
+    return _in_memory(name, cfg, splits[0], splits[1], num_classes=classes, native=32)
+
+
+# ---------------------------------------------------------------- ImageFolder tree
+def _imagefolder(cfg):
+    root = Path(cfg.get("root") or ".")
+    hint = f"data.root must hold train/ and val/ folders of class sub-folders (looked in {root})"
+    test_dir = root / "val" if (root / "val").is_dir() else root / "test"
+    if not cfg.get("root") or not (root / "train").is_dir() or not test_dir.is_dir():
+        raise UsageError(hint)
+    size = int(cfg.get("image_size") or 224)
+    mean, std = _stats(cfg, "imagefolder", 3)
+
+    def pipeline(augment):
+        steps = [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        aug = _augmentation(size) if augment else None
+        steps += [aug] if aug is not None else []
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
+        return v2.Compose(steps)
+
+    def folder(path, augment):
+        try:
+            return torchvision.datasets.ImageFolder(str(path), transform=pipeline(augment))
+        except (FileNotFoundError, OSError) as e:
+            raise UsageError(f"{hint}: {e}") from None
+
+    train, calib = folder(root / "train", cfg.get("augment", False)), folder(root / "train", False)
+    test = folder(test_dir, False)
+    if test.classes != train.classes:
+        raise UsageError(f"class folders differ between {root / 'train'} and {test_dir}")
+
+    def cut(ds, n):
+        return ds if n is None else Subset(ds, range(min(n, len(ds))))
+
+    ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
+    return VisionData("imagefolder", train=cut(train, ntr), test=cut(test, nte), calib=cut(calib, ntr),
+                      num_classes=len(train.classes), in_channels=3, image_size=size)
+
+
+# ---------------------------------------------------------------- sklearn digits
+def _digits(cfg):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.from_numpy(np.random.RandomState(0).permutation(len(labels)))
+    train, test = order[:1500], order[-297:]
+    return _in_memory("digits", cfg, (images[train], labels[train]), (images[test], labels[test]),
+                      num_classes=10, native=8, flip=False)
+
+
+BUILDERS = {
+    "fashion_mnist": _fashion_mnist,
+    "cifar10": lambda cfg: _cifar(cfg, "cifar10"),
+    "cifar100": lambda cfg: _cifar(cfg, "cifar100"),
+    "imagefolder": _imagefolder,
+    "digits": _digits,
+}
+
+
+def build_vision_data(cfg) -> VisionData:
+    """Build train/test/calib datasets from the ``data`` config section (a dict or DictConfig)."""
+    name = str(cfg.get("name") or "").lower().replace("-", "_")
+    if name not in BUILDERS:
+        raise UsageError(f"unknown data.name {cfg.get('name')!r}; known: {', '.join(BUILDERS)}")
+    size = cfg.get("image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise UsageError(f"data.image_size must be a positive integer or null, got {size!r}")
+    return BUILDERS[name](cfg)

@@ -1,0 +1,19 @@
+"""The SortedNet mechanism, free of Hydra, the CLI and printing.
+
+- :mod:`.space`: sub-models as values and the grid of them;
+- :mod:`.layers`: prefix-sliced Conv2d / Linear / BatchNorm sharing one scope per model;
+- :mod:`.convert`: library model -> sorted model in place; ``with use(model, sub):`` selects;
+- :mod:`.extract`: sub-model -> plain smaller library model, checked equal;
+- :mod:`.batchnorm`: per-sub-model BatchNorm recalibration.
+"""
+
+from .batchnorm import has_batchnorm, recalibrate
+from .convert import DepthUnit, Nesting, nesting, sortify, use
+from .extract import check_equal, extract, trace
+from .layers import Scope, sorted_size
+from .space import COUNT, FRACTION, Dim, Grid, SubModel
+
+__all__ = [
+    "COUNT", "FRACTION", "DepthUnit", "Dim", "Grid", "Nesting", "Scope", "SubModel", "check_equal",
+    "extract", "has_batchnorm", "nesting", "recalibrate", "sortify", "sorted_size", "trace", "use",
+]

@@ -1,0 +1,59 @@
+"""BatchNorm recalibration per sub-model.
+
+All sub-models share one set of BatchNorm layers, but the statistics of a channel depend on which
+sub-model computed it (fewer input channels, skipped blocks). The running statistics left by
+training are a blend over whatever sub-models were sampled and are wrong for each of them, so
+before a sub-model is evaluated or exported its statistics are recomputed:
+
+1. reset every BatchNorm's running mean/var (0/1) and ``num_batches_tracked``;
+2. set ``momentum=None``, which makes BatchNorm keep a *cumulative* average (factor
+   ``1 / num_batches_tracked``), so every calibration batch counts equally;
+3. run the sub-model in **train** mode (batch statistics; eval mode would update nothing) over
+   ``num_batches`` batches without gradients;
+4. restore the momentum and the model's mode.
+
+This is US-Nets' post-training BN calibration, applied to the shared, sliced layers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .convert import use
+from .space import SubModel
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable[torch.Tensor]) -> int:
+    """Recompute the BatchNorm statistics of ``model`` for sub-model ``sub`` from ``batches`` (input
+    tensors already on the model's device). Returns the number of batches used. The model is left
+    in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    n = 0
+    try:
+        with use(model, sub):
+            for x in batches:
+                model(x)
+                n += 1
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.eval()
+    if n == 0:
+        raise ValueError("no calibration batches: BatchNorm statistics cannot be recalibrated")
+    return n

@@ -1,0 +1,143 @@
+"""Turn a library model into a sorted one, in place, and select a sub-model.
+
+``sortify`` swaps the class of every supported layer (``Conv2d``, ``Linear``, ``BatchNorm``) for its
+prefix-sliced subclass and the class of every depth unit (a residual block, a decoder layer) for a
+subclass that can skip it. Weights, buffers and state_dict keys are untouched: a sorted model loads
+and saves the library model's checkpoints.
+
+All sorted modules of one model share one :class:`~sortedcli.nest.layers.Scope`. Selecting a
+sub-model is one assignment on that scope, made by the context manager ``use``::
+
+    with use(model, SubModel.of(width=0.5, depth=12)):
+        logits = model(x)
+
+Outside ``use`` the model is the full model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from torch import nn
+
+from .layers import SORTED_LAYERS, Scope, SortedLayer
+from .space import SubModel
+
+#: ``out_dim(qualified_name, module) -> (dim, unit) | None``: which dimension sizes a layer's output.
+OutDim = Callable[[str, nn.Module], "tuple[str, int] | None"]
+
+
+@dataclass
+class DepthUnit:
+    """A module that the depth dimension can drop, and what replaces it when dropped.
+
+    ``skip(module, *args, **kwargs)`` computes the dropped unit's output inside the sorted model (e.g.
+    the projection shortcut of a residual block, or the unchanged hidden state of a decoder layer);
+    ``plain_skip(module)`` builds the plain module that stands in for it in an extracted model.
+    """
+
+    module: nn.Module
+    skip: Callable
+    plain_skip: Callable[[nn.Module], nn.Module]
+
+
+@dataclass
+class Nesting:
+    """What conversion attached to a model (``model.sortednet``)."""
+
+    scope: Scope
+    units: list[DepthUnit] = field(default_factory=list)  # in sorted order: units[k] is kept k-th
+
+    @property
+    def depth(self) -> int:
+        return len(self.units)
+
+
+class _DepthUnitMixin:
+    """Runs the wrapped module when its rank is kept by the active sub-model, else its skip."""
+
+    sorted_scope: Scope
+    sorted_rank: int
+    sorted_skip: Callable
+
+    def forward(self, *args, **kwargs):
+        if self.sorted_scope.keeps(self.sorted_rank):
+            return super().forward(*args, **kwargs)
+        return self.sorted_skip(self, *args, **kwargs)
+
+
+_UNIT_CLASSES: dict[type, type] = {}
+
+
+def _unit_class(base: type) -> type:
+    if base not in _UNIT_CLASSES:
+        _UNIT_CLASSES[base] = type(f"Sorted{base.__name__}", (_DepthUnitMixin, base), {"__module__": __name__})
+    return _UNIT_CLASSES[base]
+
+
+def plain_class(module: nn.Module) -> type:
+    """The library class a sorted module was converted from."""
+    cls = type(module)
+    if isinstance(module, _DepthUnitMixin):
+        return cls.__mro__[2]
+    if isinstance(module, SortedLayer):
+        return next(base for base, sorted_cls in SORTED_LAYERS.items() if sorted_cls is cls)
+    return cls
+
+
+def sortify(model: nn.Module, out_dim: OutDim, units: Sequence[DepthUnit] = (),
+            depth_dim: str = "depth") -> nn.Module:
+    """Convert ``model`` in place into a sorted model and return it.
+
+    ``out_dim`` says, for each supported layer, which dimension sizes its output and in which unit
+    (``("width", 1)``), or ``None`` to keep its output full. ``units`` lists the depth units in
+    sorted order: with ``depth=k`` the first ``k`` run and the others are skipped.
+    """
+    if hasattr(model, "sortednet"):
+        raise ValueError("model is already sorted")
+    scope = Scope(depth_dim)
+    for name, module in model.named_modules():
+        sorted_cls = SORTED_LAYERS.get(type(module))
+        if sorted_cls is None:
+            continue
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise ValueError(f"{name}: padding_mode={module.padding_mode!r} is not supported")
+            if module.groups not in (1, module.in_channels) or (
+                module.groups > 1 and module.out_channels != module.in_channels
+            ):
+                raise ValueError(f"{name}: grouped convolutions other than depthwise are not supported")
+        dim = out_dim(name, module)
+        module.__class__ = sorted_cls
+        module.sorted_scope = scope
+        module.sorted_dim, module.sorted_unit = (None, 1) if dim is None else dim
+    for rank, unit in enumerate(units):
+        unit.module.__class__ = _unit_class(type(unit.module))
+        unit.module.sorted_scope = scope
+        unit.module.sorted_rank = rank
+        unit.module.sorted_skip = unit.skip
+    model.sortednet = Nesting(scope, list(units))
+    return model
+
+
+def nesting(model: nn.Module) -> Nesting:
+    try:
+        return model.sortednet
+    except AttributeError:
+        raise ValueError("model is not sorted: convert it with sortify() first") from None
+
+
+@contextlib.contextmanager
+def use(model: nn.Module, sub: SubModel | None) -> Iterator[nn.Module]:
+    """Run ``model`` as the sub-model ``sub`` inside the block (``None``: the full model)."""
+    scope = nesting(model).scope
+    depth = None if sub is None else sub.get(scope.depth_dim)
+    if depth is not None and not 1 <= depth <= nesting(model).depth:
+        raise ValueError(f"depth={depth} is outside 1..{nesting(model).depth}")
+    previous, scope.sub = scope.sub, sub
+    try:
+        yield model
+    finally:
+        scope.sub = previous

@@ -1,0 +1,134 @@
+"""Sub-models as values, and the grid of them.
+
+A *dimension* is one axis along which the network is sorted: ``width`` (a fraction of every hidden
+channel count), ``depth`` (how many depth units are kept, in the model's sorted order), and later
+``heads`` or ``ffn`` for transformers. Each dimension has a tuple of levels, smallest first.
+
+A :class:`SubModel` picks one level per dimension. It is frozen and hashable, has a stable name
+(``width0.5-depth12``) and orders by its levels, so that ``a <= b`` along every dimension means ``a``
+is nested inside ``b``. The :class:`Grid` is the cartesian product of the dimensions' levels.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+FRACTION = "fraction"  # a level is a fraction in (0, 1] of the full size (width, heads, ffn)
+COUNT = "count"  # a level is a number of units kept, 1..N (depth)
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One sorted dimension and its levels (ascending, unique)."""
+
+    name: str
+    kind: str
+    levels: tuple
+
+    def __post_init__(self):
+        if self.kind not in (FRACTION, COUNT):
+            raise ValueError(f"dim {self.name!r}: kind must be {FRACTION!r} or {COUNT!r}, got {self.kind!r}")
+        if not self.levels:
+            raise ValueError(f"dim {self.name!r} has no levels")
+        if list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"dim {self.name!r}: levels must be ascending and unique, got {list(self.levels)}")
+        if self.kind == FRACTION and not all(0 < v <= 1 for v in self.levels):
+            raise ValueError(f"dim {self.name!r}: fractions must lie in (0, 1], got {list(self.levels)}")
+        if self.kind == COUNT and not all(isinstance(v, int) and v >= 1 for v in self.levels):
+            raise ValueError(f"dim {self.name!r}: counts must be integers >= 1, got {list(self.levels)}")
+
+    @property
+    def largest(self):
+        return self.levels[-1]
+
+
+def _fmt(level) -> str:
+    return f"{level:g}" if isinstance(level, float) else str(level)
+
+
+@dataclass(frozen=True, order=True)
+class SubModel:
+    """One level per dimension, e.g. ``SubModel((("width", 0.5), ("depth", 12)))``.
+
+    Dimensions a sub-model does not name are at their full size.
+    """
+
+    levels: tuple[tuple[str, float | int], ...]
+
+    @classmethod
+    def of(cls, **levels) -> "SubModel":
+        return cls(tuple(levels.items()))
+
+    def __getitem__(self, dim: str):
+        return dict(self.levels)[dim]
+
+    def get(self, dim: str, default=None):
+        return dict(self.levels).get(dim, default)
+
+    def as_dict(self) -> dict:
+        return dict(self.levels)
+
+    @property
+    def name(self) -> str:
+        return "-".join(f"{d}{_fmt(v)}" for d, v in self.levels) or "full"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def within(self, other: "SubModel") -> bool:
+        """True when this sub-model is nested inside ``other`` (<= along every dimension)."""
+        mine, theirs = self.as_dict(), other.as_dict()
+        return all(v <= theirs.get(d, v) for d, v in mine.items())
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The cartesian product of the dimensions' levels, in a fixed order (first dim slowest)."""
+
+    dims: tuple[Dim, ...]
+
+    def __post_init__(self):
+        names = [d.name for d in self.dims]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate dims in {names}")
+
+    def __iter__(self) -> Iterator[SubModel]:
+        names = [d.name for d in self.dims]
+        for combo in itertools.product(*(d.levels for d in self.dims)):
+            yield SubModel(tuple(zip(names, combo)))
+
+    def __len__(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= len(d.levels)
+        return n
+
+    def submodels(self) -> list[SubModel]:
+        return list(self)
+
+    @property
+    def largest(self) -> SubModel:
+        return SubModel(tuple((d.name, d.levels[-1]) for d in self.dims))
+
+    @property
+    def smallest(self) -> SubModel:
+        return SubModel(tuple((d.name, d.levels[0]) for d in self.dims))
+
+    def parse(self, name: str) -> SubModel:
+        """The sub-model with this stable name (as printed by ``sortednet submodels``)."""
+        for sub in self:
+            if sub.name == name:
+                return sub
+        raise KeyError(name)
+
+    def make(self, levels: Mapping[str, float | int]) -> SubModel:
+        """A grid member from a ``{dim: level}`` mapping (missing dims at their largest level)."""
+        out = []
+        for d in self.dims:
+            v = levels.get(d.name, d.largest)
+            if v not in d.levels:
+                raise KeyError(f"{d.name}={v} is not a level of the grid ({list(d.levels)})")
+            out.append((d.name, v))
+        return SubModel(tuple(out))

@@ -1,0 +1,223 @@
+"""Report sub-model results: Pareto front, a rich table, CSV/JSON files and a metric-vs-FLOPs plot.
+
+A result row is a plain dict::
+
+    {"name": "width0.5-depth12", "dims": {"width": 0.5, "depth": 12},
+     "accuracy": 91.23, "rel_accuracy": 98.1, "flops": 123456789, "params": 1234567,
+     "latency_ms": 1.23, "full": False}
+
+The metric key is a parameter (``"accuracy"``, ``"perplexity"``, ...), its relative value lives under
+``"rel_<metric>"``; ``None`` means "not measured". Dims are arbitrary names: nothing here assumes a CNN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.table import Table
+
+from sortedcli.errors import UsageError
+
+STAR = "★"
+_UNITS = ["", " K", " M", " G", " T", " P"]
+
+
+def human(n: float) -> str:
+    """Three significant digits with a K/M/G/T/P suffix: 1234 -> "1.23 K", 2.5e9 -> "2.50 G", 12 -> "12"."""
+    if n is None:
+        return "-"
+    if abs(n) < 1000:
+        return str(int(n)) if float(n).is_integer() else f"{n:.3g}"
+    i = 0
+    while abs(n) >= 999.5 and i < len(_UNITS) - 1:  # 999.5 so 999_600 becomes "1.00 M", not "1000 K"
+        n, i = n / 1000, i + 1
+    decimals = 2 if abs(n) < 9.995 else 1 if abs(n) < 99.95 else 0
+    return f"{n:.{decimals}f}{_UNITS[i]}"
+
+
+def pareto_front(rows, metric="accuracy", higher_is_better=True) -> list[bool]:
+    """Per row: True unless another row has <= FLOPs and a better-or-equal metric, one of them strictly.
+
+    Rows whose metric is None are never on the front (nor do they dominate anything); exact ties are all kept.
+    """
+    def better(a, b):
+        return a > b if higher_is_better else a < b
+
+    measured = [(r["flops"], r[metric]) for r in rows if r.get(metric) is not None]
+    front = []
+    for r in rows:
+        m, f = r.get(metric), r["flops"]
+        front.append(m is not None and not any(
+            fo <= f and not better(m, mo) and (fo < f or better(mo, m)) for fo, mo in measured))
+    return front
+
+
+def _dim_names(rows) -> list[str]:
+    return list(rows[0]["dims"]) if rows else []
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _fmt_dim(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def results_table(rows, metric="accuracy", title=None, *, higher_is_better=True) -> Table:
+    """A rich Table of the rows in the order given; the full model in bold, Pareto-optimal rows starred."""
+    dims = _dim_names(rows)
+    table = Table(title=title)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("sub-model")
+    for d in dims:
+        table.add_column(d, justify="right")
+    for name in (metric, "% of full", "FLOPs", "params", "latency ms"):
+        table.add_column(name, justify="right")
+    table.add_column("pareto", justify="center", style="yellow")
+    for i, (r, on_front) in enumerate(zip(rows, pareto_front(rows, metric, higher_is_better)), 1):
+        table.add_row(
+            str(i), r["name"], *(_fmt_dim(r["dims"].get(d, "-")) for d in dims),
+            _fmt(r.get(metric)), _fmt(r.get(f"rel_{metric}")), human(r.get("flops")),
+            human(r.get("params")), _fmt(r.get("latency_ms")), STAR if on_front else "",
+            style="bold" if r.get("full") else None)
+    return table
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, mode="w"):
+    """Yield a temp file next to ``path``; on success it replaces ``path`` (no half-written results)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title=None) -> dict[str, Path]:
+    """Write results.csv, results.json and plot.png into ``out_dir`` (created); return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    front = pareto_front(rows, metric, higher_is_better)
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "png": out / "plot.png"}
+
+    dims = list(dict.fromkeys(d for r in rows for d in r["dims"]))  # == rows[0]'s dims, unless rows differ
+    fixed = ["name", metric, f"rel_{metric}", "flops", "params", "latency_ms", "full", "pareto"]
+    dim_cols = {d: (f"dim_{d}" if d in fixed else d) for d in dims}  # a dim called "flops" must not clash
+    with _atomic(paths["csv"]) as f:
+        w = csv.writer(f)
+        w.writerow(["name", *dim_cols.values(), *fixed[1:]])
+        for r, p in zip(rows, front):
+            vals = [r.get(metric), r.get(f"rel_{metric}"), r.get("flops"), r.get("params"), r.get("latency_ms")]
+            w.writerow([r["name"], *(r["dims"].get(d, "") for d in dims),
+                        *("" if v is None else v for v in vals), bool(r.get("full")), p])
+
+    doc = {"metric": metric, "higher_is_better": higher_is_better,
+           "rows": [{**r, "pareto": p} for r, p in zip(rows, front)]}
+    with _atomic(paths["json"]) as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+    plot_results(rows, paths["png"], metric, higher_is_better, title)
+    return paths
+
+
+def load_results(path) -> tuple[str, list[dict]]:
+    """Read a results.json written by :func:`write_results` back: ``(metric, rows)``."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return doc["metric"], doc["rows"]
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist; run `sortednet eval --all-submodels` first.") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is not a sortednet results.json ({e}).") from None
+
+
+def _tick(v, pos=None) -> str:
+    return re.sub(r"\.0+ ", " ", human(v))  # "2 G" rather than "2.00 G" on an axis
+
+
+def _mantissa(v) -> float:
+    return round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
+
+
+def plot_results(rows, path, metric="accuracy", higher_is_better=True, title=None) -> Path:
+    """Scatter metric vs FLOPs (log x), coloured by the first dim, with the Pareto front and the full model."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:  # don't switch (and close) the backend of a running pyplot session
+        matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    path = Path(path)
+    front = pareto_front(rows, metric, higher_is_better)
+    pts = [(r, p) for r, p in zip(rows, front) if r.get(metric) is not None and (r.get("flops") or 0) > 0]
+    fig = Figure(figsize=(8, 5.5), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.set_xlabel("FLOPs per sample (2 x multiply-adds)")
+    ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    ax.set_title(title or f"{metric} vs FLOPs ({len(pts)} sub-models)")
+
+    if pts:
+        x = [r["flops"] for r, _ in pts]
+        y = [r[metric] for r, _ in pts]
+        dims = _dim_names(rows)
+        if dims:
+            vals = [r["dims"].get(dims[0]) for r, _ in pts]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+            cats = None if numeric else sorted({str(v) for v in vals})
+            c = vals if numeric else [cats.index(str(v)) for v in vals]
+            sc = ax.scatter(x, y, c=c, cmap="viridis", s=28, alpha=0.85, edgecolors="none", zorder=2)
+            cb = fig.colorbar(sc, ax=ax, pad=0.02)
+            cb.set_label(dims[0])
+            if cats:
+                cb.set_ticks(range(len(cats)), labels=cats)
+        else:
+            ax.scatter(x, y, s=28, alpha=0.85, zorder=2)
+        fp = sorted((r["flops"], r[metric]) for r, p in pts if p)
+        ax.plot([a for a, _ in fp], [b for _, b in fp], "-o", color="tab:red", lw=1.5, ms=4,
+                mfc="none", zorder=3, label=f"Pareto front ({len(fp)})")
+        for r in [r for r, _ in pts if r.get("full")][:1]:
+            ax.scatter([r["flops"]], [r[metric]], marker="*", s=220, color="gold", edgecolors="black",
+                       linewidths=0.8, zorder=4, label="full model")
+            # above-left (below-left for lower-is-better): the front reaches the full model from the other side
+            ax.annotate(f"full model: {r[metric]:.2f}", (r["flops"], r[metric]), fontsize=9, zorder=5,
+                        xytext=(-6, 12 if higher_is_better else -12), textcoords="offset points",
+                        ha="right", va="bottom" if higher_is_better else "top",
+                        bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.6", "alpha": 0.9})
+        ax.set_xscale("log")
+        ax.margins(x=0.06, y=0.1)  # room for the full model's label
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+        # label 2x/3x/5x minor ticks only when the FLOPs span under two decades (else they crowd)
+        if math.log10(max(x) / min(x)) < 2:
+            minor = FuncFormatter(lambda v, pos: _tick(v) if _mantissa(v) in (2, 3, 5) else "")
+            ax.xaxis.set_minor_formatter(minor)
+        else:
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    else:
+        ax.text(0.5, 0.5, f"no measured {metric}", ha="center", va="center", transform=ax.transAxes)
+
+    fig.tight_layout()
+    with _atomic(path, "wb") as f:
+        fig.savefig(f, format="png")
+    return path

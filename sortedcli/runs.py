@@ -1,0 +1,150 @@
+"""Run folders and checkpoints: data, not code, written atomically, resumable.
+
+A run folder (one per ``sortednet train``) holds::
+
+    config.yaml              the resolved config of the run
+    metrics.jsonl            one JSON line per logged step / epoch
+    checkpoints/latest       the name of the newest complete checkpoint
+    checkpoints/step-00000120/
+        model.safetensors    the sorted model's weights (torchvision/transformers state_dict keys),
+                             with the resolved config in the file's metadata
+        state.pt             optimizer, LR schedule, sampler generator and RNG states, step, epoch:
+                             tensors and plain values only, read back with weights_only=True
+    eval/                    results of ``sortednet eval`` (CSV, JSON, PNG)
+    export/                  models cut out by ``sortednet export``
+
+A checkpoint is written into a temporary folder which is renamed into place once complete, then
+``latest`` is replaced atomically: a run killed at any moment leaves its previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import UsageError
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
+def save_config(run_dir: Path, cfg: DictConfig) -> None:
+    write_atomic(Path(run_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def load_config(run_dir: Path) -> DictConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no config.yaml: is it a sortednet run folder?")
+    return OmegaConf.load(path)
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, cfg: DictConfig,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` of them."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / MODEL_FILE),
+              metadata={"config": OmegaConf.to_yaml(cfg, resolve=True), "step": str(step)})
+    torch.save(state, tmp / STATE_FILE)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(root / "latest", final.name)
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = pointer.parent / pointer.read_text().strip()
+    return ckpt if (ckpt / MODEL_FILE).is_file() else None
+
+
+def newest_run(runs_root: Path) -> Path:
+    """The run folder under ``runs_root`` whose latest checkpoint was written last."""
+    runs_root = Path(runs_root)
+    pointers = [p for p in runs_root.glob("**/checkpoints/latest") if p.is_file()]
+    if not pointers:
+        raise UsageError(f"no trained run under {runs_root.resolve()}: train one with `sortednet train`, "
+                         "or pass --ckpt RUN_DIR")
+    return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
+
+
+def resolve_checkpoint(ckpt: str | None, runs_root: str | Path) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint_dir)`` from ``--ckpt`` (a run folder, a checkpoint folder or its
+    model.safetensors) or, when ``ckpt`` is None, the newest run under ``runs_root``."""
+    if ckpt is None:
+        run_dir = newest_run(Path(runs_root))
+        found = latest_checkpoint(run_dir)
+    else:
+        path = Path(ckpt)
+        if not path.exists():
+            raise UsageError(f"checkpoint {ckpt} does not exist: pass a run folder or a checkpoint folder")
+        if path.is_file():
+            path = path.parent
+        if (path / MODEL_FILE).is_file():
+            found, run_dir = path, path.parent.parent
+        else:
+            run_dir, found = path, latest_checkpoint(path)
+    if found is None:
+        raise UsageError(f"{run_dir} holds no complete checkpoint (checkpoints/latest): train it first")
+    return run_dir, found
+
+
+def load_weights(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], DictConfig]:
+    """The model state_dict and the run's resolved config stored with it."""
+    path = Path(ckpt_dir) / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"checkpoint {path} is corrupt or unreadable ({e}): use an earlier checkpoint "
+                         "or retrain") from None
+    if "config" not in metadata:
+        raise UsageError(f"checkpoint {path} carries no sortednet config: was it written by sortednet?")
+    return state, OmegaConf.create(metadata["config"])
+
+
+def load_state(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise UsageError(f"trainer state {path} is corrupt or unreadable ({type(e).__name__}): "
+                         "use an earlier checkpoint") from None
