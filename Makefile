@@ -1,0 +1,43 @@
+# Everything sets itself up: `make run` and `make test` work on a fresh machine, offline.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sortednet-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+RUNS   ?= runs
+
+.PHONY: setup data run test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (offline mirror of the IDX files).
+data: $(FMNIST)
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+	|| { echo "could not install dataset-fashion-mnist: install it, or pass data.root=DIR (see README)"; exit 1; }
+
+# The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
+# every one of them (table + plot), and export the best one within half the FLOPs.
+run: setup data
+	$(VENV)/bin/sortednet train --recipe default paths.runs=$(RUNS)
+	$(VENV)/bin/sortednet eval --all-submodels paths.runs=$(RUNS)
+	$(VENV)/bin/sortednet export --budget 0.5 paths.runs=$(RUNS)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup data
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
