@@ -49,15 +49,16 @@ def run(cfg: DictConfig, console: Console | None = None):
         why = (f"no eval results for the sub-models within the budget, so the largest one that fits "
                f"(run `sortednet eval --all-submodels` first to choose by accuracy)")
 
-    if has_batchnorm(r.model):
+    if has_batchnorm(r.model):  # on the run's device (fp32), then everything else on the CPU
         calib = calibration_batches(r.data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches, cfg.seed,
                                     r.device)
         recalibrate(r.model, chosen, calib)
-        check_input = calib[0][: 64]
+        check_input = calib[0][:64].cpu()
     else:
-        check_input = example
-    small = extract(r.model, chosen, example)
-    diff = check_equal(r.model, chosen, small, check_input)
+        check_input = example.cpu()
+    model, example = r.model.cpu(), example.cpu()
+    small = extract(model, chosen, example)
+    diff = check_equal(model, chosen, small, check_input)
     cost = costs[chosen]
     config = {
         "model": plain(r.cfg.model), "num_classes": r.data.num_classes, "in_channels": r.data.in_channels,
@@ -68,7 +69,7 @@ def run(cfg: DictConfig, console: Console | None = None):
         "data": r.data.name, "mean": list(r.cfg.data.mean or []) or None, "std": list(r.cfg.data.std or []) or None,
         "checkpoint": str(r.ckpt),
     }
-    folder = export.write(r.run_dir / "export" / f"budget-{budget:g}", small.cpu(), config, example.cpu())
+    folder = export.write(r.run_dir / "export" / f"budget-{budget:g}", small, config, example)
     console.print(f"[bold]sortednet export[/] budget {budget:g} x {full / 1e6:.1f} MFLOPs = "
                   f"{budget * full / 1e6:.1f} MFLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
     console.print(f"chose {chosen.name}: {cost.flops / 1e6:.1f} MFLOPs ({cost.flops / full:.1%} of full), "
