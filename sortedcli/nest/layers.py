@@ -77,6 +77,14 @@ class SortedLayer:
         return sum(t.numel() for n, t in self.sliced(n_in, n_out).items() if n in names and t is not None)
 
 
+def prefix(t: torch.Tensor | None, *sizes: int) -> torch.Tensor | None:
+    """The leading ``sizes`` of ``t``'s first dimensions; ``t`` itself when that is all of it (no
+    slicing op, so the full model's backward has no extra copy)."""
+    if t is None or tuple(t.shape[: len(sizes)]) == sizes:
+        return t
+    return t[tuple(slice(0, n) for n in sizes)]
+
+
 def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().clone().contiguous()
 
@@ -95,11 +103,8 @@ class SortedConv2d(SortedLayer, nn.Conv2d):
 
     def sliced(self, n_in, n_out):
         if self.depthwise:
-            return {"weight": self.weight[:n_in], "bias": None if self.bias is None else self.bias[:n_in]}
-        return {
-            "weight": self.weight[:n_out, :n_in],
-            "bias": None if self.bias is None else self.bias[:n_out],
-        }
+            return {"weight": prefix(self.weight, n_in), "bias": prefix(self.bias, n_in)}
+        return {"weight": prefix(self.weight, n_out, n_in), "bias": prefix(self.bias, n_out)}
 
     def forward(self, x):
         n_in, n_out = self.sizes(x)
@@ -129,10 +134,7 @@ class SortedLinear(SortedLayer, nn.Linear):
         return x.shape[-1], self.out_size(self.out_features)
 
     def sliced(self, n_in, n_out):
-        return {
-            "weight": self.weight[:n_out, :n_in],
-            "bias": None if self.bias is None else self.bias[:n_out],
-        }
+        return {"weight": prefix(self.weight, n_out, n_in), "bias": prefix(self.bias, n_out)}
 
     def forward(self, x):
         p = self.sliced(*self.sizes(x))
@@ -160,13 +162,8 @@ class SortedBatchNorm(SortedLayer):
         return x.shape[1], x.shape[1]
 
     def sliced(self, n_in, n_out):
-        c = n_in
-
-        def cut(t):
-            return None if t is None else t[:c]
-
-        return {"weight": cut(self.weight), "bias": cut(self.bias),
-                "running_mean": cut(self.running_mean), "running_var": cut(self.running_var)}
+        return {name: prefix(getattr(self, name), n_in)
+                for name in ("weight", "bias", "running_mean", "running_var")}
 
     def forward(self, x):
         self._check_input_dim(x)
