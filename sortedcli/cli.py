@@ -83,13 +83,34 @@ def translate(verb: str, args: list[str]) -> list[str]:
                     raise _Usage(f"unknown recipe {value!r}: choose one of {known}")
                 out += ["--config-dir", str(CONF_DIR), "--config-path", str(RECIPES_DIR), "--config-name", value]
             elif flag == "--resume":
-                out += [f"resume={_quote(value)}", f"hydra.run.dir={_quote(value)}"]
+                # Checked before Hydra writes anything into the folder; Hydra keeps its own copy of
+                # the (new) composed config out of it, the run's config.yaml is what resumes.
+                if not (Path(value) / "checkpoints" / "latest").is_file():
+                    raise _Usage(f"--resume {value}: no checkpoint there to resume from (a run folder with "
+                                 "checkpoints/latest)")
+                out += [f"resume={_quote(value)}", f"hydra.run.dir={_quote(value)}", "hydra.output_subdir=null"]
             else:
                 out.append(f"{flag[2:]}={_quote(value)}")
         else:
             out.append(arg)
         i += 1
     return out
+
+
+def fresh_dir(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... if it exists: two runs started in the same second get
+    folders of their own (``hydra.run.dir: ${fresh:...}``; cached, so it resolves once per run)."""
+    candidate, n = path, 1
+    while Path(candidate).exists():
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("fresh", fresh_dir, use_cache=True, replace=True)
 
 
 def console():
@@ -150,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import hydra
 
+    register_resolvers()
     started = False
 
     def task(cfg) -> None:

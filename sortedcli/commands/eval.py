@@ -52,8 +52,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     # The whole grid goes to eval/ (what export chooses from); a partial evaluation never replaces it.
     out = r.run_dir / "eval" if cfg.all_submodels else r.run_dir / "eval" / "largest-smallest"
     paths = write_results(rows, out, title=title)
-    worst = min(rows, key=lambda row: row["rel_accuracy"] or 0.0)
-    console.print(f"full model {full:.2f}%; lowest sub-model {worst['name']} {worst['accuracy']:.2f}% "
-                  f"= {worst['rel_accuracy']:.1f}% of full. FLOPs = 2 x multiply-adds per sample.")
+    worst = min(rows, key=lambda row: row["accuracy"])
+    relative = f" = {worst['rel_accuracy']:.1f}% of full" if worst["rel_accuracy"] is not None else ""
+    console.print(f"full model {full:.2f}%; lowest sub-model {worst['name']} {worst['accuracy']:.2f}%{relative}. "
+                  "FLOPs = 2 x multiply-adds per sample.")
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return rows

@@ -66,7 +66,7 @@ def run(cfg: DictConfig, console: Console | None = None):
         "flops": cost.flops, "params": cost.params, "full_flops": full,
         "full_params": costs[r.grid.largest].params, "budget": budget,
         "accuracy": accuracy.get(chosen.name), "full_accuracy": accuracy.get(r.grid.largest.name),
-        "data": r.data.name, "mean": list(r.cfg.data.mean or []) or None, "std": list(r.cfg.data.std or []) or None,
+        "data": r.data.name, "mean": list(r.data.mean), "std": list(r.data.std),
         "checkpoint": str(r.ckpt),
     }
     folder = export.write(r.run_dir / "export" / f"budget-{budget:g}", small, config, example)

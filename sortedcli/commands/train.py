@@ -30,8 +30,15 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         if isinstance(current, DictConfig) or current == "<missing>":
             raise UsageError(f"cannot change {key!r} when resuming {run_dir}: only settings the run "
                              "already has (e.g. trainer.epochs=30) can be changed; start a new run instead")
-        OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else None)
+        OmegaConf.update(cfg, key, _parse_value(item))
     return cfg
+
+
+def _parse_value(override: str):
+    """The typed value of a ``key=value`` override, as Hydra's grammar reads it (null, 2, [1,2], ...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([override])[0].value()
 
 
 def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, overrides: list[str] = ()) -> Path:
@@ -45,6 +52,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         if ckpt is None:
             raise UsageError(f"--resume {run_dir}: no complete checkpoint there to resume from")
         cfg = resume_config(run_dir, list(overrides))
+    elif (run_dir / "config.yaml").exists():
+        raise UsageError(f"{run_dir} already holds a run (two runs started in the same second?): "
+                         "pass hydra.run.dir=NEW_DIR, or --resume it")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)

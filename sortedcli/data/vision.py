@@ -45,6 +45,8 @@ class VisionData:
     num_classes: int
     in_channels: int
     image_size: int  # H == W
+    mean: tuple = ()  # the per-channel normalization applied to every item
+    std: tuple = ()
 
 
 class TensorImages(Dataset):
@@ -108,7 +110,8 @@ def _in_memory(name, cfg, train, test, num_classes, native, flip=True):
     return VisionData(name, train=TensorImages(*train, mean, std, size, aug),
                       test=TensorImages(*test, mean, std, size),
                       calib=TensorImages(*train, mean, std, size),
-                      num_classes=num_classes, in_channels=channels, image_size=size)
+                      num_classes=num_classes, in_channels=channels, image_size=size,
+                      mean=tuple(mean), std=tuple(std))
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX files)
@@ -249,7 +252,8 @@ def _imagefolder(cfg):
 
     ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
     return VisionData("imagefolder", train=cut(train, ntr), test=cut(test, nte), calib=cut(calib, ntr),
-                      num_classes=len(train.classes), in_channels=3, image_size=size)
+                      num_classes=len(train.classes), in_channels=3, image_size=size,
+                      mean=tuple(mean), std=tuple(std))
 
 
 # ---------------------------------------------------------------- sklearn digits

@@ -1,0 +1,54 @@
+"""Shared fixtures for the end-to-end CLI tests: one tiny trained run, reused by eval/export tests.
+
+``TINY`` are the overrides of ``sortednet train`` that make a run take seconds on a CPU: the 78k
+parameter ``resnet_tiny`` on scikit-learn's in-memory 8x8 digits, 256 training images (4 steps of
+64), a 3 widths x 4 depths = 12 sub-model grid. ``TINY_EVAL`` is the part of it that ``eval`` and
+``export`` accept (their configs have no model/data/trainer sections).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY_EVAL = ["eval.calib_batches=2", "eval.calib_batch_size=64", "eval.test_subset=64"]
+TINY = ["model=resnet_tiny", "data=digits", "trainer.epochs=1", "trainer.batch_size=64",
+        "data.train_subset=256", "data.test_subset=64", *TINY_EVAL, "dims.width.levels=[0.25,0.5,1.0]"]
+TINY_STEPS = 4  # 256 training images / batch 64, one epoch
+TINY_GRID = 12  # widths [0.25, 0.5, 1.0] x depths 1..4 of resnet_tiny
+
+# One torch thread per CLI process: tiny models are fastest that way, and several CLI processes (and
+# whatever else runs on the machine) do not fight over the cores (with the default thread count an
+# 8-step resnet_tiny run took 22 s instead of 0.3 s on a busy 2-core machine).
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
+CLI_ENV.pop("HYDRA_FULL_ERROR", None)
+
+
+def cli(args, cwd, timeout=300) -> subprocess.CompletedProcess:
+    """``sortednet ARGS`` in a fresh interpreter, run in ``cwd``; stdout/stderr captured as text."""
+    return subprocess.run([sys.executable, "-m", "sortedcli.cli", *map(str, args)], cwd=cwd, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def explain(p: subprocess.CompletedProcess) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+
+
+def run_folders(runs_root: Path) -> list[Path]:
+    """The run folders under ``runs_root`` that hold a complete checkpoint."""
+    return sorted(p.parent.parent for p in Path(runs_root).glob("**/checkpoints/latest"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny run trained by ``sortednet train`` (in the session folder's runs/); its folder."""
+    home = tmp_path_factory.mktemp("trained")
+    p = cli(["train", *TINY], cwd=home)
+    assert p.returncode == 0, explain(p)
+    runs = run_folders(home / "runs")
+    assert len(runs) == 1, runs
+    return runs[0]
