@@ -112,7 +112,7 @@ def train_step(model: nn.Module, subs: list[SubModel], x: torch.Tensor, y: torch
         if largest not in subs:
             with torch.no_grad(), use(model, largest), autocast(device, amp):
                 teacher = model(x).detach()
-    total = 0.0
+    total = torch.zeros((), device=x.device)
     for sub in subs:
         with use(model, sub), autocast(device, amp):
             out = model(x)
@@ -122,9 +122,9 @@ def train_step(model: nn.Module, subs: list[SubModel], x: torch.Tensor, y: torch
         (loss / len(subs)).backward()
         if distill.enabled and sub == largest:
             teacher = out.detach()
-        total += loss.item()
+        total += loss.detach()
     optimizer.step()
-    return total / len(subs)
+    return total.item() / len(subs)  # one host sync per step, not one per sub-model
 
 
 # --- the loop ------------------------------------------------------------------------------------
