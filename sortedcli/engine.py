@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -136,7 +136,6 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch: int = 0  # batches of ``epoch`` already done
-    history: list = field(default_factory=list)
 
 
 def fit(model: nn.Module, sampler: Sampler, optimizer: torch.optim.Optimizer,
@@ -144,8 +143,7 @@ def fit(model: nn.Module, sampler: Sampler, optimizer: torch.optim.Optimizer,
         batch_size: int, seed: int, device: torch.device, amp: torch.dtype | None,
         distill: Distill, progress: Progress, max_steps: int | None = None, num_workers: int = 0,
         on_step: Callable[[Progress, float], None] = lambda p, loss: None,
-        on_epoch_end: Callable[[Progress], None] = lambda p: None,
-        bar: Callable[[int, int], Iterable] | None = None) -> Progress:
+        on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
     """Train from ``progress`` to the end of ``epochs`` (or ``max_steps`` optimizer steps)."""
     largest = sampler.grid.largest
     per_epoch = steps_per_epoch(dataset, batch_size)
@@ -155,8 +153,7 @@ def fit(model: nn.Module, sampler: Sampler, optimizer: torch.optim.Optimizer,
         model.train()  # (an epoch-end evaluation leaves it in eval mode)
         loader = epoch_loader(dataset, batch_size, seed, progress.epoch, progress.batch, num_workers,
                               pin_memory=device.type == "cuda")
-        batches: Iterable = loader if bar is None else bar(loader, progress.epoch)
-        for x, y in batches:
+        for x, y in loader:
             if max_steps is not None and progress.step >= max_steps:
                 return progress
             x = x.to(device, non_blocking=True)

@@ -26,7 +26,8 @@ def run(cfg: DictConfig, console: Console | None = None):
     budget = check_budget(cfg.budget)
     r = load_run(cfg)
     example = r.data.test[0][0].unsqueeze(0).to(r.device)
-    costs = {sub: measure(r.model, sub, example) for sub in r.grid}
+    with console.status(f"measuring the FLOPs of {len(r.grid)} sub-models"):
+        costs = {sub: measure(r.model, sub, example) for sub in r.grid}
     full = costs[r.grid.largest].flops
     fits = [sub for sub in r.grid if costs[sub].flops <= budget * full]
     if not fits:
