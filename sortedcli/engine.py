@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler as IndexSampler
 
-from .nest import SubModel, recalibrate, use
+from .nest import SubModel, has_batchnorm, recalibrate, use
 from .sampling import Sampler
 
 
@@ -182,10 +182,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-def calibration_batches(dataset: Dataset, batch_size: int, num_batches: int, seed: int,
+def calibration_batches(model: nn.Module, dataset: Dataset, batch_size: int, num_batches: int, seed: int,
                         device: torch.device) -> list[torch.Tensor]:
     """A fixed random sample of training inputs (no augmentation) kept on the device, reused to
-    recalibrate every sub-model's BatchNorm."""
+    recalibrate every sub-model's BatchNorm; none when ``model`` has no BatchNorm."""
+    if not has_batchnorm(model):
+        return []
     n = min(num_batches, max(1, len(dataset) // batch_size))
     size = min(batch_size, len(dataset))
     loader = epoch_loader(dataset, size, seed, epoch=10**6)
@@ -197,13 +199,13 @@ def accuracy(model: nn.Module, sub: SubModel | None, loader: Iterable, device: t
              amp: torch.dtype | None) -> float:
     """Top-1 accuracy in percent of ``sub`` (eval mode) over ``loader``."""
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
     with use(model, sub), autocast(device, amp):
         for x, y in loader:
             pred = model(x.to(device, non_blocking=True)).argmax(-1)
-            correct += (pred.cpu() == y).sum().item()
+            correct += (pred == y.to(device, non_blocking=True)).sum()
             total += y.numel()
-    return 100.0 * correct / max(1, total)
+    return 100.0 * correct.item() / max(1, total)  # one host sync per sub-model, not per batch
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..engine import autocast, calibration_batches, evaluate, latency_ms
 from ..flops import measure
-from ..nest import has_batchnorm, use
+from ..nest import use
 from ..report import pareto_front, results_table, write_results
 from .loaded import load_run
 
@@ -19,8 +19,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     r = load_run(cfg)
     subs = r.grid.submodels() if cfg.all_submodels else list(dict.fromkeys([r.grid.smallest, r.grid.largest]))
     e = cfg.eval
-    calib = calibration_batches(r.data.calib, e.calib_batch_size, e.calib_batches, cfg.seed, r.device) \
-        if has_batchnorm(r.model) else []
+    calib = calibration_batches(r.model, r.data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
+                                cfg.seed, r.device)
     test = torch.utils.data.DataLoader(r.data.test, batch_size=e.batch_size, num_workers=cfg.trainer.num_workers)
     example = r.data.test[0][0].unsqueeze(0).to(r.device)
     timed = example.expand(e.latency.batch_size, *example.shape[1:]).contiguous()

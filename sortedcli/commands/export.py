@@ -7,10 +7,10 @@ from rich.console import Console
 
 from .. import export
 from ..build import plain
-from ..engine import calibration_batches
 from ..errors import UsageError
+from ..engine import calibration_batches
 from ..flops import measure
-from ..nest import check_equal, extract, has_batchnorm, recalibrate
+from ..nest import check_equal, extract, recalibrate
 from ..report import load_results
 from .loaded import load_run
 
@@ -50,13 +50,11 @@ def run(cfg: DictConfig, console: Console | None = None):
         why = (f"no eval results for the sub-models within the budget, so the largest one that fits "
                f"(run `sortednet eval --all-submodels` first to choose by accuracy)")
 
-    if has_batchnorm(r.model):  # on the run's device (fp32), then everything else on the CPU
-        calib = calibration_batches(r.data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches, cfg.seed,
-                                    r.device)
+    calib = calibration_batches(r.model, r.data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
+                                cfg.seed, r.device)
+    if calib:  # on the run's device (fp32), then everything else on the CPU
         recalibrate(r.model, chosen, calib)
-        check_input = calib[0][:64].cpu()
-    else:
-        check_input = example.cpu()
+    check_input = calib[0][:64].cpu() if calib else example.cpu()
     model, example = r.model.cpu(), example.cpu()
     small = extract(model, chosen, example)
     diff = check_equal(model, chosen, small, check_input)

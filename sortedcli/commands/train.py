@@ -15,7 +15,6 @@ from ..build import build_device, build_distill, build_grid, build_model, build_
 from ..data import build_vision_data
 from ..engine import Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
 from ..errors import UsageError
-from ..nest import has_batchnorm
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -95,8 +94,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
     calib = test = None
     if t.epoch_eval:
-        calib = calibration_batches(data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches, cfg.seed,
-                                    device) if has_batchnorm(model) else []
+        calib = calibration_batches(model, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
+                                    cfg.seed, device)
         subset = torch.utils.data.Subset(data.test, range(min(len(data.test), t.epoch_eval_subset)))
         test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size)
 

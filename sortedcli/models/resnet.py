@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torchvision
 from torch import nn
@@ -68,8 +70,6 @@ def _adapt_stem(model: ResNet, in_channels: int, small_stem: bool) -> None:
 def _load_weights(model: ResNet, arch: str, weights: str) -> None:
     """A torchvision weights file (a state_dict .pth) or a torchvision weights name such as
     ``IMAGENET1K_V2`` (downloaded by torchvision, needs internet)."""
-    from pathlib import Path
-
     if Path(weights).exists():
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
