@@ -217,13 +217,20 @@ def test_console_script_is_installed(tmp_path):
     assert p.returncode == 0 and "usage: sortednet" in p.stdout, explain(p)
 
 
+def _options(group: str) -> str:
+    """The line Hydra's help prints for a config group: its options, sorted."""
+    from sortedcli.cli import CONF_DIR
+
+    return f"{group}: " + ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
 VERB_HELP = {
     "train": ["sortednet train", "--recipe", "--resume", "-m", "--cfg job",
-              "model: resnet18, resnet34, resnet50, resnet_tiny", "data:", "dims: depth, width",
+              _options("model"), "data:", _options("dims"),
               "sampler:", "optim: adamw, sgd", "trainer:", "digits", "fashion_mnist"],
     "eval": ["sortednet eval", "--all-submodels", "--ckpt", "calib_batches", "all_submodels: false"],
     "export": ["sortednet export", "--budget B", "--ckpt", "budget: ???", "model.pt2"],
-    "submodels": ["sortednet submodels", "model=", "dims=", "model: resnet18", "dims: depth, width"],
+    "submodels": ["sortednet submodels", "model=", "dims=", "model: resnet18", _options("dims")],
 }
 
 
