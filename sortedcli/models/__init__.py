@@ -15,7 +15,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import resnet
+from . import mobilenet, resnet
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ for _arch, _desc in [("resnet18", "torchvision ResNet-18, 8 basic blocks"),
     register(ModelEntry(_arch, "resnet", resnet.DIMS, partial(resnet.build_resnet, _arch), _desc))
 register(ModelEntry("resnet_tiny", "resnet", resnet.DIMS, resnet.build_resnet_tiny,
                     "torchvision ResNet(BasicBlock, [1,1,1,1]) at 1/8 width, for tests and quick runs"))
+register(ModelEntry("mobilenet_v2", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_v2,
+                    "torchvision MobileNetV2, 17 inverted-residual blocks, 10 of them droppable"))
+register(ModelEntry("mobilenet_tiny", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_tiny,
+                    "torchvision MobileNetV2 with 3 small stages (6 blocks, 3 droppable), for tests"))
 
 
 def entry(name: str) -> ModelEntry:
