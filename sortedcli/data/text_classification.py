@@ -95,6 +95,7 @@ class TextData:
     collate: Padding
     max_length: int
     flops_length: int
+    augmentation: str = "none"  # printed at the start of a run, as for images
 
     @property
     def num_classes(self) -> int:

@@ -18,7 +18,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import bert, hf, resnet
+from . import bert, hf, mobilenet, resnet
 from .. import export
 
 
@@ -56,6 +56,10 @@ register(ModelEntry("bert", "bert", bert.DIMS, bert.build_encoder,
                     "transformers BERT-family sequence classifier (BERT, RoBERTa, MiniLM): "
                     "model.pretrained=DIR_OR_HUB_ID or model.config={...}",
                     tasks=bert.TASKS, tokenizer=hf.tokenizer, save=bert.save, exportable=bert.exportable))
+register(ModelEntry("mobilenet_v2", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_v2,
+                    "torchvision MobileNetV2, 17 inverted-residual blocks, 10 of them droppable"))
+register(ModelEntry("mobilenet_tiny", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_tiny,
+                    "torchvision MobileNetV2 with 3 small stages (6 blocks, 3 droppable), for tests"))
 
 
 def entry(name: str) -> ModelEntry:
