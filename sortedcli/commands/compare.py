@@ -30,7 +30,7 @@ def _label(paths: list[Path]) -> list[str]:
     return [n if names.count(n) == 1 else f"{p.parent.name}/{n}" for n, p in zip(names, paths)]
 
 
-def load(run: str) -> tuple[Path, DictConfig, str, list[dict]]:
+def load(run: str) -> tuple[Path, DictConfig, str, list[dict], bool]:
     path = Path(run)
     if not path.is_dir():
         raise UsageError(f"compare: {run} is not a run folder")
@@ -40,11 +40,12 @@ def load(run: str) -> tuple[Path, DictConfig, str, list[dict]]:
         raise UsageError(f"compare: {run} has no eval results: run `sortednet eval --all-submodels --ckpt {run}` "
                          "first")
     metric, rows = load_results(results)
-    return path, cfg, metric, rows
+    return path, cfg, metric, rows, bool(json.loads(results.read_text()).get("higher_is_better", True))
 
 
 def _what(cfg: DictConfig) -> str:
-    return f"{cfg.model.name} on {cfg.data.name} at {cfg.data.get('image_size')} px"
+    size = cfg.data.get("image_size")
+    return f"{cfg.model.name} on {cfg.data.name}" + (f" at {size} px" if size else "")
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> Path:
@@ -53,17 +54,16 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     if len(given) < 2:
         raise UsageError("compare needs two or more run folders: sortednet compare RUN_A RUN_B [RUN_C ...]")
     loaded = [load(str(r)) for r in given]
-    first_path, first_cfg, metric, _ = loaded[0]
-    for path, run_cfg, m, _ in loaded[1:]:
+    first_path, first_cfg, metric, _, higher = loaded[0]
+    for path, run_cfg, m, _, _ in loaded[1:]:
         if _what(run_cfg) != _what(first_cfg):
             raise UsageError(f"compare: {path} is {_what(run_cfg)} but {first_path} is {_what(first_cfg)}: "
                              "only runs of the same model and data can be compared")
         if m != metric:
             raise UsageError(f"compare: {path} measured {m} but {first_path} measured {metric}")
     labels = _label([p for p, *_ in loaded])
-    higher = True
     series = {}
-    for label, (path, run_cfg, _, rows) in zip(labels, loaded):
+    for label, (path, run_cfg, _, rows, _) in zip(labels, loaded):
         series[label] = {"run": str(path), "sampler": run_cfg.sampler.name,
                          "rows": [{**r, "pareto": p} for r, p in zip(rows, pareto_front(rows, metric, higher))]}
 
