@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from run import Bench  # noqa: E402  (benchmarks/run.py: timing primitives)
+from run import Bench, print_checks  # noqa: E402  (benchmarks/run.py: timing primitives, the table)
 
 from sortedcli import models  # noqa: E402
 from sortedcli.engine import Distill, autocast, pick_device, train_step  # noqa: E402
@@ -186,12 +186,7 @@ def main(argv=None) -> int:
                        f"{r['exported_ms']:.1f} vs {r['full_ms']:.1f} ms; FLOPs {costs[chosen].flops / full:.3f}; "
                        f"{t.spread('exported', 'full')}"))
 
-    rows = [(w, f"{v:.3f}", f"<= {tg:g}", "PASS" if v <= tg else "FAIL", d) for w, v, tg, d in checks]
-    header = ("what", "measured", "target", "result", "detail")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
-    print()
-    for r in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_checks(checks)
     path = args.out or Path(__file__).resolve().parent / f"results-encoders-{device.type}.json"
     report = {"device": str(device), "device_name": name, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from run import Bench, step_fn  # noqa: E402
+from run import Bench, print_checks, step_fn  # noqa: E402
 from sortedcli import models  # noqa: E402
 from sortedcli.engine import autocast, pick_device  # noqa: E402
 from sortedcli.flops import measure  # noqa: E402
@@ -196,13 +196,7 @@ def main(argv=None) -> int:
                        f"{1e3 * t.seconds('exported') / calls:.2f} vs {1e3 * t.seconds('full') / calls:.2f} ms; "
                        f"{t.spread('exported', 'full')}"))
 
-    rows = [(w, f"{v:.3f}", "report" if tgt is None else f"<= {tgt:g}",
-             "-" if tgt is None else ("PASS" if v <= tgt else "FAIL"), d) for w, v, tgt, d in checks]
-    header = ("what", "measured", "target", "result", "detail")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
-    print()
-    for r in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_checks(checks)
     path = args.out or Path(__file__).resolve().parent / f"results-mobilenet-{device.type}.json"
     report = {"model": "mobilenet_v2", "input": [1, SIZE, SIZE], "device": str(device), "device_name": name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": bench.batch,

@@ -370,6 +370,17 @@ def exported_latency(bench, model, grid, costs, out, checks):
     model.train()
 
 
+def print_checks(checks: list[tuple]) -> None:
+    """The table of ``(what, measured, target or None, detail)`` rows every benchmark prints."""
+    rows = [(w, f"{v:.3f}", "report" if tgt is None else f"<= {tgt:g}",
+             "-" if tgt is None else ("PASS" if v <= tgt else "FAIL"), d) for w, v, tgt, d in checks]
+    header = ("what", "measured", "target", "result", "detail")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
+    print()
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -408,13 +419,7 @@ def main(argv=None) -> int:
         section()
         print(f"[{title}: {time.perf_counter() - t0:.0f}s]", flush=True)
 
-    rows = [(what, f"{v:.3f}", f"<= {target:g}", "PASS" if v <= target else "FAIL", detail)
-            for what, v, target, detail in checks]
-    header = ("what", "measured", "target", "result", "detail")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
-    print()
-    for r in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_checks(checks)
 
     path = args.out or Path(__file__).resolve().parent / f"results-{device.type}.json"
     report = {"device": str(device), "device_name": name, "torch": torch.__version__,

@@ -102,18 +102,9 @@ class ImageClassification(Task):
         return batch[1]
 
 
-class TextClassification(Task):
+class KeywordBatches(Task):
     """Batches are dicts of padded tensors (``input_ids``, ``attention_mask``, ...) plus ``labels``;
-    the model is called with everything but the labels. Metric ``accuracy`` (percent) or ``f1``
-    (binary F1 of class 1, in percent, as GLUE reports it for MRPC and QQP)."""
-
-    name = "text_classification"
-    unit = "sequence"
-
-    def __init__(self, metric: str = "accuracy"):
-        if metric not in ("accuracy", "f1"):
-            raise ValueError(f"text classification metric must be accuracy or f1, got {metric!r}")
-        self.metric = metric
+    the model is called with everything but the labels."""
 
     def to_device(self, batch, device):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -123,6 +114,19 @@ class TextClassification(Task):
 
     def targets(self, batch):
         return batch["labels"]
+
+
+class TextClassification(KeywordBatches):
+    """Token batches with one label per sequence. Metric ``accuracy`` (percent) or ``f1``
+    (binary F1 of class 1, in percent, as GLUE reports it for MRPC and QQP)."""
+
+    name = "text_classification"
+    unit = "sequence"
+
+    def __init__(self, metric: str = "accuracy"):
+        if metric not in ("accuracy", "f1"):
+            raise ValueError(f"text classification metric must be accuracy or f1, got {metric!r}")
+        self.metric = metric
 
     def sums(self, logits, batch):
         if self.metric == "accuracy":
@@ -140,7 +144,7 @@ class TextClassification(Task):
         return 100.0 * 2 * tp / max(1.0, 2 * tp + fp + fn)
 
 
-class CausalLM(Task):
+class CausalLM(KeywordBatches):
     """Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on padding and,
     for instructions, on the prompt); position t predicts token t+1. Metric: perplexity over the
     positions that count (lower is better)."""
@@ -149,15 +153,6 @@ class CausalLM(Task):
     metric = "perplexity"
     higher_is_better = False
     unit = "token"
-
-    def to_device(self, batch, device):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    def inputs(self, batch):
-        return {k: v for k, v in batch.items() if k != "labels"}
-
-    def targets(self, batch):
-        return batch["labels"]
 
     def pairs(self, logits, batch):
         z = logits[:, :-1]
