@@ -49,13 +49,15 @@ run: setup data
 # Sorted fine-tuning of ImageNet MobileNetV2 on Fashion-MNIST and its two baselines (unsorted
 # fine-tuning sliced afterwards; sorted without importance sorting), each evaluated, then compared.
 MOBILENET_RUNS := $(RUNS)/mobilenet-pretrained
+MOBILENET_EVAL := eval.test_subset=2000 eval.calib_batches=5 eval.calib_batch_size=128
 mobilenet-pretrained: setup data weights
-	for spec in sorted-importance: sorted-no-importance:model.importance=none unsorted-full:sampler=full; do \
-	  name=$${spec%%:*}; extra=$${spec#*:}; \
-	  $(VENV)/bin/sortednet train --recipe fmnist_mobilenet_v2_pretrained hydra.run.dir=$(MOBILENET_RUNS)/$$name $$extra \
-	  && $(VENV)/bin/sortednet eval --all-submodels --ckpt $(MOBILENET_RUNS)/$$name \
-	     eval.test_subset=2000 eval.calib_batches=5 eval.calib_batch_size=128 || exit 1; \
-	done
+	$(VENV)/bin/sortednet train --recipe fmnist_mobilenet_v2_pretrained hydra.run.dir=$(MOBILENET_RUNS)/sorted-importance
+	$(VENV)/bin/sortednet train --recipe fmnist_mobilenet_v2_pretrained hydra.run.dir=$(MOBILENET_RUNS)/sorted-no-importance \
+	  model.importance=none
+	$(VENV)/bin/sortednet train --recipe fmnist_mobilenet_v2_pretrained hydra.run.dir=$(MOBILENET_RUNS)/unsorted-full \
+	  sampler=full '~sampler.g'
+	for run in sorted-importance sorted-no-importance unsorted-full; do \
+	  $(VENV)/bin/sortednet eval --all-submodels --ckpt $(MOBILENET_RUNS)/$$run $(MOBILENET_EVAL) || exit 1; done
 	$(VENV)/bin/sortednet compare $(MOBILENET_RUNS)/sorted-importance $(MOBILENET_RUNS)/sorted-no-importance \
 	  $(MOBILENET_RUNS)/unsorted-full out=$(MOBILENET_RUNS)/compare
 

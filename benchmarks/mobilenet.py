@@ -87,23 +87,20 @@ def forward_split(bench, model, sub, x, reps=5) -> dict[str, float]:
 
 
 def flops_split(model, sub, x) -> dict[str, float]:
+    """FLOPs per layer kind, from one counted forward (FlopCounterMode's per-module counts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    out = {}
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), use(model, sub), counter:
+        model(x)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out: dict[str, float] = {}
     for name, m in model.named_modules():
         k = kind(m)
         if k is None or k == "batchnorm":
             continue
-        counter = FlopCounterMode(display=False)
-        h1 = m.register_forward_pre_hook(lambda mod, a, c=counter: c.__enter__())
-        h2 = m.register_forward_hook(lambda mod, a, o, c=counter: c.__exit__(None, None, None))
-        try:
-            with torch.no_grad(), use(model, sub):
-                model(x)
-        finally:
-            h1.remove()
-            h2.remove()
-        out[k] = out.get(k, 0) + counter.get_total_flops()
+        out[k] = out.get(k, 0) + sum(counts.get(f"{root}.{name}", {}).values())
     return out
 
 

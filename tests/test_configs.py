@@ -175,10 +175,13 @@ def test_pretrained_recipe_baselines_are_one_override_away():
     model.importance=none (sorted without importance sorting), US-Nets (sandwich + distillation)."""
     cfg = recipe("fmnist_mobilenet_v2_pretrained")
     assert cfg.model.weights == "IMAGENET1K_V1" and cfg.model.importance == "l1"
-    assert recipe("fmnist_mobilenet_v2_pretrained", ["sampler=full"]).sampler.name == "full"
+    model = build_model(cfg, 10, 1)
+    grid = build_grid(cfg, model)
+    full = recipe("fmnist_mobilenet_v2_pretrained", ["sampler=full", "~sampler.g"])
+    assert build_sampler(full, grid).name == "full"
     assert recipe("fmnist_mobilenet_v2_pretrained", ["model.importance=none"]).model.importance == "none"
-    us = recipe("fmnist_mobilenet_v2_pretrained", ["sampler=sandwich", "distill.enabled=true"])
-    assert us.sampler.name == "sandwich" and us.distill.enabled is True
+    us = recipe("fmnist_mobilenet_v2_pretrained", ["sampler=sandwich", "~sampler.g", "distill.enabled=true"])
+    assert build_sampler(us, grid).name == "sandwich" and us.distill.enabled is True
 
 
 @pytest.mark.parametrize("override,match", [

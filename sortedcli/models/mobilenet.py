@@ -28,7 +28,6 @@ from torchvision.models import MobileNetV2
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..errors import UsageError
 from ..nest import COUNT, FRACTION, DepthUnit, sortify
 from ..nest.importance import Group, sort_by_importance
 from . import weights as pretrained
