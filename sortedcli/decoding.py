@@ -292,6 +292,24 @@ def scaled_thresholds(num_layers: int, reference: dict[int, float] = PAPER_THRES
     return out
 
 
+def _early_step(stack: Stack, exits, cache, hidden, pos, fill: bool):
+    """Run the exits in order from layer 0 on ``hidden``; return (logits of the last position at the
+    exit that answers, that exit's layer). With ``fill`` the layers after it get keys/values from its
+    hidden state (:meth:`Stack.fill`); without, they run anyway (a prompt needs every layer's cache)."""
+    L, start, chosen = stack.num_layers, 0, None
+    for layer, threshold in exits:
+        hidden = stack.layers(hidden, start, layer, cache, pos)
+        start = layer
+        if chosen is None:
+            logits = stack.head(hidden[:, -1])[0]
+            if layer == L or torch.softmax(logits.float(), -1).max() >= threshold:
+                chosen = (logits, layer)
+                if fill:
+                    stack.fill(hidden, layer, L, cache, pos)
+                    return chosen
+    return chosen
+
+
 @torch.inference_mode()
 def early_exit(stack: Stack, prompt, *, thresholds: dict[int, float], max_new_tokens: int = 64,
                sampling: Sampling | None = None, eos: Iterable[int] | int | None = None,
@@ -301,39 +319,47 @@ def early_exit(stack: Stack, prompt, *, thresholds: dict[int, float], max_new_to
     (exit layer -> threshold); the full model answers when none does. The prompt runs through all
     layers; its last position picks its exit the same way."""
     exits = _exits(stack, thresholds)
-    L, dev = stack.num_layers, stack.device
+    dev = stack.device
     sampling = sampling or Sampling()
     ids = _prompt(stack, prompt)
     out = Decoded()
     emitter = _Emitter(out, max_new_tokens, eos, on_token)
     cache = stack.new_cache()
-
-    def step(hidden, pos, fill):
-        """Run the exits in order from layer 0 on ``hidden``; return (logits of the answering exit,
-        its layer). With ``fill``, the skipped layers get keys/values; without, they run anyway
-        (the prompt, whose positions all need every layer)."""
-        start, chosen = 0, None
-        for layer, threshold in exits:
-            hidden = stack.layers(hidden, start, layer, cache, pos)
-            start = layer
-            if chosen is None:
-                logits = stack.head(hidden[:, -1])[0]
-                if layer == L or torch.softmax(logits.float(), -1).max() >= threshold:
-                    chosen = (logits, layer)
-                    if fill:
-                        stack.fill(hidden, layer, L, cache, pos)
-                        return chosen
-        return chosen
-
     n = ids.shape[1]
-    logits, _ = step(stack.embed(ids), _positions(0, n, dev), fill=False)
+    logits, _ = _early_step(stack, exits, cache, stack.embed(ids), _positions(0, n, dev), fill=False)
     token = sampling.pick(logits)
     emitter.emit(token)
     while not emitter.done:
-        logits, layer = step(stack.embed(torch.tensor([[token]], device=dev)), _positions(n, 1, dev), fill=True)
+        x = stack.embed(torch.tensor([[token]], device=dev))
+        logits, layer = _early_step(stack, exits, cache, x, _positions(n, 1, dev), fill=True)
         out.exits[layer] = out.exits.get(layer, 0) + 1
         out.layer_passes += layer
         n += 1
         token = sampling.pick(logits)
         emitter.emit(token)
     return out
+
+
+@torch.inference_mode()
+def early_exit_nll(stack: Stack, ids, *, thresholds: dict[int, float], score_from: int = 1) -> tuple[list[float], list[int]]:
+    """Teacher-forced early exit over a given sequence ``ids``: the tokens before ``score_from`` run
+    as a prompt (all layers); from there on each next token is predicted one position at a time by
+    the exit the rule picks, as :func:`early_exit` would, and its negative log-likelihood is recorded.
+    Returns (NLL of tokens ``score_from..``, exit layer of each). The perplexity cost of early exit is
+    exp(mean NLL) against the same with ``thresholds={}`` (the full model)."""
+    exits = _exits(stack, thresholds)
+    dev = stack.device
+    ids = _prompt(stack, ids)[0]
+    if not 1 <= score_from < ids.numel():
+        raise ValueError(f"score_from must be in 1..{ids.numel() - 1}, got {score_from}")
+    cache = stack.new_cache()
+    logits, layer = _early_step(stack, exits, cache, stack.embed(ids[None, :score_from]),
+                                _positions(0, score_from, dev), fill=False)
+    nll, layers = [], []
+    for n in range(score_from, ids.numel()):
+        nll.append(float(-torch.log_softmax(logits.float(), -1)[ids[n]]))
+        layers.append(layer)
+        if n + 1 < ids.numel():
+            logits, layer = _early_step(stack, exits, cache, stack.embed(ids[None, n:n + 1]),
+                                        _positions(n, 1, dev), fill=True)
+    return nll, layers

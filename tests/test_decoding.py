@@ -189,3 +189,18 @@ def test_sampling_is_seeded_and_speculative_sampling_keeps_the_full_models_distr
     tv = 0.5 * (counts / runs - p2).abs().sum()
     assert tv < 0.08, tv  # total variation from the full model's distribution: sampling noise only
     assert 0.5 * (q2 - p2).abs().sum() > 0.3  # keeping every draft would be visibly off
+
+
+def test_teacher_forced_early_exit_nll_matches_the_model_and_the_exit_it_takes(model):
+    stack = LlamaStack(model)
+    ids = prompts(1, seed=5)[0]
+    ids = torch.cat([ids, torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(2))])
+    with torch.no_grad():
+        full = -torch.log_softmax(model(ids[None]).logits[0, :-1], -1).gather(1, ids[1:, None])[:, 0]
+        low = -torch.log_softmax(truncated(model, 2)(ids[None]).logits[0, :-1], -1).gather(1, ids[1:, None])[:, 0]
+    nll, layers = D.early_exit_nll(stack, ids, thresholds={}, score_from=4)
+    torch.testing.assert_close(torch.tensor(nll, dtype=torch.float64), full[3:])
+    assert layers == [6] * len(nll)
+    nll, layers = D.early_exit_nll(stack, ids, thresholds={2: 0.0, 4: 0.0}, score_from=4)
+    torch.testing.assert_close(torch.tensor(nll, dtype=torch.float64), low[3:])
+    assert layers == [2] * len(nll)
