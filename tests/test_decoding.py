@@ -204,3 +204,32 @@ def test_teacher_forced_early_exit_nll_matches_the_model_and_the_exit_it_takes(m
     nll, layers = D.early_exit_nll(stack, ids, thresholds={2: 0.0, 4: 0.0}, score_from=4)
     torch.testing.assert_close(torch.tensor(nll, dtype=torch.float64), low[3:])
     assert layers == [2] * len(nll)
+
+
+@pytest.mark.slow
+def test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from sortedcli.data import lm
+
+    folder = tmp_path / "model"
+    tok = lm.train_tokenizer(lm.read_text(lm.package_file("hamlet"))[:20], 300, folder)
+    model = tiny_llama(layers=4, vocab=len(tok), calm_depth=0.3).float()
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.save_pretrained(folder)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decoding.py"
+    spec = importlib.util.spec_from_file_location("bench_decoding", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    results = bench.main(["--model", str(folder), "--prompts", "2", "--new-tokens", "8", "--reps", "1",
+                          "--ppl-items", "2", "--draft-exits", "1,2", "--threads", "1", "--out", str(out)])
+    assert out.is_file() and results["prompt_source"].startswith("held-out GSM8K")
+    methods = results["methods"]
+    for name in ("greedy (transformers)", "speculative, draft exit 1 (ours)", "assistant_early_exit=2 (transformers)"):
+        assert methods[name]["identical"] == 2, name
+    spec2 = methods["speculative, draft exit 2 (ours)"]
+    assert 0 <= spec2["a"] <= 1 and 0 < spec2["c"] and spec2["tokens_per_round"] >= 1
+    ee = methods["early exit (ours)"]
+    assert ee["ppl_tokens"] > 0 and ee["ppl_full"] > 1 and 0 < ee["layers_used"] <= 1
