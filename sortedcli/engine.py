@@ -2,8 +2,11 @@
 
 One optimizer step: the sampler names the sub-models; each runs forward and backward on the same
 batch with its loss divided by their number (gradients accumulate in the shared weights); then one
-optimizer step and one LR-schedule step. With in-place distillation, the largest sub-model's
-(detached) output is the soft target of the others.
+optimizer step and one LR-schedule step. Sub-models that are exits of one stack and differ only in
+depth share one trunk pass (``trunk_groups``/``run_exits``): SoFT's every-exit loss costs one forward
+and one backward. With in-place distillation, the largest sub-model's (detached) output is the soft
+target of the others. How a batch becomes inputs, a loss and a metric is the data's
+:class:`~sortedcli.tasks.Task`; nothing here knows the architecture.
 
 Data order is a seeded permutation per epoch and the step is the only position, so a run resumed
 from a checkpoint sees exactly the batches, sub-models and random draws it would have seen.
@@ -18,12 +21,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler as IndexSampler
 
-from .nest import SubModel, has_batchnorm, recalibrate, use
+from .nest import SubModel, call, has_batchnorm, recalibrate, run_exits, trunk_groups, use
 from .sampling import Sampler
+from .tasks import Task
 
 
 # --- device and precision ------------------------------------------------------------------------
@@ -70,10 +73,10 @@ class EpochBatches(IndexSampler):
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                 num_workers: int = 0, pin_memory: bool = False, collate: Callable | None = None) -> DataLoader:
     # The loader gets its own generator so that creating it never draws from the global RNG.
     return DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed, epoch, start),
-                      num_workers=num_workers, pin_memory=pin_memory,
+                      num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed + epoch))
 
 
@@ -92,39 +95,45 @@ class Distill:
     alpha: float = 1.0  # weight of the KL term for the smaller sub-models; 1 - alpha on the labels
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature T, scaled by T^2 so its gradients match cross-entropy's
-    magnitude (the fix for distillation losses orders of magnitude below the CE)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
-                    reduction="batchmean", log_target=True) * t * t
-
-
-def train_step(model: nn.Module, subs: list[SubModel], x: torch.Tensor, y: torch.Tensor,
-               optimizer: torch.optim.Optimizer, largest: SubModel, distill: Distill,
-               device: torch.device, amp: torch.dtype | None) -> float:
-    """Forward/backward every sub-model of ``subs`` on ``(x, y)``, accumulate, one optimizer step.
-    Returns the mean loss."""
+def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimizer: torch.optim.Optimizer,
+               largest: SubModel, distill: Distill, device: torch.device, amp: torch.dtype | None) -> float:
+    """Forward/backward every sub-model of ``subs`` on ``batch`` (already on the device), accumulate,
+    one optimizer step. Returns the mean loss."""
     optimizer.zero_grad(set_to_none=True)
+    inputs = task.inputs(batch)
+    groups = trunk_groups(model, subs)
     teacher = None
     if distill.enabled:
-        subs = sorted(subs, key=lambda s: s != largest)  # the teacher runs first when it is sampled
-        if largest not in subs:
+        groups.sort(key=lambda g: largest not in g[1])  # the teacher runs first when it is sampled
+        if not any(largest in members for _, members in groups):
             with torch.no_grad(), use(model, largest), autocast(device, amp):
-                teacher = model(x).detach()
-    total = torch.zeros((), device=x.device)
-    for sub in subs:
-        with use(model, sub), autocast(device, amp):
-            out = model(x)
-            loss = F.cross_entropy(out.float(), y)
-            if teacher is not None and sub != largest:
-                loss = distill.alpha * kd_loss(out, teacher, distill.temperature) + (1 - distill.alpha) * loss
+                teacher = call(model, inputs).detach()
+    total = torch.zeros((), device=device)
+    for trunk, members in groups:
+        with use(model, trunk), autocast(device, amp):
+            logits = forward_members(model, inputs, trunk, members)
+            if distill.enabled and largest in members:
+                teacher = logits[largest].detach()
+            loss = torch.zeros((), device=device)
+            for sub in members:
+                one = task.loss(logits[sub], batch)
+                if teacher is not None and sub != largest:
+                    kd = task.distill(logits[sub], teacher, batch, distill.temperature)
+                    one = distill.alpha * kd + (1 - distill.alpha) * one
+                loss = loss + one
         (loss / len(subs)).backward()
-        if distill.enabled and sub == largest:
-            teacher = out.detach()
         total += loss.detach()
     optimizer.step()
     return total.item() / len(subs)  # one host sync per step, not one per sub-model
+
+
+def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[SubModel]) -> dict:
+    """``{sub: logits}`` for the members of one trunk (the active sub-model is ``trunk``)."""
+    if all(m == trunk for m in members):
+        return {trunk: call(model, inputs)}
+    depth_dim = model.sortednet.scope.depth_dim
+    by_depth = run_exits(model, inputs, [m[depth_dim] for m in members])
+    return {m: by_depth[m[depth_dim]] for m in members}
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -138,10 +147,11 @@ class Progress:
     batch: int = 0  # batches of ``epoch`` already done
 
 
-def fit(model: nn.Module, sampler: Sampler, optimizer: torch.optim.Optimizer,
+def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler, dataset: Dataset, *, epochs: int,
         batch_size: int, seed: int, device: torch.device, amp: torch.dtype | None,
         distill: Distill, progress: Progress, max_steps: int | None = None, num_workers: int = 0,
+        collate: Callable | None = None,
         on_step: Callable[[Progress, float], None] = lambda p, loss: None,
         on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
     """Train from ``progress`` to the end of ``epochs`` (or ``max_steps`` optimizer steps)."""
@@ -152,13 +162,12 @@ def fit(model: nn.Module, sampler: Sampler, optimizer: torch.optim.Optimizer,
     while progress.epoch < epochs:
         model.train()  # (an epoch-end evaluation leaves it in eval mode)
         loader = epoch_loader(dataset, batch_size, seed, progress.epoch, progress.batch, num_workers,
-                              pin_memory=device.type == "cuda")
-        for x, y in loader:
+                              pin_memory=device.type == "cuda", collate=collate)
+        for batch in loader:
             if max_steps is not None and progress.step >= max_steps:
                 return progress
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            loss = train_step(model, sampler.step(), x, y, optimizer, largest, distill, device, amp)
+            batch = task.to_device(batch, device)
+            loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp)
             scheduler.step()
             progress.step += 1
             progress.batch += 1
@@ -182,30 +191,32 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-def calibration_batches(model: nn.Module, dataset: Dataset, batch_size: int, num_batches: int, seed: int,
-                        device: torch.device) -> list[torch.Tensor]:
+def calibration_batches(model: nn.Module, task: Task, dataset: Dataset, batch_size: int, num_batches: int,
+                        seed: int, device: torch.device, collate: Callable | None = None) -> list:
     """A fixed random sample of training inputs (no augmentation) kept on the device, reused to
     recalibrate every sub-model's BatchNorm; none when ``model`` has no BatchNorm."""
     if not has_batchnorm(model):
         return []
     n = min(num_batches, max(1, len(dataset) // batch_size))
     size = min(batch_size, len(dataset))
-    loader = epoch_loader(dataset, size, seed, epoch=10**6)
-    return [x.to(device) for x, _ in itertools.islice(loader, n)]
+    loader = epoch_loader(dataset, size, seed, epoch=10**6, collate=collate)
+    return [task.inputs(task.to_device(batch, device)) for batch in itertools.islice(loader, n)]
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, sub: SubModel | None, loader: Iterable, device: torch.device,
-             amp: torch.dtype | None) -> float:
-    """Top-1 accuracy in percent of ``sub`` (eval mode) over ``loader``."""
+def score(model: nn.Module, task: Task, sub: SubModel | None, loader: Iterable, device: torch.device,
+          amp: torch.dtype | None) -> float:
+    """The task's metric (accuracy, F1, perplexity) of ``sub`` (eval mode) over ``loader``."""
     model.eval()
-    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
+    sums = None
     with use(model, sub), autocast(device, amp):
-        for x, y in loader:
-            pred = model(x.to(device, non_blocking=True)).argmax(-1)
-            correct += (pred == y.to(device, non_blocking=True)).sum()
-            total += y.numel()
-    return 100.0 * correct.item() / max(1, total)  # one host sync per sub-model, not per batch
+        for batch in loader:
+            batch = task.to_device(batch, device)
+            part = task.sums(call(model, task.inputs(batch)), batch)
+            sums = part if sums is None else sums + part
+    if sums is None:
+        raise ValueError("nothing to evaluate: the test set is empty")
+    return task.finish(sums)  # one host sync per sub-model, not per batch
 
 
 @torch.no_grad()
@@ -224,10 +235,10 @@ def latency_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, 
     return 1000.0 * sorted(times)[len(times) // 2]
 
 
-def evaluate(model: nn.Module, sub: SubModel | None, calib: list[torch.Tensor], test: Iterable,
+def evaluate(model: nn.Module, task: Task, sub: SubModel | None, calib: list, test: Iterable,
              device: torch.device, amp: torch.dtype | None) -> float:
-    """Recalibrate ``sub``'s BatchNorm on ``calib`` (when it has BatchNorm) and return its accuracy."""
+    """Recalibrate ``sub``'s BatchNorm on ``calib`` (when it has BatchNorm) and return its metric."""
     if calib:
         with autocast(device, amp):
             recalibrate(model, sub, calib)
-    return accuracy(model, sub, test, device, amp)
+    return score(model, task, sub, test, device, amp)

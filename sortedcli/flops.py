@@ -1,20 +1,22 @@
 """FLOPs and parameters of a sub-model, measured on the shapes it really runs.
 
-Convention: **FLOPs = 2 x multiply-adds**, per sample, counted by ``torch.utils.flop_counter`` on the
-sliced forward (convolutions and matrix multiplies; BatchNorm, activations, pooling and additions are
-not counted, as in most papers' tables). Parameters are those of the physically sliced layers that run
+Convention: **FLOPs = 2 x multiply-adds**, per sample (an image; a sequence of a stated length),
+counted by ``torch.utils.flop_counter`` on the sliced forward (convolutions and matrix multiplies,
+attention's included when it runs eagerly; BatchNorm, normalization, activations, pooling, softmax and
+additions are not counted, as in most papers' tables). Parameters are those of the physically sliced layers that run
 (a dropped block's parameters are not counted; its projection shortcut, when it has one, is).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .nest import SubModel, use
+from .nest import SubModel, call, use
 from .nest.layers import SortedLayer
 
 
@@ -25,8 +27,9 @@ class Cost:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, sub: SubModel | None, example: torch.Tensor) -> Cost:
-    """FLOPs per sample and parameters of ``sub``; ``example`` is a batch of one or more inputs."""
+def measure(model: nn.Module, sub: SubModel | None, example) -> Cost:
+    """FLOPs per sample and parameters of ``sub``; ``example`` is a batch of one or more inputs (a
+    tensor, or a mapping of keyword arguments such as ``input_ids``)."""
     counted: dict[nn.Module, int] = {}
 
     def hook(m, args, out):
@@ -40,9 +43,10 @@ def measure(model: nn.Module, sub: SubModel | None, example: torch.Tensor) -> Co
     model.eval()
     try:
         with use(model, sub), FlopCounterMode(display=False) as counter:
-            model(example)
+            call(model, example)
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return Cost(flops=int(counter.get_total_flops()) // example.shape[0], params=sum(counted.values()))
+    first = next(iter(example.values())) if isinstance(example, Mapping) else example
+    return Cost(flops=int(counter.get_total_flops()) // first.shape[0], params=sum(counted.values()))

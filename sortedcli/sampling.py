@@ -5,7 +5,9 @@ with its loss divided by the list's length, accumulating gradients into the shar
 takes one optimizer step. A schedule owns its own seeded ``torch.Generator`` (never the global
 RNG), so the same seed draws the same sub-models on every rank and after a resume.
 
-- ``sortednet`` (the paper): ``g`` sub-models drawn uniformly from the grid (with replacement).
+- ``sortednet`` (the paper): ``g`` sub-models drawn uniformly from the grid (with replacement); with
+  ``all_exits``, each drawn sub-model brings every depth of itself along (for stacks with exits they
+  share one trunk pass: g widths x every exit for the cost of g forwards).
 - ``sandwich`` (US-Nets): the largest, the smallest and ``n`` drawn at random.
 - ``all`` (SoFT): every sub-model of the grid, every step.
 - ``full``: the largest sub-model only: plain training, the baseline.
@@ -40,14 +42,17 @@ class Sampler:
 class SortedNetSampler(Sampler):
     name = "sortednet"
 
-    def __init__(self, grid, seed=0, g: int = 1):
+    def __init__(self, grid, seed=0, g: int = 1, all_exits: bool = False):
         super().__init__(grid, seed)
         if g < 1:
             raise ValueError(f"sampler.g must be >= 1, got {g}")
-        self.g = g
+        self.g, self.all_exits = g, bool(all_exits)
 
     def step(self) -> list[SubModel]:
-        return self._random(self.g)
+        drawn = self._random(self.g)
+        if not self.all_exits:
+            return drawn
+        return [deeper for sub in drawn for deeper in self.grid.along_counts(sub)]
 
 
 class SandwichSampler(Sampler):

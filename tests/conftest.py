@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from sortedcli.cli import register_resolvers
+
+register_resolvers()  # ${fresh:...} and ${package:...}, as the CLI registers them
+
 TINY_EVAL = ["eval.calib_batches=2", "eval.calib_batch_size=64", "eval.test_subset=64"]
 TINY = ["model=resnet_tiny", "data=digits", "trainer.epochs=1", "trainer.batch_size=64",
         "data.train_subset=256", "data.test_subset=64", *TINY_EVAL, "dims.width.levels=[0.25,0.5,1.0]"]

@@ -268,7 +268,7 @@ def test_train_writes_config_metrics_and_a_checkpoint(trained_run):
 
     from sortedcli.build import build_model
 
-    model = build_model(cfg, 10, 1)
+    model = build_model(cfg, {"num_classes": 10, "in_channels": 1})
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
     assert sum(p.numel() for p in model.parameters()) == 77_858  # "78k parameters"
 

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import cli, explain
 from sortedcli.build import build_grid, build_model, build_optimizer, build_sampler
+from sortedcli.data import input_spec
 from sortedcli.cli import CONF_DIR, RECIPES_DIR, VERBS, translate
 from sortedcli.data.vision import BUILDERS
 from sortedcli.errors import UsageError
@@ -83,7 +84,11 @@ def test_every_recipe_composes_and_builds(name):
     cfg = recipe(name)
     base = conf("train")
     assert set(base) <= set(cfg), "a recipe builds on conf/train.yaml"
-    model = build_model(cfg, cfg.data.num_classes, cfg.data.in_channels)
+    if cfg.model.get("config", 1) is None and not cfg.model.get("pretrained"):  # weights the user brings: a stand-in
+        cfg.model.pretrained = None
+        cfg.model.config = {"hidden_size": 32, "num_hidden_layers": 12, "num_attention_heads": 4,
+                            "intermediate_size": 64, "vocab_size": 100}
+    model = build_model(cfg, input_spec(cfg.data)[0])
     grid = build_grid(cfg, model)
     assert len(grid) == len(list(grid)) > 1
     if cfg.model.name == "resnet50":
@@ -121,7 +126,7 @@ def test_recipe_flag_composes_the_same_config_through_the_cli(name, tmp_path):
 @pytest.mark.parametrize("name,n", [("resnet_tiny", 4), ("resnet18", 8), ("resnet34", 16), ("resnet50", 16)])
 def test_every_model_builds_with_the_default_grid(name, n):
     cfg = conf("train", [f"model={name}"])
-    model = build_model(cfg, 10, 1)
+    model = build_model(cfg, {"num_classes": 10, "in_channels": 1})
     grid = build_grid(cfg, model)
     assert [d.name for d in grid.dims] == ["width", "depth"]
     assert grid.dims[1].levels == tuple(range(1, n + 1))  # depth: levels 'all' = 1..number of blocks
@@ -132,7 +137,7 @@ def test_every_model_builds_with_the_default_grid(name, n):
 @pytest.mark.parametrize("optim", [o for g, o in OPTIONS if g == "optim"])
 def test_every_sampler_and_optimizer_builds(sampler, optim):
     cfg = conf("train", ["model=resnet_tiny", f"sampler={sampler}", f"optim={optim}"])
-    model = build_model(cfg, 10, 1)
+    model = build_model(cfg, {"num_classes": 10, "in_channels": 1})
     grid = build_grid(cfg, model)
     s = build_sampler(cfg, grid)
     assert all(sub in set(grid) for sub in s.step())
@@ -151,13 +156,13 @@ def test_every_sampler_and_optimizer_builds(sampler, optim):
 def test_build_grid_rejects_bad_dims(dims, match):
     cfg = OmegaConf.create({"model": {"name": "resnet_tiny", "small_stem": True, "weights": None},
                             "dims": dims})
-    model = build_model(cfg, 10, 1)
+    model = build_model(cfg, {"num_classes": 10, "in_channels": 1})
     with pytest.raises(UsageError, match=re.escape(match)):
         build_grid(cfg, model)
 
 
 def test_build_grid_accepts_a_dim_the_model_supports_alone():
     cfg = conf("train", ["model=resnet_tiny", "dims=[width]", "dims.width.levels=[0.5,1.0,0.5]"])
-    grid = build_grid(cfg, build_model(cfg, 10, 1))
+    grid = build_grid(cfg, build_model(cfg, {"num_classes": 10, "in_channels": 1}))
     assert [d.name for d in grid.dims] == ["width"] and grid.dims[0].levels == (0.5, 1.0)
     assert len(grid) == 2

@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from sortedcli.engine import Distill, EpochBatches, kd_loss, train_step
+from sortedcli.engine import Distill, EpochBatches, train_step
 from sortedcli.models import create
 from sortedcli.nest import COUNT, FRACTION, Dim, Grid, SubModel, use
 from sortedcli.sampling import SAMPLERS, create_sampler
+from sortedcli.tasks import ImageClassification
+
+IMAGES = ImageClassification()
 
 GRID = Grid((Dim("width", FRACTION, (0.25, 0.5, 1.0)), Dim("depth", COUNT, (1, 2, 3, 4))))
 
@@ -57,7 +60,7 @@ def test_train_step_accumulates_the_mean_gradient_of_the_sampled_submodels():
             if p.grad is not None:
                 expected[n] += p.grad / len(subs)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_step(model, subs, x, y, opt, GRID.largest, Distill(), torch.device("cpu"), None)
+    train_step(model, IMAGES, subs, (x, y), opt, GRID.largest, Distill(), torch.device("cpu"), None)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), expected[n],
                                    rtol=1e-4, atol=1e-6)
@@ -66,13 +69,13 @@ def test_train_step_accumulates_the_mean_gradient_of_the_sampled_submodels():
 
 
 def test_distillation_loss_is_zero_for_identical_outputs_and_scaled_like_cross_entropy():
-    logits = torch.randn(4, 10)
-    assert kd_loss(logits, logits, 2.0).abs() < 1e-6
+    logits, batch = torch.randn(4, 10), (None, torch.zeros(4, dtype=torch.long))
+    assert IMAGES.distill(logits, logits, batch, 2.0).abs() < 1e-6
     other = torch.randn(4, 10)
-    assert kd_loss(other, logits, 4.0) > 0
+    assert IMAGES.distill(other, logits, batch, 4.0) > 0
     torch.manual_seed(0)
     model = create("resnet_tiny", num_classes=10, in_channels=3).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss = train_step(model, [GRID.smallest], torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)), opt,
+    loss = train_step(model, IMAGES, [GRID.smallest], (torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))), opt,
                       GRID.largest, Distill(enabled=True, temperature=2.0, alpha=0.5), torch.device("cpu"), None)
     assert loss > 0 and torch.isfinite(torch.tensor(loss))

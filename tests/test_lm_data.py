@@ -56,11 +56,11 @@ def test_tokenizer_is_a_transformers_tokenizer_with_specials_and_is_deterministi
 
 def test_default_tokenizer_is_trained_once_and_cached(tmp_path):
     corpus = write(tmp_path / "corpus.txt", "\n\n".join(CORPUS))
-    cfg = {"tokenizer_corpus": "text", "tokenizer_path": str(corpus), "vocab_size": 300,
+    cfg = {"tokenizer_corpus": "corpus", "tokenizer_path": str(corpus), "vocab_size": 300,
            "cache_dir": str(tmp_path / "cache"), "doc_chars": 100}
     tok = lm.load_tokenizer(cfg)
     folder = lm.default_tokenizer_dir(cfg)
-    assert folder == tmp_path / "cache" / "tokenizer-text-bpe300" and (folder / "tokenizer.json").is_file()
+    assert folder == tmp_path / "cache" / "tokenizer-corpus-bpe300" and (folder / "tokenizer.json").is_file()
     stamp = (folder / "tokenizer.json").stat().st_mtime_ns
     assert lm.load_tokenizer(cfg).get_vocab() == tok.get_vocab()
     assert (folder / "tokenizer.json").stat().st_mtime_ns == stamp  # reused, not retrained
@@ -101,7 +101,7 @@ def test_chat_trains_only_on_assistant_messages(tmp_path, tokenizer):
 
 def test_text_corpus_is_packed_into_blocks_with_document_boundaries(tmp_path, tokenizer):
     path = write(tmp_path / "corpus.txt", "\n\n".join(CORPUS))
-    data = lm.build_lm_data({"name": "text", "path": str(path), "doc_chars": 200, "block_size": 16,
+    data = lm.build_lm_data({"name": "corpus", "path": str(path), "doc_chars": 200, "block_size": 16,
                              "test_fraction": 0.25}, tokenizer=tokenizer)
     docs = lm.read_text(path, 200)
     train_docs, test_docs = lm.split(docs, 0.25, 0)
@@ -114,7 +114,7 @@ def test_text_corpus_is_packed_into_blocks_with_document_boundaries(tmp_path, to
     assert torch.equal(data.train[0]["labels"], data.train[0]["input_ids"])
     assert data.info["test_items"] == len(test_docs) and len(data.test) >= 1
     with pytest.raises(UsageError, match="block_size"):
-        lm.build_lm_data({"name": "text", "path": str(path), "block_size": 10**6}, tokenizer=tokenizer)
+        lm.build_lm_data({"name": "corpus", "path": str(path), "block_size": 10**6}, tokenizer=tokenizer)
 
 
 def test_held_out_split_is_seeded_disjoint_and_complete():
@@ -157,7 +157,7 @@ def test_long_examples_are_cut_and_ones_without_a_response_dropped(tmp_path, tok
     ("chat", '{"messages": [{"role": "bot", "content": "hi"}]}\n', "each message needs a 'role'"),
     ("chat", '{"messages": [{"role": "assistant", "content": "a"}]}\n{oops\n', "line 2 is not valid JSON"),
     ("gsm8k", '{"question": "q"}\n', "needs the keys 'question' and 'answer'"),
-    ("text", "   \n\n ", "is empty"),
+    ("corpus", "   \n\n ", "is empty"),
 ])
 def test_bad_files_are_one_line_usage_errors(tmp_path, tokenizer, name, content, message):
     path = write(tmp_path / "bad", content)
@@ -198,7 +198,7 @@ def test_module_entry_point_reports_a_bad_setup_in_one_line(tmp_path):
     assert p.returncode == 2 and p.stderr.strip().startswith("error: unknown data.name 'nonsense'")
 
 
-@pytest.mark.parametrize("name", ["hamlet", "gsm8k", "alpaca", "chat", "text"])
+@pytest.mark.parametrize("name", ["hamlet", "gsm8k", "alpaca", "chat", "corpus"])
 def test_the_data_configs_build(tmp_path, tokenizer, name):
     from omegaconf import OmegaConf
 
@@ -206,7 +206,7 @@ def test_the_data_configs_build(tmp_path, tokenizer, name):
     files = {"alpaca": alpaca_file(tmp_path, 8),
              "chat": write(tmp_path / "c.jsonl", '{"messages": [{"role": "user", "content": "a"}, '
                            '{"role": "assistant", "content": "b"}]}\n' * 4),
-             "text": write(tmp_path / "t.txt", "\n\n".join(CORPUS * 4))}
+             "corpus": write(tmp_path / "t.txt", "\n\n".join(CORPUS * 4))}
     if name in files:
         assert OmegaConf.is_missing(cfg, "path")
         cfg.path = str(files[name])

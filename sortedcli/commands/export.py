@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from .. import export
+from .. import export, models
 from ..build import plain
 from ..errors import UsageError
 from ..engine import calibration_batches
 from ..flops import measure
 from ..nest import check_equal, extract, recalibrate
 from ..report import load_results
+from ..tasks import move
 from .loaded import load_run
 
 
@@ -25,7 +27,8 @@ def run(cfg: DictConfig, console: Console | None = None):
     console = console or Console()
     budget = check_budget(cfg.budget)
     r = load_run(cfg)
-    example = r.data.test[0][0].unsqueeze(0).to(r.device)
+    entry, data, task = models.entry(r.cfg.model.name), r.data, r.data.task
+    example = move(data.example(), r.device)
     with console.status(f"measuring the FLOPs of {len(r.grid)} sub-models"):
         costs = {sub: measure(r.model, sub, example) for sub in r.grid}
     full = costs[r.grid.largest].flops
@@ -34,45 +37,57 @@ def run(cfg: DictConfig, console: Console | None = None):
         smallest = min(c.flops for c in costs.values()) / full
         raise UsageError(f"--budget {budget:g} is below the smallest sub-model ({smallest:.4f} of the full "
                          f"model's FLOPs): pass --budget {smallest:.4f} or more")
+    savable = [sub for sub in fits if entry.exportable(r.model, sub)]
+    if not savable:
+        raise UsageError(f"none of the {len(fits)} sub-models within --budget {budget:g} can be written in "
+                         f"{entry.family}'s format (see `sortednet export --help`): raise the budget")
+    if len(savable) < len(fits):
+        console.print(f"{len(fits) - len(savable)} of the {len(fits)} sub-models within the budget cannot be "
+                      f"expressed by a stock {entry.family} config (fewer heads at the same head size); "
+                      f"choosing among the other {len(savable)}.")
+    fits = savable
 
-    accuracy = {}
+    scores, metric, higher = {}, task.metric, task.higher_is_better
     results = r.run_dir / "eval" / "results.json"
     if results.is_file():
-        _, rows = load_results(results)
-        accuracy = {row["name"]: row["accuracy"] for row in rows if row.get("accuracy") is not None}
-    scored = [sub for sub in fits if sub.name in accuracy]
+        metric, rows = load_results(results)
+        scores = {row["name"]: row[metric] for row in rows if row.get(metric) is not None}
+    scored = [sub for sub in fits if sub.name in scores]
     if scored:
-        chosen = max(scored, key=lambda s: (accuracy[s.name], -costs[s].flops))
-        why = (f"the most accurate of the {len(scored)} evaluated sub-models within the budget "
-               f"({accuracy[chosen.name]:.2f}% top-1, from {results})")
+        sign = 1 if higher else -1
+        chosen = max(scored, key=lambda s: (sign * scores[s.name], -costs[s].flops))
+        why = (f"the best of the {len(scored)} evaluated sub-models within the budget "
+               f"({metric} {scores[chosen.name]:.2f}, from {results})")
     else:
         chosen = max(fits, key=lambda s: (costs[s].flops, s.levels))
         why = (f"no eval results for the sub-models within the budget, so the largest one that fits "
-               f"(run `sortednet eval --all-submodels` first to choose by accuracy)")
+               f"(run `sortednet eval --all-submodels` first to choose by {metric})")
 
-    calib = calibration_batches(r.model, r.data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
-                                cfg.seed, r.device)
+    calib = calibration_batches(r.model, task, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
+                                cfg.seed, r.device, data.collate)
     if calib:  # on the run's device (fp32), then everything else on the CPU
         recalibrate(r.model, chosen, calib)
-    check_input = calib[0][:64].cpu() if calib else example.cpu()
-    model, example = r.model.cpu(), example.cpu()
+    check_input = move(calib[0], "cpu") if calib else move(example, "cpu")
+    if isinstance(check_input, torch.Tensor):
+        check_input = check_input[:64]
+    model, example = r.model.cpu(), move(example, "cpu")
     small = extract(model, chosen, example)
     diff = check_equal(model, chosen, small, check_input)
     cost = costs[chosen]
     config = {
-        "model": plain(r.cfg.model), "num_classes": r.data.num_classes, "in_channels": r.data.in_channels,
-        "image_size": r.data.image_size, "submodel": chosen.as_dict(), "name": chosen.name,
-        "flops": cost.flops, "params": cost.params, "full_flops": full,
-        "full_params": costs[r.grid.largest].params, "budget": budget,
-        "accuracy": accuracy.get(chosen.name), "full_accuracy": accuracy.get(r.grid.largest.name),
-        "data": r.data.name, "mean": list(r.data.mean), "std": list(r.data.std),
+        "model": plain(r.cfg.model), **data.describe(), "submodel": chosen.as_dict(), "name": chosen.name,
+        "flops": cost.flops, "flops_per": data.unit, "params": cost.params, "full_flops": full,
+        "full_params": costs[r.grid.largest].params, "budget": budget, "metric": metric,
+        metric: scores.get(chosen.name), f"full_{metric}": scores.get(r.grid.largest.name),
         "checkpoint": str(r.ckpt),
     }
-    folder = export.write(r.run_dir / "export" / f"budget-{budget:g}", small, config, example)
+    folder = export.write(r.run_dir / "export" / f"budget-{budget:g}",
+                          lambda tmp: entry.save(tmp, small, config, example, r.tokenizer))
     console.print(f"[bold]sortednet export[/] budget {budget:g} x {full / 1e6:.1f} MFLOPs = "
                   f"{budget * full / 1e6:.1f} MFLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
     console.print(f"chose {chosen.name}: {cost.flops / 1e6:.1f} MFLOPs ({cost.flops / full:.1%} of full), "
                   f"{cost.params / 1e6:.2f} M params ({cost.params / config['full_params']:.1%}) - {why}.")
-    console.print(f"BatchNorm recalibrated; cut-out model equals the sub-model (max |diff| {diff:.1e}).")
-    console.print(f"wrote {folder}/ (model.safetensors, config.json, model.pt2)")
+    console.print(("BatchNorm recalibrated; " if calib else "")
+                  + f"cut-out model equals the sub-model (max |diff| {diff:.1e}).")
+    console.print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     return folder

@@ -10,8 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .. import runs
-from ..build import build_device, build_grid, build_model
-from ..data import VisionData, build_vision_data
+from ..build import build_data, build_device, build_grid, build_model
 from ..errors import UsageError
 from ..nest import Grid
 
@@ -21,7 +20,8 @@ class LoadedRun:
     run_dir: Path
     ckpt: Path
     cfg: DictConfig  # the run's own resolved config
-    data: VisionData
+    data: object  # see sortedcli.data: VisionData, TextData, ...
+    tokenizer: object  # None for models that read no text
     model: nn.Module
     grid: Grid
     device: torch.device
@@ -36,8 +36,8 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     data_cfg = run_cfg.data
     if cfg.eval.get("test_subset") is not None:
         data_cfg = OmegaConf.merge(data_cfg, {"test_subset": cfg.eval.test_subset})
-    data = build_vision_data(data_cfg)
-    model = build_model(run_cfg, data.num_classes, data.in_channels)
+    data, tokenizer = build_data(run_cfg, data_cfg)
+    model = build_model(run_cfg, data.model_args)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -46,4 +46,4 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     grid = build_grid(run_cfg, model)
     device, amp = build_device(cfg)
     model.to(device).eval()
-    return LoadedRun(run_dir, ckpt, run_cfg, data, model, grid, device, amp)
+    return LoadedRun(run_dir, ckpt, run_cfg, data, tokenizer, model, grid, device, amp)

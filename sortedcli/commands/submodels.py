@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
 from ..build import build_grid, build_model
+from ..data import input_spec
 from ..flops import measure
 from ..report import human
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     console = console or Console()
-    model = build_model(cfg, cfg.data.num_classes, cfg.data.in_channels)
+    model_args, example, unit = input_spec(cfg.data)
+    model = build_model(cfg, model_args)
     grid = build_grid(cfg, model)
-    size = cfg.data.image_size
-    example = torch.zeros(1, cfg.data.in_channels, size, size)
     rows = []
     for sub in grid:
         cost = measure(model, sub, example)
         rows.append({"name": sub.name, "dims": sub.as_dict(), "params": cost.params, "flops": cost.flops})
     full = next(row for row in rows if row["name"] == grid.largest.name)
     table = Table(title=f"{cfg.model.name}: {len(grid)} sub-models "
-                        f"({' x '.join(f'{d.name} {len(d.levels)}' for d in grid.dims)}), "
-                        f"{cfg.data.in_channels}x{size}x{size} input")
+                        f"({' x '.join(f'{d.name} {len(d.levels)}' for d in grid.dims)}), per {unit}")
     table.add_column("#", justify="right")
     table.add_column("sub-model")
     for d in grid.dims:
@@ -37,5 +35,5 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
                       f"{100 * row['params'] / full['params']:.1f}", human(row["flops"]),
                       f"{100 * row['flops'] / full['flops']:.1f}")
     console.print(table)
-    console.print(f"{len(rows)} sub-models. FLOPs = 2 x multiply-adds per sample, counted on the sliced model.")
+    console.print(f"{len(rows)} sub-models. FLOPs = 2 x multiply-adds per {unit}, counted on the sliced model.")
     return rows

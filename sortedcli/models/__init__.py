@@ -2,8 +2,11 @@
 
 An entry builds the library model (torchvision / transformers class), fitted to the data, and sorts
 it in place: the result is the library model with prefix-sliced layers and ``model.sortednet``
-describing its depth units. ``dims`` says which sorted dimensions the family supports and of what
-kind; levels come from config (``conf/dims``).
+describing its depth units (and, for stacks of layers, how an exit reads out). ``dims`` says which
+sorted dimensions the family supports and of what kind; levels come from config (``conf/dims``).
+``tasks`` says which task contracts (:mod:`sortedcli.tasks`) it serves; ``tokenizer`` loads its
+tokenizer from the model options (text models); ``save`` writes an export folder in the family's
+ecosystem format; ``exportable`` says which sub-models that format can express.
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import resnet
+from . import bert, hf, resnet
+from .. import export
+
+
+def _every(model, sub) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -23,8 +31,12 @@ class ModelEntry:
     name: str
     family: str
     dims: dict[str, str]  # dim name -> space.FRACTION | space.COUNT
-    build: Callable[..., nn.Module]  # build(num_classes=, in_channels=, **model options) -> sorted model
+    build: Callable[..., nn.Module]  # build(**data.model_args, **model options) -> sorted model
     description: str
+    tasks: tuple[str, ...] = ("image_classification",)
+    tokenizer: Callable[[dict], object] | None = None  # model options -> tokenizer (text models)
+    save: Callable[..., None] = export.save_torch  # save(folder, plain, meta, example, want, tokenizer)
+    exportable: Callable[[nn.Module, object], bool] = _every  # (sorted model, sub) -> can be saved
 
 
 REGISTRY: dict[str, ModelEntry] = {}
@@ -40,6 +52,10 @@ for _arch, _desc in [("resnet18", "torchvision ResNet-18, 8 basic blocks"),
     register(ModelEntry(_arch, "resnet", resnet.DIMS, partial(resnet.build_resnet, _arch), _desc))
 register(ModelEntry("resnet_tiny", "resnet", resnet.DIMS, resnet.build_resnet_tiny,
                     "torchvision ResNet(BasicBlock, [1,1,1,1]) at 1/8 width, for tests and quick runs"))
+register(ModelEntry("bert", "bert", bert.DIMS, bert.build_encoder,
+                    "transformers BERT-family sequence classifier (BERT, RoBERTa, MiniLM): "
+                    "model.pretrained=DIR_OR_HUB_ID or model.config={...}",
+                    tasks=bert.TASKS, tokenizer=hf.tokenizer, save=bert.save, exportable=bert.exportable))
 
 
 def entry(name: str) -> ModelEntry:
@@ -49,6 +65,13 @@ def entry(name: str) -> ModelEntry:
         raise UsageError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}") from None
 
 
-def create(name: str, num_classes: int, in_channels: int, **options) -> nn.Module:
-    """Build the sorted model ``name`` (see :data:`REGISTRY`)."""
-    return entry(name).build(num_classes=num_classes, in_channels=in_channels, **options)
+def create(name: str, **args) -> nn.Module:
+    """Build the sorted model ``name`` (see :data:`REGISTRY`) from the data's ``model_args``
+    (``num_classes``, ``in_channels``, ...) and the model options."""
+    return entry(name).build(**args)
+
+
+def tokenizer(options: dict):
+    """The tokenizer of the model the options name, or None for models that read no text."""
+    e = entry(options["name"])
+    return None if e.tokenizer is None else e.tokenizer(options)

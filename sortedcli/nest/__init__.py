@@ -3,17 +3,19 @@
 - :mod:`.space`: sub-models as values and the grid of them;
 - :mod:`.layers`: prefix-sliced Conv2d / Linear / BatchNorm sharing one scope per model;
 - :mod:`.convert`: library model -> sorted model in place; ``with use(model, sub):`` selects;
+  ``run_exits`` reads every depth exit of a stack from one forward pass;
 - :mod:`.extract`: sub-model -> plain smaller library model, checked equal;
 - :mod:`.batchnorm`: per-sub-model BatchNorm recalibration.
 """
 
 from .batchnorm import has_batchnorm, recalibrate
-from .convert import DepthUnit, Nesting, nesting, sortify, use
+from .convert import DepthUnit, Nesting, call, has_exits, nesting, run_exits, sortify, trunk_groups, use
 from .extract import check_equal, extract, trace
 from .layers import Scope, sorted_size
 from .space import COUNT, FRACTION, Dim, Grid, SubModel
 
 __all__ = [
-    "COUNT", "FRACTION", "DepthUnit", "Dim", "Grid", "Nesting", "Scope", "SubModel", "check_equal",
-    "extract", "has_batchnorm", "nesting", "recalibrate", "sortify", "sorted_size", "trace", "use",
+    "COUNT", "FRACTION", "DepthUnit", "Dim", "Grid", "Nesting", "Scope", "SubModel", "call", "check_equal",
+    "extract", "has_batchnorm", "has_exits", "nesting", "recalibrate", "run_exits", "sortify", "sorted_size",
+    "trace", "trunk_groups", "use",
 ]

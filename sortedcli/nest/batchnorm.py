@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import use
+from .convert import call, use
 from .space import SubModel
 
 
@@ -32,9 +32,9 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable[torch.Tensor]) -> int:
+def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable) -> int:
     """Recompute the BatchNorm statistics of ``model`` for sub-model ``sub`` from ``batches`` (input
-    tensors already on the model's device). Returns the number of batches used. The model is left
+    inputs already on the model's device: tensors, or mappings of keyword arguments). Returns the number of batches used. The model is left
     in eval mode."""
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
@@ -48,7 +48,7 @@ def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable[torch.
     try:
         with use(model, sub):
             for x in batches:
-                model(x)
+                call(model, x)
                 n += 1
     finally:
         for bn, momentum in zip(bns, momenta):

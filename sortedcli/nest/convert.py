@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .layers import SORTED_LAYERS, Scope, SortedLayer
@@ -45,10 +46,20 @@ class DepthUnit:
 
 @dataclass
 class Nesting:
-    """What conversion attached to a model (``model.sortednet``)."""
+    """What conversion attached to a model (``model.sortednet``).
+
+    ``readout(model, hidden)``, when the adapter gives one, turns the hidden state after depth unit
+    k-1 into the logits of the sub-model with depth k (the model's own final norm and head: an *exit*,
+    no new parameters). It says that depth is "the first k layers" of a stack, so one forward pass to
+    the deepest exit yields every shallower exit (:func:`run_exits`). ``finish(plain, sub)`` lets the
+    adapter tidy a model cut out by :func:`~sortedcli.nest.extract.extract` (drop the skipped layers,
+    shrink the library config).
+    """
 
     scope: Scope
     units: list[DepthUnit] = field(default_factory=list)  # in sorted order: units[k] is kept k-th
+    readout: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    finish: Callable[[nn.Module, object], None] | None = None
 
     @property
     def depth(self) -> int:
@@ -88,12 +99,13 @@ def plain_class(module: nn.Module) -> type:
 
 
 def sortify(model: nn.Module, out_dim: OutDim, units: Sequence[DepthUnit] = (),
-            depth_dim: str = "depth") -> nn.Module:
+            depth_dim: str = "depth", readout=None, finish=None) -> nn.Module:
     """Convert ``model`` in place into a sorted model and return it.
 
     ``out_dim`` says, for each supported layer, which dimension sizes its output and in which unit
     (``("width", 1)``), or ``None`` to keep its output full. ``units`` lists the depth units in
-    sorted order: with ``depth=k`` the first ``k`` run and the others are skipped.
+    sorted order: with ``depth=k`` the first ``k`` run and the others are skipped. ``readout`` and
+    ``finish``: see :class:`Nesting`.
     """
     if hasattr(model, "sortednet"):
         raise ValueError("model is already sorted")
@@ -118,7 +130,7 @@ def sortify(model: nn.Module, out_dim: OutDim, units: Sequence[DepthUnit] = (),
         unit.module.sorted_scope = scope
         unit.module.sorted_rank = rank
         unit.module.sorted_skip = unit.skip
-    model.sortednet = Nesting(scope, list(units))
+    model.sortednet = Nesting(scope, list(units), readout, finish)
     return model
 
 
@@ -141,3 +153,64 @@ def use(model: nn.Module, sub: SubModel | None) -> Iterator[nn.Module]:
         yield model
     finally:
         scope.sub = previous
+
+
+def call(model: nn.Module, inputs) -> torch.Tensor:
+    """``model(inputs)`` (a tensor) or ``model(**inputs)`` (a mapping of keyword arguments); the logits
+    (a library model's output object holds them first)."""
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def has_exits(model: nn.Module) -> bool:
+    """Whether the depth sub-models of ``model`` are exits of one stack (see :class:`Nesting`)."""
+    return nesting(model).readout is not None
+
+
+def run_exits(model: nn.Module, inputs, depths: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The logits of every exit in ``depths`` from one forward pass of the active sub-model, whose
+    depth must be the deepest of them: the hidden state after unit ``k-1`` is caught on the way and
+    read out through the model's own head. Costs one trunk pass plus a readout per extra exit."""
+    nest = nesting(model)
+    if nest.readout is None:
+        raise ValueError("this model's depth units are not exits of one stack (no readout)")
+    active = nest.scope.sub.get(nest.scope.depth_dim) if nest.scope.sub is not None else None
+    deepest = nest.depth if active is None else active
+    if max(depths) != deepest:
+        raise ValueError(f"run_exits: the active sub-model has depth {deepest}, the deepest exit asked "
+                         f"for is {max(depths)}")
+    caught: dict[int, torch.Tensor] = {}
+
+    def catch(k):
+        def hook(module, args, out):
+            caught[k] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    hooks = [nest.units[k - 1].module.register_forward_hook(catch(k)) for k in set(depths) if k != deepest]
+    try:
+        final = call(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    logits = {k: nest.readout(model, h) for k, h in caught.items()}
+    logits[deepest] = final
+    return logits
+
+
+def trunk_groups(model: nn.Module, subs: Sequence[SubModel]) -> list[tuple[SubModel, list[SubModel]]]:
+    """``[(trunk, members)]``: ``subs`` grouped so that one forward pass of ``trunk`` yields all of its
+    members' logits (:func:`run_exits`). With exits, sub-models that differ only in depth share the
+    trunk of the deepest of them; otherwise each sub-model is its own trunk. Order of first appearance;
+    repeated sub-models stay repeated."""
+    depth_dim = nesting(model).scope.depth_dim
+    if not has_exits(model):
+        return [(sub, [sub]) for sub in subs]
+    groups: dict[tuple, list[SubModel]] = {}
+    for sub in subs:
+        key = tuple((d, v) for d, v in sub.levels if d != depth_dim) if sub.get(depth_dim) is not None else sub
+        groups.setdefault(key, []).append(sub)
+    out = []
+    for members in groups.values():
+        deepest = max(members, key=lambda s: s.get(depth_dim) or 0)
+        out.append((deepest, members))
+    return out

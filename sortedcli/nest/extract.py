@@ -14,14 +14,15 @@ import copy
 import torch
 from torch import nn
 
-from .convert import _DepthUnitMixin, nesting, plain_class, use
+from .convert import _DepthUnitMixin, call, nesting, plain_class, use
 from .layers import SortedLayer
 from .space import SubModel
 
 
 @torch.no_grad()
-def trace(model: nn.Module, sub: SubModel | None, example: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """``{qualified name: (n_in, n_out)}`` for every sorted layer that runs in ``sub`` on ``example``."""
+def trace(model: nn.Module, sub: SubModel | None, example) -> dict[str, tuple[int, int]]:
+    """``{qualified name: (n_in, n_out)}`` for every sorted layer that runs in ``sub`` on ``example``
+    (a tensor, or a mapping of keyword arguments)."""
     seen: dict[str, tuple[int, int]] = {}
 
     def record(name):
@@ -35,7 +36,7 @@ def trace(model: nn.Module, sub: SubModel | None, example: torch.Tensor) -> dict
     model.eval()
     try:
         with use(model, sub):
-            model(example)
+            call(model, example)
     finally:
         model.train(was_training)
         for h in hooks:
@@ -49,7 +50,7 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def extract(model: nn.Module, sub: SubModel | None, example: torch.Tensor) -> nn.Module:
+def extract(model: nn.Module, sub: SubModel | None, example) -> nn.Module:
     """A plain copy of sub-model ``sub`` (in eval mode) with physically sliced layers."""
     sizes = trace(model, sub, example)
     nest = nesting(model)
@@ -78,6 +79,8 @@ def extract(model: nn.Module, sub: SubModel | None, example: torch.Tensor) -> nn
             _strip(m)
             if name in dropped:
                 _set(plain, name, nest.units[rank].plain_skip(m))
+    if nest.finish is not None:
+        nest.finish(plain, sub)
     return plain.eval()
 
 
@@ -87,7 +90,7 @@ def _strip(m: nn.Module) -> None:
 
 
 @torch.no_grad()
-def check_equal(model: nn.Module, sub: SubModel | None, plain: nn.Module, example: torch.Tensor,
+def check_equal(model: nn.Module, sub: SubModel | None, plain: nn.Module, example,
                 atol: float = 1e-4, rtol: float = 1e-4) -> float:
     """Max abs difference between the plain model and the sub-model inside ``model`` (both in eval
     mode) on ``example``; raises ``AssertionError`` when they differ beyond tolerance."""
@@ -95,10 +98,10 @@ def check_equal(model: nn.Module, sub: SubModel | None, plain: nn.Module, exampl
     model.eval()
     try:
         with use(model, sub):
-            want = model(example)
+            want = call(model, example)
     finally:
         model.train(was_training)
-    got = plain.eval()(example)
+    got = call(plain.eval(), example)
     if got.shape != want.shape:
         raise AssertionError(f"extracted model output shape {tuple(got.shape)} != {tuple(want.shape)}")
     diff = (got - want).abs().max().item()

@@ -116,6 +116,15 @@ class Grid:
     def smallest(self) -> SubModel:
         return SubModel(tuple((d.name, d.levels[0]) for d in self.dims))
 
+    def along_counts(self, sub: SubModel) -> list[SubModel]:
+        """``sub`` at every level of the count dims (depth), its other levels unchanged."""
+        counts = [d for d in self.dims if d.kind == COUNT]
+        out = []
+        for combo in itertools.product(*(d.levels for d in counts)):
+            levels = dict(sub.levels) | dict(zip((d.name for d in counts), combo))
+            out.append(SubModel(tuple((d.name, levels[d.name]) for d in self.dims)))
+        return out
+
     def parse(self, name: str) -> SubModel:
         """The sub-model with this stable name (as printed by ``sortednet submodels``)."""
         for sub in self:

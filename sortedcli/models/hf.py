@@ -1,0 +1,113 @@
+"""Hugging Face transformers models in and out: what every transformer adapter shares.
+
+- :func:`load`: a library model from ``pretrained`` (a local folder, or a hub id where there is
+  internet) or from a config dict (random init: tiny models for tests, small ones for recipes);
+- :func:`tokenizer`: the model's own tokenizer (``model.tokenizer`` or the pretrained folder);
+- :func:`prefix_layers`: the first k layers of a ``ModuleList`` stack as depth units whose skip is the
+  identity, and the ``finish`` that drops the skipped layers from a cut-out model;
+- :func:`save`: an export folder that the stock ``Auto*`` class loads (``save_pretrained``: the
+  reduced config and safetensors weights, plus the tokenizer), checked by loading it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..nest import DepthUnit, SubModel, call
+
+
+def _quiet():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # "some weights were newly initialized": expected for a new head
+    logging.disable_progress_bar()  # per-file loading bars: our commands show their own progress
+
+
+def load(auto_class, pretrained: str | None, config: dict | None, config_class, **kwargs) -> nn.Module:
+    """``auto_class.from_pretrained(pretrained, **kwargs)``, or a random-init model of
+    ``config_class(**config)``. Offline, a hub id fails with one line that says so."""
+    _quiet()
+    if pretrained:
+        local = Path(pretrained).expanduser()
+        if not local.exists() and (os.environ.get("HF_HUB_OFFLINE") or pretrained.startswith(("/", ".", "~", "<"))):
+            raise UsageError(f"model.pretrained={pretrained}: no such folder")
+        try:
+            return auto_class.from_pretrained(str(local) if local.exists() else pretrained, **kwargs)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"model.pretrained={pretrained} could not be loaded ({first[:200]}): pass a local "
+                             "folder with config.json and weights, or a hub id (needs internet)") from None
+    if not config:
+        raise UsageError("pass model.pretrained=DIR_OR_HUB_ID, or model.config={...} for a randomly initialized model")
+    attn = kwargs.pop("attn_implementation", None)
+    try:
+        cfg = config_class(**config, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"model.config is not a valid {config_class.__name__}: {e}") from None
+    if attn:
+        cfg._attn_implementation = attn
+    return auto_class.from_config(cfg)
+
+
+def tokenizer(options: dict):
+    """The tokenizer named by ``model.tokenizer``, else the one in ``model.pretrained``."""
+    from transformers import AutoTokenizer
+
+    where = options.get("tokenizer") or options.get("pretrained")
+    if not where:
+        raise UsageError("this model needs a tokenizer: pass model.tokenizer=DIR (or model.pretrained=DIR "
+                         "holding one)")
+    _quiet()
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(where).expanduser()) if Path(where).expanduser().exists()
+                                             else where)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"no tokenizer could be loaded from {where} ({str(e).strip()[:200]})") from None
+
+
+def prefix_layers(model: nn.Module, path: str, config_key: str = "num_hidden_layers"
+                  ) -> tuple[list[DepthUnit], Callable]:
+    """Depth units for the stack of layers at ``path`` (``"bert.encoder.layer"``), kept as a prefix: a
+    dropped layer passes its hidden state on unchanged. Also the ``finish(plain, sub)`` that removes
+    the dropped layers from a cut-out model and writes the new count into its config."""
+    def skip(layer, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    units = [DepthUnit(layer, skip, lambda m: nn.Identity()) for layer in model.get_submodule(path)]
+
+    def finish(plain: nn.Module, sub: SubModel | None) -> None:
+        depth = None if sub is None else sub.get("depth")
+        if depth is None:
+            return
+        parent, _, leaf = path.rpartition(".")
+        owner = plain.get_submodule(parent)
+        setattr(owner, leaf, nn.ModuleList(list(getattr(owner, leaf))[:depth]))
+        setattr(plain.config, config_key, depth)
+
+    return units, finish
+
+
+@torch.no_grad()
+def save(folder: Path, plain: nn.Module, meta: dict, check_inputs, want: torch.Tensor, auto_class,
+         tok=None) -> None:
+    """Write ``plain`` as a Hugging Face folder (``save_pretrained``: config.json + model.safetensors),
+    its tokenizer and ``sortednet.json`` (what it was cut from and what it scores), then load it back
+    with the stock ``auto_class`` and check that it gives ``want`` on ``check_inputs``."""
+    folder = Path(folder)
+    plain.save_pretrained(str(folder), safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(str(folder))
+    (folder / "sortednet.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _quiet()
+    reloaded = auto_class.from_pretrained(str(folder), attn_implementation="eager").eval()
+    got = call(reloaded, check_inputs)
+    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        raise RuntimeError(f"the saved Hugging Face folder does not reproduce the sub-model (max |diff| {diff:.3g})")

@@ -1,0 +1,176 @@
+"""The task contract: how a batch becomes model inputs, a loss and a metric.
+
+The engine, ``eval``, ``export`` and FLOP counting never look at the architecture; what differs
+between image classification, text classification and language modelling is this small contract,
+chosen by the data (``data=fashion_mnist`` gives :class:`ImageClassification`, ``data=glue``
+:class:`TextClassification`). A task:
+
+- moves a batch to the device and splits it into what the model is called with (``inputs``: a tensor,
+  or a mapping of keyword arguments) and what it is scored against;
+- turns the model's logits and the batch into ``(logits, targets)`` pairs, flattened, with ``-100``
+  marking positions that do not count (padding, prompt tokens): cross-entropy, distillation and the
+  metric all read these pairs;
+- accumulates its metric as a small tensor of sums over batches (one host sync per evaluation) and
+  turns the sums into the number people compare (``accuracy``, ``f1``, ``perplexity``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # targets that do not count (as torch's cross_entropy ignore_index)
+
+
+def move(inputs, device: torch.device):
+    """Model inputs (a tensor, or a dict of them) on ``device``."""
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+class Task(ABC):
+    name = "task"
+    metric = "accuracy"
+    higher_is_better = True
+
+    # --- batches ---------------------------------------------------------------------------------
+    unit = "sample"  # what one FLOPs figure is counted per
+
+    @abstractmethod
+    def to_device(self, batch, device: torch.device):
+        """The batch with its tensors on ``device``."""
+
+    @abstractmethod
+    def inputs(self, batch):
+        """What the model is called with: a tensor, or a mapping of keyword arguments."""
+
+    @abstractmethod
+    def targets(self, batch) -> torch.Tensor:
+        """What the logits are scored against."""
+
+    def pairs(self, logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits N x C, targets N)`` of the positions that count (targets may hold IGNORE)."""
+        return logits, self.targets(batch)
+
+    # --- training --------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        z, t = self.pairs(logits, batch)
+        return F.cross_entropy(z.float(), t, ignore_index=IGNORE)
+
+    def distill(self, student: torch.Tensor, teacher: torch.Tensor, batch, temperature: float) -> torch.Tensor:
+        """KL(teacher || student) at temperature T over the positions that count, times T^2 so its
+        gradients match cross-entropy's magnitude (the fix for distillation losses orders of magnitude
+        below the CE)."""
+        s, t = self.pairs(student, batch)
+        q, _ = self.pairs(teacher, batch)
+        keep = t != IGNORE
+        s, q, T = s[keep].float(), q[keep].float(), temperature
+        return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(q / T, -1), reduction="batchmean",
+                        log_target=True) * T * T
+
+    # --- metric ----------------------------------------------------------------------------------
+    def sums(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        """This batch's contribution to the metric (summed over batches)."""
+        z, t = self.pairs(logits, batch)
+        keep = t != IGNORE
+        correct = (z.argmax(-1) == t)[keep].sum()
+        return torch.stack([correct.float(), keep.sum().float()])
+
+    def finish(self, sums: torch.Tensor) -> float:
+        correct, total = sums.tolist()
+        return 100.0 * correct / max(1.0, total)
+
+
+class ImageClassification(Task):
+    """Batches ``(images, labels)``; top-1 accuracy in percent."""
+
+    name = "image_classification"
+    unit = "image"
+
+    def to_device(self, batch, device):
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def inputs(self, batch):
+        return batch[0]
+
+    def targets(self, batch):
+        return batch[1]
+
+
+class TextClassification(Task):
+    """Batches are dicts of padded tensors (``input_ids``, ``attention_mask``, ...) plus ``labels``;
+    the model is called with everything but the labels. Metric ``accuracy`` (percent) or ``f1``
+    (binary F1 of class 1, in percent, as GLUE reports it for MRPC and QQP)."""
+
+    name = "text_classification"
+    unit = "sequence"
+
+    def __init__(self, metric: str = "accuracy"):
+        if metric not in ("accuracy", "f1"):
+            raise ValueError(f"text classification metric must be accuracy or f1, got {metric!r}")
+        self.metric = metric
+
+    def to_device(self, batch, device):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def inputs(self, batch):
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def targets(self, batch):
+        return batch["labels"]
+
+    def sums(self, logits, batch):
+        if self.metric == "accuracy":
+            return super().sums(logits, batch)
+        pred, t = logits.argmax(-1), batch["labels"]
+        tp = ((pred == 1) & (t == 1)).sum()
+        fp = ((pred == 1) & (t != 1)).sum()
+        fn = ((pred != 1) & (t == 1)).sum()
+        return torch.stack([tp, fp, fn]).float()
+
+    def finish(self, sums):
+        if self.metric == "accuracy":
+            return super().finish(sums)
+        tp, fp, fn = sums.tolist()
+        return 100.0 * 2 * tp / max(1.0, 2 * tp + fp + fn)
+
+
+class CausalLM(Task):
+    """Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on padding and,
+    for instructions, on the prompt); position t predicts token t+1. Metric: perplexity over the
+    positions that count (lower is better)."""
+
+    name = "causal_lm"
+    metric = "perplexity"
+    higher_is_better = False
+    unit = "token"
+
+    def to_device(self, batch, device):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def inputs(self, batch):
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def targets(self, batch):
+        return batch["labels"]
+
+    def pairs(self, logits, batch):
+        z = logits[:, :-1]
+        return z.reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+
+    def sums(self, logits, batch):
+        z, t = self.pairs(logits, batch)
+        nll = F.cross_entropy(z.float(), t, ignore_index=IGNORE, reduction="sum")
+        return torch.stack([nll, (t != IGNORE).sum().float()])
+
+    def finish(self, sums):
+        nll, n = sums.tolist()
+        return math.exp(min(nll / max(1.0, n), 50.0))
+
+
+TASKS = {cls.name: cls for cls in (ImageClassification, TextClassification, CausalLM)}
