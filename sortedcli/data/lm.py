@@ -407,6 +407,11 @@ def collate(tokenizer) -> Collate:
 
 @dataclass
 class LMData:
+    """The surface every data object offers the engine and the commands (see :mod:`sortedcli.data`):
+    the :class:`~sortedcli.tasks.CausalLM` task (perplexity over the tokens that count), no
+    calibration (LLaMA has no BatchNorm), and one token as the example input, so FLOPs are per token
+    (at no context: 2 x the multiply-adds of the layers that run and the LM head)."""
+
     name: str
     kind: str  # "text" (packed blocks) or "instructions" (loss on responses)
     train: Dataset
@@ -414,6 +419,30 @@ class LMData:
     tokenizer: object  # a transformers tokenizer
     collate: Collate
     info: dict = field(default_factory=dict)  # counts: documents/examples, tokens, dropped
+
+    def __post_init__(self):
+        from sortedcli.tasks import CausalLM
+
+        self.task = CausalLM()
+        self.calib = self.train
+
+    @property
+    def model_args(self) -> dict:
+        tok = self.tokenizer
+        return {"vocab_size": len(tok), "special_tokens": {"bos_token_id": tok.bos_token_id,
+                                                             "eos_token_id": tok.eos_token_id,
+                                                             "pad_token_id": tok.pad_token_id}}
+
+    def example(self) -> dict[str, torch.Tensor]:
+        first = int(self.test[0]["input_ids"][0])
+        return {"input_ids": torch.tensor([[first]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+
+    @property
+    def unit(self) -> str:
+        return "token"
+
+    def describe(self) -> dict:
+        return {"data": self.name, "kind": self.kind, **self.info}
 
 
 def _subset(items, n, key):

@@ -18,7 +18,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import bert, hf, resnet
+from . import bert, hf, llama, resnet
 from .. import export
 
 
@@ -56,6 +56,10 @@ register(ModelEntry("bert", "bert", bert.DIMS, bert.build_encoder,
                     "transformers BERT-family sequence classifier (BERT, RoBERTa, MiniLM): "
                     "model.pretrained=DIR_OR_HUB_ID or model.config={...}",
                     tasks=bert.TASKS, tokenizer=hf.tokenizer, save=bert.save, exportable=bert.exportable))
+register(ModelEntry("llama", "llama", llama.DIMS, llama.build_llama,
+                    "transformers LlamaForCausalLM (Sorted LLaMA / SoFT): model.pretrained=DIR_OR_HUB_ID or "
+                    "model.config={...}; exits through the model's own final norm and LM head",
+                    tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable))
 
 
 def entry(name: str) -> ModelEntry:

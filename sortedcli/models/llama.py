@@ -1,4 +1,19 @@
-"""LLaMA (transformers' ``LlamaForCausalLM``) as a layer stack for :mod:`sortedcli.decoding`.
+"""LLaMA (transformers' ``LlamaForCausalLM``) as a sorted model, and as a layer stack for decoding.
+
+Sorted model (the registry entry ``llama``; Sorted LLaMA / SoFT):
+
+- **depth**: the first k decoder layers; exit k reads the hidden state after layer k through the
+  model's own final RMSNorm and LM head (no new parameters). A dropped layer passes its hidden state
+  on unchanged, so the depth-k sub-model and exit k of a deeper pass are the same function, and one
+  trunk pass trains every exit (``sampler=all``).
+- **heads**: with grouped-query attention, key/value heads and their query groups in proportion: k/v
+  projections keep ``ceil(level x kv_heads)`` heads (unit ``head_dim``), the query projection that many
+  groups of ``heads / kv_heads`` query heads; ``o_proj`` reads its input width from the tensor.
+- **ffn**: a prefix of the SwiGLU intermediate neurons (``gate_proj``/``up_proj`` outputs; ``down_proj``
+  reads its input width from the tensor).
+
+LLaMA's config states ``head_dim`` explicitly, so every sub-model (fewer layers, heads or FFN
+neurons) is a stock ``LlamaConfig``: ``export`` writes a folder ``AutoModelForCausalLM`` loads.
 
 :class:`LlamaStack` implements the small stack protocol that decoding is written against: embed
 tokens, run decoder layers ``[start, stop)`` on hidden states while appending their keys/values to a
@@ -13,11 +28,121 @@ Decoding is batch size 1: positions are one sequence's.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..errors import UsageError
+from ..nest import COUNT, FRACTION, SubModel, sortify, sorted_size
+from . import hf
+
+DIMS = {"depth": COUNT, "heads": FRACTION, "ffn": FRACTION}
+TASKS = ("causal_lm",)
+
+
+def _readout(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Exit: the model's own final RMSNorm and LM head on the hidden state after layer k."""
+    return model.lm_head(model.model.norm(hidden))
+
+
+def _out_dim(head_dim: int, groups: int):
+    def out_dim(name: str, module: nn.Module):
+        if name.endswith("self_attn.q_proj"):
+            return ("heads", head_dim * groups)  # whole query groups: GQA proportion kept
+        if name.endswith(("self_attn.k_proj", "self_attn.v_proj")):
+            return ("heads", head_dim)
+        if name.endswith(("mlp.gate_proj", "mlp.up_proj")):
+            return ("ffn", 1)
+        return None  # hidden size, o_proj/down_proj outputs, embeddings and the LM head stay full
+    return out_dim
+
+
+def sortify_llama(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Sort a transformers ``LlamaForCausalLM`` in place along depth, heads and ffn."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.head_dim = head_dim  # explicit, so that a config with fewer heads keeps the head size
+    kv = config.num_key_value_heads or config.num_attention_heads
+    groups = config.num_attention_heads // kv
+    units, finish = hf.prefix_layers(model, "model.layers")
+
+    def finish_config(plain, sub):
+        finish(plain, sub)
+        if sub is None:
+            return
+        if getattr(plain.config, "layer_types", None) is not None:
+            plain.config.layer_types = list(plain.config.layer_types)[:plain.config.num_hidden_layers]
+        if sub.get("heads") is not None:
+            kept = sorted_size(kv * head_dim, sub["heads"], head_dim) // head_dim
+            plain.config.num_key_value_heads = kept
+            plain.config.num_attention_heads = kept * groups
+        if sub.get("ffn") is not None:
+            plain.config.intermediate_size = sorted_size(config.intermediate_size, sub["ffn"])
+
+    return sortify(model, out_dim=_out_dim(head_dim, groups), units=units, readout=_readout, finish=finish_config)
+
+
+def build_llama(vocab_size: int | None = None, pretrained: str | None = None, config: dict | None = None,
+                tokenizer: str | None = None, attn_implementation: str = "sdpa",
+                special_tokens: dict | None = None) -> LlamaForCausalLM:
+    """A transformers ``LlamaForCausalLM`` from ``pretrained`` (a folder or hub id) or built from
+    ``config`` (random init; its vocabulary is sized to the tokenizer's), sorted in place."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    extra = {"attn_implementation": attn_implementation}
+    if not pretrained and config is not None:
+        config = {**config, **(special_tokens or {})}
+        if vocab_size:
+            config["vocab_size"] = vocab_size
+    model = hf.load(AutoModelForCausalLM, pretrained, config, LlamaConfig, **extra)
+    if not isinstance(model, LlamaForCausalLM):
+        raise UsageError(f"model.pretrained={pretrained} is a {type(model).__name__}, not a LlamaForCausalLM")
+    if vocab_size and vocab_size > model.config.vocab_size:
+        raise UsageError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary only "
+                         f"{model.config.vocab_size}: use the model's own tokenizer (model.tokenizer=DIR)")
+    return sortify_llama(model)
+
+
+_PROJECT_BPE = re.compile(r"tokenizer-(?P<corpus>\w+)-bpe(?P<vocab>\d+)$")
+
+
+def tokenizer(options: dict):
+    """``model.tokenizer`` (a folder or hub id), else the one in ``model.pretrained``, else the project's
+    byte-level BPE (:mod:`sortedcli.data.lm`; trained on the news corpus and cached on first use)."""
+    from ..data import lm
+
+    where = options.get("tokenizer")
+    if where and not Path(where).exists() and _PROJECT_BPE.search(Path(where).name):
+        m = _PROJECT_BPE.search(Path(where).name)
+        return lm.load_tokenizer({"tokenizer_corpus": m["corpus"], "vocab_size": int(m["vocab"]),
+                                  "cache_dir": str(Path(where).parent)})
+    if where or options.get("pretrained"):
+        tok = hf.tokenizer(options)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return lm.load_tokenizer({})
+
+
+def exportable(model: nn.Module, sub: SubModel) -> bool:
+    return True  # depth, heads (GQA-proportional, explicit head_dim) and ffn are all LlamaConfig fields
+
+
+def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
+    """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads, checked to give
+    ``plain``'s logits on ``example``."""
+    from transformers import AutoModelForCausalLM
+
+    from ..nest import call
+
+    with torch.no_grad():
+        want = call(plain.eval(), example)
+    hf.save(folder, plain, meta, example, want, AutoModelForCausalLM, tokenizer)
 
 
 class LlamaStack:
