@@ -405,6 +405,13 @@ def collate(tokenizer) -> Collate:
     return Collate(int(tokenizer.pad_token_id))
 
 
+def model_args(tokenizer) -> dict:
+    """What a causal LM is built with from its tokenizer: the vocabulary size and special token ids."""
+    return {"vocab_size": len(tokenizer), "special_tokens": {"bos_token_id": tokenizer.bos_token_id,
+                                                             "eos_token_id": tokenizer.eos_token_id,
+                                                             "pad_token_id": tokenizer.pad_token_id}}
+
+
 @dataclass
 class LMData:
     """The surface every data object offers the engine and the commands (see :mod:`sortedcli.data`):
@@ -428,10 +435,7 @@ class LMData:
 
     @property
     def model_args(self) -> dict:
-        tok = self.tokenizer
-        return {"vocab_size": len(tok), "special_tokens": {"bos_token_id": tok.bos_token_id,
-                                                             "eos_token_id": tok.eos_token_id,
-                                                             "pad_token_id": tok.pad_token_id}}
+        return model_args(self.tokenizer)
 
     def example(self) -> dict[str, torch.Tensor]:
         first = int(self.test[0]["input_ids"][0])

@@ -6,7 +6,8 @@ describing its depth units (and, for stacks of layers, how an exit reads out). `
 sorted dimensions the family supports and of what kind; levels come from config (``conf/dims``).
 ``tasks`` says which task contracts (:mod:`sortedcli.tasks`) it serves; ``tokenizer`` loads its
 tokenizer from the model options (text models); ``save`` writes an export folder in the family's
-ecosystem format; ``exportable`` says which sub-models that format can express.
+ecosystem format; ``exportable`` says which sub-models that format can express; ``stack`` wraps a causal LM for
+:mod:`sortedcli.decoding` (``sortednet generate``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class ModelEntry:
     tokenizer: Callable[[dict], object] | None = None  # model options -> tokenizer (text models)
     save: Callable[..., None] = export.save_torch  # save(folder, plain, meta, example, want, tokenizer)
     exportable: Callable[[nn.Module, object], bool] = _every  # (sorted model, sub) -> can be saved
+    stack: Callable[[nn.Module], object] | None = None  # model -> decoding.Stack (causal LMs: generate)
 
 
 REGISTRY: dict[str, ModelEntry] = {}
@@ -59,7 +61,8 @@ register(ModelEntry("bert", "bert", bert.DIMS, bert.build_encoder,
 register(ModelEntry("llama", "llama", llama.DIMS, llama.build_llama,
                     "transformers LlamaForCausalLM (Sorted LLaMA / SoFT): model.pretrained=DIR_OR_HUB_ID or "
                     "model.config={...}; exits through the model's own final norm and LM head",
-                    tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable))
+                    tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
+                    stack=llama.LlamaStack))
 
 
 def entry(name: str) -> ModelEntry:
