@@ -11,7 +11,7 @@ RUNS   ?= runs
 
 LLM_DATA ?= data/llm
 
-.PHONY: setup data llm-data run test test-fast bench bench-decoding clean
+.PHONY: setup data llm-data run test test-fast bench bench-decoding bench-soft clean
 
 setup: $(STAMP)
 
@@ -50,10 +50,14 @@ test-fast: setup
 bench: setup data
 	$(PY) benchmarks/run.py
 
-# Decoding speed: plain greedy (ours, transformers'), self-speculative, assistant_early_exit, early exit.
-# MODEL=DIR: a LlamaForCausalLM folder (default: a random-init 12-layer LLaMA sized so layers dominate).
+# Decoding speed: plain greedy (ours, transformers'), self-speculative, assistant_early_exit, early exit;
+# and SoFT's step time / peak memory over SFT's. MODEL=DIR: a LlamaForCausalLM folder with its
+# tokenizer (default: random-init models; see benchmarks/decoding.py and benchmarks/soft.py).
 bench-decoding: setup
 	$(PY) benchmarks/decoding.py $(if $(MODEL),--model $(MODEL),)
+
+bench-soft: setup llm-data
+	$(PY) benchmarks/soft.py $(if $(MODEL),--model $(MODEL),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

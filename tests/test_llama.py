@@ -135,7 +135,7 @@ def test_decoding_runs_on_a_sorted_model_and_reads_sub_model_widths(data, model)
 def test_cli_trains_evaluates_exports_and_generates_with_a_tiny_llama(tokenizer_dir, tmp_path):
     (tmp_path / "qa.json").write_text(json.dumps(QA))
     tiny = ["model=llama_tiny", f"model.tokenizer={tokenizer_dir}", "data=alpaca", f"data.path={tmp_path / 'qa.json'}",
-            "data.test_fraction=0.2", "'dims=[depth]'", "sampler=all", "optim=adamw", "trainer.batch_size=4",
+            "data.test_fraction=0.2", "dims=[depth]", "sampler=all", "optim=adamw", "trainer.batch_size=4",
             "trainer.max_steps=3", "eval.batch_size=8"]
     p = cli(["train", *tiny], cwd=tmp_path)
     assert p.returncode == 0, explain(p)
