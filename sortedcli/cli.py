@@ -12,6 +12,7 @@ features keep working. A few flags are sugar for overrides:
     --exit N, --draft-exit E, --max-tokens N, --temperature T, --top-p P, --prompt TEXT
                       exit=N, draft_exit=E, ... ; --speculative, --early-exit: speculative=true,
                       early_exit=true; other words are the prompt     (generate)
+    RUN_A RUN_B ...   runs=[RUN_A,RUN_B,...]        (compare: positional run folders)
 
 A user's mistake (a bad override, a missing file, an impossible budget) ends with one line on
 stderr and exit status 2; a crash (a bug) keeps its traceback and exits 1.
@@ -33,6 +34,7 @@ VERBS = {
     "eval": "accuracy, FLOPs, parameters and latency of the sub-models of a run (--all-submodels)",
     "export": "cut the best sub-model within a FLOPs budget out as a plain model (--budget B)",
     "submodels": "list a model's grid of sub-models with parameters and FLOPs (no data, no training)",
+    "compare": "the eval results of several runs side by side: one table, one accuracy-vs-FLOPs plot",
     "generate": "text from a trained causal LM: any exit, self-speculative or early-exit decoding, streamed",
 }
 FLAGS = {  # flag -> (verbs that take it, takes a value)
@@ -53,15 +55,17 @@ FLAGS = {  # flag -> (verbs that take it, takes a value)
 SWITCHES = {"--all-submodels": "all_submodels", "--speculative": "speculative", "--early-exit": "early_exit"}
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")  # a Hydra key=value (a prompt has spaces or no '=')
 MISSING_HINTS = {"budget": "--budget B (a fraction of the full model's FLOPs, e.g. --budget 0.5)",
-                 "prompt": 'a prompt: sortednet generate "Once upon a time"'}
+                 "prompt": 'a prompt: sortednet generate "Once upon a time"',
+                 "runs": "two or more run folders: sortednet compare RUN_A RUN_B"}
 
-USAGE = "usage: sortednet {train,eval,export,submodels,generate} [--help] [flags] [key=value ...]\n\n" + "\n".join(
+USAGE = "usage: sortednet {train,eval,export,submodels,compare,generate} [--help] [flags] [key=value ...]\n\n" + "\n".join(
     f"  {verb:<10} {text}" for verb, text in VERBS.items()) + (
     "\n\nExamples:\n"
     "  sortednet train model=resnet50 'dims=[width,depth]' data=fashion_mnist\n"
     "  sortednet eval --all-submodels\n"
     "  sortednet export --budget 0.5\n"
     "  sortednet submodels model=resnet50 'dims=[width,depth]'\n"
+    "  sortednet compare runs/RUN_A runs/RUN_B\n"
     "  sortednet generate --speculative --draft-exit 2 \"Once upon a time\"\n\n"
     "`sortednet VERB --help` lists that verb's config groups and options.")
 
@@ -78,9 +82,14 @@ def translate(verb: str, args: list[str]) -> list[str]:
     """Hydra's command line for ``sortednet VERB args``: flags become overrides."""
     out: list[str] = []
     prompt: list[str] = []
+    positional: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
+        if verb == "compare" and not arg.startswith("-") and "=" not in arg:
+            positional.append(arg)
+            i += 1
+            continue
         flag, eq, value = arg.partition("=")
         if flag in FLAGS:
             verbs, takes_value = FLAGS[flag]
@@ -118,6 +127,8 @@ def translate(verb: str, args: list[str]) -> list[str]:
         i += 1
     if prompt:
         out.append(f"prompt={_quote(' '.join(prompt))}")
+    if positional:
+        out.append("runs=[" + ",".join(_quote(p) for p in positional) + "]")
     return out
 
 
@@ -163,7 +174,7 @@ def _run_verb(verb: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import MissingMandatoryValue
 
-    from .commands import eval as eval_cmd, export, generate, submodels, train
+    from .commands import compare, eval as eval_cmd, export, generate, submodels, train
     from .errors import UsageError
 
     try:
@@ -174,6 +185,8 @@ def _run_verb(verb: str, cfg) -> None:
             eval_cmd.run(cfg, console())
         elif verb == "export":
             export.run(cfg, console())
+        elif verb == "compare":
+            compare.run(cfg, console())
         elif verb == "generate":
             generate.run(cfg)
         else:

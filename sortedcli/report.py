@@ -221,3 +221,53 @@ def plot_results(rows, path, metric="accuracy", higher_is_better=True, title=Non
     with _atomic(path, "wb") as f:
         fig.savefig(f, format="png")
     return path
+
+
+def plot_compare(series: dict[str, list[dict]], path, metric="accuracy", higher_is_better=True, title=None) -> Path:
+    """Metric vs FLOPs (log x) for several runs: one colour per run, its points and its Pareto front."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    path = Path(path)
+    fig = Figure(figsize=(8, 5.5), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.set_xlabel("FLOPs per sample (2 x multiply-adds)")
+    ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    ax.set_title(title or f"{metric} vs FLOPs", fontsize=10)
+    markers = "osD^vP*X"
+    xs = []
+    for i, (label, rows) in enumerate(series.items()):
+        pts = [r for r in rows if r.get(metric) is not None and (r.get("flops") or 0) > 0]
+        if not pts:
+            continue
+        color = f"C{i}"
+        front = pareto_front(pts, metric, higher_is_better)
+        ax.scatter([r["flops"] for r in pts], [r[metric] for r in pts], s=22, alpha=0.55, color=color,
+                   marker=markers[i % len(markers)], edgecolors="none", zorder=2)
+        fp = sorted((r["flops"], r[metric]) for r, p in zip(pts, front) if p)
+        ax.plot([a for a, _ in fp], [b for _, b in fp], "-", color=color, lw=1.6, zorder=3,
+                marker=markers[i % len(markers)], ms=5, label=f"{label} (Pareto front: {len(fp)})")
+        xs += [r["flops"] for r in pts]
+    if xs:
+        ax.set_xscale("log")
+        ax.margins(x=0.06, y=0.08)
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+        if math.log10(max(xs) / min(xs)) < 2:
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, pos: _tick(v) if _mantissa(v) in (2, 3, 5) else ""))
+        else:
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    else:
+        ax.text(0.5, 0.5, f"no measured {metric}", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    with _atomic(path, "wb") as f:
+        fig.savefig(f, format="png")
+    return path

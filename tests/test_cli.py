@@ -204,7 +204,7 @@ def test_top_level_help_lists_the_verbs_and_flags(tmp_path):
         p = cli(args, cwd=tmp_path)
         assert p.returncode == 0, explain(p)
         assert p.stderr == ""
-        for word in ("train", "eval", "export", "submodels", "--all-submodels", "--budget", "--help"):
+        for word in ("train", "eval", "export", "submodels", "compare", "--all-submodels", "--budget", "--help"):
             assert word in p.stdout
     assert list(tmp_path.iterdir()) == []
 
@@ -217,13 +217,21 @@ def test_console_script_is_installed(tmp_path):
     assert p.returncode == 0 and "usage: sortednet" in p.stdout, explain(p)
 
 
+def _options(group: str) -> str:
+    """The line Hydra's help prints for a config group: its options, sorted."""
+    from sortedcli.cli import CONF_DIR
+
+    return f"{group}: " + ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
 VERB_HELP = {
     "train": ["sortednet train", "--recipe", "--resume", "-m", "--cfg job",
-              "model: resnet18, resnet34, resnet50, resnet_tiny", "data:", "dims: depth, width",
+              _options("model"), "data:", _options("dims"),
               "sampler:", "optim: adamw, sgd", "trainer:", "digits", "fashion_mnist"],
     "eval": ["sortednet eval", "--all-submodels", "--ckpt", "calib_batches", "all_submodels: false"],
     "export": ["sortednet export", "--budget B", "--ckpt", "budget: ???", "model.pt2"],
-    "submodels": ["sortednet submodels", "model=", "dims=", "model: resnet18", "dims: depth, width"],
+    "submodels": ["sortednet submodels", "model=", "dims=", "model: resnet18", _options("dims")],
+    "compare": ["sortednet compare RUN_A RUN_B", "runs: ???", "compare.csv", "plot.png"],
 }
 
 

@@ -44,8 +44,9 @@ def group_override(group: str, option: str) -> str:
 def test_the_config_tree_is_there():
     assert {"model", "data", "dims", "sampler", "optim", "trainer", "eval"} <= set(GROUPS)
     assert set(VERBS) <= set(PRIMARY), "every verb is a Hydra app with conf/<verb>.yaml"
-    assert {"default", "fmnist_resnet50_160", "fmnist_resnet50_full"} <= set(RECIPES)
-    assert {"resnet18", "resnet50", "resnet_tiny"} <= {o for g, o in OPTIONS if g == "model"}
+    assert {"default", "fmnist_resnet50_160", "fmnist_resnet50_full", "fmnist_mobilenet_v2",
+            "fmnist_mobilenet_v2_pretrained", "cifar10_mobilenet_v2"} <= set(RECIPES)
+    assert set(REGISTRY) == {o for g, o in OPTIONS if g == "model"}  # one config per registered model
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -128,7 +129,8 @@ def test_recipe_flag_composes_the_same_config_through_the_cli(name, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("name,n", [("resnet_tiny", 4), ("resnet18", 8), ("resnet34", 16), ("resnet50", 16)])
+@pytest.mark.parametrize("name,n", [("resnet_tiny", 4), ("resnet18", 8), ("resnet34", 16), ("resnet50", 16),
+                                    ("mobilenet_v2", 10), ("mobilenet_tiny", 3)])
 def test_every_model_builds_with_the_default_grid(name, n):
     cfg = conf("train", [f"model={name}"])
     model = build_model(cfg, {"num_classes": 10, "in_channels": 1})
@@ -171,3 +173,32 @@ def test_build_grid_accepts_a_dim_the_model_supports_alone():
     grid = build_grid(cfg, build_model(cfg, {"num_classes": 10, "in_channels": 1}))
     assert [d.name for d in grid.dims] == ["width"] and grid.dims[0].levels == (0.5, 1.0)
     assert len(grid) == 2
+
+
+def test_pretrained_recipe_baselines_are_one_override_away():
+    """The baselines of the pretrained MobileNetV2 recipe: sampler=full (unsorted, sliced after),
+    model.importance=none (sorted without importance sorting), US-Nets (sandwich + distillation)."""
+    cfg = recipe("fmnist_mobilenet_v2_pretrained")
+    assert cfg.model.weights == "IMAGENET1K_V1" and cfg.model.importance == "l1"
+    assert recipe("fmnist_mobilenet_v2_pretrained", ["sampler=full"]).sampler.name == "full"
+    assert recipe("fmnist_mobilenet_v2_pretrained", ["model.importance=none"]).model.importance == "none"
+    us = recipe("fmnist_mobilenet_v2_pretrained", ["sampler=sandwich", "distill.enabled=true"])
+    assert us.sampler.name == "sandwich" and us.distill.enabled is True
+
+
+@pytest.mark.parametrize("override,match", [
+    ("trainer.batch_size=-1", "trainer.batch_size must be an integer >= 1, got -1"),
+    ("trainer.epochs=-3", "trainer.epochs must be an integer >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps must be null or an integer >= 1"),
+    ("optim.lr=abc", "optim.lr must be a number > 0, got 'abc'"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0"),
+    ("eval.calib_batches=0", "eval.calib_batches must be an integer >= 1"),
+    ("distill.alpha=2", "distill.alpha must be a number in [0, 1]"),
+    ("trainer.tensorboard=maybe", "trainer.tensorboard must be true or false"),
+])
+def test_check_settings_refuses_impossible_or_mistyped_values(override, match):
+    from sortedcli.build import check_settings
+
+    check_settings(conf("train"))  # the defaults pass
+    with pytest.raises(UsageError, match=re.escape(match)):
+        check_settings(conf("train", [override]))

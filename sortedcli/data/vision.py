@@ -48,6 +48,7 @@ class VisionData:
     image_size: int  # H == W
     mean: tuple = ()  # the per-channel normalization applied to every item
     std: tuple = ()
+    augmentation: str = "none"  # what the training items go through, in words (printed by train)
     task = ImageClassification()
     collate = None  # the default collation stacks (image, label) pairs
 
@@ -94,10 +95,42 @@ class TensorImages(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
-def _augmentation(size, flip=True):
-    steps = [v2.RandomCrop(size, padding=4)] if size >= 28 else []
-    steps += [v2.RandomHorizontalFlip()] if flip else []
-    return v2.Compose(steps) if steps else None
+#: what ``data.augment=true`` means per dataset. Flips only where mirror images keep their class:
+#: an ImageFolder tree may hold digits or text, so it gets crops only unless flips are asked for
+#: (``data.augment=[crop,flip]``).
+DEFAULT_AUGMENT = {"fashion_mnist": ("crop", "flip"), "cifar10": ("crop", "flip"), "cifar100": ("crop", "flip"),
+                   "imagefolder": ("crop",), "digits": ()}
+AUGMENTS = ("crop", "flip")
+
+
+def augment_steps(cfg, name) -> tuple[str, ...]:
+    """``data.augment``: false (none), true (the dataset's default) or a list of crop / flip."""
+    value = cfg.get("augment", False)
+    if value is None or value is False:
+        return ()
+    if value is True:
+        return DEFAULT_AUGMENT[name]
+    if isinstance(value, str):
+        value = [value]
+    try:
+        steps = tuple(dict.fromkeys(value))
+    except TypeError:
+        steps = None
+    if steps is None or not all(isinstance(v, str) and v in AUGMENTS for v in steps):
+        raise UsageError(f"data.augment must be false, true or a list of {', '.join(AUGMENTS)}, got {value!r}")
+    return steps
+
+
+def _augmentation(size, steps):
+    """``(transform or None, description)`` for the augmentation ``steps`` at image ``size``."""
+    ops, words = [], []
+    if "crop" in steps and size >= 28:
+        ops.append(v2.RandomCrop(size, padding=4))
+        words.append("random crop (padding 4)")
+    if "flip" in steps:
+        ops.append(v2.RandomHorizontalFlip())
+        words.append("horizontal flip")
+    return (v2.Compose(ops) if ops else None), (" + ".join(words) or "none")
 
 
 def _stats(cfg, name, channels):
@@ -119,7 +152,7 @@ def _subset_size(cfg, key):
     return n
 
 
-def _in_memory(name, cfg, train, test, num_classes, native, flip=True):
+def _in_memory(name, cfg, train, test, num_classes, native):
     """Wrap (images, labels) pairs for train and test into a VisionData."""
     size = int(cfg.get("image_size") or native)
     channels = train[0].shape[1]
@@ -127,12 +160,12 @@ def _in_memory(name, cfg, train, test, num_classes, native, flip=True):
     ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
     train = (train[0][:ntr], train[1][:ntr])
     test = (test[0][:nte], test[1][:nte])
-    aug = _augmentation(size, flip) if cfg.get("augment", False) else None
+    aug, words = _augmentation(size, augment_steps(cfg, name))
     return VisionData(name, train=TensorImages(*train, mean, std, size, aug),
                       test=TensorImages(*test, mean, std, size),
                       calib=TensorImages(*train, mean, std, size),
                       num_classes=num_classes, in_channels=channels, image_size=size,
-                      mean=tuple(mean), std=tuple(std))
+                      mean=tuple(mean), std=tuple(std), augmentation=words)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX files)
@@ -249,11 +282,11 @@ def _imagefolder(cfg):
         raise UsageError(hint)
     size = int(cfg.get("image_size") or 224)
     mean, std = _stats(cfg, "imagefolder", 3)
+    aug, words = _augmentation(size, augment_steps(cfg, "imagefolder"))
 
     def pipeline(augment):
         steps = [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-        aug = _augmentation(size) if augment else None
-        steps += [aug] if aug is not None else []
+        steps += [aug] if augment and aug is not None else []
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
         return v2.Compose(steps)
 
@@ -263,7 +296,7 @@ def _imagefolder(cfg):
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"{hint}: {e}") from None
 
-    train, calib = folder(root / "train", cfg.get("augment", False)), folder(root / "train", False)
+    train, calib = folder(root / "train", True), folder(root / "train", False)
     test = folder(test_dir, False)
     if test.classes != train.classes:
         raise UsageError(f"class folders differ between {root / 'train'} and {test_dir}")
@@ -274,7 +307,7 @@ def _imagefolder(cfg):
     ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
     return VisionData("imagefolder", train=cut(train, ntr), test=cut(test, nte), calib=cut(calib, ntr),
                       num_classes=len(train.classes), in_channels=3, image_size=size,
-                      mean=tuple(mean), std=tuple(std))
+                      mean=tuple(mean), std=tuple(std), augmentation=words)
 
 
 # ---------------------------------------------------------------- sklearn digits
@@ -287,7 +320,7 @@ def _digits(cfg):
     order = torch.from_numpy(np.random.RandomState(0).permutation(len(labels)))
     train, test = order[:1500], order[-297:]
     return _in_memory("digits", cfg, (images[train], labels[train]), (images[test], labels[test]),
-                      num_classes=10, native=8, flip=False)
+                      num_classes=10, native=8)
 
 
 BUILDERS = {

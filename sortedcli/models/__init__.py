@@ -19,7 +19,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import bert, hf, llama, resnet
+from . import bert, hf, llama, mobilenet, resnet
 from .. import export
 
 
@@ -58,6 +58,10 @@ register(ModelEntry("bert", "bert", bert.DIMS, bert.build_encoder,
                     "transformers BERT-family sequence classifier (BERT, RoBERTa, MiniLM): "
                     "model.pretrained=DIR_OR_HUB_ID or model.config={...}",
                     tasks=bert.TASKS, tokenizer=hf.tokenizer, save=bert.save, exportable=bert.exportable))
+register(ModelEntry("mobilenet_v2", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_v2,
+                    "torchvision MobileNetV2, 17 inverted-residual blocks, 10 of them droppable"))
+register(ModelEntry("mobilenet_tiny", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_tiny,
+                    "torchvision MobileNetV2 with 3 small stages (6 blocks, 3 droppable), for tests"))
 register(ModelEntry("llama", "llama", llama.DIMS, llama.build_llama,
                     "transformers LlamaForCausalLM (Sorted LLaMA / SoFT): model.pretrained=DIR_OR_HUB_ID or "
                     "model.config={...}; exits through the model's own final norm and LM head",

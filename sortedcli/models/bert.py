@@ -14,6 +14,12 @@ for sequence classification.
 Embeddings, hidden size, vocabulary and classes stay full. FLOPs are counted with eager attention so
 that the attention matmuls are in the count.
 
+A pretrained model is **importance-sorted** first (``model.importance``, default ``l1``): in every
+layer the heads are reordered by the L1 norm of their query/key/value weights and the FFN neurons by
+the L1 norm of their input weights (:mod:`sortedcli.nest.importance`; the output projections' columns
+move with them), so the prefixes keep the strongest units and the full model computes exactly what
+it did.
+
 Export writes a Hugging Face folder that ``AutoModelForSequenceClassification`` loads. Depth and FFN
 reductions are plain config fields (``num_hidden_layers``, ``intermediate_size``); fewer heads at the
 same head size are not (BERT's config derives the head size as hidden_size / num_attention_heads, and
@@ -26,7 +32,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nest import COUNT, FRACTION, SubModel, sortify, sorted_size
+from ..nest.importance import Group, sort_by_importance
 from . import hf
+from .weights import importance_method
 
 DIMS = {"depth": COUNT, "heads": FRACTION, "ffn": FRACTION}
 TASKS = ("text_classification",)
@@ -64,6 +72,19 @@ def sortify_encoder(model: nn.Module) -> nn.Module:
     return sortify(model, out_dim=_out_dim(head_size), units=units, readout=_readout, finish=finish_config)
 
 
+def importance_groups(model: nn.Module) -> list[Group]:
+    """Per layer: its attention heads (q, k, v rows -> output projection columns, in head units) and
+    its FFN neurons (intermediate rows -> output columns)."""
+    head_size = model.config.hidden_size // model.config.num_attention_heads
+    groups = []
+    for i, layer in enumerate(model.base_model.encoder.layer):
+        att = layer.attention
+        groups.append(Group(f"layer{i}.heads", [att.self.query, att.self.key, att.self.value], [att.output.dense],
+                            unit=head_size))
+        groups.append(Group(f"layer{i}.ffn", [layer.intermediate.dense], [layer.output.dense]))
+    return groups
+
+
 def exportable(model: nn.Module, sub: SubModel) -> bool:
     """A stock BERT config can say this sub-model: every head kept."""
     heads = model.config.num_attention_heads
@@ -72,9 +93,10 @@ def exportable(model: nn.Module, sub: SubModel) -> bool:
 
 def build_encoder(num_classes: int, pretrained: str | None = None, config: dict | None = None,
                   tokenizer: str | None = None, attn_implementation: str = "eager",
-                  labels: list | None = None) -> nn.Module:
+                  labels: list | None = None, importance: str | None = "l1") -> nn.Module:
     """A transformers sequence classifier from ``pretrained`` (folder or hub id) or ``config``, with a
-    new ``num_classes``-way head when the checkpoint has another, sorted in place."""
+    new ``num_classes``-way head when the checkpoint has another, importance-sorted when pretrained,
+    sorted in place."""
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     extra = {"num_labels": num_classes, "attn_implementation": attn_implementation}
@@ -86,6 +108,9 @@ def build_encoder(num_classes: int, pretrained: str | None = None, config: dict 
     model = hf.load(AutoModelForSequenceClassification, pretrained, config, BertConfig, **extra)
     if not hasattr(model.base_model, "encoder") or not hasattr(model.base_model.encoder, "layer"):
         raise UsageError(f"model.pretrained={pretrained} is a {type(model).__name__}, not a BERT-family encoder")
+    method = importance_method(importance)
+    if pretrained and method:
+        sort_by_importance(importance_groups(model), method)
     return sortify_encoder(model)
 
 

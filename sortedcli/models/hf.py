@@ -38,6 +38,9 @@ def load(auto_class, pretrained: str | None, config: dict | None, config_class, 
         local = Path(pretrained).expanduser()
         if not local.exists() and (os.environ.get("HF_HUB_OFFLINE") or pretrained.startswith(("/", ".", "~", "<"))):
             raise UsageError(f"model.pretrained={pretrained}: no such folder")
+        # fp32 master weights whatever the checkpoint's dtype ("auto" would keep a bf16/fp16 one):
+        # training runs bf16 autocast on a GPU, fp32 on the CPU
+        kwargs.setdefault("dtype", torch.float32)
         try:
             return auto_class.from_pretrained(str(local) if local.exists() else pretrained, **kwargs)
         except (OSError, ValueError) as e:

@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torchvision
 from torch import nn
@@ -23,6 +21,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..errors import UsageError
 from ..nest import COUNT, FRACTION, DepthUnit, SubModel, extract, sortify
+from ..nest.importance import Group, sort_by_importance
+from . import weights as pretrained
 
 DIMS = {"width": FRACTION, "depth": COUNT}
 
@@ -67,41 +67,62 @@ def _adapt_stem(model: ResNet, in_channels: int, small_stem: bool) -> None:
         model.maxpool = nn.Identity()
 
 
-def _load_weights(model: ResNet, arch: str, weights: str) -> None:
-    """A torchvision weights file (a state_dict .pth) or a torchvision weights name such as
-    ``IMAGENET1K_V2`` (downloaded by torchvision, needs internet)."""
-    if Path(weights).exists():
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"model.weights={weights} is not a readable torch state_dict ({e})") from None
-    else:
-        try:
-            enum = torchvision.models.get_model_weights(arch)[weights]
-        except KeyError:
-            raise UsageError(f"model.weights={weights}: no such file, and not a torchvision weights name "
-                             f"for {arch} (e.g. IMAGENET1K_V1)") from None
-        state = enum.get_state_dict(progress=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UsageError(f"model.weights={weights} does not fit {arch}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+def importance_groups(model: ResNet) -> list[Group]:
+    """The coupled channel groups of a ResNet (see :mod:`sortedcli.nest.importance`).
+
+    - the inner channels of every block (BasicBlock: conv1 -> conv2; Bottleneck: conv1 -> conv2 and
+      conv2 -> conv3), as Once-for-All sorts them;
+    - the **residual stream** of every stage, sorted too (with one permutation for the whole stream,
+      so the additions still add matching channels): its producers are the projection shortcut (or
+      the stem, for a stage without one) and the last conv + BN of every block; its consumers are
+      the first conv of every block, the next stage's projection shortcut and, for the last stage,
+      the classifier.
+    """
+    groups: list[Group] = []
+    stream = Group("stem", [model.conv1, model.bn1])
+    for name, block in ((n, m) for n, m in model.named_modules() if isinstance(m, (BasicBlock, Bottleneck))):
+        if block.downsample is not None:
+            stream.consumers += [block.conv1, block.downsample[0]]
+            groups.append(stream)
+            stream = Group(f"{name}.downsample", [block.downsample[0], block.downsample[1]])
+        else:
+            stream.consumers.append(block.conv1)
+        if isinstance(block, Bottleneck):
+            groups.append(Group(f"{name}.conv1", [block.conv1, block.bn1], [block.conv2]))
+            groups.append(Group(f"{name}.conv2", [block.conv2, block.bn2], [block.conv3]))
+            stream.producers += [block.conv3, block.bn3]
+        else:
+            groups.append(Group(f"{name}.conv1", [block.conv1, block.bn1], [block.conv2]))
+            stream.producers += [block.conv2, block.bn2]
+    stream.consumers.append(model.fc)
+    groups.append(stream)
+    return groups
 
 
 def build_resnet(arch: str, num_classes: int, in_channels: int, small_stem: bool = False,
-                 weights: str | None = None) -> ResNet:
-    """torchvision ``resnet18/34/50`` with the stem and classifier fitted to the data."""
+                 weights: str | None = None, importance: str | None = "l1") -> ResNet:
+    """torchvision ``resnet18/34/50`` with the stem and classifier fitted to the data; pretrained
+    ``weights`` (see :mod:`.weights`) are importance-sorted (``importance``, ``none`` to keep
+    torchvision's channel order) once the model is sorted."""
+    importance = pretrained.importance_method(importance)
     model = getattr(torchvision.models, arch)(weights=None)
     if weights:
-        _load_weights(model, arch, weights)
+        state, source = pretrained.resolve(arch, weights)
+        rows = state.get("fc.weight")
+        if rows is not None and rows.ndim == 2 and rows.shape[0] != model.fc.out_features:
+            model.fc = nn.Linear(model.fc.in_features, rows.shape[0])  # e.g. a fine-tuned file
+        pretrained.load_into(model, state, arch, source)
     _adapt_stem(model, in_channels, small_stem)
     if model.fc.out_features != num_classes:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return sortify_resnet(model)
+    sortify_resnet(model)
+    if weights and importance:
+        sort_by_importance(importance_groups(model), importance)
+    return model
 
 
 def build_resnet_tiny(num_classes: int, in_channels: int, small_stem: bool = True,
-                      weights: str | None = None) -> ResNet:
+                      weights: str | None = None, importance: str | None = "l1") -> ResNet:
     """A torchvision ``ResNet(BasicBlock, [1, 1, 1, 1])`` at 1/8 width (8-16-32-64 channels) for
     tests and quick runs: it is the width-0.125 sub-model of the full-width one, cut out with
     :func:`~sortedcli.nest.extract` and then sorted again, so it is an ordinary torchvision ResNet."""
@@ -116,4 +137,4 @@ def build_resnet_tiny(num_classes: int, in_channels: int, small_stem: bool = Tru
 
 
 __all__ = ["DIMS", "BasicBlock", "Bottleneck", "block_order", "build_resnet", "build_resnet_tiny",
-           "sortify_resnet"]
+           "importance_groups", "sortify_resnet"]

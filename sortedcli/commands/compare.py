@@ -1,0 +1,117 @@
+"""``sortednet compare RUN_A RUN_B [...]``: the eval results of several runs side by side.
+
+Reads each run's ``eval/results.json`` (written by ``sortednet eval --all-submodels``) and writes,
+into a new folder it prints (``compare.out``, default ``<paths.runs>/compare/<time>``):
+
+- ``compare.csv`` / ``compare.json``: per sub-model, the FLOPs and each run's metric;
+- ``plot.png``: metric vs FLOPs, one series per run, each run's Pareto front drawn as a line.
+
+Runs of different models, data or image sizes are refused (their sub-models are not the same
+networks); a run without eval results gets a one-line error naming the command that makes them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from .. import runs
+from ..errors import UsageError
+from ..report import STAR, _atomic, human, load_results, pareto_front, plot_compare
+
+
+def _label(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    return [n if names.count(n) == 1 else f"{p.parent.name}/{n}" for n, p in zip(names, paths)]
+
+
+def load(run: str) -> tuple[Path, DictConfig, str, list[dict], bool]:
+    path = Path(run)
+    if not path.is_dir():
+        raise UsageError(f"compare: {run} is not a run folder")
+    cfg = runs.load_config(path)
+    results = path / "eval" / "results.json"
+    if not results.is_file():
+        raise UsageError(f"compare: {run} has no eval results: run `sortednet eval --all-submodels --ckpt {run}` "
+                         "first")
+    metric, rows = load_results(results)
+    return path, cfg, metric, rows, bool(json.loads(results.read_text()).get("higher_is_better", True))
+
+
+def _what(cfg: DictConfig) -> str:
+    size = cfg.data.get("image_size")
+    return f"{cfg.model.name} on {cfg.data.name}" + (f" at {size} px" if size else "")
+
+
+def run(cfg: DictConfig, console: Console | None = None) -> Path:
+    console = console or Console()
+    given = list(cfg.runs or [])
+    if len(given) < 2:
+        raise UsageError("compare needs two or more run folders: sortednet compare RUN_A RUN_B [RUN_C ...]")
+    loaded = [load(str(r)) for r in given]
+    first_path, first_cfg, metric, _, higher = loaded[0]
+    for path, run_cfg, m, _, _ in loaded[1:]:
+        if _what(run_cfg) != _what(first_cfg):
+            raise UsageError(f"compare: {path} is {_what(run_cfg)} but {first_path} is {_what(first_cfg)}: "
+                             "only runs of the same model and data can be compared")
+        if m != metric:
+            raise UsageError(f"compare: {path} measured {m} but {first_path} measured {metric}")
+    labels = _label([p for p, *_ in loaded])
+    series = {}
+    for label, (path, run_cfg, _, rows, _) in zip(labels, loaded):
+        series[label] = {"run": str(path), "sampler": run_cfg.sampler.name,
+                         "rows": [{**r, "pareto": p} for r, p in zip(rows, pareto_front(rows, metric, higher))]}
+
+    names = list(dict.fromkeys(r["name"] for s in series.values() for r in s["rows"]))
+    by_name = {label: {r["name"]: r for r in s["rows"]} for label, s in series.items()}
+    flops = {n: next(by_name[lab][n]["flops"] for lab in labels if n in by_name[lab]) for n in names}
+
+    title = f"{metric} of each sub-model: {_what(first_cfg)}, {len(labels)} runs"
+    table = Table(title=title)
+    table.add_column("sub-model")
+    table.add_column("FLOPs", justify="right")
+    for label in labels:
+        table.add_column(f"{label}\n({series[label]['sampler']})", justify="right")
+    for n in names:
+        cells = []
+        measured = [by_name[lab][n].get(metric) for lab in labels if n in by_name[lab]]
+        best = max((v for v in measured if v is not None), default=None)
+        for lab in labels:
+            r = by_name[lab].get(n)
+            v = None if r is None else r.get(metric)
+            text = "-" if v is None else f"{v:.2f}" + (f" {STAR}" if r.get("pareto") else "")
+            cells.append(f"[bold]{text}[/]" if v is not None and v == best and len(labels) > 1 else text)
+        table.add_row(n, human(flops[n]), *cells)
+    console.print(table)
+    summary = []
+    for label in labels:
+        rows = [r for r in series[label]["rows"] if r.get(metric) is not None]
+        full = next((r for r in rows if r.get("full")), max(rows, key=lambda r: r["flops"]))
+        worst = min(rows, key=lambda r: r[metric])
+        rel = 100 * worst[metric] / full[metric] if full[metric] else float("nan")
+        summary.append({"run": label, "full": full[metric], "lowest": worst["name"], "lowest_value": worst[metric],
+                        "lowest_rel": rel})
+        console.print(f"{label}: full model {full[metric]:.2f}; lowest {worst['name']} {worst[metric]:.2f} = "
+                      f"{rel:.1f}% of full")
+    console.print(f"{STAR} = on that run's Pareto front ({metric} vs FLOPs); bold = the best run for that sub-model.")
+
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"compare: {out} already exists and is not empty: pass out=NEW_DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    with _atomic(out / "compare.csv") as f:
+        f.write(",".join(["name", "flops", *labels]) + "\n")
+        for n in names:
+            vals = [by_name[lab].get(n, {}).get(metric) for lab in labels]
+            f.write(",".join([n, str(flops[n]), *("" if v is None else f"{v}" for v in vals)]) + "\n")
+    with _atomic(out / "compare.json") as f:
+        json.dump({"metric": metric, "higher_is_better": higher, "runs": series, "summary": summary}, f, indent=2)
+        f.write("\n")
+    plot_compare({lab: s["rows"] for lab, s in series.items()}, out / "plot.png", metric, higher, title)
+    console.print(f"wrote {out}/ (compare.csv, compare.json, plot.png)")
+    return out

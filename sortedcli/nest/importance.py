@@ -1,0 +1,131 @@
+"""Importance sorting: permute units so that every prefix keeps the most important ones.
+
+A pretrained model's channels are in no particular order, so the width-0.25 prefix of a layer is a
+random quarter of it. Before sorted fine-tuning, Once-for-All and SortedNet reorder the units of
+each sorted layer by an importance score, so that the prefixes start from the best units.
+
+A permutation must not change what the full model computes. Units that are tied together must move
+together; the adapter describes them as a :class:`Group`:
+
+- ``producers``: modules whose **output** axis holds the units (rows of a Conv2d / Linear weight and
+  bias; a BatchNorm's weight, bias and running statistics; a depthwise convolution, whose input and
+  output are the same channels, is a producer only);
+- ``consumers``: modules whose **input** axis holds them (columns of a Conv2d / Linear weight);
+- ``unit``: how many consecutive channels form one unit (1 channel; ``head_dim`` for attention heads).
+
+Examples: the hidden channels of a MobileNetV2 block (expand conv + BN, depthwise conv + BN ->
+project conv); a ResNet stage's residual stream (every block's last conv + BN and the projection
+shortcut -> every block's first conv, the next stage's shortcut, the classifier). Element-wise
+functions, pooling and additions of equally permuted tensors commute with the permutation, so the
+full model's function is unchanged.
+
+The score of a unit (``method``):
+
+- ``l1`` (default, as Once-for-All): the sum over the group's weighted producers (Conv2d / Linear) of
+  the L1 norm of the unit's filters;
+- ``l2``: the same with L2 norms;
+- ``bn``: the sum of ``|gamma|`` of the group's BatchNorm producers (the scale each channel ends with).
+
+Units are then sorted by descending score (stable: ties keep their order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+METHODS = ("l1", "l2", "bn")
+
+
+@dataclass
+class Group:
+    """Units that share one permutation (see the module docstring)."""
+
+    name: str
+    producers: list[nn.Module]
+    consumers: list[nn.Module] = field(default_factory=list)
+    unit: int = 1
+
+    @property
+    def size(self) -> int:
+        return _out_size(self.producers[0])
+
+
+def _out_size(m: nn.Module) -> int:
+    if isinstance(m, _BatchNorm):
+        return m.num_features
+    return m.weight.shape[0]
+
+
+def _weighted(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv2d, nn.Linear))
+
+
+@torch.no_grad()
+def scores(group: Group, method: str = "l1") -> torch.Tensor:
+    """One importance score per unit of ``group`` (a float tensor of ``size // unit`` values)."""
+    if method not in METHODS:
+        raise ValueError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
+    n = group.size // group.unit
+    total = torch.zeros(n, dtype=torch.float64)
+    used = 0
+    for m in group.producers:
+        if method == "bn":
+            if not isinstance(m, _BatchNorm) or m.weight is None:
+                continue
+            per_channel = m.weight.detach().abs().double()
+        else:
+            if not _weighted(m):
+                continue
+            w = m.weight.detach().double().flatten(1)
+            per_channel = w.abs().sum(1) if method == "l1" else w.pow(2).sum(1).sqrt()
+        total += per_channel.view(n, group.unit).sum(1).cpu()
+        used += 1
+    if used == 0:
+        raise ValueError(f"group {group.name}: no producer to score with method {method!r}")
+    return total
+
+
+def _take(t: torch.Tensor | None, index: torch.Tensor, dim: int) -> None:
+    if t is not None:
+        t.data = t.data.index_select(dim, index.to(t.device)).contiguous()
+
+
+@torch.no_grad()
+def permute(group: Group, order: torch.Tensor) -> None:
+    """Reorder the units of ``group`` in place: new unit ``i`` is old unit ``order[i]``."""
+    size, unit = group.size, group.unit
+    index = (order.view(-1, 1) * unit + torch.arange(unit)).flatten()
+    if len(index) != size or sorted(index.tolist()) != list(range(size)):
+        raise ValueError(f"group {group.name}: not a permutation of {size // unit} units")
+    for m in group.producers:
+        if _out_size(m) != size:
+            raise ValueError(f"group {group.name}: producer {type(m).__name__} has {_out_size(m)} outputs, "
+                             f"not {size}")
+        if isinstance(m, _BatchNorm):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                _take(getattr(m, name), index, 0)
+        else:
+            _take(m.weight, index, 0)
+            _take(m.bias, index, 0)
+    for m in group.consumers:
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            raise ValueError(f"group {group.name}: a depthwise convolution is a producer, not a consumer")
+        if m.weight.shape[1] != size:
+            raise ValueError(f"group {group.name}: consumer {type(m).__name__} reads {m.weight.shape[1]} "
+                             f"inputs, not {size}")
+        _take(m.weight, index, 1)
+
+
+def sort_by_importance(groups: list[Group], method: str = "l1") -> dict[str, torch.Tensor]:
+    """Permute every group's units by descending score; returns ``{group name: order}``."""
+    orders = {}
+    for group in groups:
+        s = scores(group, method)
+        order = torch.sort(s, descending=True, stable=True).indices
+        permute(group, order)
+        orders[group.name] = order
+    return orders
