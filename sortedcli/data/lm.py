@@ -426,6 +426,7 @@ class LMData:
     tokenizer: object  # a transformers tokenizer
     collate: Collate
     info: dict = field(default_factory=dict)  # counts: documents/examples, tokens, dropped
+    augmentation: str = "none"  # printed at the start of a run, as for images
 
     def __post_init__(self):
         from sortedcli.tasks import CausalLM
