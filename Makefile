@@ -44,7 +44,7 @@ $(WEIGHTS_STAMP): $(STAMP)
 # The language-model corpora (news, Hamlet, GSM8K) and the project's byte-level BPE tokenizer,
 # trained on the news articles and cached in $(LLM_DATA)/tokenizer-news-bpe4096 (about 20 s).
 llm-data: setup
-	SORTEDNET_LLM_DATA=$(LLM_DATA) $(PY) -m sortedcli.data.lm
+	SORTEDNET_LLM_DATA=$(LLM_DATA) $(PY) -m sortedcli.data.prepare
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.

@@ -193,7 +193,7 @@ def test_offline_sources_read_from_the_installed_packages():
 
 def test_module_entry_point_reports_a_bad_setup_in_one_line(tmp_path):
     env = {"SORTEDNET_TOKENIZER_CORPUS": "nonsense", "SORTEDNET_LLM_DATA": str(tmp_path)}
-    p = subprocess.run([sys.executable, "-m", "sortedcli.data.lm"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "sortedcli.data.prepare"], capture_output=True, text=True,
                        env={**__import__("os").environ, **env}, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: unknown data.name 'nonsense'")
 

@@ -28,7 +28,7 @@ the ``tokenizers`` library on the training split of ``tokenizer_corpus`` and cac
 ``cache_dir`` as a transformers ``PreTrainedTokenizerFast`` folder with ``<pad>``, ``<s>``, ``</s>``);
 a small vocabulary keeps the LM head of a small model cheap, which is what lets a shallow exit draft
 for much less than the full model costs. ``tokenizer: DIR_OR_HUB_ID`` loads any transformers
-tokenizer instead (a pretrained model's own). ``python -m sortedcli.data.lm`` prepares the default one.
+tokenizer instead (a pretrained model's own). ``python -m sortedcli.data.prepare`` prepares the default one.
 """
 
 from __future__ import annotations
@@ -493,7 +493,8 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
 
 
 def main() -> None:
-    """``python -m sortedcli.data.lm``: check the offline sources and train the default tokenizer."""
+    """``python -m sortedcli.data.prepare`` (``make llm-data``): check the offline sources and train the
+    default tokenizer."""
     cfg = {"tokenizer_corpus": os.environ.get("SORTEDNET_TOKENIZER_CORPUS", "news"),
            "vocab_size": int(os.environ.get("SORTEDNET_VOCAB", "4096")),
            "cache_dir": os.environ.get("SORTEDNET_LLM_DATA", DEFAULT_CACHE)}
@@ -503,12 +504,3 @@ def main() -> None:
     tok = load_tokenizer(cfg)
     print(f"tokenizer: {folder} ({len(tok)} tokens)")
 
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -67,6 +67,10 @@ register(ModelEntry("llama", "llama", llama.DIMS, llama.build_llama,
                     "model.config={...}; exits through the model's own final norm and LM head",
                     tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
                     stack=llama.LlamaStack))
+register(ModelEntry("llama_tiny", "llama", llama.DIMS, llama.build_llama,
+                    "a randomly initialized 4-layer LLaMA (conf/model/llama_tiny.yaml), for tests and smoke runs",
+                    tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
+                    stack=llama.LlamaStack))
 
 
 def entry(name: str) -> ModelEntry:
