@@ -70,3 +70,40 @@ def test_adaptive_and_progressive_runs_resume_bitwise_exactly(tmp_path, sampler)
     if "ema" in sa:
         torch.testing.assert_close(sa["ema"], sb["ema"], rtol=0, atol=0, equal_nan=True)  # NaN: not yet seen
         assert not torch.isnan(sa["ema"]).all()
+
+
+def test_compare_summarizes_each_method_against_plain_training_and_standalone(tmp_path):
+    """The ablation table's columns, from fake runs: full model, points vs the plain run, lowest as % of
+    full and of standalone, how many at >= 96% of full, training time as a ratio to the plain run."""
+    from rich.console import Console
+
+    from sortedcli.commands import compare
+
+    def fake(name, sampler, accs, seconds, alone=None):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({"model": {"name": "resnet_tiny"}, "data": {"name": "digits"},
+                                         "sampler": {"name": sampler}}), run / "config.yaml")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time": seconds / 2}) + "\n"
+                                           + json.dumps({"epoch": 1, "time": seconds}) + "\n")
+        rows = []
+        for i, acc in enumerate(accs):
+            row = {"name": f"width{i + 1}", "dims": {"width": i + 1}, "accuracy": acc, "flops": 10 ** (i + 1),
+                   "full": i == len(accs) - 1}
+            if alone and row["name"] in alone:
+                row |= {"standalone": alone[row["name"]], "rel_standalone": 100 * acc / alone[row["name"]]}
+            rows.append(row)
+        (run / "eval" / "results.json").write_text(json.dumps({"metric": "accuracy", "rows": rows}))
+        return str(run)
+
+    plain = fake("plain", "full", [10.0, 50.0, 90.0], 100.0)
+    sortd = fake("sorted", "lossaware", [80.0, 87.0, 89.0], 250.0, alone={"width1": 85.0, "width3": 90.0})
+    cfg = OmegaConf.create({"runs": [plain, sortd], "out": str(tmp_path / "cmp"), "paths": {"runs": str(tmp_path)}})
+    compare.run(cfg, Console(width=200, record=True))
+    doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    by = {e["run"]: e for e in doc["summary"]}
+    s = by["sorted"]
+    assert s["full_vs_plain"] == pytest.approx(-1.0) and s["time_vs_plain"] == pytest.approx(2.5)
+    assert s["at_96"] == 2 and s["lowest"] == "width1" and s["lowest_rel"] == pytest.approx(100 * 80 / 89)
+    assert s["lowest_vs_standalone"] == "width1" and s["lowest_rel_standalone"] == pytest.approx(100 * 80 / 85)
+    assert by["plain"]["full_vs_plain"] == 0 and "lowest_rel_standalone" not in by["plain"]
