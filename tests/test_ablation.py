@@ -107,3 +107,14 @@ def test_compare_summarizes_each_method_against_plain_training_and_standalone(tm
     assert s["at_96"] == 2 and s["lowest"] == "width1" and s["lowest_rel"] == pytest.approx(100 * 80 / 89)
     assert s["lowest_vs_standalone"] == "width1" and s["lowest_rel_standalone"] == pytest.approx(100 * 80 / 85)
     assert by["plain"]["full_vs_plain"] == 0 and "lowest_rel_standalone" not in by["plain"]
+
+
+def test_ablation_recipe_trains_the_winner_and_each_method_is_one_override_away():
+    from test_configs import recipe
+
+    cfg = recipe("ablation_tiny")
+    assert dict(cfg.sampler) | {"sharpness": 0, "momentum": 0, "floor": 0} == \
+        {"name": "lossaware", "g": 3, "largest": True, "sharpness": 0, "momentum": 0, "floor": 0}
+    assert cfg.standalone is None and cfg.data.train_subset == 10000
+    paper = recipe("ablation_tiny", ["sampler=sortednet"])
+    assert dict(paper.sampler) == {"name": "sortednet", "g": 1, "all_exits": False}  # not the winner's g
