@@ -11,7 +11,7 @@ RUNS   ?= runs
 
 LLM_DATA ?= data/llm
 
-.PHONY: setup data weights llm-data run mobilenet-pretrained minilm test test-fast bench bench-decoding bench-soft clean
+.PHONY: setup data weights llm-data run mobilenet-pretrained minilm ablation test test-fast bench bench-decoding bench-soft clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,32 @@ minilm: setup
 	done
 	$(VENV)/bin/sortednet compare $(MINILM_RUNS)/rotten_tomatoes_minilm $(MINILM_RUNS)/rotten_tomatoes_minilm_sft \
 	  out=$(MINILM_RUNS)/compare
+
+# The training-method ablation (recipes/ablation_tiny.yaml, README "Training methods"): six sub-models
+# trained alone, then each method trained, evaluated beside them (% of standalone) and compared in one
+# table and plot. About an hour on 2 busy CPU cores. A method is NAME:override+override+...
+ABLATION_RUNS := $(RUNS)/ablation
+ABLATION_EVAL := eval.test_subset=2000 eval.calib_batches=5 eval.calib_batch_size=128 eval.latency.reps=1 eval.latency.warmup=0
+ABLATION_ALONE := [width0.1-depth1,width1-depth1,width0.1-depth4,width0.5-depth2,width1-depth4,width0.3-depth3]
+ABLATION_METHODS := full:sampler=full sortednet:sampler=sortednet sortednet-g4:sampler=sortednet+sampler.g=4 \
+  sandwich:sampler=sandwich sandwich-distill:sampler=sandwich+distill.enabled=true \
+  weighted:sampler=weighted+sampler.g=3+sampler.largest=true \
+  lossaware:sampler=lossaware+sampler.g=3+sampler.largest=true \
+  lossaware-distill:sampler=lossaware+sampler.g=3+sampler.largest=true+distill.enabled=true \
+  progressive:sampler=progressive+sampler.g=3+sampler.largest=true \
+  progressive-distill:sampler=progressive+sampler.g=3+sampler.largest=true+distill.enabled=true
+ablation: setup data
+	test -d $(ABLATION_RUNS)/alone/standalone || $(VENV)/bin/sortednet train --recipe ablation_tiny \
+	  hydra.run.dir=$(ABLATION_RUNS)/alone 'standalone=$(ABLATION_ALONE)'
+	for spec in $(ABLATION_METHODS); do \
+	  name=$${spec%%:*}; extra=$$(echo $${spec#*:} | tr '+' ' '); \
+	  test -f $(ABLATION_RUNS)/$$name/eval/results.json && continue; \
+	  $(VENV)/bin/sortednet train --recipe ablation_tiny hydra.run.dir=$(ABLATION_RUNS)/$$name $$extra \
+	  && $(VENV)/bin/sortednet eval --all-submodels --ckpt $(ABLATION_RUNS)/$$name \
+	     standalone=$(ABLATION_RUNS)/alone $(ABLATION_EVAL) || exit 1; \
+	done
+	$(VENV)/bin/sortednet compare $(foreach m,$(ABLATION_METHODS),$(ABLATION_RUNS)/$(firstword $(subst :, ,$(m)))) \
+	  out=$(ABLATION_RUNS)/compare-$$(date +%s)
 
 test: setup
 	$(PY) -m pytest -q

@@ -96,9 +96,11 @@ class Distill:
 
 
 def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimizer: torch.optim.Optimizer,
-               largest: SubModel, distill: Distill, device: torch.device, amp: torch.dtype | None) -> float:
+               largest: SubModel, distill: Distill, device: torch.device, amp: torch.dtype | None,
+               observe: Callable[[list[SubModel], list[float]], None] | None = None) -> float:
     """Forward/backward every sub-model of ``subs`` on ``batch`` (already on the device), accumulate,
-    one optimizer step. Returns the mean loss."""
+    one optimizer step. Returns the mean loss; ``observe(subs, losses)`` (e.g. ``Sampler.observe``)
+    is told each sub-model's label loss (cross-entropy, before any distillation mix)."""
     optimizer.zero_grad(set_to_none=True)
     inputs = task.inputs(batch)
     groups = trunk_groups(model, subs)
@@ -109,6 +111,7 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
             with torch.no_grad(), use(model, largest), autocast(device, amp):
                 teacher = call(model, inputs).detach()
     total = torch.zeros((), device=device)
+    order, parts = [], []  # each sub-model's detached label loss, gathered for one host sync
     for trunk, members in groups:
         with use(model, trunk), autocast(device, amp):
             logits = forward_members(model, inputs, trunk, members)
@@ -117,6 +120,8 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
             loss = torch.zeros((), device=device)
             for sub in members:
                 one = task.loss(logits[sub], batch)
+                order.append(sub)
+                parts.append(one.detach().float())
                 if teacher is not None and sub != largest:
                     kd = task.distill(logits[sub], teacher, batch, distill.temperature)
                     one = distill.alpha * kd + (1 - distill.alpha) * one
@@ -124,7 +129,11 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
         (loss / len(subs)).backward()
         total += loss.detach()
     optimizer.step()
-    return total.item() / len(subs)  # one host sync per step, not one per sub-model
+    if observe is None:
+        return total.item() / len(subs)  # one host sync per step, not one per sub-model
+    values = torch.stack([total.float(), *parts]).tolist()  # still one host sync
+    observe(order, values[1:])
+    return values[0] / len(subs)
 
 
 def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[SubModel]) -> dict:
@@ -159,6 +168,7 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
     per_epoch = steps_per_epoch(dataset, batch_size)
     if per_epoch == 0:
         raise ValueError(f"the training set ({len(dataset)} items) is smaller than one batch ({batch_size})")
+    sampler.start(per_epoch * epochs)  # the schedule's length, as the LR schedule's (not max_steps)
     while progress.epoch < epochs:
         model.train()  # (an epoch-end evaluation leaves it in eval mode)
         loader = epoch_loader(dataset, batch_size, seed, progress.epoch, progress.batch, num_workers,
@@ -167,7 +177,8 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
             if max_steps is not None and progress.step >= max_steps:
                 return progress
             batch = task.to_device(batch, device)
-            loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp)
+            loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp,
+                              observe=sampler.observe)
             scheduler.step()
             progress.step += 1
             progress.batch += 1

@@ -80,13 +80,16 @@ def results_table(rows, metric="accuracy", title=None, *, higher_is_better=True)
     table.add_column("sub-model")
     for d in dims:
         table.add_column(d, justify="right")
-    for name in (metric, "% of full", "FLOPs", "params", "latency ms"):
+    alone = any(r.get("standalone") is not None for r in rows)
+    for name in (metric, "% of full", *(("alone", "% of alone") if alone else ()), "FLOPs", "params",
+                 "latency ms"):
         table.add_column(name, justify="right")
     table.add_column("pareto", justify="center", style="yellow")
     for i, (r, on_front) in enumerate(zip(rows, pareto_front(rows, metric, higher_is_better)), 1):
         table.add_row(
             str(i), r["name"], *(_fmt_dim(r["dims"].get(d, "-")) for d in dims),
-            _fmt(r.get(metric)), _fmt(r.get(f"rel_{metric}")), human(r.get("flops")),
+            _fmt(r.get(metric)), _fmt(r.get(f"rel_{metric}")),
+            *((_fmt(r.get("standalone")), _fmt(r.get("rel_standalone"))) if alone else ()), human(r.get("flops")),
             human(r.get("params")), _fmt(r.get("latency_ms")), STAR if on_front else "",
             style="bold" if r.get("full") else None)
     return table
@@ -116,14 +119,16 @@ def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title
 
     dims = list(dict.fromkeys(d for r in rows for d in r["dims"]))  # == rows[0]'s dims, unless rows differ
     fixed = ["name", metric, f"rel_{metric}", "flops", "params", "latency_ms", "full", "pareto"]
+    alone = ["standalone", "rel_standalone"] if any(r.get("standalone") is not None for r in rows) else []
     dim_cols = {d: (f"dim_{d}" if d in fixed else d) for d in dims}  # a dim called "flops" must not clash
     with _atomic(paths["csv"]) as f:
         w = csv.writer(f)
-        w.writerow(["name", *dim_cols.values(), *fixed[1:]])
+        w.writerow(["name", *dim_cols.values(), *fixed[1:], *alone])
         for r, p in zip(rows, front):
             vals = [r.get(metric), r.get(f"rel_{metric}"), r.get("flops"), r.get("params"), r.get("latency_ms")]
             w.writerow([r["name"], *(r["dims"].get(d, "") for d in dims),
-                        *("" if v is None else v for v in vals), bool(r.get("full")), p])
+                        *("" if v is None else v for v in vals), bool(r.get("full")), p,
+                        *("" if r.get(k) is None else r[k] for k in alone)])
 
     doc = {"metric": metric, "higher_is_better": higher_is_better,
            "rows": [{**r, "pareto": p} for r, p in zip(rows, front)]}

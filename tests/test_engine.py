@@ -21,7 +21,7 @@ def test_samplers_draw_what_their_rule_says():
     assert sandwich[:2] == [GRID.largest, GRID.smallest] and len(sandwich) == 5
     drawn = [s for _ in range(400) for s in create_sampler("sortednet", GRID, seed=_, g=2).step()]
     assert set(drawn) == set(GRID.submodels())  # uniform over the whole grid: every member appears
-    assert set(SAMPLERS) == {"sortednet", "sandwich", "all", "full"}
+    assert set(SAMPLERS) == {"sortednet", "sandwich", "all", "full", "weighted", "lossaware", "progressive"}
 
 
 def test_sampler_owns_a_seeded_generator_and_resumes_exactly():
@@ -79,3 +79,90 @@ def test_distillation_loss_is_zero_for_identical_outputs_and_scaled_like_cross_e
     loss = train_step(model, IMAGES, [GRID.smallest], (torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))), opt,
                       GRID.largest, Distill(enabled=True, temperature=2.0, alpha=0.5), torch.device("cpu"), None)
     assert loss > 0 and torch.isfinite(torch.tensor(loss))
+
+
+def _counts(sampler, steps: int) -> dict:
+    out = {}
+    for _ in range(steps):
+        for sub in sampler.step():
+            out[sub] = out.get(sub, 0) + 1
+    return out
+
+
+def test_weighted_sampler_draws_small_submodels_more_often_with_negative_power():
+    counts = _counts(create_sampler("weighted", GRID, seed=1, g=4, power=-1.0), 500)
+    assert counts[GRID.smallest] > 5 * counts.get(GRID.largest, 0)
+    uniform = _counts(create_sampler("weighted", GRID, seed=1, g=4, power=0.0), 500)
+    assert set(uniform) == set(GRID.submodels()) and max(uniform.values()) < 3 * min(uniform.values())
+    with_largest = create_sampler("weighted", GRID, seed=1, g=2, largest=True).step()
+    assert with_largest[0] == GRID.largest and len(with_largest) == 3
+
+
+def test_lossaware_sampler_moves_toward_the_lagging_submodels_and_resumes_exactly():
+    s = create_sampler("lossaware", GRID, seed=3, g=4, sharpness=2.0, floor=0.2)
+    before = _counts(s, 200)  # nothing observed: uniform
+    assert max(before.values()) < 3 * min(before.values())
+    lagging = {GRID.smallest, GRID.submodels()[1]}
+    for _ in range(50):  # a rigged loss: two sub-models lag far behind the others
+        subs = s.step()
+        s.observe(subs, [3.0 if sub in lagging else 0.3 for sub in subs])
+    p = s.probabilities()
+    idx = [GRID.submodels().index(sub) for sub in lagging]
+    assert p[idx].sum() > 0.5 and abs(p.sum().item() - 1) < 1e-9
+    after = _counts(s, 200)
+    share = sum(after.get(sub, 0) for sub in lagging) / sum(after.values())
+    assert share > 0.5 > sum(before.get(sub, 0) for sub in lagging) / sum(before.values())
+    state = s.state_dict()
+    rest = [s.step() for _ in range(5)]
+    t = create_sampler("lossaware", GRID, seed=0, g=4)
+    t.load_state_dict(state)
+    assert [t.step() for _ in range(5)] == rest
+    with pytest.raises(ValueError):
+        create_sampler("lossaware", GRID, floor=2.0)
+
+
+def test_progressive_sampler_opens_the_grid_from_the_largest_down_and_resumes_exactly():
+    s = create_sampler("progressive", GRID, seed=0, g=2, warmup=0.2, ramp=0.6, largest=True)
+    s.start(100)
+    steps = [s.step() for _ in range(100)]
+    assert all(subs == [GRID.largest] for subs in steps[:20])  # warmup: the largest alone
+    early = {sub for subs in steps[20:30] for sub in subs}
+    assert GRID.smallest not in early and GRID.largest in early
+    assert all(subs[0] == GRID.largest and len(subs) == 3 for subs in steps[20:])
+    late = {sub for subs in steps[60:] for sub in subs}
+    assert GRID.smallest in late and len(late) > len(early)
+    opened = []
+    r = create_sampler("progressive", GRID, seed=0, g=2, warmup=0.2, ramp=0.6)
+    r.start(100)
+    for _ in range(100):
+        opened.append(r.open())
+        r.step()
+    assert opened == sorted(opened) and opened[0] == 1 and opened[-1] == len(GRID)
+    a = create_sampler("progressive", GRID, seed=5, g=2)
+    a.start(50)
+    [a.step() for _ in range(25)]
+    state, rest = a.state_dict(), [a.step() for _ in range(10)]
+    b = create_sampler("progressive", GRID, seed=5, g=2)
+    b.start(50)
+    b.load_state_dict(state)
+    assert [b.step() for _ in range(10)] == rest
+    with pytest.raises(ValueError):
+        create_sampler("progressive", GRID, warmup=0.7, ramp=0.5)
+
+
+def test_train_step_reports_each_submodels_label_loss_to_observe():
+    torch.manual_seed(0)
+    model = create("resnet_tiny", num_classes=10, in_channels=3).train()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    subs = [SubModel.of(width=0.25, depth=1), SubModel.of(width=1.0, depth=4)]
+    expected = []
+    for sub in subs:
+        with torch.no_grad(), use(model, sub):
+            expected.append(torch.nn.functional.cross_entropy(model(x), y).item())
+    seen = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mean = train_step(model, IMAGES, subs, (x, y), opt, GRID.largest, Distill(enabled=True, alpha=0.5),
+                      torch.device("cpu"), None, observe=lambda s, losses: seen.append((s, losses)))
+    (got_subs, losses), = seen
+    assert dict(zip(got_subs, losses)) == pytest.approx(dict(zip(subs, expected)), rel=1e-4)
+    assert mean > 0

@@ -43,6 +43,17 @@ def load(run: str) -> tuple[Path, DictConfig, str, list[dict], bool]:
     return path, cfg, metric, rows, bool(json.loads(results.read_text()).get("higher_is_better", True))
 
 
+def _train_seconds(run: Path) -> float | None:
+    """Training wall time of ``run`` as its metrics.jsonl last recorded it (None if it has none)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    times = [json.loads(line).get("time") for line in lines if line.strip()]
+    times = [t for t in times if t is not None]
+    return times[-1] if times else None
+
+
 def _what(cfg: DictConfig) -> str:
     size = cfg.data.get("image_size")
     return f"{cfg.model.name} on {cfg.data.name}" + (f" at {size} px" if size else "")
@@ -89,15 +100,34 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
         table.add_row(n, human(flops[n]), *cells)
     console.print(table)
     summary = []
-    for label in labels:
+    for label, (path, *_) in zip(labels, loaded):
         rows = [r for r in series[label]["rows"] if r.get(metric) is not None]
         full = next((r for r in rows if r.get("full")), max(rows, key=lambda r: r["flops"]))
         worst = min(rows, key=lambda r: r[metric])
         rel = 100 * worst[metric] / full[metric] if full[metric] else float("nan")
-        summary.append({"run": label, "full": full[metric], "lowest": worst["name"], "lowest_value": worst[metric],
-                        "lowest_rel": rel})
+        entry = {"run": label, "full": full[metric], "lowest": worst["name"], "lowest_value": worst[metric],
+                 "lowest_rel": rel, "submodels": len(rows),
+                 "at_96": sum(1 for r in rows if full[metric] and 100 * r[metric] / full[metric] >= 96),
+                 "train_seconds": _train_seconds(path)}
+        alone = [r for r in rows if r.get("rel_standalone") is not None]
+        if alone:  # eval ... standalone=DIR: each sub-model as % of itself trained alone
+            low = min(alone, key=lambda r: r["rel_standalone"])
+            entry |= {"lowest_vs_standalone": low["name"], "lowest_rel_standalone": low["rel_standalone"],
+                      "standalone_measured": len(alone)}
+        summary.append(entry)
         console.print(f"{label}: full model {full[metric]:.2f}; lowest {worst['name']} {worst[metric]:.2f} = "
-                      f"{rel:.1f}% of full")
+                      f"{rel:.1f}% of full; {entry['at_96']} of {len(rows)} at >= 96% of full"
+                      + (f"; lowest vs trained alone {low['name']} {low['rel_standalone']:.1f}%" if alone else ""))
+    plain_runs = [e for e, lab in zip(summary, labels) if series[lab]["sampler"] == "full"]
+    if plain_runs:  # a plain-training run among them: the full model and the training time against it
+        ref = plain_runs[0]
+        for e in summary:
+            e["full_vs_plain"] = e["full"] - ref["full"]
+            if e["train_seconds"] and ref["train_seconds"]:
+                e["time_vs_plain"] = e["train_seconds"] / ref["train_seconds"]
+        console.print(f"against plain training ({ref['run']}): " + "; ".join(
+            f"{e['run']} full {e['full_vs_plain']:+.2f} points"
+            + (f", {e['time_vs_plain']:.2f}x time" if e.get("time_vs_plain") else "") for e in summary))
     console.print(f"{STAR} = on that run's Pareto front ({metric} vs FLOPs); bold = the best run for that sub-model.")
 
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")

@@ -12,6 +12,7 @@ from ..engine import autocast, calibration_batches, evaluate, latency_ms
 from ..flops import measure
 from ..nest import call, use
 from ..report import pareto_front, results_table, write_results
+from ..errors import UsageError
 from ..tasks import move
 from .loaded import load_run
 
@@ -52,6 +53,13 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     for row in rows:  # relative to the full model: higher is better either way (perplexity: full / sub)
         row[f"rel_{metric}"] = (100.0 * row[metric] / full if higher else 100.0 * full / row[metric]) \
             if full and row[metric] else None
+    if cfg.get("standalone"):
+        alone = standalone_scores(cfg.standalone, r, calib, test, console)
+        for row in rows:
+            value = alone.get(row["name"])
+            row["standalone"] = value
+            row["rel_standalone"] = None if not value or not row[metric] else \
+                (100.0 * row[metric] / value if higher else 100.0 * value / row[metric])
     for row, on_front in zip(rows, pareto_front(rows, metric, higher)):
         row["pareto"] = on_front
     title = f"{r.cfg.model.name} on {data.name}: {len(rows)} sub-models, FLOPs per {data.unit}"
@@ -64,8 +72,48 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     relative = f" = {rel:.1f}% of full" if rel is not None else ""
     console.print(f"full model {metric} {full:.2f}; weakest sub-model {worst['name']} {worst[metric]:.2f}{relative}. "
                   f"FLOPs = 2 x multiply-adds per {data.unit}.")
+    vs_alone = [row for row in rows if row.get("rel_standalone") is not None]
+    if vs_alone:
+        low = min(vs_alone, key=lambda row: row["rel_standalone"])
+        console.print(f"vs trained alone ({len(vs_alone)} sub-models): lowest {low['name']} "
+                      f"{low[metric]:.2f} = {low['rel_standalone']:.1f}% of its standalone {low['standalone']:.2f}")
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return rows
+
+
+def standalone_scores(folder, r, calib: list, test, console: Console) -> dict[str, float]:
+    """``{name: metric}`` of each sub-model trained alone under ``folder/standalone/<name>/`` (by
+    ``sortednet train ... standalone=[...]``), evaluated here with the sorted run's calibration and
+    test examples; runs of another model or other data are refused."""
+    from pathlib import Path
+
+    from .. import runs
+    from ..build import build_grid, build_model, plain
+
+    root = Path(folder)
+    found = sorted(p for p in (root / "standalone").glob("*") if (p / "config.yaml").is_file()) \
+        if (root / "standalone").is_dir() else []
+    if not found:
+        raise UsageError(f"standalone={folder}: no {root / 'standalone'}/<name>/ runs there; make them with "
+                         "`sortednet train ... 'standalone=[NAME,...]' hydra.run.dir=DIR`")
+    out = {}
+    for run_dir in found:
+        ckpt = runs.latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UsageError(f"standalone: {run_dir} has no checkpoint (its training did not finish: "
+                             f"--resume {run_dir})")
+        weights, cfg = runs.load_weights(ckpt)
+        for key in ("model", "data"):
+            if plain(cfg[key]) != plain(r.cfg[key]):
+                raise UsageError(f"standalone: {run_dir} was trained with another {key} than {r.run_dir} "
+                                 f"({plain(cfg[key])} vs {plain(r.cfg[key])})")
+        model = build_model(cfg, r.data.model_args)
+        model.load_state_dict(weights)
+        model.to(r.device)
+        sub = build_grid(cfg, model).largest
+        out[sub.name] = evaluate(model, r.data.task, sub, calib, test, r.device, r.amp)
+        console.print(f"standalone {sub.name}: {r.data.task.metric} {out[sub.name]:.2f}")
+    return out
 
 
 def _repeat(example, n: int):

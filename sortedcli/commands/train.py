@@ -41,12 +41,55 @@ def _parse_value(override: str):
     return OverridesParser.create().parse_overrides([override])[0].value()
 
 
+def standalone_config(cfg: DictConfig, sub) -> DictConfig:
+    """``cfg`` made to train ``sub`` alone: a one-member grid (each dim at ``sub``'s level) whose largest
+    is ``sub``, plain training (``sampler=full``), no distillation; data, optimizer and epochs unchanged."""
+    one = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for dim, level in sub.levels:
+        OmegaConf.update(one, f"dims.{dim}.levels", [level], merge=False)
+    OmegaConf.update(one, "sampler", {"name": "full"}, merge=False)
+    OmegaConf.update(one, "standalone", None)
+    if one.get("distill") is not None:
+        OmegaConf.update(one, "distill.enabled", False)
+    return one
+
+
+def run_standalone(cfg: DictConfig, run_dir: Path, console: Console) -> list[Path]:
+    """``standalone=[NAME, ...]``: train each named sub-model of the grid alone into
+    ``run_dir/standalone/<name>/`` (an ordinary run each); returns their final checkpoints."""
+    names = [cfg.standalone] if isinstance(cfg.standalone, str) else list(cfg.standalone)
+    if cfg.get("resume") is not None:
+        raise UsageError("standalone=[...] cannot be combined with --resume: resume one sub-model's run instead "
+                         "(--resume RUN/standalone/NAME)")
+    data, _ = build_data(cfg)
+    grid = build_grid(cfg, build_model(cfg, data.model_args))
+    subs = []
+    for name in names:
+        try:
+            subs.append(grid.parse(str(name)))
+        except KeyError:
+            raise UsageError(f"standalone: {name!r} is not a sub-model of the grid (e.g. {grid.smallest.name}, "
+                             f"{grid.largest.name}; `sortednet submodels` lists them all)") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    finals = []
+    for i, sub in enumerate(subs, 1):
+        console.print(f"[bold]standalone {i}/{len(subs)}[/]: {sub.name} trained alone")
+        finals.append(run(standalone_config(cfg, sub), run_dir / "standalone" / sub.name, console))
+    console.print(f"trained {len(subs)} sub-models alone under {run_dir / 'standalone'}; compare a sorted run "
+                  f"with them: sortednet eval --all-submodels --ckpt SORTED_RUN standalone={run_dir}")
+    return finals
+
+
 def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, overrides: list[str] = ()) -> Path:
-    """Train as ``cfg`` says, writing into ``run_dir``; returns the final checkpoint folder."""
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the final checkpoint folder (with
+    ``standalone=[...]``: the folder of the standalone runs)."""
     console = console or Console()
     run_dir = Path(run_dir)
     resuming = cfg.get("resume") is not None
     check_settings(cfg)  # trainer sizes and counts, typed optimizer values: before anything is written
+    if cfg.get("standalone"):
+        run_standalone(cfg, run_dir, console)
+        return run_dir / "standalone"
     if resuming:
         run_dir = Path(cfg.resume)
         ckpt = runs.latest_checkpoint(run_dir)
