@@ -180,7 +180,7 @@ def test_pretrained_recipe_baselines_are_one_override_away():
     model.importance=none (sorted without importance sorting), US-Nets (sandwich + distillation)."""
     cfg = recipe("fmnist_mobilenet_v2_pretrained")
     assert cfg.model.weights == "IMAGENET1K_V1" and cfg.model.importance == "l1"
-    model = build_model(cfg, 10, 1)
+    model = build_model(cfg, {"num_classes": 10, "in_channels": 1})
     grid = build_grid(cfg, model)
     full = recipe("fmnist_mobilenet_v2_pretrained", ["sampler=full", "~sampler.g"])
     assert build_sampler(full, grid).name == "full"
