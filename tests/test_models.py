@@ -1,7 +1,9 @@
 """Every registered model keeps the nesting guarantees; importance sorting; pretrained weights.
 
-Parametrized over :data:`sortedcli.models.REGISTRY`: a new architecture gets these tests by
-registering itself (and naming its plain library twin in ``PLAIN``).
+Parametrized over the image models of :data:`sortedcli.models.REGISTRY`: a new vision architecture
+gets these tests by registering itself (and naming its plain library twin in ``PLAIN``). The
+transformer entries (text in, tokens and configs rather than images) have the same guarantees checked
+in ``test_transformers.py`` (BERT family) and ``test_llama.py`` (LLaMA).
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ PLAIN = {
 GROUPS = {"resnet": resnet.importance_groups, "mobilenet": mobilenet.importance_groups}
 WIDTHS = (0.25, 0.5, 1.0)
 BIG = {"resnet34", "resnet50"}  # the same code paths as resnet18: their heavy checks are marked slow
-MODELS = [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in sorted(REGISTRY)]
+VISION = sorted(n for n, e in REGISTRY.items() if "image_classification" in e.tasks)
+TRANSFORMERS = {"bert": "test_transformers.py", "llama": "test_llama.py", "llama_tiny": "test_llama.py"}
+MODELS = [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in VISION]
 
 
 def test_every_registered_model_is_covered_here():
-    assert set(PLAIN) == set(REGISTRY)
+    assert set(PLAIN) == set(VISION)
+    assert set(REGISTRY) - set(VISION) == set(TRANSFORMERS)  # covered by their own test files
 
 
 _built: dict = {}
