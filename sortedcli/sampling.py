@@ -30,6 +30,8 @@ so a resumed run draws exactly what it would have drawn.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 
 import torch
@@ -37,7 +39,7 @@ import torch
 from .nest import Grid, SubModel
 
 
-class Sampler:
+class Sampler(ABC):
     """A schedule: ``step()`` names the sub-models of the next optimizer step (subclasses write
     ``draw``). The engine calls ``start(total_steps)`` once before training and ``observe(subs,
     losses)`` after every step; both are no-ops unless a schedule needs them."""
@@ -64,8 +66,9 @@ class Sampler:
         self.steps += 1
         return subs
 
+    @abstractmethod
     def draw(self) -> list[SubModel]:
-        raise NotImplementedError
+        """This step's sub-models (``step`` counts the step)."""
 
     def observe(self, subs: list[SubModel], losses: list[float]) -> None:
         """Each trained sub-model's (label) loss of the last step, in the order of ``subs``."""
