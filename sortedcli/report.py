@@ -168,7 +168,6 @@ def plot_results(rows, path, metric="accuracy", higher_is_better=True, title=Non
         matplotlib.use("Agg")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     path = Path(path)
     front = pareto_front(rows, metric, higher_is_better)
@@ -209,23 +208,7 @@ def plot_results(rows, path, metric="accuracy", higher_is_better=True, title=Non
                         xytext=(-6, 12 if higher_is_better else -12), textcoords="offset points",
                         ha="right", va="bottom" if higher_is_better else "top",
                         bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.6", "alpha": 0.9})
-        ax.set_xscale("log")
-        ax.margins(x=0.06, y=0.1)  # room for the full model's label
-        ax.xaxis.set_major_formatter(FuncFormatter(_tick))
-        # label 2x/3x/5x minor ticks only when the FLOPs span under two decades (else they crowd)
-        if math.log10(max(x) / min(x)) < 2:
-            minor = FuncFormatter(lambda v, pos: _tick(v) if _mantissa(v) in (2, 3, 5) else "")
-            ax.xaxis.set_minor_formatter(minor)
-        else:
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.legend(loc="best", fontsize=9, framealpha=0.9)
-    else:
-        ax.text(0.5, 0.5, f"no measured {metric}", ha="center", va="center", transform=ax.transAxes)
-
-    fig.tight_layout()
-    with _atomic(path, "wb") as f:
-        fig.savefig(f, format="png")
-    return path
+    return _finish(fig, ax, [r["flops"] for r, _ in pts], path, metric, y_margin=0.1, fontsize=9)  # y room for the full model's label
 
 
 def plot_compare(series: dict[str, list[dict]], path, metric="accuracy", higher_is_better=True, title=None) -> Path:
@@ -236,7 +219,6 @@ def plot_compare(series: dict[str, list[dict]], path, metric="accuracy", higher_
         matplotlib.use("Agg")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     path = Path(path)
     fig = Figure(figsize=(8, 5.5), dpi=150)
@@ -261,15 +243,24 @@ def plot_compare(series: dict[str, list[dict]], path, metric="accuracy", higher_
         ax.plot([a for a, _ in fp], [b for _, b in fp], "-", color=color, lw=1.6, zorder=3,
                 marker=markers[i % len(markers)], ms=5, label=f"{label} (Pareto front: {len(fp)})")
         xs += [r["flops"] for r in pts]
+    return _finish(fig, ax, xs, path, metric, y_margin=0.08, fontsize=8)
+
+
+def _finish(fig, ax, xs, path, metric, y_margin, fontsize) -> Path:
+    """Log FLOPs axis with readable ticks and the legend (or a note when nothing was measured); the
+    PNG written atomically. Minor 2x/3x/5x ticks are labelled only when the FLOPs span under two
+    decades (else they crowd)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     if xs:
         ax.set_xscale("log")
-        ax.margins(x=0.06, y=0.08)
+        ax.margins(x=0.06, y=y_margin)
         ax.xaxis.set_major_formatter(FuncFormatter(_tick))
         if math.log10(max(xs) / min(xs)) < 2:
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, pos: _tick(v) if _mantissa(v) in (2, 3, 5) else ""))
         else:
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+        ax.legend(loc="best", fontsize=fontsize, framealpha=0.9)
     else:
         ax.text(0.5, 0.5, f"no measured {metric}", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
