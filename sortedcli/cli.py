@@ -170,15 +170,20 @@ def console():
     return Console(width=160)
 
 
-def _run_verb(verb: str, cfg) -> None:
+def _run_verb(verb: str, cfg, argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import MissingMandatoryValue
 
+    from . import distributed
     from .commands import compare, eval as eval_cmd, export, generate, submodels, train
     from .errors import UsageError
 
     try:
-        if verb == "train":
+        if verb in ("train", "eval") and _devices(cfg) > 1 and distributed.env_world() == 1:
+            code = _launch(verb, cfg, argv)
+            if code:
+                raise SystemExit(code)
+        elif verb == "train":
             hydra_cfg = HydraConfig.get()
             train.run(cfg, Path(hydra_cfg.runtime.output_dir), console(), overrides=list(hydra_cfg.overrides.task))
         elif verb == "eval":
@@ -199,6 +204,42 @@ def _run_verb(verb: str, cfg) -> None:
     except KeyboardInterrupt:
         print("sortednet: interrupted; a train run continues with --resume RUN_DIR", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        distributed.shutdown()
+
+
+def _devices(cfg) -> int:
+    devices = cfg.get("trainer", {}).get("devices", 1)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        _fail(f"trainer.devices must be a whole number >= 1 (processes, one per GPU or CPU share), got {devices!r}")
+    return devices
+
+
+def _launch(verb: str, cfg, argv: list[str]) -> int:
+    """``trainer.devices=N``: run this same command as N data-parallel processes (torch's elastic
+    launch, as torchrun does); the settings are checked here first, so a mistake is one line, once."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    from . import distributed
+    from .build import build_device, check_settings
+    from .errors import UsageError
+
+    n = cfg.trainer.devices
+    cuda = build_device(cfg)[0].type == "cuda"
+    if cuda and n > torch.cuda.device_count():
+        raise UsageError(f"trainer.devices={n} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if verb == "train":
+        check_settings(cfg)
+        if cfg.trainer.batch_size % n:
+            raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be a "
+                             f"multiple of trainer.devices={n} (each process takes an equal slice)")
+        if cfg.get("resume") is None:  # every process writes into the folder this one's Hydra made
+            out = HydraConfig.get().runtime.output_dir
+            argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+            argv += [f"hydra.run.dir={_quote(out)}", "hydra.output_subdir=null"]
+    print(f"sortednet: launching {n} processes ({'NCCL' if cuda else 'gloo'})", file=sys.stderr)
+    return distributed.launch(n, [verb, *argv], cuda)
 
 
 def _fail(message: str) -> None:
@@ -229,8 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     def task(cfg) -> None:
         nonlocal started
         started = True
-        _run_verb(verb, cfg)
+        _run_verb(verb, cfg, rest)
 
+    if verb == "train" and int(os.environ.get("RANK", "0")) > 0:
+        # torchrun's other ranks train in rank 0's run folder (train.py is told it); their own Hydra
+        # gets a scratch folder instead of claiming a ${fresh:} name, and writes no .hydra/ or log
+        hydra_args += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+        if not any(a.startswith("hydra.run.dir=") for a in hydra_args):
+            import tempfile
+
+            hydra_args.append(f"hydra.run.dir={_quote(tempfile.mkdtemp(prefix='sortednet-rank-'))}")
     saved_argv = sys.argv
     sys.argv = [f"sortednet {verb}", *hydra_args]
     try:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler as IndexSampler
 
+from .distributed import Dist
 from .nest import SubModel, call, has_batchnorm, recalibrate, run_exits, trunk_groups, use
 from .sampling import Sampler
 from .tasks import Task
@@ -57,10 +58,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 class EpochBatches(IndexSampler):
     """Batches of indices of one epoch: a permutation seeded by ``(seed, epoch)``, full batches only,
-    starting at batch ``start`` (to resume mid-epoch)."""
+    starting at batch ``start`` (to resume mid-epoch).
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+    With ``world`` data-parallel processes, ``batch_size`` is the global batch and rank ``rank`` gets
+    its ``batch_size / world`` slice of each: the global batches do not depend on the number of
+    processes, so a run resumed (or re-run) with another number sees the same data."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
+                 world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"the batch size ({batch_size}) must be a multiple of the number of processes "
+                             f"({world}): each takes an equal slice of every batch")
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return self.n // self.batch_size - self.start
@@ -68,14 +78,18 @@ class EpochBatches(IndexSampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
+        part = self.batch_size // self.world
         for b in range(self.start, self.n // self.batch_size):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            first = b * self.batch_size + self.rank * part
+            yield order[first:first + part]
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 num_workers: int = 0, pin_memory: bool = False, collate: Callable | None = None) -> DataLoader:
+                 num_workers: int = 0, pin_memory: bool = False, collate: Callable | None = None,
+                 dist: Dist = Dist()) -> DataLoader:
     # The loader gets its own generator so that creating it never draws from the global RNG.
-    return DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed, epoch, start),
+    batches = EpochBatches(len(dataset), batch_size, seed, epoch, start, dist.rank, dist.world)
+    return DataLoader(dataset, batch_sampler=batches,
                       num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed + epoch))
 
@@ -97,10 +111,15 @@ class Distill:
 
 def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimizer: torch.optim.Optimizer,
                largest: SubModel, distill: Distill, device: torch.device, amp: torch.dtype | None,
-               observe: Callable[[list[SubModel], list[float]], None] | None = None) -> float:
+               observe: Callable[[list[SubModel], list[float]], None] | None = None,
+               dist: Dist = Dist()) -> float:
     """Forward/backward every sub-model of ``subs`` on ``batch`` (already on the device), accumulate,
     one optimizer step. Returns the mean loss; ``observe(subs, losses)`` (e.g. ``Sampler.observe``)
-    is told each sub-model's label loss (cross-entropy, before any distillation mix)."""
+    is told each sub-model's label loss (cross-entropy, before any distillation mix).
+
+    Data-parallel (``dist``): ``batch`` is this rank's slice; the accumulated gradients are averaged
+    over the ranks once, before the step, and the losses too, so every rank's sampler observes the
+    same values and draws the same sub-models next."""
     optimizer.zero_grad(set_to_none=True)
     inputs = task.inputs(batch)
     groups = trunk_groups(model, subs)
@@ -128,10 +147,11 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                 loss = loss + one
         (loss / len(subs)).backward()
         total += loss.detach()
+    dist.average_gradients(model)
     optimizer.step()
     if observe is None:
-        return total.item() / len(subs)  # one host sync per step, not one per sub-model
-    values = torch.stack([total.float(), *parts]).tolist()  # still one host sync
+        return dist.mean(total).item() / len(subs)  # one host sync per step, not one per sub-model
+    values = dist.mean(torch.stack([total.float(), *parts])).tolist()  # still one host sync
     observe(order, values[1:])
     return values[0] / len(subs)
 
@@ -160,10 +180,11 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
         scheduler: torch.optim.lr_scheduler.LRScheduler, dataset: Dataset, *, epochs: int,
         batch_size: int, seed: int, device: torch.device, amp: torch.dtype | None,
         distill: Distill, progress: Progress, max_steps: int | None = None, num_workers: int = 0,
-        collate: Callable | None = None,
+        collate: Callable | None = None, dist: Dist = Dist(),
         on_step: Callable[[Progress, float], None] = lambda p, loss: None,
         on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
-    """Train from ``progress`` to the end of ``epochs`` (or ``max_steps`` optimizer steps)."""
+    """Train from ``progress`` to the end of ``epochs`` (or ``max_steps`` optimizer steps); with
+    ``dist``, as one of its data-parallel processes (``batch_size`` is the global batch)."""
     largest = sampler.grid.largest
     per_epoch = steps_per_epoch(dataset, batch_size)
     if per_epoch == 0:
@@ -172,13 +193,13 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
     while progress.epoch < epochs:
         model.train()  # (an epoch-end evaluation leaves it in eval mode)
         loader = epoch_loader(dataset, batch_size, seed, progress.epoch, progress.batch, num_workers,
-                              pin_memory=device.type == "cuda", collate=collate)
+                              pin_memory=device.type == "cuda", collate=collate, dist=dist)
         for batch in loader:
             if max_steps is not None and progress.step >= max_steps:
                 return progress
             batch = task.to_device(batch, device)
             loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp,
-                              observe=sampler.observe)
+                              observe=sampler.observe, dist=dist)
             scheduler.step()
             progress.step += 1
             progress.batch += 1
@@ -216,8 +237,9 @@ def calibration_batches(model: nn.Module, task: Task, dataset: Dataset, batch_si
 
 @torch.no_grad()
 def score(model: nn.Module, task: Task, sub: SubModel | None, loader: Iterable, device: torch.device,
-          amp: torch.dtype | None) -> float:
-    """The task's metric (accuracy, F1, perplexity) of ``sub`` (eval mode) over ``loader``."""
+          amp: torch.dtype | None, dist: Dist = Dist()) -> float:
+    """The task's metric (accuracy, F1, perplexity) of ``sub`` (eval mode) over ``loader`` (with
+    ``dist``: over every rank's ``loader``, each rank holding a part of the test set)."""
     model.eval()
     sums = None
     with use(model, sub), autocast(device, amp):
@@ -225,6 +247,8 @@ def score(model: nn.Module, task: Task, sub: SubModel | None, loader: Iterable, 
             batch = task.to_device(batch, device)
             part = task.sums(call(model, task.inputs(batch)), batch)
             sums = part if sums is None else sums + part
+    if dist.enabled:  # a rank with no test batch (more ranks than batches) still takes part
+        sums = dist.sum(sums if sums is not None else torch.zeros(task.sums_size, device=device))
     if sums is None:
         raise ValueError("nothing to evaluate: the test set is empty")
     return task.finish(sums)  # one host sync per sub-model, not per batch
@@ -247,9 +271,10 @@ def latency_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, 
 
 
 def evaluate(model: nn.Module, task: Task, sub: SubModel | None, calib: list, test: Iterable,
-             device: torch.device, amp: torch.dtype | None) -> float:
-    """Recalibrate ``sub``'s BatchNorm on ``calib`` (when it has BatchNorm) and return its metric."""
+             device: torch.device, amp: torch.dtype | None, dist: Dist = Dist()) -> float:
+    """Recalibrate ``sub``'s BatchNorm on ``calib`` (when it has BatchNorm; locally, on each rank) and
+    return its metric (over every rank's ``test`` with ``dist``)."""
     if calib:
         with autocast(device, amp):
             recalibrate(model, sub, calib)
-    return score(model, task, sub, test, device, amp)
+    return score(model, task, sub, test, device, amp, dist)

@@ -80,6 +80,9 @@ class Task(ABC):
         correct = (z.argmax(-1) == t)[keep].sum()
         return torch.stack([correct.float(), keep.sum().float()])
 
+    #: the length of ``sums(...)``: a rank that got no test batch contributes zeros of this size
+    sums_size = 2
+
     def finish(self, sums: torch.Tensor) -> float:
         correct, total = sums.tolist()
         return 100.0 * correct / max(1.0, total)
@@ -127,6 +130,7 @@ class TextClassification(KeywordBatches):
         if metric not in ("accuracy", "f1"):
             raise ValueError(f"text classification metric must be accuracy or f1, got {metric!r}")
         self.metric = metric
+        self.sums_size = 2 if metric == "accuracy" else 3
 
     def sums(self, logits, batch):
         if self.metric == "accuracy":

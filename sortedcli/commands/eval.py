@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .. import distributed
 from ..engine import autocast, calibration_batches, evaluate, latency_ms
 from ..flops import measure
 from ..nest import call, use
@@ -20,7 +21,14 @@ from .loaded import load_run
 def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     console = console or Console()
     r = load_run(cfg)
+    d = distributed.setup(r.device)  # under torchrun / trainer.devices=N: each rank takes part of the grid
+    if d.enabled:
+        r.device = distributed.local_device(r.device, d)
+        r.model.to(r.device)
+    if not d.main:
+        console = Console(quiet=True)
     subs = r.grid.submodels() if cfg.all_submodels else list(dict.fromkeys([r.grid.smallest, r.grid.largest]))
+    mine = subs[d.rank::d.world]
     e, data, task = cfg.eval, r.data, r.data.task
     calib = calibration_batches(r.model, task, data.calib, e.calib_batch_size, e.calib_batches, cfg.seed,
                                 r.device, data.collate)
@@ -31,13 +39,13 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     console.print(f"[bold]sortednet eval[/] {r.run_dir} ({r.ckpt.name}): {len(subs)} of {len(r.grid)} sub-models "
                   f"on {len(data.test)} test examples ({task.metric}), "
                   + (f"BatchNorm recalibrated on {len(calib)} batches, " if calib else "")
-                  + f"device={r.device.type}")
+                  + f"device={r.device.type}" + (f", {d.world} processes" if d.enabled else ""))
 
     rows, metric, higher = [], task.metric, task.higher_is_better
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as bar:
-        job = bar.add_task("evaluating", total=len(subs))
-        for sub in subs:
+                  console=console, disable=not d.main) as bar:
+        job = bar.add_task("evaluating" + (" (rank 0's share)" if d.enabled else ""), total=len(mine))
+        for sub in mine:
             bar.update(job, description=f"evaluating {sub.name}")
             cost = measure(r.model, sub, example)
             value = evaluate(r.model, task, sub, calib, test, r.device, r.amp)
@@ -46,6 +54,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
             rows.append({"name": sub.name, "dims": sub.as_dict(), metric: value, "flops": cost.flops,
                          "params": cost.params, "latency_ms": ms, "full": sub == r.grid.largest})
             bar.advance(job)
+    if d.enabled:  # one table, in the grid's order, as a single process would make it
+        parts = d.gather(rows)
+        rows = [row for i in range(len(subs)) for row in [parts[i % d.world][i // d.world]]]
+        if not d.main:
+            return rows
 
     full = next((row[metric] for row in rows if row["full"]), None)
     if full is None:

@@ -10,11 +10,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-from .. import runs
+from .. import distributed, runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
                      build_sampler, check_settings)
 from ..engine import Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
 from ..errors import UsageError
+from ..nest import synchronize
 from ..tensorboard_log import TensorBoardLog
 
 
@@ -87,6 +88,16 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     run_dir = Path(run_dir)
     resuming = cfg.get("resume") is not None
     check_settings(cfg)  # trainer sizes and counts, typed optimizer values: before anything is written
+    device, amp = build_device(cfg)
+    d = distributed.setup(device)  # one of several torchrun processes, or Dist(): the only one
+    device = distributed.local_device(device, d)
+    if not d.main:
+        console = Console(quiet=True)  # rank 0 prints and writes; the others train
+    if cfg.trainer.batch_size % d.world:
+        raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be a multiple "
+                         f"of the {d.world} processes (each takes an equal slice)")
+    if not resuming:
+        run_dir = distributed.agree_on_run_dir(run_dir, d)
     if cfg.get("standalone"):
         run_standalone(cfg, run_dir, console)
         return run_dir / "standalone"
@@ -100,6 +111,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     elif (run_dir / "config.yaml").exists():
         raise UsageError(f"{run_dir} already holds a run (two runs started in the same second?): "
                          "pass hydra.run.dir=NEW_DIR, or --resume it")
+    d.barrier()  # every rank has looked before rank 0 writes
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
@@ -108,10 +120,12 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     model = build_model(cfg, data.model_args)
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
-    device, amp = build_device(cfg)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    d.broadcast_module(model)
+    if d.enabled and cfg.trainer.get("sync_batchnorm", True):
+        synchronize(model)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
     per_epoch = steps_per_epoch(data.train, t.batch_size)
@@ -130,26 +144,34 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
         progress = Progress(**state["progress"])
-        console.print(f"resuming {run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})")
-    else:
+        console.print(f"resuming {run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})"
+                      + (f" with {d.world} processes" if d.enabled else ""))
+    elif d.main:
         runs.save_config(run_dir, cfg)
+    if d.rank > 0:  # rank 0 keeps the single-process random stream; the others get their own (augmentation)
+        torch.manual_seed(cfg.seed + 7919 * d.rank + progress.step)
 
     console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} examples), "
                   f"{len(grid)} sub-models ({' x '.join(f'{d.name} {len(d.levels)}' for d in grid.dims)}), "
                   f"sampler={sampler.name}, device={device.type}"
-                  f"{'+' + str(amp).removeprefix('torch.') if amp else ''} -> {run_dir}")
+                  f"{'+' + str(amp).removeprefix('torch.') if amp else ''}"
+                  + (f" x {d.world} processes (global batch {t.batch_size})" if d.enabled else "")
+                  + f" -> {run_dir}")
     console.print(f"augmentation: {data.augmentation}")
-    board = TensorBoardLog(run_dir, t.get("tensorboard", True), purge_step=progress.step if resuming else None)
+    board = TensorBoardLog(run_dir, t.get("tensorboard", True) and d.main,
+                           purge_step=progress.step if resuming else None)
 
     def log(record: dict) -> None:
-        runs.append_metrics(run_dir, record)
-        board.write(record)
+        if d.main:
+            runs.append_metrics(run_dir, record)
+            board.write(record)
 
     calib = test = None
     if t.epoch_eval:
         calib = calibration_batches(model, task, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
                                     cfg.seed, device, data.collate)
-        subset = torch.utils.data.Subset(data.test, range(min(len(data.test), t.epoch_eval_subset)))
+        # each rank tests its share of the subset; the metric's sums are added up over the ranks
+        subset = torch.utils.data.Subset(data.test, range(d.rank, min(len(data.test), t.epoch_eval_subset), d.world))
         test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size, collate_fn=data.collate)
 
     def checkpoint():
@@ -160,14 +182,18 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        return runs.save_checkpoint(run_dir, progress.step, model, state, cfg, keep=t.keep_checkpoints)
+        path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
+        if d.main:  # the ranks hold the same weights: one copy, loadable by any number of processes
+            path = runs.save_checkpoint(run_dir, progress.step, model, state, cfg, keep=t.keep_checkpoints)
+        d.barrier()
+        return path
 
     started = time.perf_counter()
     losses: list[float] = []
 
     with Bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
              TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
-             transient=False) as bar:
+             transient=False, disable=not d.main) as bar:
         job = bar.add_task("train", total=total, completed=progress.step, epoch=progress.epoch + 1, loss="-")
 
         def on_step(p: Progress, loss: float) -> None:
@@ -185,16 +211,16 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             if test is not None:
                 short = "acc" if task.metric == "accuracy" else task.metric
                 for label, sub in (("largest", grid.largest), ("smallest", grid.smallest)):
-                    record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp)
+                    record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp, d)
                 bar.console.print(f"epoch {p.epoch}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
-                                  f"smallest {record[f'{short}_smallest']:.2f} (first {len(test.dataset)} test "
-                                  "examples)")
+                                  f"smallest {record[f'{short}_smallest']:.2f} (first "
+                                  f"{min(len(data.test), t.epoch_eval_subset)} test examples)")
             log(record)
             checkpoint()
 
         fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
             seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
-            max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, on_step=on_step,
+            max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d, on_step=on_step,
             on_epoch_end=on_epoch_end)
 
     board.close()

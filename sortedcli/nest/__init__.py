@@ -8,7 +8,7 @@
 - :mod:`.batchnorm`: per-sub-model BatchNorm recalibration.
 """
 
-from .batchnorm import has_batchnorm, recalibrate
+from .batchnorm import has_batchnorm, recalibrate, synchronize
 from .convert import DepthUnit, Nesting, call, has_exits, nesting, run_exits, sortify, trunk_groups, use
 from .extract import check_equal, extract, trace
 from .layers import Scope, sorted_size
@@ -17,5 +17,5 @@ from .space import COUNT, FRACTION, Dim, Grid, SubModel
 __all__ = [
     "COUNT", "FRACTION", "DepthUnit", "Dim", "Grid", "Nesting", "Scope", "SubModel", "call", "check_equal",
     "extract", "has_batchnorm", "has_exits", "nesting", "recalibrate", "run_exits", "sortify", "sorted_size",
-    "trace", "trunk_groups", "use",
+    "synchronize", "trace", "trunk_groups", "use",
 ]

@@ -31,6 +31,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
+def synchronize(model: nn.Module, on: bool = True) -> int:
+    """Make ``model``'s sorted BatchNorm layers compute their training statistics over the batches of
+    all data-parallel ranks (an initialized ``torch.distributed`` process group). Returns how many."""
+    from .layers import SortedBatchNorm
+
+    layers = [m for m in model.modules() if isinstance(m, SortedBatchNorm)]
+    for m in layers:
+        m.sync = on
+    return len(layers)
+
+
 @torch.no_grad()
 def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable) -> int:
     """Recompute the BatchNorm statistics of ``model`` for sub-model ``sub`` from ``batches`` (input
@@ -40,9 +51,11 @@ def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable) -> in
     if not bns:
         return 0
     momenta = [bn.momentum for bn in bns]
+    synced = [getattr(bn, "sync", False) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
+        bn.sync = False  # recalibration stays local: each rank calibrates its own sub-models
     model.train()
     n = 0
     try:
@@ -51,8 +64,10 @@ def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable) -> in
                 call(model, x)
                 n += 1
     finally:
-        for bn, momentum in zip(bns, momenta):
+        for bn, momentum, sync in zip(bns, momenta, synced):
             bn.momentum = momentum
+            if sync:
+                bn.sync = True
         model.eval()
     if n == 0:
         raise ValueError("no calibration batches: BatchNorm statistics cannot be recalibrated")

@@ -158,6 +158,9 @@ class SortedBatchNorm(SortedLayer):
     meaning a cumulative average with factor ``1 / num_batches_tracked``.
     """
 
+    #: training statistics over the batches of all data-parallel ranks (``nest.batchnorm.synchronize``)
+    sync = False
+
     def sizes(self, x):
         return x.shape[1], x.shape[1]
 
@@ -172,6 +175,8 @@ class SortedBatchNorm(SortedLayer):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if self.training and self.sync:
+            return self._synchronized(x, p, factor)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_stats = not self.training or self.track_running_stats
         return F.batch_norm(
@@ -180,6 +185,29 @@ class SortedBatchNorm(SortedLayer):
             p["running_var"] if keep_stats else None,
             p["weight"], p["bias"], use_batch_stats, factor, self.eps,
         )
+
+    def _synchronized(self, x, p, factor):
+        """Batch statistics over every rank's batch (torch's SyncBatchNorm runs on GPUs only): one
+        differentiable all-reduce of per-channel sums, so the gradients equal one process's on the
+        global batch."""
+        from ..distributed import sum_over_ranks
+
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        xf = x.float()
+        count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
+        stats = sum_over_ranks(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats and p["running_mean"] is not None:
+            with torch.no_grad():
+                p["running_mean"].mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                p["running_var"].mul_(1 - factor).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=factor)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if p["weight"] is not None:
+            y = y * p["weight"].view(shape) + p["bias"].view(shape)
+        return y.to(x.dtype)
 
     def to_plain(self, n_in, n_out):
         base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))

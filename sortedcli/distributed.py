@@ -1,0 +1,199 @@
+"""Data parallelism across processes: ``torch.distributed`` is the engine, torchrun the launcher.
+
+``torchrun --nproc-per-node N -m sortedcli train ...`` starts one process per device; ``trainer.devices=N``
+makes ``sortednet`` start them itself through torch's elastic launch API (what torchrun uses). Each
+process calls :func:`setup`, which joins the process group (gloo on the CPU, NCCL on GPUs) and
+returns a :class:`Dist`: the rank, the world size and the few collectives the engine needs. A
+single process gets ``Dist()``, whose collectives do nothing, so the engine has one code path.
+
+Why not ``DistributedDataParallel``: its reducer assumes one graph per iteration, but a SortedNet
+step runs g different sub-models (some skip blocks; sliced weights), accumulating gradients
+locally. Every rank runs *the same* sub-models (the sampler's generator is seeded identically and
+sees the same all-reduced losses), so after the local backward passes the ranks agree on which
+parameters have a gradient, and one bucketed all-reduce per optimizer step averages exactly those:
+no per-micro-step communication (DDP's ``no_sync``), no ``find_unused_parameters`` graph walk for
+the blocks a shallow sub-model skipped, no hang.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+BUCKET_BYTES = 32 * 2**20  # gradients are all-reduced in flat buckets of about this size
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among ``world`` data-parallel processes (``Dist()``: the only one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that prints, shows progress and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of ``tensor`` over the ranks (a new tensor; ``tensor`` itself when alone)."""
+        if not self.enabled:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.sum(tensor) / self.world if self.enabled else tensor
+
+    def gather(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank (any picklable object)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (any picklable object)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_module(self, model: nn.Module) -> None:
+        """Make every rank's parameters and buffers rank 0's (they start equal; this makes sure)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def average_gradients(self, model: nn.Module) -> None:
+        """Average the accumulated ``.grad`` of ``model``'s parameters over the ranks, in flat buckets.
+
+        Parameters without a gradient (a block no sampled sub-model ran) are skipped; every rank ran the
+        same sub-models, so every rank skips the same ones and the buckets line up."""
+        if not self.enabled:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            last = i == len(grads) - 1
+            if size >= BUCKET_BYTES or last or grads[i + 1].dtype != g.dtype or grads[i + 1].device != g.device:
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                dist.all_reduce(flat)
+                flat /= self.world
+                offset = 0
+                for t in bucket:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+                bucket, size = [], 0
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``sum over ranks of x`` with its gradient (the sum over ranks of the output's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce (sum), used by synchronized BatchNorm."""
+    return _SumOverRanks.apply(x)
+
+
+# --- joining and launching -----------------------------------------------------------------------
+
+def env_world() -> int:
+    """The world size torchrun (or ``trainer.devices``) gave this process; 1 when not launched so."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: torch.device) -> Dist:
+    """Join the process group when launched as one of several processes (gloo for the CPU, NCCL for
+    CUDA); the GPU is the local rank's. Idempotent; ``Dist()`` for a single process."""
+    world = env_world()
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return Dist(rank=rank, world=world, local_rank=local_rank)
+
+
+def local_device(device: torch.device, d: Dist) -> torch.device:
+    """``cuda:LOCAL_RANK`` for a CUDA run of several processes; ``device`` otherwise."""
+    return torch.device("cuda", d.local_rank) if device.type == "cuda" and d.enabled else device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree_on_run_dir(run_dir, d: Dist):
+    """Rank 0's run folder, on every rank. Under plain torchrun each rank's Hydra names its own folder
+    (``${now:}`` may differ by a second): the others are dropped when empty."""
+    from pathlib import Path
+
+    chosen = Path(d.broadcast(str(run_dir)))
+    mine = Path(run_dir)
+    if mine.resolve() != chosen.resolve() and mine.is_dir() and not any(mine.iterdir()):
+        shutil.rmtree(mine, ignore_errors=True)
+    return chosen
+
+
+def launch(nprocs: int, argv: list[str], cuda: bool) -> int:
+    """Run ``python -m sortedcli ARGV`` as ``nprocs`` processes of one job on this machine, through
+    torch's elastic launch API (torchrun's ``--standalone``: a local rendezvous on a free port, no
+    restarts). Returns the exit status: 0, or the first failed rank's."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    try:
+        elastic_launch(config, sys.executable)("-m", "sortedcli", *argv)
+    except ChildFailedError as e:
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        return next((c for c in codes if c and c > 0), 1)
+    return 0
