@@ -238,12 +238,13 @@ def _launch(verb: str, cfg, argv: list[str]) -> int:
             out = HydraConfig.get().runtime.output_dir
             argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
             argv += [f"hydra.run.dir={_quote(out)}", "hydra.output_subdir=null"]
-    print(f"sortednet: launching {n} processes ({'NCCL' if cuda else 'gloo'})", file=sys.stderr)
+    print(f"sortednet: launching {n} processes ({'NCCL' if cuda else 'gloo'})", flush=True)
     return distributed.launch(n, [verb, *argv], cuda)
 
 
 def _fail(message: str) -> None:
-    print(f"sortednet: error: {message}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # several processes make the same mistake: say it once
+        print(f"sortednet: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -36,6 +36,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: the model is sharded with FSDP2 (``fully_shard``), which reduce-scatters gradients itself
+    sharded: bool = False
 
     @property
     def main(self) -> bool:
@@ -90,7 +92,7 @@ class Dist:
 
         Parameters without a gradient (a block no sampled sub-model ran) are skipped; every rank ran the
         same sub-models, so every rank skips the same ones and the buckets line up."""
-        if not self.enabled:
+        if not self.enabled or self.sharded:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         bucket: list[torch.Tensor] = []
@@ -186,8 +188,13 @@ def launch(nprocs: int, argv: list[str], cuda: bool) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    import logging
+
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
+    # the processes print their own errors (one line for a mistake, the traceback for a bug); the
+    # agent's log lines about stopping the other ranks would only repeat them
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1, start_method="spawn")
@@ -197,3 +204,50 @@ def launch(nprocs: int, argv: list[str], cuda: bool) -> int:
         codes = [f.exitcode for _, f in sorted(e.failures.items())]
         return next((c for c in codes if c and c > 0), 1)
     return 0
+
+
+# --- FSDP2: sharded parameters, gradients and optimizer state --------------------------------------
+
+def shard(model: nn.Module) -> int:
+    """Shard ``model`` with FSDP2 (``fully_shard``): each depth unit (a transformer layer) is its own
+    group, gathered just before it runs; the embeddings, final norm and head belong to the root.
+    Slicing (heads, ffn) and exits work unchanged: a unit's parameters are whole tensors while it runs.
+    Returns the number of groups."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .nest import nesting
+
+    units = nesting(model).units
+    for unit in units:
+        fully_shard(unit.module)
+    fully_shard(model)
+    return len(units) + 1
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> tuple[dict, dict]:
+    """``(weights, optimizer state)`` as whole tensors on the CPU, in the format a single process
+    loads. Sharded: a collective that every rank calls; rank 0 receives them (the others get {})."""
+    if not d.sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist) -> None:
+    """Load an optimizer state saved by :func:`full_state` with any number of processes, sharded or
+    not: ``optimizer.state_dict()``'s format (parameters by index) or FSDP's (by name)."""
+    by_name = any(isinstance(p, str) for group in state["param_groups"] for p in group["params"])
+    if not by_name and not d.sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not by_name:  # indices count the parameters group by group, as the optimizer holds them
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        state = {"state": {order[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

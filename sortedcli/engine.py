@@ -129,6 +129,12 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
         if not any(largest in members for _, members in groups):
             with torch.no_grad(), use(model, largest), autocast(device, amp):
                 teacher = call(model, inputs).detach()
+    # Data-parallel: each rank's loss is a mean over its own counted targets (tokens, images); weighted
+    # by its share of the global count, the ranks' average is the global batch's mean. 1 when alone.
+    share = 1.0
+    if dist.enabled:
+        counted = task.counted(batch).float()
+        share = counted * dist.world / dist.sum(counted).clamp_min(1)
     total = torch.zeros((), device=device)
     order, parts = [], []  # each sub-model's detached label loss, gathered for one host sync
     for trunk, members in groups:
@@ -138,11 +144,11 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                 teacher = logits[largest].detach()
             loss = torch.zeros((), device=device)
             for sub in members:
-                one = task.loss(logits[sub], batch)
+                one = task.loss(logits[sub], batch) * share
                 order.append(sub)
                 parts.append(one.detach().float())
                 if teacher is not None and sub != largest:
-                    kd = task.distill(logits[sub], teacher, batch, distill.temperature)
+                    kd = task.distill(logits[sub], teacher, batch, distill.temperature) * share
                     one = distill.alpha * kd + (1 - distill.alpha) * one
                 loss = loss + one
         (loss / len(subs)).backward()

@@ -64,15 +64,17 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, cfg: DictConfig,
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict, state: dict, cfg: DictConfig,
                     keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` of them."""
+    """Write checkpoint ``step`` (``model``: the module, or its state_dict) atomically and keep only the
+    newest ``keep`` of them."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = model if isinstance(model, dict) else model.state_dict()
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     save_file(weights, str(tmp / MODEL_FILE),
               metadata={"config": OmegaConf.to_yaml(cfg, resolve=True), "step": str(step)})
     torch.save(state, tmp / STATE_FILE)

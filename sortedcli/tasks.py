@@ -57,6 +57,11 @@ class Task(ABC):
         return logits, self.targets(batch)
 
     # --- training --------------------------------------------------------------------------------
+    def counted(self, batch) -> torch.Tensor:
+        """How many targets of ``batch`` count: the loss is their mean (data-parallel ranks weight their
+        losses by it, so that a step equals one process's step on the global batch)."""
+        return (self.targets(batch) != IGNORE).sum()
+
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
         z, t = self.pairs(logits, batch)
         return F.cross_entropy(z.float(), t, ignore_index=IGNORE)
@@ -161,6 +166,9 @@ class CausalLM(KeywordBatches):
     def pairs(self, logits, batch):
         z = logits[:, :-1]
         return z.reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+
+    def counted(self, batch):
+        return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def sums(self, logits, batch):
         z, t = self.pairs(logits, batch)

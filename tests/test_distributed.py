@@ -131,7 +131,8 @@ def test_train_with_two_devices_matches_the_one_process_run(trained_run, tmp_pat
     _assert_close(_weights(run), _weights(trained_run))
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len((trained_run / "metrics.jsonl").read_text().splitlines())  # written once
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in trained_run.iterdir())
+    trained_files = sorted(p.name for p in trained_run.iterdir() if p.name not in ("eval", "export"))
+    assert sorted(p.name for p in run.iterdir()) == trained_files  # (other tests evaluate trained_run)
 
 
 def test_eval_across_two_ranks_gives_the_one_process_table(trained_run, tmp_path):
@@ -149,11 +150,13 @@ def test_eval_across_two_ranks_gives_the_one_process_table(trained_run, tmp_path
 
 
 @pytest.mark.parametrize("args, message", [
-    (["trainer.devices=3"], "multiple of trainer.devices=3"),
-    (["trainer.devices=0"], "trainer.devices must be a whole number"),
+    ([*TINY, "trainer.devices=3"], "multiple of trainer.devices=3"),
+    ([*TINY, "trainer.devices=0"], "trainer.devices must be a whole number"),
+    # found by the launched processes: each fails, the error is said once
+    (["data.root=/nonexistent", "trainer.devices=2"], "Fashion-MNIST not found"),
 ])
-def test_bad_device_counts_exit_2_with_one_line(args, message, tmp_path):
-    p = cli(["train", *TINY, *args], cwd=tmp_path)
+def test_bad_input_with_several_processes_exits_2_with_one_line(args, message, tmp_path):
+    p = cli(["train", *args], cwd=tmp_path)
     assert p.returncode == 2, explain(p)
     assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not run_folders(tmp_path / "runs")
@@ -191,3 +194,39 @@ def test_a_killed_two_process_run_resumes_with_one_process(tmp_path):
     whole = cli(["train", *over, "paths.runs=whole"], cwd=tmp_path)
     assert whole.returncode == 0, explain(whole)
     _assert_close(_weights(run), _weights(run_folders(tmp_path / "whole")[0]), atol=1e-4)
+
+
+# --- FSDP2 on a tiny LLaMA -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_args(tmp_path_factory):
+    from sortedcli.data import lm
+    from test_llama import CORPUS, QA
+
+    home = tmp_path_factory.mktemp("fsdp")
+    lm.train_tokenizer(CORPUS, 300, home / "tok")
+    (home / "qa.json").write_text(json.dumps(QA))
+    return ["model=llama_tiny", f"model.tokenizer={home / 'tok'}", "data=alpaca", f"data.path={home / 'qa.json'}",
+            "data.test_fraction=0.2", "dims=[depth]", "sampler=all", "optim=sgd", "trainer.batch_size=4",
+            "eval.batch_size=8"]
+
+
+def test_fsdp_llama_matches_one_process_and_its_checkpoint_resumes_as_one(llama_args, tmp_path):
+    """SoFT (every exit's loss) with FSDP2 over 2 gloo ranks: the prompt-masked token losses are weighted
+    by each rank's share of the counted tokens, so the step is the global batch's; the full checkpoint it
+    writes resumes in a single process (the optimizer state by parameter name)."""
+    alone = cli(["train", *llama_args, "trainer.max_steps=3", "hydra.run.dir=alone"], cwd=tmp_path)
+    assert alone.returncode == 0, explain(alone)
+    sharded = cli(["train", *llama_args, "trainer.max_steps=2", "trainer.devices=2", "trainer.strategy=fsdp",
+                   "hydra.run.dir=sharded"], cwd=tmp_path)
+    assert sharded.returncode == 0, explain(sharded)
+    assert "x 2 processes (FSDP)" in sharded.stdout
+    resumed = cli(["train", "--resume", tmp_path / "sharded", "trainer.max_steps=3"], cwd=tmp_path)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resuming" in resumed.stdout
+    _assert_close(_weights(tmp_path / "sharded"), _weights(tmp_path / "alone"), atol=1e-6)
+
+
+def test_unknown_strategy_exits_2(llama_args, tmp_path):
+    p = cli(["train", *llama_args, "trainer.strategy=zero3"], cwd=tmp_path)
+    assert p.returncode == 2 and "trainer.strategy must be ddp" in p.stderr, explain(p)

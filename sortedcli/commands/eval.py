@@ -3,6 +3,8 @@ each sub-model of a trained run."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
@@ -42,6 +44,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
                   + f"device={r.device.type}" + (f", {d.world} processes" if d.enabled else ""))
 
     rows, metric, higher = [], task.metric, task.higher_is_better
+    started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not d.main) as bar:
         job = bar.add_task("evaluating" + (" (rank 0's share)" if d.enabled else ""), total=len(mine))
@@ -59,6 +62,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
         rows = [row for i in range(len(subs)) for row in [parts[i % d.world][i // d.world]]]
         if not d.main:
             return rows
+    seconds = time.perf_counter() - started
 
     full = next((row[metric] for row in rows if row["full"]), None)
     if full is None:
@@ -90,6 +94,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
         low = min(vs_alone, key=lambda row: row["rel_standalone"])
         console.print(f"vs trained alone ({len(vs_alone)} sub-models): lowest {low['name']} "
                       f"{low[metric]:.2f} = {low['rel_standalone']:.1f}% of its standalone {low['standalone']:.2f}")
+    console.print(f"evaluated {len(rows)} sub-models in {seconds:.1f}s"
+                  + (f" ({d.world} processes)" if d.enabled else ""))
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -93,6 +94,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     device = distributed.local_device(device, d)
     if not d.main:
         console = Console(quiet=True)  # rank 0 prints and writes; the others train
+    strategy = cfg.trainer.get("strategy", "ddp")
+    if strategy not in ("ddp", "fsdp"):
+        raise UsageError(f"trainer.strategy must be ddp (replicas, gradients all-reduced) or fsdp (FSDP2: "
+                         f"parameters, gradients and optimizer state sharded), got {strategy!r}")
     if cfg.trainer.batch_size % d.world:
         raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be a multiple "
                          f"of the {d.world} processes (each takes an equal slice)")
@@ -120,12 +125,18 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     model = build_model(cfg, data.model_args)
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
+    if resuming:  # whole weights, before any sharding
+        weights, _ = runs.load_weights(ckpt)
+        model.load_state_dict(weights)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     d.broadcast_module(model)
     if d.enabled and cfg.trainer.get("sync_batchnorm", True):
         synchronize(model)
+    if d.enabled and strategy == "fsdp":
+        d = replace(d, sharded=True)
+        distributed.shard(model)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
     per_epoch = steps_per_epoch(data.train, t.batch_size)
@@ -134,10 +145,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     progress = Progress()
 
     if resuming:
-        weights, _ = runs.load_weights(ckpt)
-        model.load_state_dict(weights)
         state = runs.load_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"])
@@ -152,10 +161,11 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         torch.manual_seed(cfg.seed + 7919 * d.rank + progress.step)
 
     console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} examples), "
-                  f"{len(grid)} sub-models ({' x '.join(f'{d.name} {len(d.levels)}' for d in grid.dims)}), "
+                  f"{len(grid)} sub-models ({' x '.join(f'{dim.name} {len(dim.levels)}' for dim in grid.dims)}), "
                   f"sampler={sampler.name}, device={device.type}"
                   f"{'+' + str(amp).removeprefix('torch.') if amp else ''}"
-                  + (f" x {d.world} processes (global batch {t.batch_size})" if d.enabled else "")
+                  + (f" x {d.world} processes{' (FSDP)' if d.sharded else ''} (global batch {t.batch_size})"
+                     if d.enabled else "")
                   + f" -> {run_dir}")
     console.print(f"augmentation: {data.augmentation}")
     board = TensorBoardLog(run_dir, t.get("tensorboard", True) and d.main,
@@ -170,13 +180,18 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     if t.epoch_eval:
         calib = calibration_batches(model, task, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
                                     cfg.seed, device, data.collate)
-        # each rank tests its share of the subset; the metric's sums are added up over the ranks
-        subset = torch.utils.data.Subset(data.test, range(d.rank, min(len(data.test), t.epoch_eval_subset), d.world))
+        # each rank tests its share of the subset; the metric's sums are added up over the ranks (sharded:
+        # every rank runs every batch, as FSDP's gathers need all ranks in each forward)
+        share = (0, 1) if d.sharded else (d.rank, d.world)
+        subset = torch.utils.data.Subset(data.test, range(share[0], min(len(data.test), t.epoch_eval_subset),
+                                                          share[1]))
+        test_dist = distributed.Dist() if d.sharded else d
         test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size, collate_fn=data.collate)
 
     def checkpoint():
+        weights, optimizer_state = distributed.full_state(model, optimizer, d)  # sharded: all ranks gather
         state = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
             "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch},
         }
@@ -184,7 +199,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             state["cuda_rng"] = torch.cuda.get_rng_state()
         path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
         if d.main:  # the ranks hold the same weights: one copy, loadable by any number of processes
-            path = runs.save_checkpoint(run_dir, progress.step, model, state, cfg, keep=t.keep_checkpoints)
+            path = runs.save_checkpoint(run_dir, progress.step, weights, state, cfg, keep=t.keep_checkpoints)
         d.barrier()
         return path
 
@@ -211,7 +226,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             if test is not None:
                 short = "acc" if task.metric == "accuracy" else task.metric
                 for label, sub in (("largest", grid.largest), ("smallest", grid.smallest)):
-                    record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp, d)
+                    record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp, test_dist)
                 bar.console.print(f"epoch {p.epoch}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
                                   f"smallest {record[f'{short}_smallest']:.2f} (first "
                                   f"{min(len(data.test), t.epoch_eval_subset)} test examples)")

@@ -1,0 +1,112 @@
+"""Data parallelism on the CPU: 2 processes against 1, through the CLI a user runs.
+
+Usage::
+
+    .venv/bin/python benchmarks/distributed.py [--quick] [--out FILE.json]
+    make bench                       # benchmarks/run.py, mobilenet.py, encoders.py, then this
+
+Workload: the ``default`` recipe (ResNet-18, small stem, Fashion-MNIST, 80 width x depth sub-models).
+On a machine with C cores, ``trainer.devices=1`` is one process with C threads and
+``trainer.devices=2`` two processes of C/2 threads each (gloo), so both use the whole CPU.
+
+1. **eval --all-submodels** (target >= 1.5x): the 80 sub-models split across the 2 ranks (BatchNorm
+   recalibration, test accuracy, FLOPs, batch-1 latency each), one table. Reported: the speed-up of
+   the evaluation itself (the time ``eval`` prints) and of the whole command (with start-up).
+2. **One training epoch** at the same global batch (reported, no target): ``sampler=sortednet``
+   (g=1), sync BatchNorm on (the default), epoch-end evaluation off; the time ``train`` prints.
+
+Repetitions alternate 1 and 2 processes; the median of each is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SORTEDNET = [sys.executable, "-m", "sortedcli"]
+
+
+def run(args: list[str], cwd: Path) -> tuple[float, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["COLUMNS"] = "200"
+    t0 = time.perf_counter()
+    p = subprocess.run([*SORTEDNET, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"sortednet {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return wall, p.stdout
+
+
+def seconds(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    if not m:
+        raise SystemExit(f"no {pattern!r} in the output:\n{text[-2000:]}")
+    return float(m.group(1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer test images, steps and repetitions")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-distributed-cpu.json")
+    args = ap.parse_args(argv)
+    reps = args.reps or (1 if args.quick else 2)
+    test_subset, train_subset = (256, 1024) if args.quick else (1000, 4096)
+    cores = os.cpu_count()
+    print(f"data parallel on the CPU: {cores} cores, {platform.processor() or platform.machine()}, "
+          f"{reps} repetitions each")
+    home = Path(tempfile.mkdtemp(prefix="sortednet-bench-dist-"))
+    base = ["train", "--recipe", "default", f"paths.runs={home / 'runs'}", "trainer.epoch_eval=false",
+            "trainer.tensorboard=false"]
+    run([*base, "trainer.max_steps=1", f"hydra.run.dir={home / 'trained'}"], home)
+    evaluate = ["eval", "--all-submodels", "--ckpt", str(home / "trained"), f"eval.test_subset={test_subset}",
+                "eval.calib_batches=2"]
+    out: dict = {"cores": cores, "platform": platform.platform(), "reps": reps,
+                 "eval": {"test_subset": test_subset, "runs": {1: [], 2: []}},
+                 "train_epoch": {"train_subset": train_subset, "runs": {1: [], 2: []}}}
+    for rep in range(reps):
+        for n in (1, 2):
+            wall, text = run([*evaluate, f"trainer.devices={n}"], home)
+            inner = seconds(r"evaluated \d+ sub-models in ([\d.]+)s", text)
+            out["eval"]["runs"][n].append({"wall_s": wall, "eval_s": inner})
+            print(f"eval --all-submodels, {n} process(es): {inner:.1f}s evaluating, {wall:.1f}s in all")
+        for n in (1, 2):
+            wall, text = run([*base, f"data.train_subset={train_subset}", "trainer.epochs=1",
+                              f"trainer.devices={n}", f"hydra.run.dir={home / f'epoch-{n}-{rep}'}"], home)
+            inner = seconds(r"trained \d+ steps in ([\d.]+)s", text)
+            out["train_epoch"]["runs"][n].append({"wall_s": wall, "train_s": inner})
+            print(f"one epoch ({train_subset} images, batch 128), {n} process(es): {inner:.1f}s training, "
+                  f"{wall:.1f}s in all")
+
+    def speedup(part: str, key: str) -> float:
+        one = statistics.median(r[key] for r in out[part]["runs"][1])
+        two = statistics.median(r[key] for r in out[part]["runs"][2])
+        return one / two
+
+    out["eval"]["speedup"] = speedup("eval", "eval_s")
+    out["eval"]["speedup_wall"] = speedup("eval", "wall_s")
+    out["train_epoch"]["speedup"] = speedup("train_epoch", "train_s")
+    out["train_epoch"]["speedup_wall"] = speedup("train_epoch", "wall_s")
+    print("\n| | target | 2 processes vs 1 (speed-up) | whole command |\n|---|---|---|---|")
+    ok = out["eval"]["speedup"] >= 1.5
+    print(f"| eval --all-submodels (80 sub-models) | >= 1.5x | {out['eval']['speedup']:.2f}x "
+          f"{'PASS' if ok else 'FAIL'} | {out['eval']['speedup_wall']:.2f}x |")
+    print(f"| one training epoch, same global batch | reported | {out['train_epoch']['speedup']:.2f}x | "
+          f"{out['train_epoch']['speedup_wall']:.2f}x |")
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
