@@ -134,6 +134,11 @@ SETTINGS = {
         "epoch_eval": ("true or false", lambda v: isinstance(v, bool)),
         "epoch_eval_subset": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "tensorboard": ("true or false", lambda v: isinstance(v, bool)),
+        "accumulate": ("an integer >= 1 (micro-batches per optimizer step)", lambda v: _is_int(v) and v >= 1),
+        "devices": ("an integer >= 1 (processes)", lambda v: _is_int(v) and v >= 1),
+        "sync_batchnorm": ("true or false", lambda v: isinstance(v, bool)),
+        "strategy": ("ddp (replicas, gradients all-reduced) or fsdp (FSDP2: parameters, gradients and "
+                     "optimizer state sharded)", lambda v: v in ("ddp", "fsdp")),
     },
     "optim": {
         "lr": ("a number > 0", lambda v: _is_number(v) and v > 0),

@@ -231,9 +231,11 @@ def _launch(verb: str, cfg, argv: list[str]) -> int:
         raise UsageError(f"trainer.devices={n} but this machine has {torch.cuda.device_count()} GPU(s)")
     if verb == "train":
         check_settings(cfg)
-        if cfg.trainer.batch_size % n:
+        accumulate = cfg.trainer.get("accumulate", 1)
+        if cfg.trainer.batch_size % (n * accumulate):
             raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be a "
-                             f"multiple of trainer.devices={n} (each process takes an equal slice)")
+                             f"multiple of trainer.devices={n} x trainer.accumulate={accumulate} (each process "
+                             "takes an equal slice, in equal micro-batches)")
         if cfg.get("resume") is None:  # every process writes into the folder this one's Hydra made
             out = HydraConfig.get().runtime.output_dir
             argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]

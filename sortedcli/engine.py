@@ -112,47 +112,55 @@ class Distill:
 def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimizer: torch.optim.Optimizer,
                largest: SubModel, distill: Distill, device: torch.device, amp: torch.dtype | None,
                observe: Callable[[list[SubModel], list[float]], None] | None = None,
-               dist: Dist = Dist()) -> float:
+               dist: Dist = Dist(), accumulate: int = 1) -> float:
     """Forward/backward every sub-model of ``subs`` on ``batch`` (already on the device), accumulate,
     one optimizer step. Returns the mean loss; ``observe(subs, losses)`` (e.g. ``Sampler.observe``)
     is told each sub-model's label loss (cross-entropy, before any distillation mix).
 
-    Data-parallel (``dist``): ``batch`` is this rank's slice; the accumulated gradients are averaged
-    over the ranks once, before the step, and the losses too, so every rank's sampler observes the
-    same values and draws the same sub-models next."""
+    ``accumulate=N`` runs ``batch`` as N micro-batches one after another (activations of one at a time),
+    gradients accumulating. Data-parallel (``dist``): ``batch`` is this rank's slice; the accumulated
+    gradients are averaged over the ranks once, before the step, and the losses too, so every rank's
+    sampler observes the same values and draws the same sub-models next. Either way each piece's loss
+    (a mean over its own counted targets: tokens, images) is weighted by its share of the whole batch's
+    count, so the step is the one of a single pass over the global batch."""
     optimizer.zero_grad(set_to_none=True)
-    inputs = task.inputs(batch)
+    micro = task.split(batch, accumulate) if accumulate > 1 else [batch]
+    shares = [1.0] * len(micro)
+    if dist.enabled or len(micro) > 1:
+        counted = torch.stack([task.counted(m) for m in micro]).float()
+        shares = list(counted * (dist.world * len(micro)) / dist.sum(counted.sum()).clamp_min(1))
     groups = trunk_groups(model, subs)
-    teacher = None
     if distill.enabled:
         groups.sort(key=lambda g: largest not in g[1])  # the teacher runs first when it is sampled
-        if not any(largest in members for _, members in groups):
-            with torch.no_grad(), use(model, largest), autocast(device, amp):
-                teacher = call(model, inputs).detach()
-    # Data-parallel: each rank's loss is a mean over its own counted targets (tokens, images); weighted
-    # by its share of the global count, the ranks' average is the global batch's mean. 1 when alone.
-    share = 1.0
-    if dist.enabled:
-        counted = task.counted(batch).float()
-        share = counted * dist.world / dist.sum(counted).clamp_min(1)
     total = torch.zeros((), device=device)
     order, parts = [], []  # each sub-model's detached label loss, gathered for one host sync
-    for trunk, members in groups:
-        with use(model, trunk), autocast(device, amp):
-            logits = forward_members(model, inputs, trunk, members)
-            if distill.enabled and largest in members:
-                teacher = logits[largest].detach()
-            loss = torch.zeros((), device=device)
-            for sub in members:
-                one = task.loss(logits[sub], batch) * share
-                order.append(sub)
-                parts.append(one.detach().float())
-                if teacher is not None and sub != largest:
-                    kd = task.distill(logits[sub], teacher, batch, distill.temperature) * share
-                    one = distill.alpha * kd + (1 - distill.alpha) * one
-                loss = loss + one
-        (loss / len(subs)).backward()
-        total += loss.detach()
+    for piece, share in zip(micro, shares):
+        inputs = task.inputs(piece)
+        teacher = None
+        if distill.enabled and not any(largest in members for _, members in groups):
+            with torch.no_grad(), use(model, largest), autocast(device, amp):
+                teacher = call(model, inputs).detach()
+        i = 0
+        for trunk, members in groups:
+            with use(model, trunk), autocast(device, amp):
+                logits = forward_members(model, inputs, trunk, members)
+                if distill.enabled and largest in members:
+                    teacher = logits[largest].detach()
+                loss = torch.zeros((), device=device)
+                for sub in members:
+                    one = task.loss(logits[sub], piece) * share
+                    if len(order) < len(subs):
+                        order.append(sub)
+                        parts.append(one.detach().float() / len(micro))
+                    else:
+                        parts[i] = parts[i] + one.detach().float() / len(micro)
+                    i += 1
+                    if teacher is not None and sub != largest:
+                        kd = task.distill(logits[sub], teacher, piece, distill.temperature) * share
+                        one = distill.alpha * kd + (1 - distill.alpha) * one
+                    loss = loss + one
+            (loss / (len(subs) * len(micro))).backward()
+            total += loss.detach() / len(micro)
     dist.average_gradients(model)
     optimizer.step()
     if observe is None:
@@ -186,11 +194,12 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
         scheduler: torch.optim.lr_scheduler.LRScheduler, dataset: Dataset, *, epochs: int,
         batch_size: int, seed: int, device: torch.device, amp: torch.dtype | None,
         distill: Distill, progress: Progress, max_steps: int | None = None, num_workers: int = 0,
-        collate: Callable | None = None, dist: Dist = Dist(),
+        collate: Callable | None = None, dist: Dist = Dist(), accumulate: int = 1,
         on_step: Callable[[Progress, float], None] = lambda p, loss: None,
         on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
     """Train from ``progress`` to the end of ``epochs`` (or ``max_steps`` optimizer steps); with
-    ``dist``, as one of its data-parallel processes (``batch_size`` is the global batch)."""
+    ``dist``, as one of its data-parallel processes (``batch_size`` is the global batch of a step, run
+    as ``accumulate`` micro-batches per process)."""
     largest = sampler.grid.largest
     per_epoch = steps_per_epoch(dataset, batch_size)
     if per_epoch == 0:
@@ -205,7 +214,7 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
                 return progress
             batch = task.to_device(batch, device)
             loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp,
-                              observe=sampler.observe, dist=dist)
+                              observe=sampler.observe, dist=dist, accumulate=accumulate)
             scheduler.step()
             progress.step += 1
             progress.batch += 1

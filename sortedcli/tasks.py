@@ -57,6 +57,14 @@ class Task(ABC):
         return logits, self.targets(batch)
 
     # --- training --------------------------------------------------------------------------------
+    def split(self, batch, n: int) -> list:
+        """``batch`` as ``n`` equal micro-batches (gradient accumulation); its size must divide by ``n``."""
+        if isinstance(batch, dict):
+            chunks = {k: v.chunk(n) for k, v in batch.items()}
+            return [{k: c[i] for k, c in chunks.items()} for i in range(n)]
+        chunks = [v.chunk(n) for v in batch]
+        return [type(batch)(c[i] for c in chunks) for i in range(n)]
+
     def counted(self, batch) -> torch.Tensor:
         """How many targets of ``batch`` count: the loss is their mean (data-parallel ranks weight their
         losses by it, so that a step equals one process's step on the global batch)."""

@@ -123,7 +123,7 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 def test_train_with_two_devices_matches_the_one_process_run(trained_run, tmp_path):
-    p = cli(["train", *TINY, "trainer.devices=2"], cwd=tmp_path)
+    p = cli(["train", *TINY, "trainer.devices=2", "trainer.sync_batchnorm=true"], cwd=tmp_path)
     assert p.returncode == 0, explain(p)
     (run,) = run_folders(tmp_path / "runs")
     assert "x 2 processes (global batch 64)" in p.stdout
@@ -170,7 +170,7 @@ def test_a_killed_two_process_run_resumes_with_one_process(tmp_path):
     lr 0.01 runs that differ only in rounding stay within 1e-7.)"""
     over = [*TINY, "data.train_subset=512", "trainer.epochs=6", "trainer.ckpt_every=1", "optim.lr=0.01"]
     job = subprocess.Popen([sys.executable, "-m", "sortedcli", "train", *over, "trainer.devices=2",
-                            "paths.runs=killed"], cwd=tmp_path, env=CLI_ENV, start_new_session=True,
+                            "trainer.sync_batchnorm=true", "paths.runs=killed"], cwd=tmp_path, env=CLI_ENV, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -230,3 +230,5 @@ def test_fsdp_llama_matches_one_process_and_its_checkpoint_resumes_as_one(llama_
 def test_unknown_strategy_exits_2(llama_args, tmp_path):
     p = cli(["train", *llama_args, "trainer.strategy=zero3"], cwd=tmp_path)
     assert p.returncode == 2 and "trainer.strategy must be ddp" in p.stderr, explain(p)
+    p = cli(["train", *llama_args, "trainer.accumulate=3"], cwd=tmp_path)  # batch 4
+    assert p.returncode == 2 and "multiple of the 1 process(es) x trainer.accumulate=3" in p.stderr, explain(p)

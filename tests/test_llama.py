@@ -117,6 +117,31 @@ def test_soft_loss_is_the_mean_of_every_exits_response_only_cross_entropy(data, 
     assert loss == pytest.approx(float(want), rel=1e-5)
 
 
+def test_accumulated_micro_batches_give_the_gradient_and_loss_of_one_pass(data, model):
+    """``accumulate=2``: the two halves have different numbers of answer tokens; weighted by their share,
+    the accumulated gradient (and the reported losses) are those of the whole batch at once."""
+    grid = Grid((Dim("depth", COUNT, (1, 2, 3, 4)),))
+    batch = batch_of(data)
+    row = batch["labels"][0]
+    row[(row != -100).nonzero()[:3, 0]] = -100  # fewer answer tokens in the first half
+    halves = data.task.split(batch, 2)
+    assert data.task.counted(halves[0]) < data.task.counted(halves[1])
+    subs = create_sampler("all", grid).step()
+    results = []
+    for accumulate in (1, 2):
+        model.zero_grad()
+        seen = []
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model.train(), data.task, subs, batch, optimizer, grid.largest, Distill(),
+                          torch.device("cpu"), None, observe=lambda s, v: seen.append(v), accumulate=accumulate)
+        results.append((loss, seen[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss1, per1, grads1), (loss2, per2, grads2) = results
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and per2 == pytest.approx(per1, rel=1e-5)
+    assert grads1.keys() == grads2.keys()
+    for name in grads1:
+        torch.testing.assert_close(grads2[name], grads1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_decoding_runs_on_a_sorted_model_and_reads_sub_model_widths(data, model):
     stack = LlamaStack(model)
     prompt = data.tokenizer(lm.alpaca_prompt("What is 1 plus 2?")).input_ids

@@ -95,12 +95,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     if not d.main:
         console = Console(quiet=True)  # rank 0 prints and writes; the others train
     strategy = cfg.trainer.get("strategy", "ddp")
-    if strategy not in ("ddp", "fsdp"):
-        raise UsageError(f"trainer.strategy must be ddp (replicas, gradients all-reduced) or fsdp (FSDP2: "
-                         f"parameters, gradients and optimizer state sharded), got {strategy!r}")
-    if cfg.trainer.batch_size % d.world:
-        raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be a multiple "
-                         f"of the {d.world} processes (each takes an equal slice)")
+    accumulate = cfg.trainer.get("accumulate", 1)
+    if cfg.trainer.batch_size % (d.world * accumulate):
+        raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch of a step and must be a "
+                         f"multiple of the {d.world} process(es) x trainer.accumulate={accumulate} micro-batches")
     if not resuming:
         run_dir = distributed.agree_on_run_dir(run_dir, d)
     if cfg.get("standalone"):
@@ -132,7 +130,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     d.broadcast_module(model)
-    if d.enabled and cfg.trainer.get("sync_batchnorm", True):
+    if d.enabled and cfg.trainer.get("sync_batchnorm", False):
         synchronize(model)
     if d.enabled and strategy == "fsdp":
         d = replace(d, sharded=True)
@@ -235,7 +233,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
         fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
             seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
-            max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d, on_step=on_step,
+            max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d, accumulate=accumulate,
+            on_step=on_step,
             on_epoch_end=on_epoch_end)
 
     board.close()
