@@ -11,7 +11,9 @@ On a machine with C cores, ``trainer.devices=1`` is one process with C threads a
 
 1. **eval --all-submodels** (target >= 1.5x): the 80 sub-models split across the 2 ranks (BatchNorm
    recalibration, test accuracy, FLOPs, batch-1 latency each), one table. Reported: the speed-up of
-   the evaluation itself (the time ``eval`` prints) and of the whole command (with start-up).
+   the evaluation itself (the time ``eval`` prints) and of the whole command (with start-up). As a
+   control, the same single-process eval with 1 thread: 1 thread / C threads is how much parallel
+   speed the machine gives one process (on a shared machine it can be far below C).
 2. **One training epoch** at the same global batch (reported, no target): ``sampler=sortednet``
    (g=1), sync BatchNorm on (the default), epoch-end evaluation off; the time ``train`` prints.
 
@@ -36,9 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SORTEDNET = [sys.executable, "-m", "sortedcli"]
 
 
-def run(args: list[str], cwd: Path) -> tuple[float, str]:
+def run(args: list[str], cwd: Path, threads: int | None = None) -> tuple[float, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["COLUMNS"] = "200"
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     p = subprocess.run([*SORTEDNET, *args], cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     evaluate = ["eval", "--all-submodels", "--ckpt", str(home / "trained"), f"eval.test_subset={test_subset}",
                 "eval.calib_batches=2"]
     out: dict = {"cores": cores, "platform": platform.platform(), "reps": reps,
-                 "eval": {"test_subset": test_subset, "runs": {1: [], 2: []}},
+                 "eval": {"test_subset": test_subset, "runs": {1: [], 2: [], "1 thread": []}},
                  "train_epoch": {"train_subset": train_subset, "runs": {1: [], 2: []}}}
     for rep in range(reps):
         for n in (1, 2):
@@ -80,6 +84,10 @@ def main(argv=None) -> int:
             inner = seconds(r"evaluated \d+ sub-models in ([\d.]+)s", text)
             out["eval"]["runs"][n].append({"wall_s": wall, "eval_s": inner})
             print(f"eval --all-submodels, {n} process(es): {inner:.1f}s evaluating, {wall:.1f}s in all")
+        wall, text = run([*evaluate, "trainer.devices=1"], home, threads=1)
+        inner = seconds(r"evaluated \d+ sub-models in ([\d.]+)s", text)
+        out["eval"]["runs"]["1 thread"].append({"wall_s": wall, "eval_s": inner})
+        print(f"eval --all-submodels, 1 process with 1 thread (control): {inner:.1f}s evaluating")
         for n in (1, 2):
             wall, text = run([*base, f"data.train_subset={train_subset}", "trainer.epochs=1",
                               f"trainer.devices={n}", f"hydra.run.dir={home / f'epoch-{n}-{rep}'}"], home)
@@ -88,13 +96,13 @@ def main(argv=None) -> int:
             print(f"one epoch ({train_subset} images, batch 128), {n} process(es): {inner:.1f}s training, "
                   f"{wall:.1f}s in all")
 
-    def speedup(part: str, key: str) -> float:
-        one = statistics.median(r[key] for r in out[part]["runs"][1])
-        two = statistics.median(r[key] for r in out[part]["runs"][2])
-        return one / two
+    def speedup(part: str, key: str, slow=1, fast=2) -> float:
+        return (statistics.median(r[key] for r in out[part]["runs"][slow])
+                / statistics.median(r[key] for r in out[part]["runs"][fast]))
 
     out["eval"]["speedup"] = speedup("eval", "eval_s")
     out["eval"]["speedup_wall"] = speedup("eval", "wall_s")
+    out["eval"]["threads_speedup"] = speedup("eval", "eval_s", "1 thread", 1)
     out["train_epoch"]["speedup"] = speedup("train_epoch", "train_s")
     out["train_epoch"]["speedup_wall"] = speedup("train_epoch", "wall_s")
     print("\n| | target | 2 processes vs 1 (speed-up) | whole command |\n|---|---|---|---|")
@@ -103,6 +111,8 @@ def main(argv=None) -> int:
           f"{'PASS' if ok else 'FAIL'} | {out['eval']['speedup_wall']:.2f}x |")
     print(f"| one training epoch, same global batch | reported | {out['train_epoch']['speedup']:.2f}x | "
           f"{out['train_epoch']['speedup_wall']:.2f}x |")
+    print(f"\ncontrol: one eval process with {cores} threads is {out['eval']['threads_speedup']:.2f}x faster than "
+          f"with 1 thread (the parallel speed this machine gives)")
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
