@@ -38,6 +38,16 @@ def cli(args, cwd, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for_checkpoint(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll until a ``checkpoints/latest`` matching ``root.glob(pattern)`` appears or ``proc`` ends."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not list(root.glob(pattern)) and proc.poll() is None:
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout:.0f} s"
+        time.sleep(0.01)
+
+
 def explain(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
 

@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import CLI_ENV, TINY, TINY_EVAL, TINY_GRID, TINY_STEPS, cli, explain, run_folders
+from conftest import CLI_ENV, TINY, TINY_EVAL, TINY_GRID, TINY_STEPS, cli, explain, run_folders, wait_for_checkpoint
 
 WIDTHS = (0.25, 0.5, 1.0)
 DEPTHS = (1, 2, 3, 4)
@@ -727,10 +726,7 @@ def resume_after_sigkill(home):
     whole = subprocess.Popen([*argv, "paths.runs=whole"], cwd=home, env=CLI_ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not list(home.glob("killed/*/checkpoints/latest")) and killed.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.01)
+        wait_for_checkpoint(home, "killed/*/checkpoints/latest", killed)
         killed.send_signal(signal.SIGKILL)
         killed_status = killed.wait(timeout=30)
         whole_status = whole.wait(timeout=300)
