@@ -236,12 +236,16 @@ def _launch(verb: str, cfg, argv: list[str]) -> int:
             raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be a "
                              f"multiple of trainer.devices={n} x trainer.accumulate={accumulate} (each process "
                              "takes an equal slice, in equal micro-batches)")
-        if cfg.get("resume") is None:  # every process writes into the folder this one's Hydra made
-            out = HydraConfig.get().runtime.output_dir
-            argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-            argv += [f"hydra.run.dir={_quote(out)}", "hydra.output_subdir=null"]
+    # The processes run this job as Hydra composed it: its own overrides (one job of a -m sweep, not the
+    # sweep), the recipe, and for train the folder this process's Hydra made (or the one resumed).
+    hydra_cfg = HydraConfig.get()
+    recipe = [a for i, a in enumerate(argv) if a.startswith("--recipe=")
+              or a == "--recipe" or (i > 0 and argv[i - 1] == "--recipe")]
+    child = [*recipe, *hydra_cfg.overrides.task]
+    if verb == "train":
+        child += [f"hydra.run.dir={_quote(hydra_cfg.runtime.output_dir)}", "hydra.output_subdir=null"]
     print(f"sortednet: launching {n} processes ({'NCCL' if cuda else 'gloo'})", flush=True)
-    return distributed.launch(n, [verb, *argv], cuda)
+    return distributed.launch(n, [verb, *child], cuda)
 
 
 def _fail(message: str) -> None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
@@ -146,6 +147,16 @@ def test_eval_across_two_ranks_gives_the_one_process_table(trained_run, tmp_path
     keep = ("name", "dims", "accuracy", "rel_accuracy", "flops", "params", "full", "pareto")
     assert [{k: r[k] for k in keep} for r in two] == [{k: r[k] for k in keep} for r in one]
     assert len(one) == 12
+
+
+@pytest.mark.slow
+def test_a_multirun_sweep_launches_each_job_as_its_own_processes(tmp_path):
+    """``-m seed=0,1 trainer.devices=2``: two jobs, each run by 2 processes with that job's overrides."""
+    p = cli(["train", "-m", *TINY, "trainer.devices=2", "seed=0,1"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    runs = run_folders(tmp_path / "runs" / "multirun")
+    assert len(runs) == 2 and p.stdout.count("launching 2 processes") == 2
+    assert sorted(OmegaConf.load(r / "config.yaml").seed for r in runs) == [0, 1]
 
 
 @pytest.mark.parametrize("args, message", [
