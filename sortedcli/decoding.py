@@ -154,6 +154,22 @@ def _positions(start: int, n: int, device) -> torch.Tensor:
     return torch.arange(start, start + n, device=device)
 
 
+def _prefill(stack: Stack, prompt, sampling: Sampling | None, max_new_tokens: int, eos, on_token,
+             first_logits: Callable) -> tuple:
+    """The start every decoder shares: the prompt through ``first_logits(cache, embedded, positions)``
+    (which fills ``cache``), the first token picked and emitted. Returns
+    ``(sampling, out, emitter, cache, n, token)`` with ``n`` the prompt length (where ``token`` sits)."""
+    sampling = sampling or Sampling()
+    ids = _prompt(stack, prompt)
+    out = Decoded()
+    emitter = _Emitter(out, max_new_tokens, eos, on_token)
+    cache = stack.new_cache()
+    n = ids.shape[1]
+    token = sampling.pick(first_logits(cache, stack.embed(ids), _positions(0, n, stack.device)))
+    emitter.emit(token)
+    return sampling, out, emitter, cache, n, token
+
+
 def _check_exit(stack: Stack, exit: int | None) -> int:
     exit = stack.num_layers if exit is None else int(exit)
     if not 1 <= exit <= stack.num_layers:
@@ -168,15 +184,9 @@ def generate(stack: Stack, prompt, *, exit: int | None = None, max_new_tokens: i
     """The sub-model of the first ``exit`` layers (default: all) generates after ``prompt`` (token
     ids) with a KV cache of those layers only."""
     exit = _check_exit(stack, exit)
-    sampling = sampling or Sampling()
-    ids = _prompt(stack, prompt)
-    out = Decoded()
-    emitter = _Emitter(out, max_new_tokens, eos, on_token)
-    cache = stack.new_cache()
-    n = ids.shape[1]
-    hidden = stack.layers(stack.embed(ids), 0, exit, cache, _positions(0, n, stack.device))
-    token = sampling.pick(stack.head(hidden[:, -1])[0])
-    emitter.emit(token)
+    sampling, out, emitter, cache, n, token = _prefill(
+        stack, prompt, sampling, max_new_tokens, eos, on_token,
+        lambda cache, x, pos: stack.head(stack.layers(x, 0, exit, cache, pos)[:, -1])[0])
     while not emitter.done:
         x = torch.tensor([[token]], device=stack.device)
         hidden = stack.layers(stack.embed(x), 0, exit, cache, _positions(n, 1, stack.device))
@@ -202,15 +212,9 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
     if not 1 <= k <= max_k:
         raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
     E, dev = draft_exit, stack.device
-    sampling = sampling or Sampling()
-    ids = _prompt(stack, prompt)
-    out = Decoded()
-    emitter = _Emitter(out, max_new_tokens, eos, on_token)
-    cache = stack.new_cache()
-    n = ids.shape[1]
-    hidden = stack.layers(stack.embed(ids), 0, L, cache, _positions(0, n, dev))
-    token = sampling.pick(stack.head(hidden[:, -1])[0])
-    emitter.emit(token)
+    sampling, out, emitter, cache, n, token = _prefill(
+        stack, prompt, sampling, max_new_tokens, eos, on_token,
+        lambda cache, x, pos: stack.head(stack.layers(x, 0, L, cache, pos)[:, -1])[0])
     # Invariant at the top of a round: every layer caches positions [0, n); `token` sits at n, uncached.
     while not emitter.done:
         kk = min(k, emitter.left - 1)  # a round yields at most kk + 1 tokens
@@ -320,15 +324,9 @@ def early_exit(stack: Stack, prompt, *, thresholds: dict[int, float], max_new_to
     layers; its last position picks its exit the same way."""
     exits = _exits(stack, thresholds)
     dev = stack.device
-    sampling = sampling or Sampling()
-    ids = _prompt(stack, prompt)
-    out = Decoded()
-    emitter = _Emitter(out, max_new_tokens, eos, on_token)
-    cache = stack.new_cache()
-    n = ids.shape[1]
-    logits, _ = _early_step(stack, exits, cache, stack.embed(ids), _positions(0, n, dev), fill=False)
-    token = sampling.pick(logits)
-    emitter.emit(token)
+    sampling, out, emitter, cache, n, token = _prefill(
+        stack, prompt, sampling, max_new_tokens, eos, on_token,
+        lambda cache, x, pos: _early_step(stack, exits, cache, x, pos, fill=False)[0])
     while not emitter.done:
         x = stack.embed(torch.tensor([[token]], device=dev))
         logits, layer = _early_step(stack, exits, cache, x, _positions(n, 1, dev), fill=True)
