@@ -47,7 +47,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not d.main) as bar:
-        job = bar.add_task("evaluating" + (" (rank 0's share)" if d.enabled else ""), total=len(mine))
+        job = bar.add_task("evaluating", total=len(mine))  # rank 0's share of the grid
         for sub in mine:
             bar.update(job, description=f"evaluating {sub.name}")
             cost = measure(r.model, sub, example)
