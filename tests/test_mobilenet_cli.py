@@ -15,7 +15,7 @@ import torchvision
 
 from conftest import TINY_EVAL, cli, explain, run_folders
 from sortedcli.models import weights as pretrained
-from test_data import write_cifar10
+from test_data import write_cifar10, write_fashion
 
 MNET = ["model=mobilenet_tiny", "data=digits", "trainer.epochs=1", "trainer.batch_size=64", "data.train_subset=256",
         "data.test_subset=64", *TINY_EVAL, "dims.width.levels=[0.5,1.0]"]
@@ -156,15 +156,18 @@ def test_bad_train_input_is_one_line_exit_2_and_trains_nothing(bad_train, case):
 def recipe_runs(tmp_path_factory):
     """Each new recipe trained for 2 steps on a handful of images (the pretrained one with ImageNet
     weights when `make weights` installed them, else with a torchvision-format file of the same
-    architecture), then `eval --all-submodels`."""
+    architecture), then `eval --all-submodels`. The images are tiny files in the real formats
+    written here (Fashion-MNIST's gzip IDX, CIFAR-10's pickles): no installed dataset is needed."""
     root = tmp_path_factory.mktemp("recipes")
-    cifar = root / "cifar"
+    cifar, fashion = root / "cifar", root / "fashion"
     write_cifar10(cifar, per_batch=4)
+    write_fashion(fashion, n_train=16, n_test=8)
     weights = []
     if pretrained.offline_file("mobilenet_v2-b0353104.pth") is None:
         torch.save(torchvision.models.mobilenet_v2().state_dict(), root / "mnv2.pth")
         weights = [f"model.weights={root / 'mnv2.pth'}"]
-    extra = {"fmnist_mobilenet_v2_pretrained": weights, "fmnist_mobilenet_v2": ["dims.depth.levels=[1,10]"],
+    extra = {"fmnist_mobilenet_v2_pretrained": [*weights, f"data.root={fashion}"],
+             "fmnist_mobilenet_v2": ["dims.depth.levels=[1,10]", f"data.root={fashion}"],
              "cifar10_mobilenet_v2": [f"data.root={cifar}", "dims.width.levels=[0.25,1.0]"]}
 
     def attempt(name):
