@@ -25,9 +25,16 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = Path(os.environ.get("SORTEDNET_CONF", ROOT / "conf"))
-RECIPES_DIR = Path(os.environ.get("SORTEDNET_RECIPES", ROOT / "recipes"))
+
+def _shipped(name: str) -> Path:
+    """``conf/`` or ``recipes/``: inside the installed package (a wheel maps the repository's top-level
+    folders to ``sortedcli/conf``, ``sortedcli/recipes``; see pyproject.toml), else the source tree's."""
+    here = Path(__file__).resolve().parent
+    return here / name if (here / name).is_dir() else here.parent / name
+
+
+CONF_DIR = Path(os.environ.get("SORTEDNET_CONF") or _shipped("conf"))
+RECIPES_DIR = Path(os.environ.get("SORTEDNET_RECIPES") or _shipped("recipes"))
 
 VERBS = {
     "train": "train every nested sub-model of the grid in one run",
