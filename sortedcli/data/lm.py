@@ -25,7 +25,8 @@ content}, ...]} per line) and ``corpus`` (a plain-text file, cut into documents 
 
 Tokenizer: ``tokenizer: null`` means the project's byte-level BPE (``vocab_size`` tokens, trained with
 the ``tokenizers`` library on the training split of ``tokenizer_corpus`` and cached under
-``cache_dir`` as a transformers ``PreTrainedTokenizerFast`` folder with ``<pad>``, ``<s>``, ``</s>``);
+``cache_dir``, by default :func:`llm_cache`, as a transformers ``PreTrainedTokenizerFast`` folder with
+``<pad>``, ``<s>``, ``</s>``);
 a small vocabulary keeps the LM head of a small model cheap, which is what lets a shallow exit draft
 for much less than the full model costs. ``tokenizer: DIR_OR_HUB_ID`` loads any transformers
 tokenizer instead (a pretrained model's own). ``python -m sortedcli.data.prepare`` prepares the default one.
@@ -49,11 +50,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from sortedcli.cache import cache_dir
 from sortedcli.errors import UsageError
 
 IGNORE = -100
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
-DEFAULT_CACHE = "data/llm"
 
 # Stanford Alpaca's prompt templates (the format Sorted LLaMA fine-tuned on).
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -292,8 +293,15 @@ def train_tokenizer(texts, vocab_size: int, folder) -> "PreTrainedTokenizerFast"
     return fast
 
 
+def llm_cache() -> Path:
+    """Where the project's tokenizers are cached: ``$SORTEDNET_LLM_DATA`` if set, else the ``llm``
+    folder of the user's sortednet cache (:func:`sortedcli.cache.cache_dir`), whatever the current folder."""
+    folder = os.environ.get("SORTEDNET_LLM_DATA")
+    return Path(folder).expanduser().resolve() if folder else cache_dir("llm")
+
+
 def default_tokenizer_dir(cfg) -> Path:
-    return Path(cfg.get("cache_dir") or DEFAULT_CACHE) / \
+    return Path(cfg.get("cache_dir") or llm_cache()) / \
         f"tokenizer-{cfg.get('tokenizer_corpus') or 'news'}-bpe{int(cfg.get('vocab_size') or 4096)}"
 
 
@@ -497,10 +505,11 @@ def main() -> None:
     default tokenizer."""
     cfg = {"tokenizer_corpus": os.environ.get("SORTEDNET_TOKENIZER_CORPUS", "news"),
            "vocab_size": int(os.environ.get("SORTEDNET_VOCAB", "4096")),
-           "cache_dir": os.environ.get("SORTEDNET_LLM_DATA", DEFAULT_CACHE)}
+           "cache_dir": str(llm_cache())}
     for source in SOURCES:
         print(f"{source}: {package_file(source)}")
     folder = default_tokenizer_dir(cfg)
+    cached = (folder / "tokenizer.json").is_file()
     tok = load_tokenizer(cfg)
-    print(f"tokenizer: {folder} ({len(tok)} tokens)")
+    print(f"tokenizer: {folder} ({len(tok)} tokens, {'cached' if cached else 'trained now'})")
 

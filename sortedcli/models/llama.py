@@ -118,9 +118,10 @@ def tokenizer(options: dict):
 
     where = options.get("tokenizer")
     if where and not Path(where).exists() and _PROJECT_BPE.search(Path(where).name):
+        # the project's BPE named by a folder that is not here (another machine's or folder's path):
+        # the same tokenizer from this user's cache (lm.llm_cache), trained there once if missing
         m = _PROJECT_BPE.search(Path(where).name)
-        return lm.load_tokenizer({"tokenizer_corpus": m["corpus"], "vocab_size": int(m["vocab"]),
-                                  "cache_dir": str(Path(where).parent)})
+        return lm.load_tokenizer({"tokenizer_corpus": m["corpus"], "vocab_size": int(m["vocab"])})
     if where or options.get("pretrained"):
         tok = hf.tokenizer(options)
         if tok.pad_token_id is None:
