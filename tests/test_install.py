@@ -71,6 +71,9 @@ def test_installed_wheel_trains_a_recipe_from_another_folder(wheel, tmp_path):
     assert module == scratch / "sortedcli" / "__init__.py"
     assert (conf, recipes) == (scratch / "sortedcli" / "conf", scratch / "sortedcli" / "recipes")
 
+    p = subprocess.run([scratch / "bin" / "sortednet", "submodels", "model=resnet_tiny"], cwd=elsewhere, env=env,
+                       capture_output=True, text=True, timeout=300)  # the console script, the primary configs
+    assert p.returncode == 0 and "sub-models" in p.stdout, explain(p)
     p = run("-m", "sortedcli.cli", "train", "--recipe", "nope")  # the recipes are there to be listed
     assert p.returncode == 2 and "digits_tiny" in p.stderr and "default" in p.stderr, explain(p)
     p = run("-m", "sortedcli.cli", "train", "--recipe", "digits_tiny", "trainer.epochs=1", "data.train_subset=128",
