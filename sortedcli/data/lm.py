@@ -26,9 +26,8 @@ content}, ...]} per line) and ``corpus`` (a plain-text file, cut into documents 
 Tokenizer: ``tokenizer: null`` means the project's byte-level BPE (``vocab_size`` tokens, trained with
 the ``tokenizers`` library on the training split of ``tokenizer_corpus`` and cached under
 ``cache_dir``, by default :func:`llm_cache`, as a transformers ``PreTrainedTokenizerFast`` folder with
-``<pad>``, ``<s>``, ``</s>``);
-a small vocabulary keeps the LM head of a small model cheap, which is what lets a shallow exit draft
-for much less than the full model costs. ``tokenizer: DIR_OR_HUB_ID`` loads any transformers
+``<pad>``, ``<s>``, ``</s>``); a small vocabulary keeps the LM head of a small model cheap, which is
+what lets a shallow exit draft for much less than the full model costs. ``tokenizer: DIR_OR_HUB_ID`` loads any transformers
 tokenizer instead (a pretrained model's own). ``python -m sortedcli.data.prepare`` prepares the default one.
 """
 
@@ -504,8 +503,7 @@ def main() -> None:
     """``python -m sortedcli.data.prepare`` (``make llm-data``): check the offline sources and train the
     default tokenizer."""
     cfg = {"tokenizer_corpus": os.environ.get("SORTEDNET_TOKENIZER_CORPUS", "news"),
-           "vocab_size": int(os.environ.get("SORTEDNET_VOCAB", "4096")),
-           "cache_dir": str(llm_cache())}
+           "vocab_size": int(os.environ.get("SORTEDNET_VOCAB", "4096"))}
     for source in SOURCES:
         print(f"{source}: {package_file(source)}")
     folder = default_tokenizer_dir(cfg)
