@@ -118,11 +118,20 @@ def translate(verb: str, args: list[str]) -> list[str]:
                 out += ["--config-dir", str(CONF_DIR), "--config-path", str(RECIPES_DIR), "--config-name", value]
             elif flag == "--resume":
                 # Checked before Hydra writes anything into the folder; Hydra keeps its own copy of
-                # the (new) composed config out of it, the run's config.yaml is what resumes.
-                if not (Path(value) / "checkpoints" / "latest").is_file():
+                # the (new) composed config out of it, the run's config.yaml is what resumes. A run
+                # folder resumes from its latest checkpoint, a checkpoint folder (RUN/checkpoints/step-N,
+                # or its model.safetensors) from that one.
+                path = Path(value)
+                if path.name == "model.safetensors" and path.is_file():
+                    path = path.parent
+                if (path / "model.safetensors").is_file() and path.parent.name == "checkpoints":
+                    run_dir = str(path.parent.parent)
+                elif (path / "checkpoints" / "latest").is_file():
+                    run_dir = value
+                else:
                     raise _Usage(f"--resume {value}: no checkpoint there to resume from (a run folder with "
-                                 "checkpoints/latest)")
-                out += [f"resume={_quote(value)}", f"hydra.run.dir={_quote(value)}", "hydra.output_subdir=null"]
+                                 "checkpoints/latest, or one of its checkpoints/step-N folders)")
+                out += [f"resume={_quote(str(path))}", f"hydra.run.dir={_quote(run_dir)}", "hydra.output_subdir=null"]
             elif flag == "--prompt":
                 prompt.append(value)
             else:
@@ -139,6 +148,9 @@ def translate(verb: str, args: list[str]) -> list[str]:
     return out
 
 
+FRESH: set[str] = set()  # folders that fresh_dir named: none existed, so this command creates them
+
+
 def fresh_dir(path: str) -> str:
     """``path``, or ``path-2``, ``path-3``, ... if it exists: two runs started in the same second get
     folders of their own (``hydra.run.dir: ${fresh:...}``; cached, so it resolves once per run)."""
@@ -146,7 +158,46 @@ def fresh_dir(path: str) -> str:
     while Path(candidate).exists():
         n += 1
         candidate = f"{path}-{n}"
+    FRESH.add(str(Path(candidate).resolve()))
     return candidate
+
+
+HYDRA_FILES = {".hydra", "train.log"}  # what Hydra writes into a train run's folder when the job starts
+
+
+def _run_dir_given(hydra_args: list[str]) -> str | None:
+    """The folder a plain ``hydra.run.dir=DIR`` override names (None: not given, or interpolated)."""
+    given = [a.partition("=")[2] for a in hydra_args if a.startswith("hydra.run.dir=")]
+    if not given:
+        return None
+    value = given[-1]
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1].replace("\\'", "'").replace("\\\\", "\\")
+    return None if "${" in value else value
+
+
+def _check_new_run_dir(rest: list[str], hydra_args: list[str]) -> str | None:
+    """``train`` into an existing run folder is refused here, before Hydra rewrites its ``.hydra/``;
+    returns the folder given (if any). Not for --resume, sweeps, --cfg/--help, nor the processes of a
+    data-parallel launch (they join the folder their launcher made)."""
+    if any(a.split("=")[0] in ("--resume", "-m", "--multirun", "--cfg", "-c", "--help", "-h", "--info",
+                               "--hydra-help") for a in rest) or "WORLD_SIZE" in os.environ:
+        return None
+    given = _run_dir_given(hydra_args)
+    if given is not None and any((Path(given) / name).exists() for name in ("config.yaml", "checkpoints", ".hydra")):
+        raise _Usage(f"hydra.run.dir={given} already holds a run: pass a new folder, or continue that one with "
+                     f"sortednet train --resume {given}")
+    return given
+
+
+def _remove_unused_run_dir(out: Path, given_new: bool) -> None:
+    """A train that failed validation leaves no run folder behind: remove ``out`` when this command
+    created it (a ${fresh:} name, or a hydra.run.dir that did not exist) and it holds only Hydra's files."""
+    import shutil
+
+    created = str(out.resolve()) in FRESH or given_new
+    if created and out.is_dir() and {p.name for p in out.iterdir()} <= HYDRA_FILES:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def package_file(distribution: str, path: str) -> str:
@@ -209,10 +260,30 @@ def _run_verb(verb: str, cfg, argv: list[str]) -> None:
         key = e.full_key or e.key
         _fail(f"{key} is required: pass {MISSING_HINTS.get(key, f'{key}=VALUE')}")
     except KeyboardInterrupt:
-        print("sortednet: interrupted; a train run continues with --resume RUN_DIR", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"sortednet: interrupted; {_after_interrupt(verb, cfg)}", file=sys.stderr)
         raise SystemExit(130)
     finally:
         distributed.shutdown()
+
+
+def _after_interrupt(verb: str, cfg) -> str:
+    """What a Ctrl-C left behind, said for the verb that was interrupted."""
+    if verb == "train":
+        from hydra.core.hydra_config import HydraConfig
+
+        run = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)
+        if (run / "model.safetensors").is_file():
+            run = run.parent.parent
+        if (run / "checkpoints" / "latest").is_file():
+            latest = (run / "checkpoints" / "latest").read_text().strip()
+            return f"{run} keeps its checkpoint {latest}: continue with sortednet train --resume {run}"
+        return f"{run} has no checkpoint yet (none is written before trainer.ckpt_every steps or an epoch's end)"
+    if verb == "eval":
+        return "no results were written (eval writes them when every sub-model is measured)"
+    if verb == "export":
+        return "nothing was exported (export writes its folder when the model is cut out and checked)"
+    return "nothing was written" if verb == "compare" else "stopped"
 
 
 def _devices(cfg) -> int:
@@ -276,6 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sortednet: error: {e}", file=sys.stderr)
         return 2
 
+    given_new = False
+    if verb == "train":
+        try:
+            given = _check_new_run_dir(rest, hydra_args)
+        except _Usage as e:
+            print(f"sortednet: error: {e}", file=sys.stderr)
+            return 2
+        given_new = given is not None and not Path(given).exists()
+
     import hydra
 
     register_resolvers()
@@ -284,7 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     def task(cfg) -> None:
         nonlocal started
         started = True
-        _run_verb(verb, cfg, rest)
+        try:
+            _run_verb(verb, cfg, rest)
+        except SystemExit as e:
+            if verb == "train" and e.code == 2 and int(os.environ.get("RANK", "0")) == 0:
+                from hydra.core.hydra_config import HydraConfig
+
+                _remove_unused_run_dir(Path(HydraConfig.get().runtime.output_dir), given_new)
+            raise
 
     if verb == "train" and int(os.environ.get("RANK", "0")) > 0:
         # torchrun's other ranks train in rank 0's run folder (train.py is told it); their own Hydra

@@ -181,6 +181,14 @@ def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[Sub
 
 # --- the loop ------------------------------------------------------------------------------------
 
+class NonFiniteLoss(ArithmeticError):
+    """The loss of optimizer step ``step`` is NaN or infinite (the step's update is already applied)."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the loss of step {step} is {loss}")
+        self.step, self.loss = step, loss
+
+
 @dataclass
 class Progress:
     """Where a run is: restored from and saved to checkpoints."""
@@ -199,7 +207,8 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
         on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
     """Train from ``progress`` to the end of ``epochs`` (or ``max_steps`` optimizer steps); with
     ``dist``, as one of its data-parallel processes (``batch_size`` is the global batch of a step, run
-    as ``accumulate`` micro-batches per process)."""
+    as ``accumulate`` micro-batches per process). A NaN or infinite loss raises :class:`NonFiniteLoss`
+    before ``on_step`` sees that step (so no checkpoint is written from it)."""
     largest = sampler.grid.largest
     per_epoch = steps_per_epoch(dataset, batch_size)
     if per_epoch == 0:
@@ -215,6 +224,8 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
             batch = task.to_device(batch, device)
             loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp,
                               observe=sampler.observe, dist=dist, accumulate=accumulate)
+            if not math.isfinite(loss):  # a float already on the host, the mean over the ranks: they all agree
+                raise NonFiniteLoss(progress.step + 1, loss)
             scheduler.step()
             progress.step += 1
             progress.batch += 1

@@ -110,8 +110,10 @@ def _atomic(path: Path, mode="w"):
         raise
 
 
-def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title=None) -> dict[str, Path]:
-    """Write results.csv, results.json and plot.png into ``out_dir`` (created); return their paths."""
+def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title=None,
+                  checkpoint: dict | None = None) -> dict[str, Path]:
+    """Write results.csv, results.json and plot.png into ``out_dir`` (created); return their paths.
+    ``checkpoint`` (``{"step", "path", "sha256"}``: what was measured) goes into results.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front(rows, metric, higher_is_better)
@@ -131,6 +133,7 @@ def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title
                         *("" if r.get(k) is None else r[k] for k in alone)])
 
     doc = {"metric": metric, "higher_is_better": higher_is_better,
+           **({"checkpoint": checkpoint} if checkpoint is not None else {}),
            "rows": [{**r, "pareto": p} for r, p in zip(rows, front)]}
     with _atomic(paths["json"]) as f:
         json.dump(doc, f, indent=2)

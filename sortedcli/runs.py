@@ -19,6 +19,7 @@ A checkpoint is written into a temporary folder which is renamed into place once
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -97,10 +98,56 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpt if (ckpt / MODEL_FILE).is_file() else None
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoint folders of ``run_dir`` (``step-N`` holding the weights), newest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if (p / MODEL_FILE).is_file()), key=lambda p: p.name,
+                  reverse=True)
+
+
+def roll_back(run_dir: Path, before: int) -> Path | None:
+    """Point ``checkpoints/latest`` at the newest checkpoint of a step below ``before`` (the later ones
+    stay on disk, no longer latest); with none, remove the pointer. Returns the new latest."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    earlier = [c for c in checkpoints(run_dir) if int(c.name.removeprefix("step-")) < before]
+    if earlier:
+        write_atomic(pointer, earlier[0].name)
+        return earlier[0]
+    pointer.unlink(missing_ok=True)
+    return None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """``path`` is a checkpoint folder of a run (``RUN/checkpoints/step-N/`` with its weights)."""
+    path = Path(path)
+    return (path / MODEL_FILE).is_file() and path.parent.name == "checkpoints"
+
+
+def checkpoint_record(run_dir: Path, ckpt_dir: Path) -> dict:
+    """What identifies a checkpoint in results measured on it: its step, its folder relative to the run
+    folder and the sha256 of its weights file (read in 1 MiB pieces)."""
+    path = Path(ckpt_dir) / MODEL_FILE
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = int((f.metadata() or {}).get("step", -1))
+    except (SafetensorError, OSError, ValueError):
+        step = -1
+    if step < 0 and Path(ckpt_dir).name.startswith("step-"):
+        step = int(Path(ckpt_dir).name.removeprefix("step-"))
+    return {"step": step, "path": os.path.relpath(Path(ckpt_dir).resolve(), Path(run_dir).resolve()),
+            "sha256": digest.hexdigest()}
+
+
 def newest_run(runs_root: Path) -> Path:
-    """The run folder under ``runs_root`` whose latest checkpoint was written last."""
+    """The run folder under ``runs_root`` whose latest checkpoint was written last (runs of
+    ``standalone=[...]``, inside another run's ``standalone/`` folder, are not candidates)."""
     runs_root = Path(runs_root)
-    pointers = [p for p in runs_root.glob("**/checkpoints/latest") if p.is_file()]
+    pointers = [p for p in runs_root.glob("**/checkpoints/latest")
+                if p.is_file() and "standalone" not in p.relative_to(runs_root).parts[:-3]]
     if not pointers:
         raise UsageError(f"no trained run under {runs_root.resolve()}: train one with `sortednet train`, "
                          "or pass --ckpt RUN_DIR")

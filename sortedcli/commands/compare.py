@@ -3,7 +3,8 @@
 Reads each run's ``eval/results.json`` (written by ``sortednet eval --all-submodels``) and writes,
 into a new folder it prints (``compare.out``, default ``<paths.runs>/compare/<time>``):
 
-- ``compare.csv`` / ``compare.json``: per sub-model, the FLOPs and each run's metric;
+- ``compare.csv`` / ``compare.json``: per sub-model, the FLOPs and each run's metric (compare.json
+  names each run's folder relative to the compare folder);
 - ``plot.png``: metric vs FLOPs, one series per run, each run's Pareto front drawn as a line.
 
 Runs of different models, data or image sizes are refused (their sub-models are not the same
@@ -13,6 +14,7 @@ networks); a run without eval results gets a one-line error naming the command t
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,8 +28,13 @@ from ..report import STAR, _atomic, human, load_results, pareto_front, plot_comp
 
 
 def _label(paths: list[Path]) -> list[str]:
-    names = [p.name for p in paths]
-    return [n if names.count(n) == 1 else f"{p.parent.name}/{n}" for n, p in zip(names, paths)]
+    """Each run's folder name, with as many parent folders as it takes to tell the runs apart."""
+    parts = [p.resolve().parts for p in paths]
+    for depth in range(1, max(len(q) for q in parts) + 1):
+        labels = ["/".join(q[-depth:]) for q in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 def load(run: str) -> tuple[Path, DictConfig, str, list[dict], bool]:
@@ -64,6 +71,12 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     given = list(cfg.runs or [])
     if len(given) < 2:
         raise UsageError("compare needs two or more run folders: sortednet compare RUN_A RUN_B [RUN_C ...]")
+    seen: dict[Path, str] = {}
+    for r in map(str, given):
+        key = Path(r).resolve()
+        if key in seen:
+            raise UsageError(f"compare: {r} is given twice (also as {seen[key]}): name each run once")
+        seen[key] = r
     loaded = [load(str(r)) for r in given]
     first_path, first_cfg, metric, _, higher = loaded[0]
     for path, run_cfg, m, _, _ in loaded[1:]:
@@ -72,10 +85,12 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
                              "only runs of the same model and data can be compared")
         if m != metric:
             raise UsageError(f"compare: {path} measured {m} but {first_path} measured {metric}")
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     labels = _label([p for p, *_ in loaded])
     series = {}
     for label, (path, run_cfg, _, rows, _) in zip(labels, loaded):
-        series[label] = {"run": str(path), "sampler": run_cfg.sampler.name,
+        # relative to the compare folder, so the runs and their comparison can move together
+        series[label] = {"run": os.path.relpath(path.resolve(), out.resolve()), "sampler": run_cfg.sampler.name,
                          "rows": [{**r, "pareto": p} for r, p in zip(rows, pareto_front(rows, metric, higher))]}
 
     names = list(dict.fromkeys(r["name"] for s in series.values() for r in s["rows"]))
@@ -130,7 +145,6 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
             + (f", {e['time_vs_plain']:.2f}x time" if e.get("time_vs_plain") else "") for e in summary))
     console.print(f"{STAR} = on that run's Pareto front ({metric} vs FLOPs); bold = the best run for that sub-model.")
 
-    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"compare: {out} already exists and is not empty: pass out=NEW_DIR")
     out.mkdir(parents=True, exist_ok=True)

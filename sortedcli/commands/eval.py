@@ -83,7 +83,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     console.print(results_table(rows, metric, title=title, higher_is_better=higher))
     # The whole grid goes to eval/ (what export chooses from); a partial evaluation never replaces it.
     out = r.run_dir / "eval" if cfg.all_submodels else r.run_dir / "eval" / "largest-smallest"
-    paths = write_results(rows, out, metric, higher, title=title)
+    paths = write_results(rows, out, metric, higher, title=title, checkpoint=r.record)
     worst = (min if higher else max)(rows, key=lambda row: row[metric])
     rel = worst[f"rel_{metric}"]
     relative = f" = {rel:.1f}% of full" if rel is not None else ""

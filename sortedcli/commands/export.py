@@ -6,12 +6,14 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from .. import export, models
+from pathlib import Path
+
+from .. import export, models, runs
 from ..build import plain
 from ..errors import UsageError
 from ..engine import calibration_batches
 from ..flops import measure
-from ..nest import check_equal, extract, recalibrate
+from ..nest import call, check_equal, extract, recalibrate, use
 from ..report import load_results
 from ..tasks import move
 from .loaded import load_run
@@ -21,6 +23,21 @@ def check_budget(budget) -> float:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise UsageError(f"--budget must be a fraction of the full model's FLOPs in (0, 1], got {budget!r}")
     return float(budget)
+
+
+def check_fresh(results: Path, r) -> None:
+    """Refuse eval results measured on another checkpoint than the one about to be cut (a run resumed
+    since, or ``--ckpt`` naming an older one): they would choose on stale numbers."""
+    import json
+
+    measured = json.loads(results.read_text(encoding="utf-8")).get("checkpoint")
+    if isinstance(measured, dict) and measured.get("sha256") == r.record["sha256"]:
+        return
+    again = r.run_dir if r.ckpt == runs.latest_checkpoint(r.run_dir) else r.ckpt
+    what = (f"measured step {measured.get('step')} (sha {str(measured.get('sha256'))[:12]})"
+            if isinstance(measured, dict) else "does not say which checkpoint it measured")
+    raise UsageError(f"{results.parent.name}/{results.name} {what}, the checkpoint is step {r.record['step']} "
+                     f"(sha {r.record['sha256'][:12]}): run sortednet eval --all-submodels --ckpt {again}")
 
 
 def run(cfg: DictConfig, console: Console | None = None):
@@ -50,6 +67,7 @@ def run(cfg: DictConfig, console: Console | None = None):
     scores, metric, higher = {}, task.metric, task.higher_is_better
     results = r.run_dir / "eval" / "results.json"
     if results.is_file():
+        check_fresh(results, r)
         metric, rows = load_results(results)
         scores = {row["name"]: row[metric] for row in rows if row.get(metric) is not None}
     scored = [sub for sub in fits if sub.name in scores]
@@ -71,6 +89,10 @@ def run(cfg: DictConfig, console: Console | None = None):
     if isinstance(check_input, torch.Tensor):
         check_input = check_input[:64]
     model, example = r.model.cpu(), move(example, "cpu")
+    with torch.no_grad(), use(model.eval(), chosen):
+        if not torch.isfinite(call(model, check_input)).all():
+            raise UsageError(f"{chosen.name} of {r.ckpt} computes NaN or infinite outputs: its weights have diverged; "
+                             "retrain the run (with a lower optim.lr) or pass --ckpt an earlier checkpoint")
     small = extract(model, chosen, example)
     diff = check_equal(model, chosen, small, check_input)
     cost = costs[chosen]
@@ -79,7 +101,7 @@ def run(cfg: DictConfig, console: Console | None = None):
         "flops": cost.flops, "flops_per": data.unit, "params": cost.params, "full_flops": full,
         "full_params": costs[r.grid.largest].params, "budget": budget, "metric": metric,
         metric: scores.get(chosen.name), f"full_{metric}": scores.get(r.grid.largest.name),
-        "checkpoint": str(r.ckpt),
+        "checkpoint": {**r.record, "run": str(r.run_dir)},
     }
     folder = export.write(r.run_dir / "export" / f"budget-{budget:g}",
                           lambda tmp: entry.save(tmp, small, config, example, r.tokenizer))

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .. import runs
-from ..build import build_data, build_device, build_grid, build_model
+from ..build import build_data, build_device, build_grid, build_model, plain
 from ..errors import UsageError
 from ..nest import Grid
 
@@ -26,6 +26,7 @@ class LoadedRun:
     grid: Grid
     device: torch.device
     amp: torch.dtype | None
+    record: dict  # the checkpoint measured: {"step", "path" (relative to run_dir), "sha256"}
 
 
 def load_run(cfg: DictConfig) -> LoadedRun:
@@ -33,17 +34,45 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     that ``cfg.trainer`` asks for."""
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
     weights, run_cfg = runs.load_weights(ckpt)
+    if (run_dir / "config.yaml").is_file():
+        check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
     data_cfg = run_cfg.data
     if cfg.eval.get("test_subset") is not None:
         data_cfg = OmegaConf.merge(data_cfg, {"test_subset": cfg.eval.test_subset})
     data, tokenizer = build_data(run_cfg, data_cfg)
     model = build_model(run_cfg, data.model_args)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UsageError(f"checkpoint {ckpt} does not fit {run_cfg.model.name}: {first}") from None
+    check_fits(ckpt, weights, model, run_cfg.model.name)
+    model.load_state_dict(weights)
     grid = build_grid(run_cfg, model)
     device, amp = build_device(cfg)
     model.to(device).eval()
-    return LoadedRun(run_dir, ckpt, run_cfg, data, tokenizer, model, grid, device, amp)
+    return LoadedRun(run_dir, ckpt, run_cfg, data, tokenizer, model, grid, device, amp,
+                     runs.checkpoint_record(run_dir, ckpt))
+
+
+def check_belongs(ckpt: Path, ckpt_cfg: DictConfig, run_dir: Path, run_cfg: DictConfig) -> None:
+    """Refuse weights that another run wrote (a LLaMA file dropped into a ResNet run): results written
+    into ``run_dir`` must measure that run's model, data and grid."""
+    for what, key in (("model", "model.name"), ("data", "data.name"), ("grid", "dims")):
+        mine, theirs = OmegaConf.select(run_cfg, key), OmegaConf.select(ckpt_cfg, key)
+        mine = plain(mine) if isinstance(mine, DictConfig) else mine
+        theirs = plain(theirs) if isinstance(theirs, DictConfig) else theirs
+        if mine != theirs:
+            raise UsageError(f"{ckpt / runs.MODEL_FILE} was trained with another {what} ({theirs}) than the run "
+                             f"{run_dir} ({mine}): it is not this run's checkpoint; pass --ckpt the run it came "
+                             "from")
+
+
+def check_fits(ckpt: Path, weights: dict, model: nn.Module, name: str) -> None:
+    """The checkpoint's tensor names and shapes are the model's, before anything is loaded or written."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    missing, extra = [k for k in want if k not in have], [k for k in have if k not in want]
+    wrong = [k for k in want if k in have and want[k] != have[k]]
+    if missing or extra or wrong:
+        parts = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
+            ([f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []) + \
+            ([f"{len(wrong)} of another shape (e.g. {wrong[0]} {list(have[wrong[0]])}, the model has "
+              f"{list(want[wrong[0]])})"] if wrong else [])
+        raise UsageError(f"checkpoint {ckpt / runs.MODEL_FILE} does not fit {name}: of its tensors "
+                         + ", ".join(parts) + "; pass --ckpt the run that wrote it")

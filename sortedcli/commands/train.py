@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from .. import distributed, runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
                      build_sampler, check_settings)
-from ..engine import Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
+from ..engine import NonFiniteLoss, Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
 from ..errors import UsageError
 from ..nest import synchronize
 from ..tensorboard_log import TensorBoardLog
@@ -34,6 +34,44 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
                              "already has (e.g. trainer.epochs=30) can be changed; start a new run instead")
         OmegaConf.update(cfg, key, _parse_value(item))
     return cfg
+
+
+def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
+    """``(run_dir, checkpoint, weights, trainer state)`` to resume: ``path`` is a checkpoint folder
+    (``RUN/checkpoints/step-N``: that one) or a run folder (its latest checkpoint; when that is
+    unreadable, the newest earlier one that reads, said on the console)."""
+    if runs.is_checkpoint(path):
+        run_dir, chosen = path.parent.parent, [path]
+    else:
+        run_dir, latest = path, runs.latest_checkpoint(path)
+        if latest is None:
+            raise UsageError(f"--resume {path}: no complete checkpoint there to resume from")
+        chosen = [latest, *(c for c in runs.checkpoints(path) if c.name < latest.name)]
+    failed = []
+    for ckpt in chosen:
+        try:
+            weights, _ = runs.load_weights(ckpt)
+            state = runs.load_state(ckpt)
+        except UsageError as e:
+            if len(chosen) == 1:
+                raise
+            failed.append((ckpt, str(e)))
+            continue
+        if failed:
+            console.print(f"[yellow]{failed[0][1]}[/]\nresuming from {ckpt.name} instead, the newest readable "
+                          "checkpoint (the steps after it are trained again)")
+        return run_dir, ckpt, weights, state
+    raise UsageError(f"--resume {path}: none of its {len(chosen)} checkpoints is readable ({failed[0][1]})")
+
+
+def _stopped(step: int, what: str, run_dir: Path, cfg: DictConfig, bad: int) -> UsageError:
+    """Training diverged at ``step``: ``latest`` goes back to the newest checkpoint from before step
+    ``bad`` (the first whose weights are NaN or gave a non-finite loss), and the one line says so."""
+    latest = runs.roll_back(run_dir, before=bad) if (run_dir / "checkpoints").is_dir() else None
+    kept = (f"checkpoints/latest is {latest.name}, the newest whose weights still gave a finite loss"
+            if latest is not None else "no checkpoint from before it is kept")
+    return UsageError(f"{what} at step {step}: training stopped ({kept}); lower optim.lr (now {cfg.optim.lr}) "
+                      "or add optim.warmup_steps, and train again")
 
 
 def _parse_value(override: str):
@@ -105,10 +143,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         run_standalone(cfg, run_dir, console)
         return run_dir / "standalone"
     if resuming:
-        run_dir = Path(cfg.resume)
-        ckpt = runs.latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UsageError(f"--resume {run_dir}: no complete checkpoint there to resume from")
+        run_dir, ckpt, weights, state = resume_from(Path(cfg.resume), console)
         cfg = resume_config(run_dir, list(overrides))
         check_settings(cfg)
     elif (run_dir / "config.yaml").exists():
@@ -124,7 +159,6 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
     if resuming:  # whole weights, before any sharding
-        weights, _ = runs.load_weights(ckpt)
         model.load_state_dict(weights)
     model.to(device)
     if device.type == "cuda":
@@ -143,7 +177,6 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     progress = Progress()
 
     if resuming:
-        state = runs.load_state(ckpt)
         distributed.load_optimizer_state(model, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -151,6 +184,14 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
         progress = Progress(**state["progress"])
+        if progress.epoch >= t.epochs or (t.max_steps is not None and progress.step >= t.max_steps):
+            limit = "null" if t.max_steps is None else t.max_steps
+            more = (f"trainer.max_steps={2 * t.max_steps}" if t.max_steps is not None and progress.step >= t.max_steps
+                    else f"trainer.epochs={t.epochs + 1}")
+            console.print(f"nothing to train: {run_dir} is at step {progress.step}, epoch {progress.epoch} "
+                          f"(trainer.epochs={t.epochs}, trainer.max_steps={limit}); to train further: "
+                          f"sortednet train --resume {run_dir} {more}")
+            return ckpt
         console.print(f"resuming {run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})"
                       + (f" with {d.world} processes" if d.enabled else ""))
     elif d.main:
@@ -188,6 +229,12 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
     def checkpoint():
         weights, optimizer_state = distributed.full_state(model, optimizer, d)  # sharded: all ranks gather
+        finite = [torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()]
+        bad = torch.tensor([0.0 if not finite or bool(torch.stack(finite).all()) else 1.0], device=device)
+        if d.sum(bad).item():  # every rank agrees (sharded: rank 0 holds the gathered weights)
+            d.barrier()
+            raise _stopped(progress.step, "the weights are NaN or infinite", run_dir, cfg, bad=progress.step) \
+                if d.main else UsageError("diverged")
         state = {
             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
@@ -202,6 +249,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         return path
 
     started = time.perf_counter()
+    first_step = progress.step  # steps run by this process are counted from here
     losses: list[float] = []
 
     with Bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -231,15 +279,24 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             log(record)
             checkpoint()
 
-        fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
+        try:
+            fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
             seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
             max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d, accumulate=accumulate,
             on_step=on_step,
             on_epoch_end=on_epoch_end)
+        except NonFiniteLoss as e:
+            board.close()
+            if not d.main:  # rank 0 moves `latest` back and says so
+                raise UsageError("diverged") from None
+            raise _stopped(e.step, f"the loss is {e.loss}", run_dir, cfg, bad=e.step - 1) from None
 
     board.close()
     final = runs.latest_checkpoint(run_dir)
     if final is None or final.name != f"step-{progress.step:08d}":
         final = checkpoint()
-    console.print(f"trained {progress.step} steps in {time.perf_counter() - started:.1f}s; checkpoint {final}")
+    done = progress.step - first_step
+    console.print(f"trained {done} step{'' if done == 1 else 's'}"
+                  + (f" (steps {first_step + 1}-{progress.step})" if first_step else "")
+                  + f" in {time.perf_counter() - started:.1f}s; checkpoint {final}")
     return final
