@@ -30,7 +30,11 @@ def check_fresh(results: Path, r) -> None:
     since, or ``--ckpt`` naming an older one): they would choose on stale numbers."""
     import json
 
-    measured = json.loads(results.read_text(encoding="utf-8")).get("checkpoint")
+    try:
+        measured = json.loads(results.read_text(encoding="utf-8")).get("checkpoint")
+    except (ValueError, AttributeError):
+        load_results(results)  # says in one line what is wrong with the file
+        raise
     if isinstance(measured, dict) and measured.get("sha256") == r.record["sha256"]:
         return
     again = r.run_dir if r.ckpt == runs.latest_checkpoint(r.run_dir) else r.ckpt
@@ -44,6 +48,9 @@ def run(cfg: DictConfig, console: Console | None = None):
     console = console or Console()
     budget = check_budget(cfg.budget)
     r = load_run(cfg)
+    results = r.run_dir / "eval" / "results.json"
+    if results.is_file():  # before any work: results of another checkpoint would choose on stale numbers
+        check_fresh(results, r)
     entry, data, task = models.entry(r.cfg.model.name), r.data, r.data.task
     example = move(data.example(), r.device)
     with console.status(f"measuring the FLOPs of {len(r.grid)} sub-models"):
@@ -65,9 +72,7 @@ def run(cfg: DictConfig, console: Console | None = None):
     fits = savable
 
     scores, metric, higher = {}, task.metric, task.higher_is_better
-    results = r.run_dir / "eval" / "results.json"
     if results.is_file():
-        check_fresh(results, r)
         metric, rows = load_results(results)
         scores = {row["name"]: row[metric] for row in rows if row.get(metric) is not None}
     scored = [sub for sub in fits if sub.name in scores]

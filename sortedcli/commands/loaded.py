@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -26,7 +27,11 @@ class LoadedRun:
     grid: Grid
     device: torch.device
     amp: torch.dtype | None
-    record: dict  # the checkpoint measured: {"step", "path" (relative to run_dir), "sha256"}
+
+    @cached_property
+    def record(self) -> dict:
+        """The checkpoint measured: ``{"step", "path" (relative to run_dir), "sha256"}`` (hashed once)."""
+        return runs.checkpoint_record(self.run_dir, self.ckpt)
 
 
 def load_run(cfg: DictConfig) -> LoadedRun:
@@ -46,8 +51,7 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     grid = build_grid(run_cfg, model)
     device, amp = build_device(cfg)
     model.to(device).eval()
-    return LoadedRun(run_dir, ckpt, run_cfg, data, tokenizer, model, grid, device, amp,
-                     runs.checkpoint_record(run_dir, ckpt))
+    return LoadedRun(run_dir, ckpt, run_cfg, data, tokenizer, model, grid, device, amp)
 
 
 def check_belongs(ckpt: Path, ckpt_cfg: DictConfig, run_dir: Path, run_cfg: DictConfig) -> None:

@@ -44,9 +44,10 @@ def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
         run_dir, chosen = path.parent.parent, [path]
     else:
         run_dir, latest = path, runs.latest_checkpoint(path)
-        if latest is None:
+        chosen = [latest, *(c for c in runs.checkpoints(path) if c.name < latest.name)] if latest is not None \
+            else runs.checkpoints(path)  # `latest` names a folder that is gone: the newest there is
+        if not chosen:
             raise UsageError(f"--resume {path}: no complete checkpoint there to resume from")
-        chosen = [latest, *(c for c in runs.checkpoints(path) if c.name < latest.name)]
     failed = []
     for ckpt in chosen:
         try:
