@@ -282,10 +282,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
         try:
             fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
-            seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
-            max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d, accumulate=accumulate,
-            on_step=on_step,
-            on_epoch_end=on_epoch_end)
+                seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
+                max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
+                accumulate=accumulate, on_step=on_step, on_epoch_end=on_epoch_end)
         except NonFiniteLoss as e:
             board.close()
             if not d.main:  # rank 0 moves `latest` back and says so
