@@ -11,7 +11,8 @@ features keep working. A few flags are sugar for overrides:
     --recipe NAME     the primary config recipes/NAME.yaml, which builds on conf/train.yaml  (train)
     --exit N, --draft-exit E, --max-tokens N, --temperature T, --top-p P, --prompt TEXT
                       exit=N, draft_exit=E, ... ; --speculative, --early-exit: speculative=true,
-                      early_exit=true; other words are the prompt     (generate)
+                      early_exit=true; --raw: template=none (no chat template); other words
+                      are the prompt     (generate)
     RUN_A RUN_B ...   runs=[RUN_A,RUN_B,...]        (compare: positional run folders)
 
 A user's mistake (a bad override, a missing file, an impossible budget) ends with one line on
@@ -58,8 +59,10 @@ FLAGS = {  # flag -> (verbs that take it, takes a value)
     "--temperature": ({"generate"}, True),
     "--top-p": ({"generate"}, True),
     "--prompt": ({"generate"}, True),
+    "--raw": ({"generate"}, False),
 }
 SWITCHES = {"--all-submodels": "all_submodels", "--speculative": "speculative", "--early-exit": "early_exit"}
+FIXED = {"--raw": "template=none"}  # switches that set a value other than true
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")  # a Hydra key=value (a prompt has spaces or no '=')
 MISSING_HINTS = {"budget": "--budget B (a fraction of the full model's FLOPs, e.g. --budget 0.5)",
                  "prompt": 'a prompt: sortednet generate "Once upon a time"',
@@ -109,6 +112,8 @@ def translate(verb: str, args: list[str]) -> list[str]:
                 value = args[i]
             if flag in SWITCHES:
                 out.append(f"{SWITCHES[flag]}=true")
+            elif flag in FIXED:
+                out.append(FIXED[flag])
             elif flag == "--budget":
                 out.append(f"budget={value}")
             elif flag == "--recipe":

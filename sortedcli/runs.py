@@ -10,6 +10,8 @@ A run folder (one per ``sortednet train``) holds::
                              with the resolved config in the file's metadata
         state.pt             optimizer, LR schedule, sampler generator and RNG states, step, epoch:
                              tensors and plain values only, read back with weights_only=True
+    pretrained/              a pretrained model's config and tokenizer, copied at train start
+                             (``model.pretrained`` may move or be a GGUF: nothing reads it again)
     eval/                    results of ``sortednet eval`` (CSV, JSON, PNG)
     export/                  models cut out by ``sortednet export``
 
@@ -33,6 +35,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from .errors import UsageError
 
 MODEL_FILE = "model.safetensors"
+PRETRAINED_DIR = "pretrained"
 STATE_FILE = "state.pt"
 
 
@@ -60,6 +63,20 @@ def load_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
+def self_contained(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """``cfg`` with ``model.pretrained`` (and ``model.tokenizer``) pointing at the run's own copy of
+    the pretrained config and tokenizer when it has one (``pretrained/``), so that a run keeps working
+    after the pretrained folder moves; the weights come from the run's checkpoint."""
+    folder = Path(run_dir) / PRETRAINED_DIR
+    if not folder.is_dir() or cfg.get("model") is None or not cfg.model.get("pretrained"):
+        return cfg
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out.model.pretrained = str(folder)
+    if "tokenizer" in out.model:
+        out.model.tokenizer = str(folder)
+    return out
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
     with open(Path(run_dir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -75,9 +92,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict, sta
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = model if isinstance(model, dict) else model.state_dict()
-    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    save_file(weights, str(tmp / MODEL_FILE),
-              metadata={"config": OmegaConf.to_yaml(cfg, resolve=True), "step": str(step)})
+    weights, aliases = _one_copy({k: v.detach() for k, v in weights.items()})
+    metadata = {"config": OmegaConf.to_yaml(cfg, resolve=True), "step": str(step)}
+    if aliases:
+        metadata["aliases"] = json.dumps(aliases)
+    save_file(weights, str(tmp / MODEL_FILE), metadata=metadata)
     torch.save(state, tmp / STATE_FILE)
     for f in tmp.iterdir():
         f.chmod(0o644)
@@ -88,6 +107,25 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict, sta
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _one_copy(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``weights`` with every tensor stored once (CPU, contiguous) and ``{dropped key: kept key}`` for
+    the keys that named the same tensor (tied embeddings: ``lm_head.weight`` is
+    ``model.embed_tokens.weight``), which safetensors refuses to write twice."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, value in weights.items():
+        same = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                tuple(value.stride()), value.dtype) if value.numel() else None
+        if same is not None and same in first:
+            aliases[key] = first[same]
+            continue
+        if same is not None:
+            first[same] = key
+        kept[key] = value.contiguous().cpu()
+    return kept, aliases
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -187,6 +225,8 @@ def load_weights(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], DictConfig]:
                          "or retrain") from None
     if "config" not in metadata:
         raise UsageError(f"checkpoint {path} carries no sortednet config: was it written by sortednet?")
+    for key, kept in json.loads(metadata.get("aliases") or "{}").items():
+        state[key] = state[kept]  # a tied tensor, stored once: both keys load into the one parameter
     return state, OmegaConf.create(metadata["config"])
 
 

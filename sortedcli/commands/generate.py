@@ -4,14 +4,21 @@
 ``--speculative [--draft-exit E]`` gives the full model's output, drafted by its own first E layers
 and verified in one pass; ``--early-exit`` lets each token leave at the first exit whose top
 probability reaches its threshold (``thresholds``, default the paper's scaled to the depth). Greedy
-unless ``temperature`` > 0 (then ``top_p`` and ``seed`` apply). A run trained on instructions gets its
-prompt wrapped in the Alpaca template (``template=auto``). See :mod:`sortedcli.decoding`.
+unless ``temperature`` > 0 (then ``top_p`` and ``seed`` apply). See :mod:`sortedcli.decoding`.
+
+``--ckpt`` names a run folder (or one of its checkpoints), or any model the ``model`` entry loads:
+a pretrained Hugging Face folder, an export folder, a GGUF file (or a folder holding one).
+``template=auto``: the tokenizer's chat template when it has one (a run trained on instructions, or
+a pretrained/exported model), the Alpaca template for a run trained on instructions without one,
+else the raw prompt; ``--raw`` (``template=none``) turns templates off. With the chat template,
+generation stops at its end-of-turn token.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -24,16 +31,48 @@ from ..data import LANGUAGE, lm
 from ..errors import UsageError
 
 
+def _model_folder(ckpt) -> Path | None:
+    """``ckpt`` when it names a model rather than a run: a GGUF file, or a folder with a config.json
+    (pretrained or exported) or a GGUF file in it."""
+    if ckpt is None:
+        return None
+    path = Path(str(ckpt)).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "checkpoints").is_dir() and (
+            (path / "config.json").is_file() or any(path.glob("*.gguf"))):
+        return path
+    return None
+
+
+def load_pretrained(cfg: DictConfig, folder: Path):
+    """``(stack, tokenizer, None, folder)`` of a pretrained / exported model or GGUF file."""
+    entry = models.entry(str(cfg.model))
+    if entry.stack is None:
+        raise UsageError(f"model={entry.name} is not a causal language model: generate needs e.g. model=llama")
+    options = {"name": entry.name, "pretrained": str(folder)}
+    tokenizer = models.tokenizer(options)
+    model = models.create(entry.name, **lm.model_args(tokenizer), pretrained=str(folder))
+    device, _ = build_device(cfg)
+    model.to(device).eval()
+    return entry.stack(model), tokenizer, None, folder
+
+
 def load_generator(cfg: DictConfig):
-    """``(stack, tokenizer, run config)`` of the run ``cfg.ckpt`` names (default: the newest)."""
+    """``(stack, tokenizer, run config, checkpoint)`` of what ``cfg.ckpt`` names (default: the newest
+    run); the run config is None for a pretrained / exported model."""
+    folder = _model_folder(cfg.get("ckpt"))
+    if folder is not None:
+        return load_pretrained(cfg, folder)
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
     weights, run_cfg = runs.load_weights(ckpt)
     entry = models.entry(run_cfg.model.name)
     if entry.stack is None or run_cfg.data.name not in LANGUAGE:
         raise UsageError(f"{run_dir} is a {run_cfg.model.name} run on {run_cfg.data.name}, not a causal language "
                          "model: `sortednet generate` needs a model=llama run")
-    tokenizer = models.tokenizer(plain(run_cfg.model))
-    model = build_model(run_cfg, lm.model_args(tokenizer))
+    source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
+    tokenizer = models.tokenizer(plain(source.model))
+    model = build_model(source, lm.model_args(tokenizer))
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -63,12 +102,23 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     stack, tokenizer, run_cfg, ckpt = load_generator(cfg)
     L = stack.num_layers
     template = cfg.template
+    instructions = run_cfg is None or run_cfg.data.get("kind") == "instructions"
     if template == "auto":
-        template = "alpaca" if run_cfg.data.get("kind") == "instructions" else "none"
-    if template not in ("alpaca", "none"):
-        raise UsageError(f"template must be auto, alpaca or none, got {template!r}")
-    text = lm.alpaca_prompt(str(cfg.prompt)) if template == "alpaca" else str(cfg.prompt)
-    ids = tokenizer(text).input_ids
+        if instructions and lm.has_chat_template(tokenizer) and (run_cfg is None or not run_cfg.data.get("raw")):
+            template = "chat"
+        else:
+            template = "alpaca" if run_cfg is not None and instructions else "none"
+    if template not in ("chat", "alpaca", "none"):
+        raise UsageError(f"template must be auto, chat, alpaca or none, got {template!r}")
+    eos = tokenizer.eos_token_id
+    if template == "chat":
+        if not lm.has_chat_template(tokenizer):
+            raise UsageError("template=chat: this tokenizer has no chat template (use template=alpaca or --raw)")
+        ids = lm.chat_prompt_ids(tokenizer, str(cfg.prompt))
+        eos = lm.end_of_turn(tokenizer)
+    else:
+        text = lm.alpaca_prompt(str(cfg.prompt)) if template == "alpaca" else str(cfg.prompt)
+        ids = tokenizer(text).input_ids
     generator = torch.Generator().manual_seed(int(cfg.seed))
     try:
         sampling = D.Sampling(float(cfg.temperature), float(cfg.top_p), generator)
@@ -85,7 +135,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
         sys.stdout.flush()
         shown[0] = now
 
-    common = dict(max_new_tokens=int(cfg.max_tokens), sampling=sampling, eos=tokenizer.eos_token_id, on_token=stream)
+    common = dict(max_new_tokens=int(cfg.max_tokens), sampling=sampling, eos=eos, on_token=stream)
     started = time.perf_counter()
     try:
         if cfg.speculative:

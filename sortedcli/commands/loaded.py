@@ -44,8 +44,9 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     data_cfg = run_cfg.data
     if cfg.eval.get("test_subset") is not None:
         data_cfg = OmegaConf.merge(data_cfg, {"test_subset": cfg.eval.test_subset})
-    data, tokenizer = build_data(run_cfg, data_cfg)
-    model = build_model(run_cfg, data.model_args)
+    source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
+    data, tokenizer = build_data(source, data_cfg)
+    model = build_model(source, data.model_args)
     check_fits(ckpt, weights, model, run_cfg.model.name)
     model.load_state_dict(weights)
     grid = build_grid(run_cfg, model)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-from .. import distributed, runs
+from .. import distributed, models, runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
                      build_sampler, check_settings)
 from ..engine import NonFiniteLoss, Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
@@ -154,9 +154,13 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    data, _ = build_data(cfg)
+    source = runs.self_contained(cfg, run_dir) if resuming else cfg  # a resumed run reads its own copy
+    data, tokenizer = build_data(source)
     task = data.task
-    model = build_model(cfg, data.model_args)
+    model = build_model(source, data.model_args)
+    entry = models.entry(cfg.model.name)
+    if not resuming and d.main and entry.snapshot is not None and cfg.model.get("pretrained"):
+        entry.snapshot(model, tokenizer, run_dir / runs.PRETRAINED_DIR, str(cfg.model.pretrained))
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
     if resuming:  # whole weights, before any sharding

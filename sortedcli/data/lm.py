@@ -3,14 +3,18 @@
 Two kinds of data, one item format (``{"input_ids": LongTensor, "labels": LongTensor}``, labels
 unshifted as in transformers; ``-100`` is not trained on):
 
-- **corpora** (``kind == "text"``): documents, each tokenized as ``<s> text </s>``, concatenated and
+- **corpora** (``kind == "text"``): documents, each tokenized as ``<s> text </s>`` (a chat model whose
+  bos/eos are its template's turn markers: ``text <|endoftext|>``, see :func:`document_marks`), concatenated and
   cut into fixed blocks of ``block_size`` tokens (the tail that does not fill a block is dropped);
   labels are the inputs.
 - **instructions** (``kind == "instructions"``): examples made of segments, each trained on or not:
   an Alpaca item is its prompt (the Stanford Alpaca template, not trained on) and its output
   (trained on, followed by ``</s>``); a chat conversation is one segment per message, only the
   assistant's trained on. Loss is on response tokens only. Examples longer than ``max_length`` are
-  cut; an example left without a response token is dropped.
+  cut; an example left without a response token is dropped. With a tokenizer that has a chat template
+  (a chat model's), every example is written as a conversation with that template instead (user
+  turns, then the assistant's: loss on the assistant's content and its end-of-turn token only);
+  ``data.raw=true`` keeps the formats above.
 
 The held-out split is over documents / examples (before packing), drawn with ``split_seed``, so held-out
 text was never seen in training. :func:`collate` pads a batch to its longest item (``pad`` for inputs,
@@ -85,9 +89,77 @@ def chat_header(role: str) -> str:
 
 @dataclass(frozen=True)
 class Example:
-    """An instruction example: text segments in order, each trained on (a response) or not."""
+    """An instruction example: text segments in order, each trained on (a response) or not; the
+    conversation it is (``(role, content)`` pairs) for tokenizers with a chat template. A ``closed``
+    example's text already holds its special tokens (a chat template's): nothing is added to it."""
 
     segments: tuple[tuple[str, bool], ...]
+    messages: tuple[tuple[str, str], ...] = ()
+    closed: bool = False
+
+
+# ---------------------------------------------------------------- chat templates
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids of a one-message user conversation and the assistant's turn opened (what generate feeds)."""
+    return _encode(tokenizer, [_render(tokenizer, [("user", prompt)], True)])[0]
+
+
+def end_of_turn(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``): the
+    first token after the assistant's content in a rendered conversation; the EOS of generation."""
+    prompt = _render(tokenizer, [("user", "Hi")], True)
+    full = _render(tokenizer, [("user", "Hi"), ("assistant", "Z")])
+    answer = full[len(prompt):] if full.startswith(prompt) else full
+    after = answer[answer.find("Z") + 1:] if "Z" in answer else ""
+    ids = _encode(tokenizer, [after])[0] if after else []
+    return ids[0] if ids else tokenizer.eos_token_id
+
+
+def templated(tokenizer, example: Example) -> Example:
+    """``example`` written with the tokenizer's chat template: the text before each assistant turn is
+    not trained on, the assistant's content and the end-of-turn token are. The template must render a
+    conversation's prefix as a prefix of the whole (chat templates do); else a :class:`UsageError`."""
+    eot = tokenizer.convert_ids_to_tokens(end_of_turn(tokenizer))
+    segments, done = [], ""
+    for i, (role, _) in enumerate(example.messages):
+        if role != "assistant":
+            continue
+        prompt = _render(tokenizer, example.messages[:i], True)
+        full = _render(tokenizer, example.messages[:i + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UsageError("the tokenizer's chat template does not render a conversation's start as the "
+                             "start of the whole: train on it without the template (data.raw=true)")
+        answer = full[len(prompt):]
+        cut = answer.rfind(eot)
+        cut = len(answer) if cut < 0 else cut + len(eot)
+        segments += [(prompt[len(done):], False), (answer[:cut], True), (answer[cut:], False)]
+        done = full
+    return Example(tuple((text, trained) for text, trained in segments if text), example.messages, closed=True)
+
+
+def document_marks(tokenizer) -> tuple[int | None, int]:
+    """``(bos or None, separator)`` that packing puts around documents: the tokenizer's bos/eos, but
+    when the chat template uses them (``<|im_start|>``/``<|im_end|>``), the first special token it does
+    not use as the separator (``<|endoftext|>``, the model's own document separator) and no bos."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    template = tokenizer.chat_template if has_chat_template(tokenizer) else None
+    if not isinstance(template, str) or tokenizer.eos_token not in template:
+        return bos, eos
+    others = [t for t in tokenizer.all_special_tokens if t not in template and t != tokenizer.pad_token]
+    if tokenizer.bos_token and tokenizer.bos_token in template:
+        bos = None
+    return bos, (tokenizer.convert_tokens_to_ids(others[0]) if others else eos)
 
 
 # ---------------------------------------------------------------- reading files
@@ -178,7 +250,9 @@ def read_alpaca(path) -> list[Example]:
             raise UsageError(f"{path} item {i} needs the keys 'instruction' and 'output' (and optionally 'input')")
         prompt = alpaca_prompt(_string(item["instruction"], f"{path} item {i} 'instruction'"),
                                _string(item.get("input") or "", f"{path} item {i} 'input'"))
-        out.append(Example(((prompt, False), (_string(item["output"], f"{path} item {i} 'output'"), True))))
+        output = _string(item["output"], f"{path} item {i} 'output'")
+        question = item["instruction"] + (f"\n\n{item['input']}" if item.get("input") else "")
+        out.append(Example(((prompt, False), (output, True)), (("user", question), ("assistant", output))))
     return out
 
 
@@ -190,19 +264,20 @@ def read_chat(path) -> list[Example]:
         messages = item.get("messages") if isinstance(item, dict) else None
         if not isinstance(messages, list) or not messages:
             raise UsageError(f"{path} line {number} needs a non-empty 'messages' list of {{role, content}}")
-        segments = []
+        segments, turns = [], []
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or "content" not in m:
                 raise UsageError(f"{path} line {number}: each message needs a 'role' ({', '.join(CHAT_ROLES)}) "
                                  "and a 'content'")
             content = _string(m["content"], f"{path} line {number} 'content'")
+            turns.append((m["role"], content))
             if m["role"] == "assistant":
                 segments += [(chat_header("assistant"), False), (content, True), ("\n\n", False)]
             else:
                 segments.append((chat_header(m["role"]) + content + "\n\n", False))
         if not any(trained for _, trained in segments):
             raise UsageError(f"{path} line {number} has no assistant message to train on")
-        out.append(Example(tuple(segments)))
+        out.append(Example(tuple(segments), tuple(turns)))
     if not out:
         raise UsageError(f"{path} holds no conversations")
     return out
@@ -214,8 +289,10 @@ def read_gsm8k(path) -> list[Example]:
     for number, item in _jsonl(path):
         if not isinstance(item, dict) or "question" not in item or "answer" not in item:
             raise UsageError(f"{path} line {number} needs the keys 'question' and 'answer'")
-        out.append(Example(((alpaca_prompt(_string(item["question"], f"{path} line {number} 'question'")), False),
-                            (_string(item["answer"], f"{path} line {number} 'answer'"), True))))
+        question = _string(item["question"], f"{path} line {number} 'question'")
+        answer = _string(item["answer"], f"{path} line {number} 'answer'")
+        out.append(Example(((alpaca_prompt(question), False), (answer, True)),
+                           (("user", question), ("assistant", answer))))
     if not out:
         raise UsageError(f"{path} holds no question/answer pairs")
     return out
@@ -342,21 +419,22 @@ def pack(tokenizer, documents: list[str], block_size: int) -> torch.Tensor:
     """``<s> doc </s>`` for every document, concatenated, cut into ``block_size`` blocks (N x block)."""
     if block_size < 2:
         raise UsageError(f"data.block_size must be >= 2, got {block_size}")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    stream = [t for ids in _encode(tokenizer, documents) for t in (bos + ids + [tokenizer.eos_token_id])]
+    first, sep = document_marks(tokenizer)
+    bos = [first] if first is not None else []
+    stream = [t for ids in _encode(tokenizer, documents) for t in (bos + ids + [sep])]
     n = len(stream) // block_size
     return torch.tensor(stream[:n * block_size], dtype=torch.long).view(n, block_size)
 
 
 def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]] | None:
     """(input ids, labels) of an instruction example: ``<s>`` + segments, ``</s>`` after each trained
-    segment; labels are the ids on trained tokens and -100 elsewhere. Cut to ``max_length``; None
-    when nothing trained is left."""
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    segment (a ``closed`` example: its segments alone); labels are the ids on trained tokens and -100
+    elsewhere. Cut to ``max_length``; None when nothing trained is left."""
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not example.closed else []
     labels = [IGNORE] * len(ids)
     encoded = _encode(tokenizer, [text for text, _ in example.segments])
     for (_, trained), seg in zip(example.segments, encoded):
-        seg = seg + [tokenizer.eos_token_id] if trained else seg
+        seg = seg + [tokenizer.eos_token_id] if trained and not example.closed else seg
         ids += seg
         labels += seg if trained else [IGNORE] * len(seg)
     ids, labels = ids[:max_length], labels[:max_length]
@@ -485,6 +563,9 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
         info.update(train_tokens=train_ds.blocks.numel(), test_tokens=test_ds.blocks.numel())
     else:
         max_length = int(cfg.get("max_length") or 512)
+        if has_chat_template(tokenizer) and not cfg.get("raw"):
+            train, test = ([templated(tokenizer, ex) for ex in part] for part in (train, test))
+            info["template"] = "chat"
         sides = []
         for part in (train, test):
             pairs = [p for p in (tokenize_example(tokenizer, ex, max_length) for ex in part) if p is not None]

@@ -19,7 +19,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import bert, hf, llama, mobilenet, resnet
+from . import bert, gguf, hf, llama, mobilenet, resnet  # noqa: F401 (gguf: python -m sortedcli.models.gguf)
 from .. import export
 
 
@@ -39,6 +39,8 @@ class ModelEntry:
     save: Callable[..., None] = export.save_torch  # save(folder, plain, meta, example, want, tokenizer)
     exportable: Callable[[nn.Module, object], bool] = _every  # (sorted model, sub) -> can be saved
     stack: Callable[[nn.Module], object] | None = None  # model -> decoding.Stack (causal LMs: generate)
+    # snapshot(model, tokenizer, folder, source): a pretrained model's config + tokenizer into the run folder
+    snapshot: Callable[..., None] | None = None
 
 
 REGISTRY: dict[str, ModelEntry] = {}
@@ -57,7 +59,7 @@ register(ModelEntry("resnet_tiny", "resnet", resnet.DIMS, resnet.build_resnet_ti
 register(ModelEntry("bert", "bert", bert.DIMS, bert.build_encoder,
                     "transformers BERT-family sequence classifier (BERT, RoBERTa, MiniLM): "
                     "model.pretrained=DIR_OR_HUB_ID or model.config={...}",
-                    tasks=bert.TASKS, tokenizer=hf.tokenizer, save=bert.save, exportable=bert.exportable))
+                    tasks=bert.TASKS, tokenizer=hf.tokenizer, save=bert.save, exportable=bert.exportable, snapshot=hf.snapshot))
 register(ModelEntry("mobilenet_v2", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_v2,
                     "torchvision MobileNetV2, 17 inverted-residual blocks, 10 of them droppable"))
 register(ModelEntry("mobilenet_tiny", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_tiny,
@@ -66,11 +68,11 @@ register(ModelEntry("llama", "llama", llama.DIMS, llama.build_llama,
                     "transformers LlamaForCausalLM (Sorted LLaMA / SoFT): model.pretrained=DIR_OR_HUB_ID or "
                     "model.config={...}; exits through the model's own final norm and LM head",
                     tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
-                    stack=llama.LlamaStack))
+                    stack=llama.LlamaStack, snapshot=hf.snapshot))
 register(ModelEntry("llama_tiny", "llama", llama.DIMS, llama.build_llama,
                     "a randomly initialized 4-layer LLaMA (conf/model/llama_tiny.yaml), for tests and smoke runs",
                     tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
-                    stack=llama.LlamaStack))
+                    stack=llama.LlamaStack, snapshot=hf.snapshot))
 
 
 def entry(name: str) -> ModelEntry:

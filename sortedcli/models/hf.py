@@ -2,7 +2,11 @@
 
 - :func:`load`: a library model from ``pretrained`` (a local folder, or a hub id where there is
   internet) or from a config dict (random init: tiny models for tests, small ones for recipes);
-- :func:`tokenizer`: the model's own tokenizer (``model.tokenizer`` or the pretrained folder);
+  or a GGUF file (llama.cpp's format; :mod:`sortedcli.models.gguf` converts it to fp32), or a run's own
+  copy of the pretrained config (:func:`snapshot`: the weights then come from the run's checkpoint);
+- :func:`tokenizer`: the model's own tokenizer (``model.tokenizer`` or the pretrained folder / GGUF);
+- :func:`snapshot`: the pretrained config and tokenizer copied into a run folder at train start, so
+  that eval/export/generate (and resume) never need ``model.pretrained`` again;
 - :func:`prefix_layers`: the first k layers of a ``ModuleList`` stack as depth units whose skip is the
   identity, and the ``finish`` that drops the skipped layers from a cut-out model;
 - :func:`save`: an export folder that the stock ``Auto*`` class loads (``save_pretrained``: the
@@ -30,14 +34,57 @@ def _quiet():
     logging.disable_progress_bar()  # per-file loading bars: our commands show their own progress
 
 
+SNAPSHOT_MARK = "sortednet-pretrained.json"  # in a run's copy of the pretrained config and tokenizer
+
+
+def is_snapshot(folder) -> bool:
+    return (Path(folder) / SNAPSHOT_MARK).is_file()
+
+
+def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
+    """Write ``model``'s config (as built: after any GGUF conversion or new head) and ``tok`` into
+    ``folder`` (through a temporary folder renamed into place): what :func:`load` and
+    :func:`tokenizer` read back instead of ``source`` for a run's eval/export/generate/resume."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(str(tmp))
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+        (tmp / SNAPSHOT_MARK).write_text(json.dumps({"pretrained": source}, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load(auto_class, pretrained: str | None, config: dict | None, config_class, **kwargs) -> nn.Module:
-    """``auto_class.from_pretrained(pretrained, **kwargs)``, or a random-init model of
-    ``config_class(**config)``. Offline, a hub id fails with one line that says so."""
+    """``auto_class.from_pretrained(pretrained, **kwargs)`` (a folder, a hub id, or a GGUF file / a
+    folder holding one), a model of a run's :func:`snapshot` config (its weights come from the run's
+    checkpoint), or a random-init model of ``config_class(**config)``. Offline, a hub id fails with one
+    line that says so."""
+    from . import gguf
+
     _quiet()
     if pretrained:
         local = Path(pretrained).expanduser()
         if not local.exists() and (os.environ.get("HF_HUB_OFFLINE") or pretrained.startswith(("/", ".", "~", "<"))):
             raise UsageError(f"model.pretrained={pretrained}: no such folder")
+        if local.exists() and is_snapshot(local):
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(str(local))
+            return auto_class.from_config(cfg, dtype=torch.float32,
+                                          **{k: v for k, v in kwargs.items() if k == "attn_implementation"})
+        found = gguf.find(local) if local.exists() else None
+        if found is not None:
+            return gguf.load(auto_class, found, attn_implementation=kwargs.get("attn_implementation"))
         # fp32 master weights whatever the checkpoint's dtype ("auto" would keep a bf16/fp16 one):
         # training runs bf16 autocast on a GPU, fp32 on the CPU
         kwargs.setdefault("dtype", torch.float32)
@@ -67,10 +114,15 @@ def tokenizer(options: dict):
     if not where:
         raise UsageError("this model needs a tokenizer: pass model.tokenizer=DIR (or model.pretrained=DIR "
                          "holding one)")
+    from . import gguf
+
     _quiet()
+    local = Path(where).expanduser()
+    found = gguf.find(local) if local.exists() else None
     try:
-        return AutoTokenizer.from_pretrained(str(Path(where).expanduser()) if Path(where).expanduser().exists()
-                                             else where)
+        if found is not None:
+            return AutoTokenizer.from_pretrained(str(found.parent), gguf_file=found.name)
+        return AutoTokenizer.from_pretrained(str(local) if local.exists() else where)
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"no tokenizer could be loaded from {where} ({str(e).strip()[:200]})") from None
 
