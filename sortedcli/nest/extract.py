@@ -79,9 +79,37 @@ def extract(model: nn.Module, sub: SubModel | None, example) -> nn.Module:
             _strip(m)
             if name in dropped:
                 _set(plain, name, nest.units[rank].plain_skip(m))
+    _retie(plain, _shared(model))
     if nest.finish is not None:
         nest.finish(plain, sub)
     return plain.eval()
+
+
+def _shared(model: nn.Module) -> list[list[str]]:
+    """Qualified names of parameters that are one tensor in ``model`` (tied embeddings and LM head)."""
+    names: dict[int, list[str]] = {}
+    for module_name, m in model.named_modules(remove_duplicate=False):
+        for leaf, p in m.named_parameters(recurse=False):
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            if full not in names.setdefault(id(p), []):
+                names[id(p)].append(full)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(plain: nn.Module, groups: list[list[str]]) -> None:
+    """Make each group of tied parameters one tensor again in the cut-out model (slicing copied each
+    layer's slice on its own); a group whose members were cut to different shapes stays untied."""
+    for group in groups:
+        try:
+            found = [(name, plain.get_parameter(name)) for name in group]
+        except AttributeError:  # in a dropped unit
+            continue
+        first = found[0][1]
+        if any(p.shape != first.shape for _, p in found):
+            continue
+        for name, _ in found[1:]:
+            owner, _, leaf = name.rpartition(".")
+            setattr(plain.get_submodule(owner) if owner else plain, leaf, first)
 
 
 def _strip(m: nn.Module) -> None:
