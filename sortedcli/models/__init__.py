@@ -19,7 +19,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
-from . import bert, gguf, hf, llama, mobilenet, resnet  # noqa: F401 (gguf: python -m sortedcli.models.gguf)
+from . import bert, hf, llama, mobilenet, resnet
 from .. import export
 
 

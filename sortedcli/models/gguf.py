@@ -110,6 +110,7 @@ def convert(file: Path, out: Path) -> Path:
         with torch.no_grad():
             if not torch.allclose(back(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4):
                 raise RuntimeError(f"the converted folder does not reproduce {file}")
+        tmp.chmod(0o755)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:

@@ -58,6 +58,7 @@ def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
         if tok is not None:
             tok.save_pretrained(str(tmp))
         (tmp / SNAPSHOT_MARK).write_text(json.dumps({"pretrained": source}, indent=2) + "\n")
+        tmp.chmod(0o755)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
