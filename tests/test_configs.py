@@ -87,7 +87,8 @@ def test_every_recipe_composes_and_builds(name):
     base = conf("train")
     assert set(base) <= set(cfg), "a recipe builds on conf/train.yaml"
     brought = OmegaConf.is_missing(cfg.model, "pretrained") or (
-        cfg.model.get("pretrained") and not Path(cfg.model.pretrained).exists())  # a hub id: not offline
+        cfg.model.get("pretrained") and not Path(cfg.model.pretrained).exists()  # a hub id: not offline
+        or str(cfg.model.get("pretrained")).endswith(".gguf"))  # a real 135M+ model: not in the default run
     if cfg.model.get("config", 1) is None and (brought or not cfg.model.get("pretrained")):
         # weights the user brings: a stand-in as deep as the recipe's deepest exit
         levels = OmegaConf.to_container(cfg).get("dims", {}).get("depth", {}).get("levels")
