@@ -115,6 +115,12 @@ def test_plain_text_is_packed_with_the_models_document_separator(tied_dir):
     assert blocks.count(sep) >= 1 and not set(im) & set(blocks)
 
 
+def test_raw_turns_the_chat_template_off():
+    from sortedcli.cli import translate
+
+    assert "template=none" in translate("generate", ["--raw", "What is 2 plus 2?"])
+
+
 def test_checkpoints_store_a_tied_tensor_once_and_load_it_into_both_keys(tmp_path):
     from omegaconf import OmegaConf
 
