@@ -14,7 +14,7 @@ from . import models
 from .data import build_data as _build_data
 from .engine import Distill, autocast_dtype, pick_device
 from .errors import UsageError
-from .nest import COUNT, Dim, Grid, nesting
+from .nest import COUNT, Dim, Grid, nesting, resolved
 from .sampling import SAMPLERS, Sampler, create_sampler
 
 
@@ -45,7 +45,8 @@ def build_model(cfg: DictConfig, model_args: dict) -> nn.Module:
 def build_grid(cfg: DictConfig, model: nn.Module) -> Grid:
     """The grid from ``cfg.dims`` (``dims=[width,depth]``): each dim's ``levels``, checked against
     what the model supports. ``levels: all`` on a count dim means every count from 1 to the model's
-    number of depth units."""
+    number of depth units. Combinations of levels that select the same slices of ``model`` are one
+    sub-model (:meth:`Grid.distinct`: e.g. heads 0.75 and 1 with 3 key/value heads)."""
     entry = models.entry(cfg.model.name)
     chosen = plain(cfg.get("dims") or {})
     if not chosen:
@@ -71,7 +72,7 @@ def build_grid(cfg: DictConfig, model: nn.Module) -> Grid:
             dims.append(Dim(name, kind, tuple(sorted(set(levels)))))
         except ValueError as e:
             raise UsageError(str(e)) from None
-    return Grid(tuple(dims))
+    return Grid(tuple(dims)).distinct(lambda sub: resolved(model, sub))
 
 
 def build_sampler(cfg: DictConfig, grid: Grid) -> Sampler:

@@ -38,7 +38,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
                                        collate_fn=data.collate)
     example = move(data.example(), r.device)
     timed = _repeat(example, e.latency.batch_size)
-    console.print(f"[bold]sortednet eval[/] {r.run_dir} ({r.ckpt.name}): {len(subs)} of {len(r.grid)} sub-models "
+    console.print(f"[bold]sortednet eval[/] {r.run_dir} ({r.ckpt.name}): {len(subs)} of {r.grid.duplicates_note()} "
                   f"on {len(data.test)} test examples ({task.metric}), "
                   + (f"BatchNorm recalibrated on {len(calib)} batches, " if calib else "")
                   + f"device={r.device.type}" + (f", {d.world} processes" if d.enabled else ""))

@@ -35,5 +35,5 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
                       f"{100 * row['params'] / full['params']:.1f}", human(row["flops"]),
                       f"{100 * row['flops'] / full['flops']:.1f}")
     console.print(table)
-    console.print(f"{len(rows)} sub-models. FLOPs = 2 x multiply-adds per {unit}, counted on the sliced model.")
+    console.print(f"{grid.duplicates_note()}. FLOPs = 2 x multiply-adds per {unit}, counted on the sliced model.")
     return rows

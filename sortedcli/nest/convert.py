@@ -155,6 +155,18 @@ def use(model: nn.Module, sub: SubModel | None) -> Iterator[nn.Module]:
         scope.sub = previous
 
 
+def resolved(model: nn.Module, sub: SubModel | None) -> tuple:
+    """The physical slices ``sub`` selects in ``model``: the depth units it keeps and the output size
+    of every sliced layer (as the scope rounds them: whole units, at least one). Two sub-models with
+    the same ``resolved`` compute the same function (:meth:`~sortedcli.nest.space.Grid.distinct`)."""
+    n = nesting(model)
+    with use(model, sub):
+        kept = tuple(n.scope.keeps(rank) for rank in range(n.depth))
+        sizes = tuple(m.out_size(m.weight.shape[0]) for m in model.modules()
+                      if isinstance(m, SortedLayer) and m.sorted_dim is not None)
+    return kept, sizes
+
+
 def call(model: nn.Module, inputs) -> torch.Tensor:
     """``model(inputs)`` (a tensor) or ``model(**inputs)`` (a mapping of keyword arguments); the logits
     (a library model's output object holds them first)."""
