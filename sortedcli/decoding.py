@@ -15,6 +15,13 @@ in :mod:`sortedcli.models` provides for a model family; nothing here names an ar
   rejection, as transformers' "heuristic" schedule). Greedy output is the full model's greedy output;
   with sampling, drafts are accepted by the standard rejection rule (min(1, p/q), resampling from
   max(0, p - q) on rejection), so tokens follow the full model's distribution.
+  ``draft_vocab`` (FR-Spec, arXiv 2502.14856): the draft reads out through the rows of the LM head of
+  a subset of the vocabulary only (e.g. the N most frequent tokens of the training data,
+  :func:`frequent_tokens`), which cuts the head's share of a draft's cost; verification keeps the
+  full head, so greedy output is unchanged (a draft outside the subset is never proposed).
+  Rejections are cheap: while the first draft of a round is often wrong, the full model checks the
+  position it predicts alone (one token, as greedy decoding does) before verifying the others, so a
+  rejected round costs greedy's step plus the drafts (``k x c``), not a (k+1)-token verify pass.
 - :func:`early_exit`: per token, run the exits from the smallest up and stop at the first whose top
   probability reaches its threshold (Sorted LLaMA's "instance-aware dynamic inference"); the
   deepest layer always answers. The layers the token skipped get keys/values computed from the
@@ -41,7 +48,9 @@ class Stack(Protocol):
     ``layers`` runs layers ``[start, stop)`` and appends their keys/values to ``cache``; all layers in
     that range hold the same number of cached tokens when it is called. ``fill`` appends keys/values
     for layers ``[start, stop)`` computed from a hidden state without running them. ``head`` is the
-    final norm + LM head, applied to any layer's hidden state.
+    final norm + LM head, applied to any layer's hidden state; ``vocab_head(vocab)`` is the same
+    readout restricted to the token ids ``vocab`` (its logits are ``head(h)[..., vocab]``, computed
+    from those rows of the head only).
     """
 
     num_layers: int
@@ -51,6 +60,7 @@ class Stack(Protocol):
     def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
     def layers(self, hidden: torch.Tensor, start: int, stop: int, cache, positions: torch.Tensor) -> torch.Tensor: ...
     def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def vocab_head(self, vocab: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]: ...
     def fill(self, hidden: torch.Tensor, start: int, stop: int, cache, positions: torch.Tensor) -> None: ...
     def cached(self, cache, layer: int) -> int: ...
     def crop(self, cache, length: int) -> None: ...
@@ -200,55 +210,84 @@ def generate(stack: Stack, prompt, *, exit: int | None = None, max_new_tokens: i
 @torch.inference_mode()
 def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 64, k: int = 4,
                 adaptive: bool = True, max_k: int = 16, sampling: Sampling | None = None,
-                eos: Iterable[int] | int | None = None,
-                on_token: Callable[[int], None] | None = None) -> Decoded:
+                eos: Iterable[int] | int | None = None, on_token: Callable[[int], None] | None = None,
+                draft_vocab=None, check_first: float = 0.5) -> Decoded:
     """The full model's output, drafted by its own first ``draft_exit`` layers (see module doc).
 
     ``k`` is the first draft length; with ``adaptive`` it grows by 2 (up to ``max_k``) after a round
-    whose drafts were all accepted and shrinks by 1 (down to 1) after a rejection."""
+    whose drafts were all accepted and shrinks by 1 (down to 1) after a rejection. ``draft_vocab``
+    (token ids) restricts the draft's readout to those rows of the head. ``check_first``: while the
+    first draft of a round has been accepted less often than this (a running estimate, starting at
+    1/2), the full model checks that position alone before verifying the rest in one pass (cheap
+    rejections where verifying several tokens costs more than one, as on a CPU; 0 never splits,
+    the choice for a device where k+1 tokens cost one token's time)."""
     L = stack.num_layers
     if not 1 <= draft_exit < L:
         raise ValueError(f"draft_exit must be in 1..{L - 1} (below the full model's {L} layers), got {draft_exit}")
     if not 1 <= k <= max_k:
         raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
     E, dev = draft_exit, stack.device
+    if draft_vocab is None:
+        draft_head, vocab = stack.head, None
+    else:
+        vocab = torch.as_tensor(draft_vocab, dtype=torch.long, device=dev).view(-1)
+        if vocab.numel() == 0:
+            raise ValueError("draft_vocab must hold at least one token id")
+        draft_head, ids_of = stack.vocab_head(vocab), vocab.tolist()
     sampling, out, emitter, cache, n, token = _prefill(
         stack, prompt, sampling, max_new_tokens, eos, on_token,
         lambda cache, x, pos: stack.head(stack.layers(x, 0, L, cache, pos)[:, -1])[0])
+    first_hits, first_tries = 0, 0
     # Invariant at the top of a round: every layer caches positions [0, n); `token` sits at n, uncached.
     while not emitter.done:
         kk = min(k, emitter.left - 1)  # a round yields at most kk + 1 tokens
         drafts: list[int] = []
-        draft_probs: list[torch.Tensor] = []
-        saved: list[torch.Tensor] = []  # layer-E hidden states of positions n .. n + kk
+        draft_probs: list[torch.Tensor] = []  # over the draft's vocabulary
+        saved: list[torch.Tensor] = []  # layer-E hidden states of positions n .. n + kk - 1
         x = token
-        for j in range(kk + 1):
+        for j in range(kk):
             h = stack.layers(stack.embed(torch.tensor([[x]], device=dev)), 0, E, cache, _positions(n + j, 1, dev))
             saved.append(h)
-            if j == kk:
-                break
-            logits = stack.head(h[:, -1])[0]
+            logits = draft_head(h[:, -1])[0]
             if sampling.greedy:
-                x = int(logits.argmax(-1))
+                i = int(logits.argmax(-1))
             else:
                 q = sampling.probs(logits)
-                x = sampling.draw(q)
+                i = sampling.draw(q)
                 draft_probs.append(q)
+            x = i if vocab is None else ids_of[i]
             drafts.append(x)
             if x in emitter.eos:
                 kk = j + 1  # nothing follows an EOS: verify up to it
-        # Verify: layers [E, L) on the draft's saved layer-E states, positions n .. n + kk, one pass.
-        verified = stack.head(stack.layers(torch.cat(saved, dim=1), E, L, cache, _positions(n, kk + 1, dev)))[0]
+                break
+        out.layer_passes += kk * E
+        rows: list[torch.Tensor] = []  # the full model's logits at positions n, n + 1, ...
+
+        def row(m: int) -> torch.Tensor:
+            """The full model's logits at position n + m: layers [E, L) on the saved layer-E states of
+            every position from the first not yet verified up to n + kk, in one pass."""
+            if m >= len(rows):
+                start = len(rows)
+                last = stack.layers(stack.embed(torch.tensor([[x]], device=dev)), 0, E, cache,
+                                    _positions(n + kk, 1, dev))
+                hs = torch.cat(saved[start:] + [last], dim=1)
+                rows.extend(stack.head(stack.layers(hs, E, L, cache, _positions(n + start, kk + 1 - start, dev)))[0])
+                out.layer_passes += E + (kk + 1 - start) * (L - E)
+            return rows[m]
+
+        if kk and (first_hits + 1) / (first_tries + 2) < check_first:  # check position n alone
+            rows.append(stack.head(stack.layers(saved[0], E, L, cache, _positions(n, 1, dev)))[0, -1])
+            out.layer_passes += L - E
         if sampling.greedy:
-            target = verified.argmax(-1).tolist()
             m = 0
-            while m < kk and drafts[m] == target[m]:
+            while m < kk and drafts[m] == int(row(m).argmax(-1)):
                 m += 1
-            new = drafts[:m] + [target[m]]
+            new = drafts[:m] + [int(row(m).argmax(-1))]
         else:
             new, m = [], 0
             while m < kk:
-                p, q, d = sampling.probs(verified[m]), draft_probs[m], drafts[m]
+                p, d = sampling.probs(row(m)), drafts[m]
+                q = draft_probs[m] if vocab is None else torch.zeros_like(p).index_copy_(0, vocab, draft_probs[m])
                 accept = float(p[d]) / max(float(q[d]), 1e-30)
                 if torch.rand((), generator=sampling.generator).item() < min(1.0, accept):
                     new.append(d)
@@ -258,11 +297,13 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
                 new.append(sampling.draw(residual / residual.sum()) if residual.sum() > 0 else sampling.draw(p))
                 break
             if m == kk:
-                new.append(sampling.pick(verified[kk]))
+                new.append(sampling.pick(row(kk)))
+        if kk:
+            first_tries += 1
+            first_hits += m > 0
         out.rounds += 1
         out.drafted += kk
         out.accepted += m
-        out.layer_passes += (kk + 1) * E + (kk + 1) * (L - E)
         for t in new:
             emitter.emit(t)
         # Keep positions [0, n + m + 1): `token` and the m accepted drafts; the new last token is uncached.
@@ -272,6 +313,18 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         if adaptive:
             k = min(k + 2, max_k) if m == kk and kk == k else (max(1, k - 1) if m < kk else k)
     return out
+
+
+def frequent_tokens(token_ids: Iterable, n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent ids in ``token_ids`` (an iterable of id sequences or tensors), most
+    frequent first (ties: the smaller id first); ids never seen fill up in id order. FR-Spec's draft
+    vocabulary."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids in token_ids:
+        t = torch.as_tensor(ids, dtype=torch.long).view(-1)
+        counts += torch.bincount(t[(t >= 0) & (t < vocab_size)], minlength=vocab_size)
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))
+    return torch.tensor(order[:min(n, vocab_size)], dtype=torch.long)
 
 
 def _exits(stack: Stack, thresholds: dict[int, float]) -> list[tuple[int, float]]:

@@ -56,3 +56,62 @@ def test_heads_levels_keep_whole_kv_groups_and_equal_slices_are_one_submodel(nin
         with torch.no_grad(), use(nine_three, SubModel.of(depth=4, heads=level)):
             out[level] = call(nine_three, ids)
     assert torch.equal(out[0.75], out[1.0]) and not torch.allclose(out[0.5], out[1.0])
+
+
+# --- a cheaper draft: the head over a frequency-ranked subset of the vocabulary --------------------
+
+from test_decoding import VOCAB, prompts, tiny_llama  # noqa: E402
+
+from sortedcli import decoding as D  # noqa: E402
+from sortedcli.models.llama import LlamaStack  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def calm():
+    return tiny_llama(calm_depth=0.3)
+
+
+def test_frequent_tokens_ranks_by_count_then_id():
+    got = D.frequent_tokens([[5, 5, 3, 7], torch.tensor([3, 5, 9, 9, 9])], 4, vocab_size=12)
+    assert got.tolist() == [5, 9, 3, 7]  # 5 three times, 9 three times (5 < 9), then 3, then 7
+    assert D.frequent_tokens([[1]], 4, vocab_size=3).tolist() == [1, 0, 2]  # unseen ids fill in id order
+
+
+def test_a_subset_heads_logits_are_the_full_heads_logits_at_those_ids(calm):
+    stack = LlamaStack(calm)
+    vocab = torch.tensor([7, 3, 40, 12, 59])
+    h = torch.randn(1, 3, 32, dtype=torch.float64)
+    assert torch.allclose(stack.vocab_head(vocab)(h), stack.head(h)[..., vocab], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("check_first", [0.0, 1.0])
+def test_greedy_speculative_with_a_draft_vocabulary_is_plain_greedy(calm, check_first):
+    stack = LlamaStack(calm)
+    train = [p.tolist() for p in prompts(20, seed=5)]
+    vocab = D.frequent_tokens(train, 24, VOCAB)  # 24 of 61 tokens: some of the full model's choices are outside
+    outside = 0
+    for prompt in prompts(6):
+        want = D.generate(stack, prompt, max_new_tokens=20).tokens
+        outside += sum(t not in vocab.tolist() for t in want)
+        for E in (1, 3, 5):
+            got = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=20, draft_vocab=vocab,
+                                check_first=check_first)
+            assert got.tokens == want, (E, check_first)
+    assert outside > 0  # the subset really cuts tokens the full model emits; verification restores them
+
+
+def test_a_rejected_round_costs_greedys_step_plus_the_drafts():
+    """On a model whose shallow exits disagree with it (random, no calming), checking the first draft
+    alone keeps the layer passes within greedy's plus the drafts' (k x c); one joint verify pass of
+    k+1 tokens after every rejected round does not."""
+    model = tiny_llama(seed=3)
+    stack = LlamaStack(model)
+    L, E = stack.num_layers, 2
+    for prompt in prompts(4, seed=9):
+        greedy = D.generate(stack, prompt, max_new_tokens=24)
+        split = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=24, k=4, check_first=1.0)
+        joint = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=24, k=4, check_first=0.0)
+        assert split.tokens == joint.tokens == greedy.tokens
+        assert split.acceptance < 0.5
+        assert split.layer_passes <= greedy.layer_passes + split.drafted * E
+        assert joint.layer_passes > greedy.layer_passes + joint.drafted * E

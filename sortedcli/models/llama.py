@@ -192,6 +192,15 @@ class LlamaStack:
         """Logits of any layer's hidden state: the model's final RMSNorm, then its LM head."""
         return self.model.lm_head(self.base.norm(hidden))
 
+    def vocab_head(self, vocab: torch.Tensor):
+        """The readout restricted to the token ids ``vocab``: the final RMSNorm, then those rows of the
+        LM head (gathered once, contiguous, so a draft step multiplies by |vocab| rows, not all)."""
+        head = self.model.lm_head
+        weight = head.weight.detach().index_select(0, vocab.to(head.weight.device))
+        bias = None if head.bias is None else head.bias.detach().index_select(0, vocab.to(head.weight.device))
+        norm = self.base.norm
+        return lambda hidden: torch.nn.functional.linear(norm(hidden), weight, bias)
+
     def fill(self, hidden: torch.Tensor, start: int, stop: int, cache: DynamicCache,
              positions: torch.Tensor) -> None:
         """Append keys/values for layers ``[start, stop)`` that a token skipped, computed from the
