@@ -337,13 +337,20 @@ def _exits(stack: Stack, thresholds: dict[int, float]) -> list[tuple[int, float]
 
 
 def scaled_thresholds(num_layers: int, reference: dict[int, float] = PAPER_THRESHOLDS,
-                      reference_layers: int = 40) -> dict[int, float]:
+                      reference_layers: int = 40, exits: Iterable[int] | None = None) -> dict[int, float]:
     """The paper's exits and thresholds (for a 40-layer model) mapped onto ``num_layers`` layers:
     exit ``e`` becomes ``round(e * num_layers / reference_layers)`` (at least 1, below the last
-    layer), keeping the strictest threshold where two map to the same layer."""
+    layer), keeping the strictest threshold where two map to the same layer. With ``exits`` (the
+    exits a run trained), each lands on the nearest of those below the last layer (the deeper on a
+    tie); none are left when the run trained no such exit."""
+    trained = None if exits is None else sorted({int(e) for e in exits if 1 <= int(e) < num_layers})
     out: dict[int, float] = {}
     for e, t in reference.items():
         layer = max(1, round(e * num_layers / reference_layers))
+        if trained is not None:
+            if not trained:
+                break
+            layer = min(trained, key=lambda x: (abs(x - layer), -x))
         if layer < num_layers:
             out[layer] = max(t, out.get(layer, 0.0))
     return out

@@ -81,8 +81,9 @@ def results_table(rows, metric="accuracy", title=None, *, higher_is_better=True)
     for d in dims:
         table.add_column(d, justify="right")
     alone = any(r.get("standalone") is not None for r in rows)
+    exits = any(r.get("agreement") is not None for r in rows)
     for name in (metric, "% of full", *(("alone", "% of alone") if alone else ()), "FLOPs", "params",
-                 "latency ms"):
+                 "latency ms", *(("agree", "cost c", "spec x", "k") if exits else ())):
         table.add_column(name, justify="right")
     table.add_column("pareto", justify="center", style="yellow")
     for i, (r, on_front) in enumerate(zip(rows, pareto_front(rows, metric, higher_is_better)), 1):
@@ -90,7 +91,10 @@ def results_table(rows, metric="accuracy", title=None, *, higher_is_better=True)
             str(i), r["name"], *(_fmt_dim(r["dims"].get(d, "-")) for d in dims),
             _fmt(r.get(metric)), _fmt(r.get(f"rel_{metric}")),
             *((_fmt(r.get("standalone")), _fmt(r.get("rel_standalone"))) if alone else ()), human(r.get("flops")),
-            human(r.get("params")), _fmt(r.get("latency_ms")), STAR if on_front else "",
+            human(r.get("params")), _fmt(r.get("latency_ms")),
+            *((_fmt(r.get("agreement"), ".3f"), _fmt(r.get("cost_ratio")), _fmt(r.get("speedup")),
+               str(r.get("best_k") or "-")) if exits else ()),
+            STAR if on_front else "",
             style="bold" if r.get("full") else None)
     return table
 
@@ -111,9 +115,10 @@ def _atomic(path: Path, mode="w"):
 
 
 def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title=None,
-                  checkpoint: dict | None = None) -> dict[str, Path]:
+                  checkpoint: dict | None = None, draft: dict | None = None) -> dict[str, Path]:
     """Write results.csv, results.json and plot.png into ``out_dir`` (created); return their paths.
-    ``checkpoint`` (``{"step", "path", "sha256"}``: what was measured) goes into results.json."""
+    ``checkpoint`` (``{"step", "path", "sha256"}``: what was measured) goes into results.json;
+    ``draft``: a causal LM's chosen draft exit (:mod:`sortedcli.draft`), kept there too."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front(rows, metric, higher_is_better)
@@ -135,6 +140,8 @@ def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title
     doc = {"metric": metric, "higher_is_better": higher_is_better,
            **({"checkpoint": checkpoint} if checkpoint is not None else {}),
            "rows": [{**r, "pareto": p} for r, p in zip(rows, front)]}
+    if draft is not None:
+        doc["draft"] = draft
     with _atomic(paths["json"]) as f:
         json.dump(doc, f, indent=2)
         f.write("\n")

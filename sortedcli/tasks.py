@@ -93,6 +93,14 @@ class Task(ABC):
         correct = (z.argmax(-1) == t)[keep].sum()
         return torch.stack([correct.float(), keep.sum().float()])
 
+    def agreement(self, logits: torch.Tensor, reference: torch.Tensor, batch) -> torch.Tensor:
+        """``[positions where logits' argmax equals reference's, positions]`` over the positions that
+        count: how often a sub-model (an exit) predicts what the full model predicts."""
+        z, t = self.pairs(logits, batch)
+        r, _ = self.pairs(reference, batch)
+        keep = t != IGNORE
+        return torch.stack([(z.argmax(-1) == r.argmax(-1))[keep].sum(), keep.sum()])
+
     #: the length of ``sums(...)``: a rank that got no test batch contributes zeros of this size
     sums_size = 2
 

@@ -115,3 +115,69 @@ def test_a_rejected_round_costs_greedys_step_plus_the_drafts():
         assert split.acceptance < 0.5
         assert split.layer_passes <= greedy.layer_passes + split.drafted * E
         assert joint.layer_passes > greedy.layer_passes + joint.drafted * E
+
+
+# --- the draft exit from the trained exits and the eval's measurements ----------------------------
+
+import json  # noqa: E402
+
+from conftest import cli, explain, run_folders  # noqa: E402
+from sortedcli import draft  # noqa: E402
+from sortedcli.data import lm  # noqa: E402
+
+
+def test_predicted_speedup_and_best_k_follow_the_bound():
+    assert draft.speedup(0.0, 0.3, 1) == pytest.approx(1 / 1.3)
+    assert draft.speedup(0.8, 0.25, 3) == pytest.approx((1 - 0.8 ** 4) / (0.2 * 1.75))
+    k, s = draft.best_k(0.8, 0.25)
+    assert s == max(draft.speedup(0.8, 0.25, j) for j in range(1, 17)) and 2 <= k <= 8
+    # low agreement and a costly exit: no k helps, the best is k=1 and below 1
+    assert draft.best_k(0.05, 0.42) == (1, pytest.approx(1.05 / 1.42))
+    got = draft.choose({1: 0.2, 2: 0.9, 3: 0.95}, {1: 0.3, 2: 0.55, 3: 0.8}, full=4)
+    assert got["exit"] == 2 and got["speedup"] == max(draft.best_k(a, c)[1] for a, c in
+                                                        [(0.2, 0.3), (0.9, 0.55), (0.95, 0.8)])
+
+
+def test_early_exit_thresholds_land_on_the_trained_exits():
+    assert D.scaled_thresholds(30) == {9: 0.95, 12: 0.95, 15: 0.9, 18: 0.9, 21: 0.8, 24: 0.8, 27: 0.7}
+    got = D.scaled_thresholds(30, exits=[8, 16, 24, 30])
+    assert set(got) <= {8, 16, 24} and got == {8: 0.95, 16: 0.95, 24: 0.8}  # 12 ties 8/16: the deeper; the strictest where two land
+    assert D.scaled_thresholds(30, exits=[30]) == {}
+
+
+CORPUS = ["The cat sat on the mat. The dog sat on the log. " * 4,
+          "Two plus three is five, and five plus five is ten. " * 4] * 6
+
+
+@pytest.mark.slow
+def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
+    lm.train_tokenizer(CORPUS, 300, tmp_path / "tok")
+    (tmp_path / "text.txt").write_text("\n\n".join(CORPUS))
+    p = cli(["train", "model=llama_tiny", f"model.tokenizer={tmp_path / 'tok'}", "data=corpus",
+             f"data.path={tmp_path / 'text.txt'}", "data.block_size=32", "data.doc_chars=120",
+             "data.test_fraction=0.3", "dims=[depth]", "dims.depth.levels=[1,3,4]",
+             "sampler=all", "optim=adamw", "trainer.batch_size=4", "trainer.max_steps=2", "eval.batch_size=8"],
+            cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    run = run_folders(tmp_path / "runs")[0]
+    g = cli(["generate", "--speculative", "--max-tokens", "6", "The cat"], cwd=tmp_path)
+    assert g.returncode == 0, explain(g)
+    assert "draft exit 1: the shallowest exit the run trained" in g.stderr and "draft exit 1 of 4" in g.stderr
+    g = cli(["generate", "--early-exit", "--max-tokens", "6", "The cat"], cwd=tmp_path)
+    assert g.returncode == 0 and "thresholds {1: 0.95, 3: 0.95}" in g.stderr, explain(g)
+    p = cli(["eval", "--all-submodels", "eval.latency.reps=3"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    doc = json.loads((run / "eval" / "results.json").read_text())
+    rows = {r["dims"]["depth"]: r for r in doc["rows"]}
+    for e in (1, 3):
+        assert 0 <= rows[e]["agreement"] <= 1 and rows[e]["cost_ratio"] > 0
+        assert rows[e]["speedup"] == pytest.approx(draft.best_k(rows[e]["agreement"], rows[e]["cost_ratio"])[1])
+    assert "agreement" not in rows[4]
+    chosen = doc["draft"]
+    assert chosen["exit"] in (1, 3) and chosen["speedup"] == max(rows[e]["speedup"] for e in (1, 3))
+    assert set(chosen["samples"]) == {"1", "3", "4"} and all(len(v) == 3 for v in chosen["samples"].values())
+    g = cli(["generate", "--speculative", "--max-tokens", "6", "The cat"], cwd=tmp_path)
+    assert g.returncode == 0, explain(g)
+    assert f"draft exit {chosen['exit']}, k={chosen['k']}: chosen by `sortednet eval`" in g.stderr
+    plain = cli(["generate", "--max-tokens", "6", "The cat"], cwd=tmp_path)
+    assert plain.stdout == g.stdout

@@ -10,10 +10,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import distributed
+from .. import distributed, draft, models
 from ..engine import autocast, calibration_batches, evaluate, latency_ms
 from ..flops import measure
-from ..nest import call, use
+from ..nest import COUNT, call, has_exits, nesting, use
 from ..report import pareto_front, results_table, write_results
 from ..errors import UsageError
 from ..tasks import move
@@ -79,11 +79,14 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
                 (100.0 * row[metric] / value if higher else 100.0 * value / row[metric])
     for row, on_front in zip(rows, pareto_front(rows, metric, higher)):
         row["pareto"] = on_front
+    chosen = None
+    if models.entry(r.cfg.model.name).stack is not None and has_exits(r.model) and e.get("exits", True):
+        chosen = measure_exits(r, rows, test, e, console)
     title = f"{r.cfg.model.name} on {data.name}: {len(rows)} sub-models, FLOPs per {data.unit}"
     console.print(results_table(rows, metric, title=title, higher_is_better=higher))
     # The whole grid goes to eval/ (what export chooses from); a partial evaluation never replaces it.
     out = r.run_dir / "eval" if cfg.all_submodels else r.run_dir / "eval" / "largest-smallest"
-    paths = write_results(rows, out, metric, higher, title=title, checkpoint=r.record)
+    paths = write_results(rows, out, metric, higher, title=title, checkpoint=r.record, draft=chosen)
     worst = (min if higher else max)(rows, key=lambda row: row[metric])
     rel = worst[f"rel_{metric}"]
     relative = f" = {rel:.1f}% of full" if rel is not None else ""
@@ -98,6 +101,42 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
                   + (f" ({d.world} processes)" if d.enabled else ""))
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return rows
+
+
+def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None:
+    """Per trained exit of a causal LM (the depth levels, other dims at full size): agreement with the
+    full model on the held-out data, measured cost ratio of a decoding step, the best predicted
+    self-speculative speed-up and its k (:mod:`sortedcli.draft`), written into the rows of those
+    exits; three greedy samples per exit beside the full model's. Returns the chosen draft."""
+    depth = next((d for d in r.grid.dims if d.kind == COUNT), None)
+    if depth is None:
+        return None
+    L = nesting(r.model).depth
+    exits = [x for x in depth.levels if x < L]
+    with console.status(f"measuring {len(exits)} exits: agreement with the full model, cost of a step"):
+        a = draft.agreement(r.model, r.data.task, exits, test, r.device, r.amp)
+        stack = models.entry(r.cfg.model.name).stack(r.model)
+        c = draft.cost_ratios(stack, exits, e.latency.warmup, e.latency.reps)
+    full_dims = {d.name: d.largest for d in r.grid.dims if d.kind != COUNT}
+    for row in rows:
+        x = row["dims"].get(depth.name)
+        if x in a and all(row["dims"].get(k) == v for k, v in full_dims.items()):
+            k, s = draft.best_k(a[x], c[x])
+            row.update(agreement=a[x], cost_ratio=c[x], speedup=s, best_k=k)
+    chosen = draft.choose(a, c, L)
+    if chosen is not None:
+        n = int(e.get("samples", 3))
+        prompts = [list(map(int, r.data.test[i]["input_ids"][:8])) for i in range(min(n, len(r.data.test)))]
+        out = draft.samples(stack, prompts, [*exits, L], int(e.get("sample_tokens", 16)))
+        tok = r.tokenizer
+        chosen["samples"] = {str(x): [tok.decode(p + t, skip_special_tokens=True) for p, t in zip(prompts, ts)]
+                             for x, ts in out.items()}
+        console.print(f"draft for --speculative: exit {chosen['exit']} of {L}, k={chosen['k']}: agreement "
+                      f"{chosen['agreement']:.3f}, cost ratio {chosen['cost_ratio']:.2f}, predicted speed-up "
+                      f"{chosen['speedup']:.2f}x (if verifying k+1 tokens costs one step)")
+        for x in (chosen["exit"], L):
+            console.print(f"  exit {x}: {chosen['samples'][str(x)][0]!r}")
+    return chosen
 
 
 def standalone_scores(folder, r, calib: list, test, console: Console) -> dict[str, float]:

@@ -2,9 +2,11 @@
 
 ``--exit N`` generates with the sub-model of the first N layers alone (its own KV cache);
 ``--speculative [--draft-exit E]`` gives the full model's output, drafted by its own first E layers
-and verified in one pass; ``--early-exit`` lets each token leave at the first exit whose top
-probability reaches its threshold (``thresholds``, default the paper's scaled to the depth). Greedy
-unless ``temperature`` > 0 (then ``top_p`` and ``seed`` apply). See :mod:`sortedcli.decoding`.
+and verified in one pass (without ``--draft-exit``: the exit ``sortednet eval`` chose from measured
+agreement and cost, else the shallowest exit the run trained); ``--early-exit`` lets each token
+leave at the first exit whose top probability reaches its threshold (``thresholds``, default the
+paper's scaled to the depth and moved onto the run's trained exits). Greedy unless ``temperature``
+> 0 (then ``top_p`` and ``seed`` apply). See :mod:`sortedcli.decoding`.
 
 ``--ckpt`` names a run folder (or one of its checkpoints), or any model the ``model`` entry loads:
 a pretrained Hugging Face folder, an export folder, a GGUF file (or a folder holding one).
@@ -16,6 +18,7 @@ generation stops at its end-of-turn token.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,9 +29,10 @@ from rich.console import Console
 
 from .. import decoding as D
 from .. import models, runs
-from ..build import build_device, build_model, plain
+from ..build import build_device, build_grid, build_model, plain
 from ..data import LANGUAGE, lm
 from ..errors import UsageError
+from ..nest import COUNT
 
 
 def _model_folder(ckpt) -> Path | None:
@@ -55,12 +59,12 @@ def load_pretrained(cfg: DictConfig, folder: Path):
     model = models.create(entry.name, **lm.model_args(tokenizer), pretrained=str(folder))
     device, _ = build_device(cfg)
     model.to(device).eval()
-    return entry.stack(model), tokenizer, None, folder
+    return entry.stack(model), tokenizer, None, folder, None, model
 
 
 def load_generator(cfg: DictConfig):
-    """``(stack, tokenizer, run config, checkpoint)`` of what ``cfg.ckpt`` names (default: the newest
-    run); the run config is None for a pretrained / exported model."""
+    """``(stack, tokenizer, run config, checkpoint, run folder, model)`` of what ``cfg.ckpt`` names
+    (default: the newest run); the run config and folder are None for a pretrained / exported model."""
     folder = _model_folder(cfg.get("ckpt"))
     if folder is not None:
         return load_pretrained(cfg, folder)
@@ -79,13 +83,62 @@ def load_generator(cfg: DictConfig):
         raise UsageError(f"checkpoint {ckpt} does not fit {run_cfg.model.name}: {str(e).splitlines()[0]}") from None
     device, _ = build_device(cfg)
     model.to(device).eval()
-    return entry.stack(model), tokenizer, run_cfg, ckpt
+    return entry.stack(model), tokenizer, run_cfg, ckpt, run_dir, model
 
 
-def _thresholds(cfg, layers: int) -> dict[int, float]:
+def trained_exits(run_cfg, model, layers: int) -> list[int] | None:
+    """The exits the run trained (its depth levels below the full depth), or None when it sorted no
+    depth (every layer count is then untrained)."""
+    if run_cfg is None:  # a pretrained / exported model: which exits were trained is unknown
+        return None
+    grid = build_grid(run_cfg, model)
+    depth = next((d for d in grid.dims if d.kind == COUNT), None)
+    return None if depth is None else [x for x in depth.levels if x < layers]
+
+
+def eval_draft(run_dir) -> dict | None:
+    """The draft ``sortednet eval`` chose from measurements (``eval/results.json``), if any."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / "eval" / "results.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("draft")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: Console) -> tuple[int, int]:
+    """``(draft exit, k)``: ``--draft-exit`` if given, else the eval's measured choice, else the
+    shallowest trained exit (with a note); ``k`` if given, else the eval's, else 4."""
+    k = cfg.get("k")
+    if cfg.draft_exit is not None:
+        return int(cfg.draft_exit), int(k or 4)
+    chosen = eval_draft(run_dir)
+    if chosen and 1 <= int(chosen["exit"]) < layers:
+        console.print(f"[dim]draft exit {chosen['exit']}, k={k or chosen['k']}: chosen by `sortednet eval` "
+                      f"(agreement {chosen['agreement']:.3f}, cost ratio {chosen['cost_ratio']:.2f}, "
+                      f"predicted {chosen['speedup']:.2f}x)[/]")
+        return int(chosen["exit"]), int(k or chosen["k"])
+    if trained:
+        console.print(f"[dim]draft exit {min(trained)}: the shallowest exit the run trained (no eval results; "
+                      f"`sortednet eval` measures which exit drafts best)[/]")
+        return min(trained), int(k or 4)
+    if run_dir is None:
+        draft = max(1, round(0.3 * layers))
+        console.print(f"[dim]draft exit {draft} (0.3 x {layers} layers, as the paper's 12 of 40): a model "
+                      f"outside a run has no measured or trained exits; --draft-exit E chooses[/]")
+        return draft, int(k or 4)
+    raise UsageError(f"{run_dir} trained no exit below its {layers} layers (dims has no depth levels): give "
+                     "--draft-exit E, or train with 'dims=[depth]'")
+
+
+def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]:
     given = cfg.get("thresholds")
     if given is None:
-        return D.scaled_thresholds(layers)
+        if trained is not None and not trained:
+            raise UsageError("the run trained no exit below the full model: --early-exit needs "
+                             "'thresholds={LAYER: P, ...}' or a run trained with 'dims=[depth]'")
+        return D.scaled_thresholds(layers, exits=trained)
     try:
         return {int(k): float(v) for k, v in dict(given).items()}
     except (TypeError, ValueError):
@@ -99,8 +152,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
         raise UsageError('give a prompt: sortednet generate "Once upon a time"')
     if cfg.speculative and cfg.early_exit:
         raise UsageError("choose one of --speculative and --early-exit")
-    stack, tokenizer, run_cfg, ckpt = load_generator(cfg)
+    stack, tokenizer, run_cfg, ckpt, run_dir, model = load_generator(cfg)
     L = stack.num_layers
+    trained = trained_exits(run_cfg, model, L)
     template = cfg.template
     instructions = run_cfg is None or run_cfg.data.get("kind") == "instructions"
     if template == "auto":
@@ -139,11 +193,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     started = time.perf_counter()
     try:
         if cfg.speculative:
-            draft = cfg.draft_exit if cfg.draft_exit is not None else max(1, round(0.3 * L))
+            draft, k = choose_draft(cfg, run_dir, trained, L, console)
             mode = f"self-speculative, draft exit {draft} of {L}"
-            out = D.speculative(stack, ids, draft_exit=int(draft), k=int(cfg.k), **common)
+            out = D.speculative(stack, ids, draft_exit=draft, k=k, **common)
         elif cfg.early_exit:
-            thresholds = _thresholds(cfg, L)
+            thresholds = _thresholds(cfg, L, trained)
             mode = f"early exit, thresholds {thresholds}"
             out = D.early_exit(stack, ids, thresholds=thresholds, **common)
         else:
