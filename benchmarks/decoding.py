@@ -31,6 +31,16 @@ Measured, beside tokens/s:
 - early exit: the speed-up, the mean fraction of layers a token used, and the perplexity on the
   held-out answers (teacher forced, ``sortedcli.decoding.early_exit_nll``) next to the full model's.
 
+First, what verifying costs: one full-model step (with a KV cache of 32 tokens) of 1, 2, k+1
+tokens, against one token (``verify``). Where k+1 tokens cost about one token's time (bound by
+reading the weights, as on a GPU), self-speculation can win; where they cost much more (a CPU whose
+kernels switch from matrix-vector to matrix-matrix at 2 rows), verification is not free and the
+bound over-promises. Then ``c`` per draft exit from a timed decoding step (head included), with the
+full head and with the draft head restricted to the N most frequent tokens (``--draft-vocab``,
+FR-Spec; counted on the GSM8K training split with the model's tokenizer, or on the prompts without
+one); self-speculation runs with and without that subset (greedy output identical either way).
+Progress is printed as it goes (a 135M model on a CPU takes minutes).
+
 CUDA is used when present (``--device``), in float32 by default so that batched verification and
 one-token-at-a-time decoding round alike (``--dtype bf16`` is faster but can flip near-tied argmaxes,
 which the ``identical`` column then shows). Results go to ``benchmarks/results-decoding-<device>.json``.
@@ -51,6 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from sortedcli import decoding as D  # noqa: E402
+from sortedcli import draft as drafting  # noqa: E402
 from sortedcli.models.llama import LlamaStack  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,6 +133,51 @@ class Clock:
         return out, time.perf_counter() - t
 
 
+@torch.inference_mode()
+def _verify_ms(stack, T: int, context: int = 32, reps: int = 5) -> float:
+    """Median ms of one full-model step of T tokens (all layers + head on every row), cache of ``context``."""
+    dev = stack.device
+    cache = stack.new_cache()
+    stack.layers(stack.embed(torch.zeros(1, context, dtype=torch.long, device=dev)), 0, stack.num_layers, cache,
+                 torch.arange(context, device=dev))
+    x = stack.embed(torch.zeros(1, T, dtype=torch.long, device=dev))
+    pos = torch.arange(context, context + T, device=dev)
+
+    def step():
+        stack.head(stack.layers(x, 0, stack.num_layers, cache, pos))
+        stack.crop(cache, context)
+
+    from sortedcli.engine import latency_ms
+
+    return latency_ms(step, dev, 2, reps)
+
+
+@torch.inference_mode()
+def _subset_step_ms(stack, exit: int, vocab, context: int = 32, reps: int = 10) -> float:
+    """Like :func:`sortedcli.draft.step_ms`, read out through the draft head over ``vocab`` only."""
+    head = stack.vocab_head(vocab.to(stack.device))
+
+    class Sub:  # the same stack, its head restricted
+        def __getattr__(self, name):
+            return getattr(stack, name)
+
+        def head(self, hidden):
+            return head(hidden)
+
+    return drafting.step_ms(Sub(), exit, context, 3, reps)
+
+
+def _ranked_vocab(tokenizer, prompts, vocab_size: int) -> torch.Tensor:
+    """Token ids by frequency in the GSM8K training split (with a tokenizer; else in the prompts)."""
+    if tokenizer is None:
+        return D.frequent_tokens(prompts, vocab_size, vocab_size)
+    from sortedcli.data import lm
+
+    train = lm.split(lm.read_gsm8k(lm.package_file("gsm8k")), 0.05, 0)[0]
+    texts = ("".join(text for text, _ in ex.segments) for ex in train)
+    return D.frequent_tokens((tokenizer(t).input_ids for t in texts), vocab_size, vocab_size)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a LlamaForCausalLM folder (default: a random-init 12-layer LLaMA)")
@@ -137,6 +193,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--draft-vocab", default="8192",
+                    help="comma-separated sizes N of the frequency-ranked draft vocabulary (0 or empty: none)")
+    ap.add_argument("--ppl", action=argparse.BooleanOptionalAction, default=True,
+                    help="early exit's teacher-forced perplexity (slow on a CPU)")
     ap.add_argument("--out", help="JSON file (default benchmarks/results-decoding-<device>.json)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -152,6 +212,29 @@ def main(argv=None) -> dict:
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     N = args.new_tokens
     clock = Clock(device)
+    started = time.perf_counter()
+
+    def note(msg):
+        print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
+
+    # What verifying T tokens costs against one (full model, KV cache of 32 tokens, head on every row).
+    verify = {}
+    for T in sorted({1, 2, args.k + 1, 2 * args.k + 1}):
+        verify[T] = _verify_ms(stack, T)
+    note("verify cost, full model step of T tokens: " + ", ".join(
+        f"T={T}: {ms:.1f} ms ({ms / verify[1]:.2f}x)" for T, ms in verify.items()))
+    # The draft vocabularies: token ids ranked by frequency in training text.
+    sizes = [int(x) for x in args.draft_vocab.split(",") if x and int(x) > 0]
+    ranked = _ranked_vocab(tokenizer, prompts, model.config.vocab_size) if sizes else None
+    vocabs = {n: ranked[:n] for n in sizes if n < model.config.vocab_size}
+    costs = {}
+    for E in drafts:
+        full = drafting.step_ms(stack, L)
+        costs[E] = {"full_head": drafting.step_ms(stack, E) / full}
+        for n, vocab in vocabs.items():
+            costs[E][n] = _subset_step_ms(stack, E, vocab) / full
+        note(f"c of exit {E}: " + ", ".join(f"{'full head' if n == 'full_head' else f'vocab {n}'} {c:.3f}"
+                                            for n, c in costs[E].items()))
 
     def hf(prompt, **kw):
         ids = torch.tensor([prompt], device=device)
@@ -165,6 +248,10 @@ def main(argv=None) -> dict:
         methods[f"exit {E} alone, no EOS (ours)"] = lambda p, E=E: D.generate(stack, p, exit=E, max_new_tokens=N)
         methods[f"speculative, draft exit {E} (ours)"] = \
             lambda p, E=E: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k, eos=eos)
+        for n, vocab in vocabs.items():
+            methods[f"speculative, draft exit {E}, vocab {n} (ours)"] = \
+                lambda p, E=E, vocab=vocab: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k,
+                                                          eos=eos, draft_vocab=vocab)
         methods[f"assistant_early_exit={E} (transformers)"] = lambda p, E=E: hf(p, assistant_early_exit=E)
     methods["early exit (ours)"] = lambda p: D.early_exit(stack, p, thresholds=thresholds, max_new_tokens=N, eos=eos)
     methods["greedy full, no EOS (ours)"] = lambda p: D.generate(stack, p, max_new_tokens=N)
@@ -173,8 +260,9 @@ def main(argv=None) -> dict:
     print(f"model: {what}; {L} layers; device {device}, {args.dtype}; prompts: {len(prompts)} {prompt_source}; "
           f"{N} new tokens; draft exits {drafts}; early-exit thresholds {thresholds}", flush=True)
     for p in prompts[:1]:  # warm-up
-        for fn in methods.values():
+        for name, fn in methods.items():
             fn(p)
+        note(f"warm-up done ({len(methods)} methods on one prompt)")
 
     reps = []  # per repetition: name -> {"time", "tokens"}
     outputs: dict[str, list] = {name: [None] * len(prompts) for name in names}
@@ -191,6 +279,7 @@ def main(argv=None) -> dict:
                 outputs[name][i] = tokens
                 if r == 0 and not isinstance(result, list):
                     stats[name].append(result)
+            note(f"repetition {r + 1}/{args.reps}, prompt {i + 1}/{len(prompts)} done")
         reps.append(rep)
         print(f"  repetition {r + 1}/{args.reps}: greedy (ours) "
               f"{rep['greedy (ours)']['tokens'] / rep['greedy (ours)']['time']:.1f} tok/s", flush=True)
@@ -205,7 +294,10 @@ def main(argv=None) -> dict:
     rows, results = [], {"model": what, "layers": L, "device": str(device), "dtype": args.dtype,
                          "torch": torch.__version__, "platform": platform.platform(),
                          "prompts": len(prompts), "prompt_source": prompt_source, "new_tokens": N,
-                         "reps": args.reps, "draft_exits": drafts, "thresholds": thresholds, "methods": {}}
+                         "reps": args.reps, "draft_exits": drafts, "thresholds": thresholds,
+                         "threads": torch.get_num_threads(), "verify_ms": verify,
+                         "c_step": {str(E): {str(n): c for n, c in v.items()} for E, v in costs.items()},
+                         "methods": {}}
     full_no_eos = "greedy full, no EOS (ours)"
     for name in names:
         entry = {"tokens_per_s": statistics.median(tps(rep, name) for rep in reps),
@@ -218,13 +310,16 @@ def main(argv=None) -> dict:
             runs = stats[name]
             drafted, accepted = sum(s.drafted for s in runs), sum(s.accepted for s in runs)
             rounds, produced = sum(s.rounds for s in runs), sum(len(s.tokens) - 1 for s in runs)
-            E = int(name.split("draft exit ")[1].split()[0])
-            c = results["methods"][f"exit {E} alone, no EOS (ours)"]["c"]
+            E = int(name.split("draft exit ")[1].split()[0].rstrip(","))
+            n = int(name.split("vocab ")[1].split()[0]) if "vocab " in name else "full_head"
+            c = costs[E][n] if E in costs else results["methods"][f"exit {E} alone, no EOS (ours)"]["c"]
             a = accepted / drafted if drafted else float("nan")
             k = drafted / rounds if rounds else float("nan")
             bound = ((1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1) / (k * c + 1)
+            # what a round costs here: k drafts at c, plus verifying k+1 tokens at this device's price
+            ideal = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
             entry.update(a=a, c=c, mean_k=k, tokens_per_round=produced / rounds if rounds else float("nan"),
-                         bound=bound)
+                         bound=bound, loss_bound=1 / (1 + k * c), bound_ideal_tokens=ideal)
         if name == "early exit (ours)":
             runs = stats[name]
             used = sum(layer * n for s in runs for layer, n in s.exits.items())
@@ -235,7 +330,7 @@ def main(argv=None) -> dict:
 
     # Early exit: the perplexity it costs on held-out sequences (teacher forced), and its speed-up.
     full_nll, early_nll, early_layers = [], [], []
-    for ids, first in scored:
+    for ids, first in (scored if args.ppl else []):
         full_nll += D.early_exit_nll(stack, ids, thresholds={}, score_from=first)[0]
         nll, layers = D.early_exit_nll(stack, ids, thresholds=thresholds, score_from=first)
         early_nll += nll
@@ -254,7 +349,7 @@ def main(argv=None) -> dict:
             extra.append(f"c={e['c']:.3f}")
         if "a" in e:
             extra.append(f"a={e['a']:.3f} c={e['c']:.3f} k={e['mean_k']:.1f} tok/round={e['tokens_per_round']:.2f} "
-                         f"bound={e['bound']:.2f}x")
+                         f"bound={e['bound']:.2f}x (worst case 1/(1+kc)={e['loss_bound']:.2f}x)")
         if "layers_used" in e:
             extra.append(f"layers used {e['layers_used']:.2f}")
             if "ppl_full" in e:

@@ -181,3 +181,25 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     assert f"draft exit {chosen['exit']}, k={chosen['k']}: chosen by `sortednet eval`" in g.stderr
     plain = cli(["generate", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert plain.stdout == g.stdout
+
+
+def test_decoding_benchmark_prints_verify_costs_and_drafts_through_a_vocabulary_subset(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    folder = tmp_path / "model"
+    tok = lm.train_tokenizer(lm.read_text(lm.package_file("hamlet"))[:20], 300, folder)
+    model = tiny_llama(layers=4, vocab=len(tok), calm_depth=0.3).float()
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.save_pretrained(folder)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decoding.py"
+    spec = importlib.util.spec_from_file_location("bench_decoding_exits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--model", str(folder), "--prompts", "2", "--new-tokens", "8", "--reps", "1", "--no-ppl",
+                          "--draft-exits", "2", "--draft-vocab", "64", "--threads", "1", "--out", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert "verify cost, full model step of T tokens: T=1:" in printed and "prompt 2/2 done" in printed
+    sub = results["methods"]["speculative, draft exit 2, vocab 64 (ours)"]
+    assert sub["identical"] == 2 and 0 <= sub["a"] <= 1
+    assert set(results["c_step"]["2"]) == {"full_head", "64"} and set(results["verify_ms"]) >= {1, 5}
