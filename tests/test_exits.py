@@ -181,6 +181,12 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     assert f"draft exit {chosen['exit']}, k={chosen['k']}: chosen by `sortednet eval`" in g.stderr
     plain = cli(["generate", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert plain.stdout == g.stdout
+    # export refuses a sub-model far below the full model unless forced
+    x = cli(["export", "--budget", "0.6", "min_relative=101"], cwd=tmp_path)
+    assert x.returncode == 2 and x.stderr.count("\n") == 1 and "force=true" in x.stderr, explain(x)
+    assert not (run / "export").exists()
+    x = cli(["export", "--budget", "0.6", "min_relative=101", "force=true"], cwd=tmp_path)
+    assert x.returncode == 0 and (run / "export" / "budget-0.6" / "config.json").is_file(), explain(x)
 
 
 def test_decoding_benchmark_prints_verify_costs_and_drafts_through_a_vocabulary_subset(tmp_path, capsys):

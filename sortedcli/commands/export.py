@@ -71,16 +71,22 @@ def run(cfg: DictConfig, console: Console | None = None):
                       f"choosing among the other {len(savable)}.")
     fits = savable
 
-    scores, metric, higher = {}, task.metric, task.higher_is_better
+    scores, relative, metric, higher = {}, {}, task.metric, task.higher_is_better
     if results.is_file():
         metric, rows = load_results(results)
         scores = {row["name"]: row[metric] for row in rows if row.get(metric) is not None}
+        relative = {row["name"]: row.get(f"rel_{metric}") for row in rows}
     scored = [sub for sub in fits if sub.name in scores]
     if scored:
         sign = 1 if higher else -1
         chosen = max(scored, key=lambda s: (sign * scores[s.name], -costs[s].flops))
         why = (f"the best of the {len(scored)} evaluated sub-models within the budget "
                f"({metric} {scores[chosen.name]:.2f}, from {results})")
+        rel, floor = relative.get(chosen.name), float(cfg.get("min_relative", 10))
+        if rel is not None and rel < floor and not cfg.get("force"):
+            raise UsageError(f"--budget {budget:g}: the best sub-model that fits, {chosen.name}, has {metric} "
+                             f"{scores[chosen.name]:.4g} = {rel:.1f}% of the full model's (below min_relative="
+                             f"{floor:g}%): raise --budget, or pass force=true to export it anyway")
     else:
         chosen = max(fits, key=lambda s: (costs[s].flops, s.levels))
         why = (f"no eval results for the sub-models within the budget, so the largest one that fits "
