@@ -12,6 +12,11 @@ per round over full-model costs per round; it assumes verifying k+1 tokens costs
 holds where decoding is bound by reading the weights; on a CPU it costs more, see
 benchmarks/decoding.py). The exit and k with the best prediction are the run's draft: ``sortednet
 generate --speculative`` uses them when no ``--draft-exit`` is given.
+
+The same is measured with the draft reading out through the N most frequent tokens of the training
+data only (FR-Spec; N in :data:`VOCAB_SIZES` below the vocabulary size): the agreement of the argmax
+over those N ids, the cost with those N rows of the head. The run's token ranking is stored as
+``eval/token-ranks.safetensors``; the chosen N (or none) is part of the draft.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from .nest import nesting, run_exits, use
 from .tasks import Task
 
 MAX_K = 16
+VOCAB_SIZES = (4096, 8192, 16384)
+
+
+def token_ranks(sequences, vocab_size: int) -> torch.Tensor:
+    """Every token id, most frequent in ``sequences`` (the training data's ids) first."""
+    from .decoding import frequent_tokens
+
+    return frequent_tokens(sequences, vocab_size, vocab_size)
 
 
 def speedup(a: float, c: float, k: int) -> float:
@@ -36,20 +49,32 @@ def best_k(a: float, c: float, max_k: int = MAX_K) -> tuple[int, float]:
     return max(((k, speedup(a, c, k)) for k in range(1, max_k + 1)), key=lambda kv: kv[1])
 
 
+def restrict(logits: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """``logits`` with every token outside ``vocab`` at -inf: its argmax is the draft's over ``vocab``."""
+    out = torch.full_like(logits, float("-inf"))
+    return out.index_copy_(-1, vocab, logits.index_select(-1, vocab))
+
+
 @torch.no_grad()
-def agreement(model, task: Task, exits: list[int], test, device, amp) -> dict[int, float]:
-    """``{exit: fraction of counted held-out positions where its argmax is the full model's}``, every
-    exit read from one trunk pass of the full model per batch (:func:`~sortedcli.nest.run_exits`)."""
+def agreement(model, task: Task, exits: list[int], test, device, amp,
+              vocabs: dict[int, torch.Tensor] | None = None) -> dict[tuple[int, int | None], float]:
+    """``{(exit, N): fraction of counted held-out positions where the exit's argmax is the full
+    model's}``; ``N`` is None for the full head, else the size of a draft vocabulary in ``vocabs``
+    (argmax over those ids only). Every exit is read from one trunk pass of the full model per batch
+    (:func:`~sortedcli.nest.run_exits`)."""
     full = nesting(model).depth
-    sums = {e: torch.zeros(2) for e in exits}
+    vocabs = {n: v.to(device) for n, v in (vocabs or {}).items()}
+    keys = [(e, n) for e in exits for n in (None, *vocabs)]
+    sums = {key: torch.zeros(2) for key in keys}
     model.eval()
     with use(model, None), autocast(device, amp):
         for batch in test:
             batch = task.to_device(batch, device)
             logits = run_exits(model, task.inputs(batch), sorted(set(exits) | {full}))
-            for e in exits:
-                sums[e] += task.agreement(logits[e], logits[full], batch).float().cpu()
-    return {e: float(s[0] / s[1]) if s[1] else float("nan") for e, s in sums.items()}
+            for e, n in keys:
+                z = logits[e] if n is None else restrict(logits[e], vocabs[n])
+                sums[e, n] += task.agreement(z, logits[full], batch).float().cpu()
+    return {key: float(s[0] / s[1]) if s[1] else float("nan") for key, s in sums.items()}
 
 
 @torch.inference_mode()
@@ -70,22 +95,40 @@ def step_ms(stack, exit: int, context: int = 32, warmup: int = 3, reps: int = 10
     return latency_ms(step, dev, warmup, reps)
 
 
-def cost_ratios(stack, exits: list[int], warmup: int = 3, reps: int = 10) -> dict[int, float]:
-    """``{exit: step time of that exit / step time of the full model}`` (measured, head included)."""
+class _Restricted:
+    """A stack whose head reads out over a draft vocabulary only (:meth:`Stack.vocab_head`)."""
+
+    def __init__(self, stack, vocab: torch.Tensor):
+        self._stack, self.head = stack, stack.vocab_head(vocab)
+
+    def __getattr__(self, name):
+        return getattr(self._stack, name)
+
+
+def cost_ratios(stack, exits: list[int], warmup: int = 3, reps: int = 10,
+                vocabs: dict[int, torch.Tensor] | None = None) -> dict[tuple[int, int | None], float]:
+    """``{(exit, N): step time of that exit / step time of the full model}`` (measured, head
+    included; ``N`` None: the full head, else the head over the draft vocabulary ``vocabs[N]``)."""
     full = step_ms(stack, stack.num_layers, warmup=warmup, reps=reps)
-    return {e: step_ms(stack, e, warmup=warmup, reps=reps) / full for e in exits}
+    out = {}
+    for n, vocab in {None: None, **(vocabs or {})}.items():
+        s = stack if vocab is None else _Restricted(stack, vocab.to(stack.device))
+        out.update({(e, n): step_ms(s, e, warmup=warmup, reps=reps) / full for e in exits})
+    return out
 
 
-def choose(a: dict[int, float], c: dict[int, float], full: int) -> dict | None:
-    """The draft with the best predicted speed-up among the exits below ``full``: ``{"exit", "k",
-    "speedup", "agreement", "cost_ratio"}``, or None when no exit is below the full model."""
+def choose(a: dict, c: dict, full: int) -> dict | None:
+    """The draft with the best predicted speed-up among the exits below ``full`` (keys ``(exit, N)``
+    as :func:`agreement` and :func:`cost_ratios` give them; plain exits as keys work too): ``{"exit",
+    "vocab" (N or None), "k", "speedup", "agreement", "cost_ratio"}``, or None when there is none."""
     best = None
-    for e in sorted(a):
-        if e >= full or a[e] != a[e]:
+    for key in sorted(a, key=lambda kv: (kv, 0) if isinstance(kv, int) else (kv[0], kv[1] or 0)):
+        e, n = (key, None) if isinstance(key, int) else key
+        if e >= full or a[key] != a[key]:
             continue
-        k, s = best_k(a[e], c[e])
+        k, s = best_k(a[key], c[key])
         if best is None or s > best["speedup"]:
-            best = {"exit": e, "k": k, "speedup": s, "agreement": a[e], "cost_ratio": c[e]}
+            best = {"exit": e, "vocab": n, "k": k, "speedup": s, "agreement": a[key], "cost_ratio": c[key]}
     return best
 
 

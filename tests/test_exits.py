@@ -124,6 +124,7 @@ import json  # noqa: E402
 from conftest import cli, explain, run_folders  # noqa: E402
 from sortedcli import draft  # noqa: E402
 from sortedcli.data import lm  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 
 def test_predicted_speedup_and_best_k_follow_the_bound():
@@ -173,14 +174,20 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
         assert 0 <= rows[e]["agreement"] <= 1 and rows[e]["cost_ratio"] > 0
         assert rows[e]["speedup"] == pytest.approx(draft.best_k(rows[e]["agreement"], rows[e]["cost_ratio"])[1])
     assert "agreement" not in rows[4]
+    for e in (1, 3):  # the vocabulary is 300 tokens: no frequency-ranked subset (4096+) is smaller
+        assert not any(key.startswith("vocab") for key in rows[e])
+    ranks = load_file(str(run / "eval" / "token-ranks.safetensors"))["ids"]
+    assert sorted(ranks.tolist()) == list(range(ranks.numel()))
     chosen = doc["draft"]
-    assert chosen["exit"] in (1, 3) and chosen["speedup"] == max(rows[e]["speedup"] for e in (1, 3))
+    assert chosen["vocab"] is None and chosen["exit"] in (1, 3) and chosen["speedup"] == max(rows[e]["speedup"] for e in (1, 3))
     assert set(chosen["samples"]) == {"1", "3", "4"} and all(len(v) == 3 for v in chosen["samples"].values())
     g = cli(["generate", "--speculative", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert g.returncode == 0, explain(g)
     assert f"draft exit {chosen['exit']}, k={chosen['k']}: chosen by `sortednet eval`" in g.stderr
     plain = cli(["generate", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert plain.stdout == g.stdout
+    v = cli(["generate", "--speculative", "draft_vocab=40", "--max-tokens", "6", "The cat"], cwd=tmp_path)
+    assert v.returncode == 0 and v.stdout == plain.stdout and "draft vocab 40" in v.stderr, explain(v)
     # export refuses a sub-model far below the full model unless forced
     x = cli(["export", "--budget", "0.6", "min_relative=101"], cwd=tmp_path)
     assert x.returncode == 2 and x.stderr.count("\n") == 1 and "force=true" in x.stderr, explain(x)

@@ -113,16 +113,24 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         return None
     L = nesting(r.model).depth
     exits = [x for x in depth.levels if x < L]
+    stack = models.entry(r.cfg.model.name).stack(r.model)
+    V = int(stack.head(stack.embed(torch.zeros(1, 1, dtype=torch.long, device=r.device))).shape[-1])
+    with console.status("ranking the training data's tokens by frequency"):
+        ranks = draft.token_ranks((item["input_ids"] for item in r.data.train), V)
+    save_ranks(ranks, r.run_dir / "eval" / "token-ranks.safetensors")
+    vocabs = {n: ranks[:n] for n in draft.VOCAB_SIZES if n < V}
     with console.status(f"measuring {len(exits)} exits: agreement with the full model, cost of a step"):
-        a = draft.agreement(r.model, r.data.task, exits, test, r.device, r.amp)
-        stack = models.entry(r.cfg.model.name).stack(r.model)
-        c = draft.cost_ratios(stack, exits, e.latency.warmup, e.latency.reps)
+        a = draft.agreement(r.model, r.data.task, exits, test, r.device, r.amp, vocabs)
+        c = draft.cost_ratios(stack, exits, e.latency.warmup, e.latency.reps, vocabs)
     full_dims = {d.name: d.largest for d in r.grid.dims if d.kind != COUNT}
     for row in rows:
         x = row["dims"].get(depth.name)
-        if x in a and all(row["dims"].get(k) == v for k, v in full_dims.items()):
-            k, s = draft.best_k(a[x], c[x])
-            row.update(agreement=a[x], cost_ratio=c[x], speedup=s, best_k=k)
+        if (x, None) in a and all(row["dims"].get(k) == v for k, v in full_dims.items()):
+            k, s = draft.best_k(a[x, None], c[x, None])
+            row.update(agreement=a[x, None], cost_ratio=c[x, None], speedup=s, best_k=k)
+            for n in vocabs:
+                row[f"vocab{n}"] = {"agreement": a[x, n], "cost_ratio": c[x, n],
+                                    "speedup": draft.best_k(a[x, n], c[x, n])[1]}
     chosen = draft.choose(a, c, L)
     if chosen is not None:
         n = int(e.get("samples", 3))
@@ -131,12 +139,31 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         tok = r.tokenizer
         chosen["samples"] = {str(x): [tok.decode(p + t, skip_special_tokens=True) for p, t in zip(prompts, ts)]
                              for x, ts in out.items()}
-        console.print(f"draft for --speculative: exit {chosen['exit']} of {L}, k={chosen['k']}: agreement "
+        vocab = "full head" if chosen["vocab"] is None else f"head over the {chosen['vocab']} most frequent tokens"
+        console.print(f"draft for --speculative: exit {chosen['exit']} of {L}, {vocab}, k={chosen['k']}: agreement "
                       f"{chosen['agreement']:.3f}, cost ratio {chosen['cost_ratio']:.2f}, predicted speed-up "
                       f"{chosen['speedup']:.2f}x (if verifying k+1 tokens costs one step)")
         for x in (chosen["exit"], L):
             console.print(f"  exit {x}: {chosen['samples'][str(x)][0]!r}")
     return chosen
+
+
+def save_ranks(ranks: torch.Tensor, path) -> None:
+    """The token ranking as safetensors (``ids``), written atomically."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({"ids": ranks.contiguous()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def standalone_scores(folder, r, calib: list, test, console: Console) -> dict[str, float]:

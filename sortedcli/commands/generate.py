@@ -107,27 +107,45 @@ def eval_draft(run_dir) -> dict | None:
         return None
 
 
-def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: Console) -> tuple[int, int]:
-    """``(draft exit, k)``: ``--draft-exit`` if given, else the eval's measured choice, else the
-    shallowest trained exit (with a note); ``k`` if given, else the eval's, else 4."""
-    k = cfg.get("k")
+def draft_vocab(run_dir, n) -> torch.Tensor | None:
+    """The ``n`` most frequent token ids of the run's training data (``eval/token-ranks.safetensors``)."""
+    if not n:
+        return None
+    if run_dir is None:
+        raise UsageError(f"draft_vocab={n} needs a run's token ranking (eval/token-ranks.safetensors): "
+                         "give --ckpt RUN_DIR of an evaluated run, or draft_vocab=0")
+    path = Path(run_dir) / "eval" / "token-ranks.safetensors"
+    if not path.is_file():
+        raise UsageError(f"draft_vocab={n} needs {path}: run `sortednet eval` on {run_dir} first")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["ids"][:int(n)]
+
+
+def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: Console) -> tuple:
+    """``(draft exit, k, draft vocabulary or None)``: ``--draft-exit`` if given, else the eval's
+    measured choice, else the shallowest trained exit (with a note); ``k`` if given, else the eval's,
+    else 4; ``draft_vocab`` (N) if given (0: the full head), else the eval's choice."""
+    k, n = cfg.get("k"), cfg.get("draft_vocab")
     if cfg.draft_exit is not None:
-        return int(cfg.draft_exit), int(k or 4)
+        return int(cfg.draft_exit), int(k or 4), draft_vocab(run_dir, n)
     chosen = eval_draft(run_dir)
     if chosen and 1 <= int(chosen["exit"]) < layers:
-        console.print(f"[dim]draft exit {chosen['exit']}, k={k or chosen['k']}: chosen by `sortednet eval` "
-                      f"(agreement {chosen['agreement']:.3f}, cost ratio {chosen['cost_ratio']:.2f}, "
-                      f"predicted {chosen['speedup']:.2f}x)[/]")
-        return int(chosen["exit"]), int(k or chosen["k"])
+        n = chosen.get("vocab") if n is None else n
+        console.print(f"[dim]draft exit {chosen['exit']}, k={k or chosen['k']}"
+                      + (f", head over the {n} most frequent tokens" if n else "")
+                      + f": chosen by `sortednet eval` (agreement {chosen['agreement']:.3f}, cost ratio "
+                      f"{chosen['cost_ratio']:.2f}, predicted {chosen['speedup']:.2f}x)[/]")
+        return int(chosen["exit"]), int(k or chosen["k"]), draft_vocab(run_dir, n)
     if trained:
         console.print(f"[dim]draft exit {min(trained)}: the shallowest exit the run trained (no eval results; "
                       f"`sortednet eval` measures which exit drafts best)[/]")
-        return min(trained), int(k or 4)
+        return min(trained), int(k or 4), draft_vocab(run_dir, n)
     if run_dir is None:
         draft = max(1, round(0.3 * layers))
         console.print(f"[dim]draft exit {draft} (0.3 x {layers} layers, as the paper's 12 of 40): a model "
                       f"outside a run has no measured or trained exits; --draft-exit E chooses[/]")
-        return draft, int(k or 4)
+        return draft, int(k or 4), draft_vocab(run_dir, n)
     raise UsageError(f"{run_dir} trained no exit below its {layers} layers (dims has no depth levels): give "
                      "--draft-exit E, or train with 'dims=[depth]'")
 
@@ -193,9 +211,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     started = time.perf_counter()
     try:
         if cfg.speculative:
-            draft, k = choose_draft(cfg, run_dir, trained, L, console)
-            mode = f"self-speculative, draft exit {draft} of {L}"
-            out = D.speculative(stack, ids, draft_exit=draft, k=k, **common)
+            draft, k, vocab = choose_draft(cfg, run_dir, trained, L, console)
+            mode = f"self-speculative, draft exit {draft} of {L}" + ("" if vocab is None else f", draft vocab {len(vocab)}")
+            out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, **common)
         elif cfg.early_exit:
             thresholds = _thresholds(cfg, L, trained)
             mode = f"early exit, thresholds {thresholds}"
