@@ -143,7 +143,7 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
         i = 0
         for trunk, members in groups:
             with use(model, trunk), autocast(device, amp):
-                logits = forward_members(model, inputs, trunk, members)
+                logits = forward_members(model, inputs, trunk, members, task.keep(piece))
                 if distill.enabled and largest in members:
                     teacher = logits[largest].detach()
                 loss = torch.zeros((), device=device)
@@ -170,12 +170,14 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
     return values[0] / len(subs)
 
 
-def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[SubModel]) -> dict:
-    """``{sub: logits}`` for the members of one trunk (the active sub-model is ``trunk``)."""
+def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[SubModel],
+                    keep: torch.Tensor | None = None) -> dict:
+    """``{sub: logits}`` for the members of one trunk (the active sub-model is ``trunk``); several exits
+    are read out only where ``keep`` (the task's mask of the logits that count) says."""
     if all(m == trunk for m in members):
         return {trunk: call(model, inputs)}
     depth_dim = model.sortednet.scope.depth_dim
-    by_depth = run_exits(model, inputs, [m[depth_dim] for m in members])
+    by_depth = run_exits(model, inputs, [m[depth_dim] for m in members], at=keep)
     return {m: by_depth[m[depth_dim]] for m in members}
 
 

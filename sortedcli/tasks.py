@@ -56,6 +56,12 @@ class Task(ABC):
         """``(logits N x C, targets N)`` of the positions that count (targets may hold IGNORE)."""
         return logits, self.targets(batch)
 
+    def keep(self, batch) -> torch.Tensor | None:
+        """Where the model's logits count, as a boolean mask over their leading dimensions, or None
+        (all of them do). With a mask, the engine reads several exits out at those places only
+        (``run_exits(..., at=mask)``) and hands ``pairs`` the gathered ``N x C`` logits."""
+        return None
+
     # --- training --------------------------------------------------------------------------------
     def split(self, batch, n: int) -> list:
         """``batch`` as ``n`` equal micro-batches (gradient accumulation); its size must divide by ``n``."""
@@ -79,9 +85,8 @@ class Task(ABC):
         gradients match cross-entropy's magnitude (the fix for distillation losses orders of magnitude
         below the CE)."""
         s, t = self.pairs(student, batch)
-        q, _ = self.pairs(teacher, batch)
-        keep = t != IGNORE
-        s, q, T = s[keep].float(), q[keep].float(), temperature
+        q, tq = self.pairs(teacher, batch)  # either may be gathered at keep(batch) already
+        s, q, T = s[t != IGNORE].float(), q[tq != IGNORE].float(), temperature
         return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(q / T, -1), reduction="batchmean",
                         log_target=True) * T * T
 
@@ -180,8 +185,17 @@ class CausalLM(KeywordBatches):
     unit = "token"
 
     def pairs(self, logits, batch):
+        labels = batch["labels"][:, 1:]
+        if logits.dim() == 2:  # gathered at keep(batch): the positions whose next token counts
+            return logits, labels[labels != IGNORE]
         z = logits[:, :-1]
-        return z.reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+        return z.reshape(-1, z.shape[-1]), labels.reshape(-1)
+
+    def keep(self, batch):
+        labels = batch["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE
+        return keep
 
     def counted(self, batch):
         return (batch["labels"][:, 1:] != IGNORE).sum()

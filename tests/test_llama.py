@@ -117,6 +117,36 @@ def test_soft_loss_is_the_mean_of_every_exits_response_only_cross_entropy(data, 
     assert loss == pytest.approx(float(want), rel=1e-5)
 
 
+def test_soft_reads_the_exits_out_at_answer_positions_only_with_the_dense_gradient(data, model):
+    """The head (here a quarter of SmolLM2) runs at the positions whose next token counts, not at
+    every position of every exit; loss and gradient equal the dense every-position computation."""
+    grid = Grid((Dim("depth", COUNT, (1, 2, 3, 4)),))
+    batch = batch_of(data)
+    counted = int(data.task.counted(batch))
+    assert counted < batch["labels"].numel() // 2  # prompts and padding are most of the positions
+    subs = create_sampler("all", grid).step()
+    model.train()
+    model.zero_grad()
+    inputs = data.task.inputs(batch)
+    exits = run_exits(model, inputs, [1, 2, 3, 4])
+    labels = batch["labels"][:, 1:].reshape(-1)
+    dense = sum(F.cross_entropy(exits[k][:, :-1].reshape(-1, exits[k].shape[-1]), labels, ignore_index=-100)
+                for k in (1, 2, 3, 4)) / 4
+    dense.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    try:
+        loss = train_step(model, data.task, subs, batch, torch.optim.SGD(model.parameters(), lr=0.0), grid.largest,
+                          Distill(), torch.device("cpu"), None)
+    finally:
+        hook.remove()
+    assert sorted(rows) == [counted] * 3 + [batch["input_ids"].numel()]  # 3 exits gathered, the model's own head
+    assert loss == pytest.approx(float(dense.detach()), rel=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_accumulated_micro_batches_give_the_gradient_and_loss_of_one_pass(data, model):
     """``accumulate=2``: the two halves have different numbers of answer tokens; weighted by their share,
     the accumulated gradient (and the reported losses) are those of the whole batch at once."""

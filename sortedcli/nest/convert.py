@@ -179,10 +179,17 @@ def has_exits(model: nn.Module) -> bool:
     return nesting(model).readout is not None
 
 
-def run_exits(model: nn.Module, inputs, depths: Sequence[int]) -> dict[int, torch.Tensor]:
+def run_exits(model: nn.Module, inputs, depths: Sequence[int],
+              at: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """The logits of every exit in ``depths`` from one forward pass of the active sub-model, whose
     depth must be the deepest of them: the hidden state after unit ``k-1`` is caught on the way and
-    read out through the model's own head. Costs one trunk pass plus a readout per extra exit."""
+    read out through the model's own head. Costs one trunk pass plus a readout per extra exit.
+
+    ``at``: a boolean mask over the hidden state's leading dimensions (e.g. batch x positions) of the
+    places whose logits are needed; every exit's logits are then those places only, flattened in
+    row-major order (``logits[at]``), and the extra exits' readouts skip the rest. With a large head
+    (a language model's vocabulary) and a loss on a fraction of the positions (answer tokens), this is
+    most of an exit's cost."""
     nest = nesting(model)
     if nest.readout is None:
         raise ValueError("this model's depth units are not exits of one stack (no readout)")
@@ -204,8 +211,8 @@ def run_exits(model: nn.Module, inputs, depths: Sequence[int]) -> dict[int, torc
     finally:
         for h in hooks:
             h.remove()
-    logits = {k: nest.readout(model, h) for k, h in caught.items()}
-    logits[deepest] = final
+    logits = {k: nest.readout(model, h if at is None else h[at]) for k, h in caught.items()}
+    logits[deepest] = final if at is None else final[at]
     return logits
 
 
