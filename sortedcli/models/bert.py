@@ -36,6 +36,8 @@ from ..nest.importance import Group, sort_by_importance
 from . import hf
 from .weights import importance_method
 
+tokenizer = hf.tokenizer  # the registry's tokenizer hook: model.tokenizer, or the pretrained folder's
+
 DIMS = {"depth": COUNT, "heads": FRACTION, "ffn": FRACTION}
 TASKS = ("text_classification",)
 
