@@ -131,6 +131,7 @@ bench: setup data
 	$(PY) benchmarks/mobilenet.py
 	$(PY) benchmarks/encoders.py
 	$(PY) benchmarks/distributed.py
+	$(PY) benchmarks/startup.py
 
 # Decoding speed: plain greedy (ours, transformers'), self-speculative, assistant_early_exit, early exit;
 # and SoFT's step time / peak memory over SFT's. MODEL=DIR: a LlamaForCausalLM folder with its

@@ -2,20 +2,27 @@
 
 Everything below takes plain config sections (DictConfig or dict) and returns library objects; the
 commands compose them. Mistakes in the config become :class:`UsageError` with what to do.
+
+Importing this module costs nothing (torch, the data and the engine are imported by the builders
+that use them), so that :func:`check_settings` can refuse a bad setting before the heavy imports.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from . import models
-from .data import build_data as _build_data
-from .engine import Distill, autocast_dtype, pick_device
 from .errors import UsageError
-from .nest import COUNT, Dim, Grid, nesting, resolved
-from .sampling import SAMPLERS, Sampler, create_sampler
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .engine import Distill
+    from .nest import Grid
+    from .sampling import Sampler
 
 
 def plain(section) -> dict:
@@ -25,13 +32,31 @@ def plain(section) -> dict:
 def build_data(cfg: DictConfig, data_cfg=None):
     """``(data, tokenizer)``: the model's tokenizer (None for models that read no text) and the data
     of ``cfg.data`` (or ``data_cfg``) prepared with it, checked to be a task the model serves."""
+    from .data import build_data as _build_data
+
     tokenizer = models.tokenizer(plain(cfg.model))
     data = _build_data(cfg.data if data_cfg is None else data_cfg, tokenizer)
-    entry = models.entry(cfg.model.name)
-    if data.task.name not in entry.tasks:
-        raise UsageError(f"model {entry.name} does not do {data.task.name.replace('_', ' ')} "
-                         f"(data={data.name}); it does {', '.join(t.replace('_', ' ') for t in entry.tasks)}")
+    _check_task(cfg, data.task.name, data.name)
     return data, tokenizer
+
+
+def _check_task(cfg: DictConfig, task: str, data: str) -> None:
+    entry = models.entry(cfg.model.name)
+    if task not in entry.tasks:
+        raise UsageError(f"model {entry.name} does not do {task.replace('_', ' ')} "
+                         f"(data={data}); it does {', '.join(t.replace('_', ' ') for t in entry.tasks)}")
+
+
+def build_inputs(cfg: DictConfig) -> tuple[dict, object, str]:
+    """``(model_args, example, unit)`` as :func:`build_data` would give them (the model's tokenizer
+    sizes a language model's vocabulary), from the config alone, without reading the data: what
+    ``sortednet submodels`` builds the model of ``train`` with and counts its FLOPs on."""
+    from .data import input_spec, task_name
+
+    tokenizer = models.tokenizer(plain(cfg.model))
+    model_args, example, unit = input_spec(cfg.data, tokenizer)
+    _check_task(cfg, task_name(cfg.data), str(cfg.data.get("name")))
+    return model_args, example, unit
 
 
 def build_model(cfg: DictConfig, model_args: dict) -> nn.Module:
@@ -47,6 +72,8 @@ def build_grid(cfg: DictConfig, model: nn.Module) -> Grid:
     what the model supports. ``levels: all`` on a count dim means every count from 1 to the model's
     number of depth units. Combinations of levels that select the same slices of ``model`` are one
     sub-model (:meth:`Grid.distinct`: e.g. heads 0.75 and 1 with 3 key/value heads)."""
+    from .nest import COUNT, Dim, Grid, nesting, resolved
+
     entry = models.entry(cfg.model.name)
     chosen = plain(cfg.get("dims") or {})
     if not chosen:
@@ -76,6 +103,8 @@ def build_grid(cfg: DictConfig, model: nn.Module) -> Grid:
 
 
 def build_sampler(cfg: DictConfig, grid: Grid) -> Sampler:
+    from .sampling import SAMPLERS, create_sampler
+
     options = plain(cfg.sampler)
     name = options.pop("name")
     if name not in SAMPLERS:
@@ -87,10 +116,14 @@ def build_sampler(cfg: DictConfig, grid: Grid) -> Sampler:
 
 
 def build_distill(cfg: DictConfig) -> Distill:
+    from .engine import Distill
+
     return Distill(**plain(cfg.get("distill") or {}))
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    import torch
+
     o = plain(cfg.optim)
     # No weight decay on BatchNorm / bias parameters (1-D), as torchvision's reference recipes do.
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -105,6 +138,8 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def build_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
+    from .engine import autocast_dtype, pick_device
+
     try:
         device = pick_device(cfg.trainer.device)
         return device, autocast_dtype(device, cfg.trainer.precision)

@@ -233,32 +233,64 @@ def console():
     return Console(width=160)
 
 
+def _early(verb: str, cfg) -> None:
+    """What needs no torch, before it is imported (seconds on a busy machine): the checks that refuse a
+    mistake from the config alone, and train's first line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if verb == "export":
+        from .commands.export import check_budget
+
+        check_budget(cfg.budget)
+    elif verb == "train":
+        from .build import check_settings
+
+        check_settings(cfg)
+        if "RANK" not in os.environ:  # the only process, or the launcher; torchrun's ranks print later
+            run_dir = cfg.get("resume") or HydraConfig.get().runtime.output_dir
+            what = "resuming" if cfg.get("resume") else "training"
+            print(f"sortednet: {what} {cfg.model.name} on {cfg.data.name} -> {run_dir}", flush=True)
+
+
 def _run_verb(verb: str, cfg, argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import MissingMandatoryValue
 
-    from . import distributed
-    from .commands import compare, eval as eval_cmd, export, generate, submodels, train
     from .errors import UsageError
 
     try:
+        _early(verb, cfg)
+        from . import distributed  # torch
+
         if verb in ("train", "eval") and _devices(cfg) > 1 and distributed.env_world() == 1:
             code = _launch(verb, cfg, argv)
             if code:
                 raise SystemExit(code)
         elif verb == "train":
+            from .commands import train
+
             hydra_cfg = HydraConfig.get()
             train.run(cfg, Path(hydra_cfg.runtime.output_dir), console(), overrides=list(hydra_cfg.overrides.task))
         elif verb == "eval":
+            from .commands import eval as eval_cmd
+
             eval_cmd.run(cfg, console())
         elif verb == "export":
+            from .commands import export
+
             export.run(cfg, console())
         elif verb == "compare":
+            from .commands import compare
+
             compare.run(cfg, console())
         elif verb == "generate":
+            from .commands import generate
+
             generate.run(cfg)
         else:
-            submodels.run(cfg, console())
+            from .commands import submodels
+
+            submodels.run(cfg, console(), overrides=list(HydraConfig.get().overrides.task))
     except UsageError as e:
         _fail(str(e))
     except MissingMandatoryValue as e:
@@ -269,7 +301,8 @@ def _run_verb(verb: str, cfg, argv: list[str]) -> None:
             print(f"sortednet: interrupted; {_after_interrupt(verb, cfg)}", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        distributed.shutdown()
+        if "sortedcli.distributed" in sys.modules:  # nothing to shut down where torch was never imported
+            sys.modules["sortedcli.distributed"].shutdown()
 
 
 def _after_interrupt(verb: str, cfg) -> str:

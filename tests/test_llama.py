@@ -227,3 +227,52 @@ def test_cli_trains_evaluates_exports_and_generates_with_a_tiny_llama(tokenizer_
     assert texts[0] == texts[1]
     bad = cli(["generate", "--exit", "9", "hello"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "exit must be in 1..4" in bad.stderr
+
+
+def test_submodels_reports_the_model_that_train_builds(tokenizer_dir, tmp_path):
+    """`sortednet submodels` sizes the LLaMA with the tokenizer's vocabulary, as train does (not the
+    config's default 32k), and counts FLOPs on the input eval and export count them on: its table
+    equals the counts of the model train builds, measured on the data's own example."""
+    import io
+
+    from hydra import compose, initialize_config_dir
+    from rich.console import Console
+
+    from sortedcli.build import build_data, build_grid, build_model
+    from sortedcli.cli import CONF_DIR
+    from sortedcli.commands import submodels
+    from sortedcli.flops import measure
+
+    (tmp_path / "qa.json").write_text(json.dumps(QA))
+    overrides = ["model=llama_tiny", f"model.tokenizer={tokenizer_dir}", "data=alpaca",
+                 f"data.path={tmp_path / 'qa.json'}", "data.test_fraction=0.2", "dims=[depth,heads,ffn]"]
+    with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+        listed = compose(config_name="submodels", overrides=overrides)
+        trained = compose(config_name="train", overrides=overrides)
+    rows = submodels.run(listed, Console(file=io.StringIO()))
+    data, _ = build_data(trained)
+    model = build_model(trained, data.model_args)
+    grid = build_grid(trained, model)
+    assert [r["name"] for r in rows] == [s.name for s in grid] and len(rows) == 64
+    for row, sub in zip(rows, grid):
+        cost = measure(model, sub, data.example())
+        assert (row["params"], row["flops"]) == (cost.params, cost.flops), sub
+
+
+def test_submodels_of_a_llama_without_data_uses_the_models_own_data(tokenizer_dir, tmp_path):
+    """Without data= the default (images) does not fit a language model: submodels sizes it for its
+    registry entry's data set instead of ending in a traceback."""
+    p = cli(["submodels", "model=llama_tiny", f"model.tokenizer={tokenizer_dir}", "dims=[depth,heads]"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert "llama_tiny: 16 sub-models (depth 4 x heads 4), per token (data=hamlet)" in p.stdout
+    from omegaconf import OmegaConf
+
+    from sortedcli.cli import CONF_DIR
+    from sortedcli.report import human
+
+    options = {**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "llama_tiny.yaml")),
+               "tokenizer": str(tokenizer_dir)}
+    tokenizer = entry("llama_tiny").tokenizer(options)
+    full = create(options.pop("name"), **lm.model_args(tokenizer), **options)
+    row = next(line for line in p.stdout.splitlines() if " depth4-heads1 " in line)
+    assert f" {human(sum(t.numel() for t in full.parameters()))} " in row, row

@@ -1,22 +1,17 @@
-"""``sortednet export --budget B``: the best sub-model within B x the full model's FLOPs, cut out."""
+"""``sortednet export --budget B``: the best sub-model within B x the full model's FLOPs, cut out.
+
+Importing this module is cheap (torch and the rest are imported by :func:`run`), so that the CLI
+refuses a budget outside (0, 1] with :func:`check_budget` before the heavy imports.
+"""
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
 from pathlib import Path
 
-from .. import export, models, runs
-from ..build import plain
 from ..errors import UsageError
-from ..engine import calibration_batches
-from ..flops import measure
-from ..nest import call, check_equal, extract, recalibrate, use
-from ..report import load_results
-from ..tasks import move
-from .loaded import load_run
 
 
 def check_budget(budget) -> float:
@@ -29,6 +24,9 @@ def check_fresh(results: Path, r) -> None:
     """Refuse eval results measured on another checkpoint than the one about to be cut (a run resumed
     since, or ``--ckpt`` naming an older one): they would choose on stale numbers."""
     import json
+
+    from .. import runs
+    from ..report import load_results
 
     try:
         measured = json.loads(results.read_text(encoding="utf-8")).get("checkpoint")
@@ -45,16 +43,31 @@ def check_fresh(results: Path, r) -> None:
 
 
 def run(cfg: DictConfig, console: Console | None = None):
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .. import export, models
+    from ..build import plain
+    from ..engine import calibration_batches
+    from ..flops import measure_all
+    from ..nest import call, check_equal, extract, recalibrate, use
+    from ..report import load_results
+    from ..tasks import move
+    from .loaded import load_run
+
     console = console or Console()
     budget = check_budget(cfg.budget)
-    r = load_run(cfg)
+    with console.status("loading the run"):
+        r = load_run(cfg)
     results = r.run_dir / "eval" / "results.json"
     if results.is_file():  # before any work: results of another checkpoint would choose on stale numbers
         check_fresh(results, r)
     entry, data, task = models.entry(r.cfg.model.name), r.data, r.data.task
     example = move(data.example(), r.device)
-    with console.status(f"measuring the FLOPs of {len(r.grid)} sub-models"):
-        costs = {sub: measure(r.model, sub, example) for sub in r.grid}
+    with Progress(TextColumn(f"counting the FLOPs of {len(r.grid)} sub-models"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        job = bar.add_task("flops", total=len(r.grid))
+        costs = measure_all(r.model, r.grid, example, done=lambda n: bar.advance(job, n))
     full = costs[r.grid.largest].flops
     fits = [sub for sub in r.grid if costs[sub].flops <= budget * full]
     if not fits:
@@ -92,30 +105,32 @@ def run(cfg: DictConfig, console: Console | None = None):
         why = (f"no eval results for the sub-models within the budget, so the largest one that fits "
                f"(run `sortednet eval --all-submodels` first to choose by {metric})")
 
-    calib = calibration_batches(r.model, task, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
-                                cfg.seed, r.device, data.collate)
-    if calib:  # on the run's device (fp32), then everything else on the CPU
-        recalibrate(r.model, chosen, calib)
-    check_input = move(calib[0], "cpu") if calib else move(example, "cpu")
-    if isinstance(check_input, torch.Tensor):
-        check_input = check_input[:64]
-    model, example = r.model.cpu(), move(example, "cpu")
-    with torch.no_grad(), use(model.eval(), chosen):
-        if not torch.isfinite(call(model, check_input)).all():
-            raise UsageError(f"{chosen.name} of {r.ckpt} computes NaN or infinite outputs: its weights have diverged; "
-                             "retrain the run (with a lower optim.lr) or pass --ckpt an earlier checkpoint")
-    small = extract(model, chosen, example)
-    diff = check_equal(model, chosen, small, check_input)
-    cost = costs[chosen]
-    config = {
-        "model": plain(r.cfg.model), **data.describe(), "submodel": chosen.as_dict(), "name": chosen.name,
-        "flops": cost.flops, "flops_per": data.unit, "params": cost.params, "full_flops": full,
-        "full_params": costs[r.grid.largest].params, "budget": budget, "metric": metric,
-        metric: scores.get(chosen.name), f"full_{metric}": scores.get(r.grid.largest.name),
-        "checkpoint": {**r.record, "run": str(r.run_dir)},
-    }
-    folder = export.write(r.run_dir / "export" / f"budget-{budget:g}",
-                          lambda tmp: entry.save(tmp, small, config, example, r.tokenizer))
+    with console.status(f"recalibrating and cutting out {chosen.name}") as status:
+        calib = calibration_batches(r.model, task, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
+                                    cfg.seed, r.device, data.collate)
+        if calib:  # on the run's device (fp32), then everything else on the CPU
+            recalibrate(r.model, chosen, calib)
+        check_input = move(calib[0], "cpu") if calib else move(example, "cpu")
+        if isinstance(check_input, torch.Tensor):
+            check_input = check_input[:64]
+        model, example = r.model.cpu(), move(example, "cpu")
+        with torch.no_grad(), use(model.eval(), chosen):
+            if not torch.isfinite(call(model, check_input)).all():
+                raise UsageError(f"{chosen.name} of {r.ckpt} computes NaN or infinite outputs: its weights have "
+                                 "diverged; retrain the run (with a lower optim.lr) or pass --ckpt an earlier checkpoint")
+        small = extract(model, chosen, example)
+        diff = check_equal(model, chosen, small, check_input)
+        cost = costs[chosen]
+        config = {
+            "model": plain(r.cfg.model), **data.describe(), "submodel": chosen.as_dict(), "name": chosen.name,
+            "flops": cost.flops, "flops_per": data.unit, "params": cost.params, "full_flops": full,
+            "full_params": costs[r.grid.largest].params, "budget": budget, "metric": metric,
+            metric: scores.get(chosen.name), f"full_{metric}": scores.get(r.grid.largest.name),
+            "checkpoint": {**r.record, "run": str(r.run_dir)},
+        }
+        status.update(f"writing {chosen.name} in {entry.family}'s format")
+        folder = export.write(r.run_dir / "export" / f"budget-{budget:g}",
+                              lambda tmp: entry.save(tmp, small, config, example, r.tokenizer))
     console.print(f"[bold]sortednet export[/] budget {budget:g} x {full / 1e6:.1f} MFLOPs = "
                   f"{budget * full / 1e6:.1f} MFLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
     console.print(f"chose {chosen.name}: {cost.flops / 1e6:.1f} MFLOPs ({cost.flops / full:.1%} of full), "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from sortedcli.data import lm
 from sortedcli.data.lm import LMData, build_lm_data
 from sortedcli.data.text_classification import GLUE, TextData, build_text_data
 from sortedcli.data.vision import BUILDERS as VISION, VisionData, build_vision_data
@@ -22,28 +23,41 @@ TEXT = ("rotten_tomatoes", "glue", "text")
 LANGUAGE = ("news", "hamlet", "corpus", "gsm8k", "alpaca", "chat")  # causal language modelling (data.lm)
 
 
-def build_data(cfg, tokenizer=None):
-    """The data the ``data`` config section names; text is tokenized with the model's ``tokenizer``."""
+def task_name(cfg) -> str:
+    """The task (:mod:`sortedcli.tasks`) of the data the ``data`` section names."""
     name = str(cfg.get("name") or "")
-    if name in LANGUAGE:
-        if tokenizer is None:
-            raise UsageError(f"data={name} is text for a language model: choose model=llama")
-        return build_lm_data(cfg, tokenizer)
-    if name in TEXT:
-        return build_text_data(cfg, tokenizer)
+    return "causal_lm" if name in LANGUAGE else "text_classification" if name in TEXT else "image_classification"
+
+
+def _check_reader(name: str, tokenizer) -> None:
+    if name in LANGUAGE and tokenizer is None:
+        raise UsageError(f"data={name} is text for a language model: choose model=llama")
     if tokenizer is not None and name in VISION:
         raise UsageError(f"data={name} is images, but the model reads text: choose a text data set "
                          f"({', '.join(TEXT)})")
+
+
+def build_data(cfg, tokenizer=None):
+    """The data the ``data`` config section names; text is tokenized with the model's ``tokenizer``."""
+    name = str(cfg.get("name") or "")
+    _check_reader(name, tokenizer)
+    if name in LANGUAGE:
+        return build_lm_data(cfg, tokenizer)
+    if name in TEXT:
+        return build_text_data(cfg, tokenizer)
     return build_vision_data(cfg)
 
 
-def input_spec(cfg) -> tuple[dict, object, str]:
-    """``(model_args, example inputs, unit)`` from the ``data`` section alone, without reading any data:
-    what ``sortednet submodels`` needs to build a model and count its FLOPs."""
+def input_spec(cfg, tokenizer=None) -> tuple[dict, object, str]:
+    """``(model_args, example inputs, unit)`` from the ``data`` section (and the model's ``tokenizer``)
+    alone, without reading any data: what ``sortednet submodels`` needs to build the model that
+    ``train`` builds and count its FLOPs on the input shape that ``eval`` and ``export`` count them on."""
     name = str(cfg.get("name") or "")
-    if name in LANGUAGE:  # the vocabulary comes from the model's config; FLOPs per token
+    if tokenizer is not None:
+        _check_reader(name, tokenizer)
+    if name in LANGUAGE:  # the vocabulary is the tokenizer's (without one: the model config's); per token
         example = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
-        return {}, example, "token"
+        return ({} if tokenizer is None else lm.model_args(tokenizer)), example, "token"
     if name in TEXT:
         labels = cfg.get("labels")
         if name == "rotten_tomatoes":
@@ -60,4 +74,4 @@ def input_spec(cfg) -> tuple[dict, object, str]:
             f"{channels}x{size}x{size} image")
 
 
-__all__ = ["LMData", "build_lm_data", "TextData", "VisionData", "build_data", "build_text_data", "build_vision_data", "input_spec"]
+__all__ = ["LMData", "task_name", "build_lm_data", "TextData", "VisionData", "build_data", "build_text_data", "build_vision_data", "input_spec"]

@@ -12,15 +12,16 @@ ecosystem format; ``exportable`` says which sub-models that format can express; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
-
-from torch import nn
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UsageError
-from . import bert, hf, llama, mobilenet, resnet
-from .. import export
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _every(model, sub) -> bool:
@@ -29,18 +30,62 @@ def _every(model, sub) -> bool:
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered model. Its adapter module (``sortedcli.models.<family>``, which imports torchvision
+    or transformers) is imported when the entry is first used, so the registry itself costs nothing to
+    import and a vision run never imports transformers. ``hooks`` names the adapter's functions:
+    ``build`` (required), ``tokenizer``, ``save``, ``exportable``, ``stack``, ``snapshot`` (see the module
+    doc)."""
+
     name: str
     family: str
-    dims: dict[str, str]  # dim name -> space.FRACTION | space.COUNT
-    build: Callable[..., nn.Module]  # build(**data.model_args, **model options) -> sorted model
     description: str
-    tasks: tuple[str, ...] = ("image_classification",)
-    tokenizer: Callable[[dict], object] | None = None  # model options -> tokenizer (text models)
-    save: Callable[..., None] = export.save_torch  # save(folder, plain, meta, example, want, tokenizer)
-    exportable: Callable[[nn.Module, object], bool] = _every  # (sorted model, sub) -> can be saved
-    stack: Callable[[nn.Module], object] | None = None  # model -> decoding.Stack (causal LMs: generate)
-    # snapshot(model, tokenizer, folder, source): a pretrained model's config + tokenizer into the run folder
-    snapshot: Callable[..., None] | None = None
+    hooks: dict[str, str] = field(default_factory=dict)
+    build_args: tuple = ()  # leading arguments of the adapter's build function (the torchvision arch)
+    data: str = "fashion_mnist"  # the data `sortednet submodels` sizes the model for when none is given
+
+    @property
+    def adapter(self) -> ModuleType:
+        return importlib.import_module(f"{__name__}.{self.family}")
+
+    def _hook(self, role: str, default=None):
+        name = self.hooks.get(role)
+        return default if name is None else getattr(self.adapter, name)
+
+    @property
+    def dims(self) -> dict[str, str]:  # dim name -> space.FRACTION | space.COUNT
+        return self.adapter.DIMS
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return getattr(self.adapter, "TASKS", ("image_classification",))
+
+    @property
+    def build(self) -> Callable[..., nn.Module]:  # build(**data.model_args, **model options) -> sorted model
+        return partial(self._hook("build"), *self.build_args)
+
+    @property
+    def tokenizer(self) -> Callable[[dict], object] | None:  # model options -> tokenizer (text models)
+        return self._hook("tokenizer")
+
+    @property
+    def save(self) -> Callable[..., None]:  # save(folder, plain, meta, example, want, tokenizer)
+        from .. import export
+
+        return self._hook("save", export.save_torch)
+
+    @property
+    def exportable(self) -> Callable[[nn.Module, object], bool]:  # (sorted model, sub) -> can be saved
+        return self._hook("exportable", _every)
+
+    @property
+    def stack(self) -> Callable[[nn.Module], object] | None:  # model -> decoding.Stack (causal LMs: generate)
+        return self._hook("stack")
+
+    @property
+    def snapshot(self) -> Callable[..., None] | None:
+        """snapshot(model, tokenizer, folder, source): a pretrained model's config + tokenizer into the run
+        folder (so that the run does not depend on model.pretrained staying where it was)."""
+        return self._hook("snapshot")
 
 
 REGISTRY: dict[str, ModelEntry] = {}
@@ -50,29 +95,31 @@ def register(entry: ModelEntry) -> None:
     REGISTRY[entry.name] = entry
 
 
+TEXT = {"tokenizer": "tokenizer", "save": "save", "exportable": "exportable", "snapshot": "snapshot"}
 for _arch, _desc in [("resnet18", "torchvision ResNet-18, 8 basic blocks"),
                      ("resnet34", "torchvision ResNet-34, 16 basic blocks"),
                      ("resnet50", "torchvision ResNet-50, 16 bottleneck blocks")]:
-    register(ModelEntry(_arch, "resnet", resnet.DIMS, partial(resnet.build_resnet, _arch), _desc))
-register(ModelEntry("resnet_tiny", "resnet", resnet.DIMS, resnet.build_resnet_tiny,
-                    "torchvision ResNet(BasicBlock, [1,1,1,1]) at 1/8 width, for tests and quick runs"))
-register(ModelEntry("bert", "bert", bert.DIMS, bert.build_encoder,
+    register(ModelEntry(_arch, "resnet", _desc, {"build": "build_resnet"}, (_arch,)))
+register(ModelEntry("resnet_tiny", "resnet",
+                    "torchvision ResNet(BasicBlock, [1,1,1,1]) at 1/8 width, for tests and quick runs",
+                    {"build": "build_resnet_tiny"}))
+register(ModelEntry("bert", "bert",
                     "transformers BERT-family sequence classifier (BERT, RoBERTa, MiniLM): "
                     "model.pretrained=DIR_OR_HUB_ID or model.config={...}",
-                    tasks=bert.TASKS, tokenizer=hf.tokenizer, save=bert.save, exportable=bert.exportable, snapshot=hf.snapshot))
-register(ModelEntry("mobilenet_v2", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_v2,
-                    "torchvision MobileNetV2, 17 inverted-residual blocks, 10 of them droppable"))
-register(ModelEntry("mobilenet_tiny", "mobilenet", mobilenet.DIMS, mobilenet.build_mobilenet_tiny,
-                    "torchvision MobileNetV2 with 3 small stages (6 blocks, 3 droppable), for tests"))
-register(ModelEntry("llama", "llama", llama.DIMS, llama.build_llama,
+                    {"build": "build_encoder", **TEXT}, data="rotten_tomatoes"))
+register(ModelEntry("mobilenet_v2", "mobilenet",
+                    "torchvision MobileNetV2, 17 inverted-residual blocks, 10 of them droppable",
+                    {"build": "build_mobilenet_v2"}))
+register(ModelEntry("mobilenet_tiny", "mobilenet",
+                    "torchvision MobileNetV2 with 3 small stages (6 blocks, 3 droppable), for tests",
+                    {"build": "build_mobilenet_tiny"}))
+register(ModelEntry("llama", "llama",
                     "transformers LlamaForCausalLM (Sorted LLaMA / SoFT): model.pretrained=DIR_OR_HUB_ID or "
                     "model.config={...}; exits through the model's own final norm and LM head",
-                    tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
-                    stack=llama.LlamaStack, snapshot=hf.snapshot))
-register(ModelEntry("llama_tiny", "llama", llama.DIMS, llama.build_llama,
+                    {"build": "build_llama", **TEXT, "stack": "LlamaStack"}, data="hamlet"))
+register(ModelEntry("llama_tiny", "llama",
                     "a randomly initialized 4-layer LLaMA (conf/model/llama_tiny.yaml), for tests and smoke runs",
-                    tasks=llama.TASKS, tokenizer=llama.tokenizer, save=llama.save, exportable=llama.exportable,
-                    stack=llama.LlamaStack, snapshot=hf.snapshot))
+                    {"build": "build_llama", **TEXT, "stack": "LlamaStack"}, data="hamlet"))
 
 
 def entry(name: str) -> ModelEntry:

@@ -36,6 +36,8 @@ from ..nest.importance import Group, sort_by_importance
 from . import hf
 from .weights import importance_method
 
+tokenizer = hf.tokenizer  # the registry's tokenizer hook: model.tokenizer, or the pretrained folder's
+
 DIMS = {"depth": COUNT, "heads": FRACTION, "ffn": FRACTION}
 TASKS = ("text_classification",)
 
@@ -125,3 +127,6 @@ def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
     with torch.no_grad():
         want = call(plain.eval(), example)
     hf.save(folder, plain, meta, example, want, AutoModelForSequenceClassification, tokenizer)
+
+
+snapshot = hf.snapshot  # the registry's snapshot hook: the pretrained config + tokenizer into the run folder

@@ -33,13 +33,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaForCausalLM
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..nest import COUNT, FRACTION, SubModel, sortify, sorted_size
 from . import hf
+
+if TYPE_CHECKING:  # transformers is imported where a LLaMA is built or decoded, not with the registry
+    from transformers import DynamicCache, LlamaForCausalLM
 
 DIMS = {"depth": COUNT, "heads": FRACTION, "ffn": FRACTION}
 TASKS = ("causal_lm",)
@@ -92,7 +93,7 @@ def build_llama(vocab_size: int | None = None, pretrained: str | None = None, co
                 special_tokens: dict | None = None) -> LlamaForCausalLM:
     """A transformers ``LlamaForCausalLM`` from ``pretrained`` (a folder or hub id) or built from
     ``config`` (random init; its vocabulary is sized to the tokenizer's), sorted in place."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     extra = {"attn_implementation": attn_implementation}
     if not pretrained and config is not None:
@@ -166,6 +167,8 @@ class LlamaStack:
         return self.base.embed_tokens.weight.device
 
     def new_cache(self) -> DynamicCache:
+        from transformers import DynamicCache
+
         return DynamicCache(config=self.config)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -177,6 +180,8 @@ class LlamaStack:
         attending to what ``cache`` holds for it and appending its keys/values. The layers in
         ``[start, stop)`` must hold the same number of cached tokens (the mask is built for layer
         ``start``)."""
+        from transformers.masking_utils import create_causal_mask
+
         if start >= stop:
             return hidden
         pos = positions.view(1, -1)
@@ -207,6 +212,8 @@ class LlamaStack:
         hidden state it exited with (CALM's state propagation): each skipped layer projects that
         state through its own input RMSNorm, ``k_proj`` and ``v_proj`` and rotates the keys to the
         token's position. Later tokens attending to those layers then see a key/value for it."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
         if start >= stop:
             return
         pos = positions.view(1, -1)
@@ -237,6 +244,8 @@ def truncated(model: LlamaForCausalLM, layers: int) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` holding the first ``layers`` decoder layers of ``model`` (shared
     weights, not copies), with ``num_hidden_layers`` set to match: the exit after ``layers`` as a
     plain transformers model."""
+    from transformers import LlamaForCausalLM
+
     if not 1 <= layers <= len(model.model.layers):
         raise ValueError(f"layers must be in 1..{len(model.model.layers)}, got {layers}")
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -252,3 +261,6 @@ def truncated(model: LlamaForCausalLM, layers: int) -> LlamaForCausalLM:
     small.lm_head = model.lm_head
     small.generation_config = model.generation_config
     return small.eval()
+
+
+snapshot = hf.snapshot  # the registry's snapshot hook: the pretrained config + tokenizer into the run folder

@@ -18,7 +18,6 @@ import importlib.metadata
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from ..errors import UsageError
@@ -66,6 +65,8 @@ def read_state_dict(path: str | Path, label: str) -> dict[str, torch.Tensor]:
 
 def resolve(arch: str, weights: str) -> tuple[dict[str, torch.Tensor], str]:
     """``(state_dict, where it came from)`` for ``model.weights=weights`` of torchvision's ``arch``."""
+    import torchvision
+
     if Path(weights).exists():
         return read_state_dict(weights, "model.weights"), str(weights)
     try:
