@@ -7,7 +7,9 @@ sorted dimensions the family supports and of what kind; levels come from config 
 ``tasks`` says which task contracts (:mod:`sortedcli.tasks`) it serves; ``tokenizer`` loads its
 tokenizer from the model options (text models); ``save`` writes an export folder in the family's
 ecosystem format; ``exportable`` says which sub-models that format can express; ``stack`` wraps a causal LM for
-:mod:`sortedcli.decoding` (``sortednet generate``).
+:mod:`sortedcli.decoding` (``sortednet generate``); ``init_options`` names the model options that only say
+where the initial weights come from (a file, a weights name), not the architecture: a vision export
+rebuilds its architecture without them (:func:`architecture`), so it needs no file but its own.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ModelEntry:
     stack: Callable[[nn.Module], object] | None = None  # model -> decoding.Stack (causal LMs: generate)
     # snapshot(model, tokenizer, folder, source): a pretrained model's config + tokenizer into the run folder
     snapshot: Callable[..., None] | None = None
+    init_options: tuple[str, ...] = ("weights",)  # options that load initial weights, not shape the model
 
 
 REGISTRY: dict[str, ModelEntry] = {}
@@ -92,3 +95,10 @@ def tokenizer(options: dict):
     """The tokenizer of the model the options name, or None for models that read no text."""
     e = entry(options["name"])
     return None if e.tokenizer is None else e.tokenizer(options)
+
+
+def architecture(options: dict) -> tuple[dict, dict]:
+    """``(architecture, initial weights)``: the model options with the entry's ``init_options`` set to
+    None (they build the same architecture with fresh weights) and those options as they were."""
+    init = {k: options[k] for k in entry(options["name"]).init_options if options.get(k) is not None}
+    return {**options, **dict.fromkeys(init)}, init
