@@ -13,7 +13,9 @@ A vision export folder holds:
   without sortedcli: ``torch.export.load("model.pt2").module()(x)``.
 
 ``load(folder)`` rebuilds the plain ``nn.Module`` from the first two (this needs sortedcli, as it
-cuts the architecture out the same way the export did, then loads the weights strictly).
+cuts the architecture out the same way the export did, then loads the weights strictly). The folder is
+self-contained: ``config.json``'s ``model`` is the architecture only; the file or weights name the run
+started from is kept as provenance under ``initial_weights`` and never read again.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def load(folder: str | Path) -> nn.Module:
         raise UsageError(f"{folder} is not a readable sortednet export ({e})") from None
     if config.get("format") != FORMAT:
         raise UsageError(f"{folder}/config.json is not a {FORMAT} file")
-    options = dict(config["model"])
+    options, _ = models.architecture(dict(config["model"]))  # older exports named the initial weights here
     sorted_model = models.create(options.pop("name"), num_classes=config["num_classes"],
                                  in_channels=config["in_channels"], **options)
     size = config["image_size"]

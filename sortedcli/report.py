@@ -8,6 +8,8 @@ A result row is a plain dict::
 
 The metric key is a parameter (``"accuracy"``, ``"perplexity"``, ...), its relative value lives under
 ``"rel_<metric>"``; ``None`` means "not measured". Dims are arbitrary names: nothing here assumes a CNN.
+``"<metric>"`` is measured on the test set; ``"val_<metric>"``, when a row has it, on the validation
+split (what export chooses by): the table then labels the columns "val" and "test", the plot "test".
 """
 
 from __future__ import annotations
@@ -82,14 +84,16 @@ def results_table(rows, metric="accuracy", title=None, *, higher_is_better=True)
         table.add_column(d, justify="right")
     alone = any(r.get("standalone") is not None for r in rows)
     exits = any(r.get("agreement") is not None for r in rows)
-    for name in (metric, "% of full", *(("alone", "% of alone") if alone else ()), "FLOPs", "params",
-                 "latency ms", *(("agree", "cost c", "spec x", "k") if exits else ())):
+    val = any(r.get(f"val_{metric}") is not None for r in rows)  # then the metric column is the test set's
+    for name in (*((f"val {metric}", f"test {metric}") if val else (metric,)), "% of full",
+                 *(("alone", "% of alone") if alone else ()), "FLOPs", "params", "latency ms",
+                 *(("agree", "cost c", "spec x", "k") if exits else ())):
         table.add_column(name, justify="right")
     table.add_column("pareto", justify="center", style="yellow")
     for i, (r, on_front) in enumerate(zip(rows, pareto_front(rows, metric, higher_is_better)), 1):
         table.add_row(
             str(i), r["name"], *(_fmt_dim(r["dims"].get(d, "-")) for d in dims),
-            _fmt(r.get(metric)), _fmt(r.get(f"rel_{metric}")),
+            *((_fmt(r.get(f"val_{metric}")),) if val else ()), _fmt(r.get(metric)), _fmt(r.get(f"rel_{metric}")),
             *((_fmt(r.get("standalone")), _fmt(r.get("rel_standalone"))) if alone else ()), human(r.get("flops")),
             human(r.get("params")), _fmt(r.get("latency_ms")),
             *((_fmt(r.get("agreement"), ".3f"), _fmt(r.get("cost_ratio")), _fmt(r.get("speedup")),
@@ -127,15 +131,16 @@ def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title
     dims = list(dict.fromkeys(d for r in rows for d in r["dims"]))  # == rows[0]'s dims, unless rows differ
     fixed = ["name", metric, f"rel_{metric}", "flops", "params", "latency_ms", "full", "pareto"]
     alone = ["standalone", "rel_standalone"] if any(r.get("standalone") is not None for r in rows) else []
+    val = [f"val_{metric}"] if any(r.get(f"val_{metric}") is not None for r in rows) else []
     dim_cols = {d: (f"dim_{d}" if d in fixed else d) for d in dims}  # a dim called "flops" must not clash
     with _atomic(paths["csv"]) as f:
         w = csv.writer(f)
-        w.writerow(["name", *dim_cols.values(), *fixed[1:], *alone])
+        w.writerow(["name", *dim_cols.values(), *fixed[1:], *val, *alone])
         for r, p in zip(rows, front):
             vals = [r.get(metric), r.get(f"rel_{metric}"), r.get("flops"), r.get("params"), r.get("latency_ms")]
             w.writerow([r["name"], *(r["dims"].get(d, "") for d in dims),
                         *("" if v is None else v for v in vals), bool(r.get("full")), p,
-                        *("" if r.get(k) is None else r[k] for k in alone)])
+                        *("" if r.get(k) is None else r[k] for k in (*val, *alone))])
 
     doc = {"metric": metric, "higher_is_better": higher_is_better,
            **({"checkpoint": checkpoint} if checkpoint is not None else {}),
@@ -188,7 +193,8 @@ def plot_results(rows, path, metric="accuracy", higher_is_better=True, title=Non
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     ax.set_xlabel("FLOPs per sample (2 x multiply-adds)")
-    ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    test = "test " if any(r.get(f"val_{metric}") is not None for r in rows) else ""
+    ax.set_ylabel(f"{test}{metric} ({'higher' if higher_is_better else 'lower'} is better)")
     ax.set_title(title or f"{metric} vs FLOPs ({len(pts)} sub-models)")
 
     if pts:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import distributed, draft, models
-from ..engine import autocast, calibration_batches, evaluate, latency_ms
+from ..engine import autocast, calibration_batches, evaluate, latency_ms, score
 from ..flops import measure
 from ..nest import COUNT, call, has_exits, nesting, use
 from ..report import pareto_front, results_table, write_results
@@ -36,10 +36,14 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
                                 r.device, data.collate)
     test = torch.utils.data.DataLoader(data.test, batch_size=e.batch_size, num_workers=cfg.trainer.num_workers,
                                        collate_fn=data.collate)
+    held = data.val  # the validation split (see sortedcli.data.validation), or None
+    val = None if held is None else torch.utils.data.DataLoader(
+        held, batch_size=e.batch_size, num_workers=cfg.trainer.num_workers, collate_fn=data.collate)
     example = move(data.example(), r.device)
     timed = _repeat(example, e.latency.batch_size)
     console.print(f"[bold]sortednet eval[/] {r.run_dir} ({r.ckpt.name}): {len(subs)} of {r.grid.duplicates_note()} "
                   f"on {len(data.test)} test examples ({task.metric}), "
+                  + (f"{len(held)} validation examples, " if held is not None else "no validation split, ")
                   + (f"BatchNorm recalibrated on {len(calib)} batches, " if calib else "")
                   + f"device={r.device.type}" + (f", {d.world} processes" if d.enabled else ""))
 
@@ -52,9 +56,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
             bar.update(job, description=f"evaluating {sub.name}")
             cost = measure(r.model, sub, example)
             value = evaluate(r.model, task, sub, calib, test, r.device, r.amp)
+            checked = None if val is None else score(r.model, task, sub, val, r.device, r.amp)  # same calibration
             with torch.no_grad(), use(r.model, sub), autocast(r.device, r.amp):
                 ms = latency_ms(lambda: call(r.model, timed), r.device, e.latency.warmup, e.latency.reps)
-            rows.append({"name": sub.name, "dims": sub.as_dict(), metric: value, "flops": cost.flops,
+            rows.append({"name": sub.name, "dims": sub.as_dict(), metric: value,
+                         **({} if val is None else {f"val_{metric}": checked}), "flops": cost.flops,
                          "params": cost.params, "latency_ms": ms, "full": sub == r.grid.largest})
             bar.advance(job)
     if d.enabled:  # one table, in the grid's order, as a single process would make it
@@ -90,8 +96,17 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     worst = (min if higher else max)(rows, key=lambda row: row[metric])
     rel = worst[f"rel_{metric}"]
     relative = f" = {rel:.1f}% of full" if rel is not None else ""
-    console.print(f"full model {metric} {full:.2f}; weakest sub-model {worst['name']} {worst[metric]:.2f}{relative}. "
-                  f"FLOPs = 2 x multiply-adds per {data.unit}.")
+    console.print(f"full model {metric} {full:.2f}; weakest sub-model {worst['name']} {worst[metric]:.2f}{relative} "
+                  f"(test set). FLOPs = 2 x multiply-adds per {data.unit}.")
+    if val is None:
+        console.print("no validation split (data.val_fraction=0, or a run made before it): `sortednet export` "
+                      "will choose on the test set")
+    else:
+        key = f"val_{metric}"
+        full_val = next((f"full model {row[key]:.2f}, " for row in rows if row["full"]), "")
+        best = (max if higher else min)(rows, key=lambda row: row[key])
+        console.print(f"validation {metric} ({len(held)} held-out training examples; `sortednet export` chooses "
+                      f"on these): {full_val}best {best['name']} {best[key]:.2f}")
     vs_alone = [row for row in rows if row.get("rel_standalone") is not None]
     if vs_alone:
         low = min(vs_alone, key=lambda row: row["rel_standalone"])

@@ -84,23 +84,32 @@ def run(cfg: DictConfig, console: Console | None = None):
                       f"choosing among the other {len(savable)}.")
     fits = savable
 
-    scores, relative, metric, higher = {}, {}, task.metric, task.higher_is_better
+    rows, metric, higher = [], task.metric, task.higher_is_better
     if results.is_file():
         metric, rows = load_results(results)
-        scores = {row["name"]: row[metric] for row in rows if row.get(metric) is not None}
-        relative = {row["name"]: row.get(f"rel_{metric}") for row in rows}
+    tested = {row["name"]: row[metric] for row in rows if row.get(metric) is not None}
+    validated = {row["name"]: row[f"val_{metric}"] for row in rows if row.get(f"val_{metric}") is not None}
+    relative = {row["name"]: row.get(f"rel_{metric}") for row in rows}  # % of full, on the test set
+    # choose on the validation split; only results without one (data.val_fraction=0, older runs) on the test set
+    split, scores = ("validation", validated) if validated else ("test", tested)
     scored = [sub for sub in fits if sub.name in scores]
     if scored:
         sign = 1 if higher else -1
         chosen = max(scored, key=lambda s: (sign * scores[s.name], -costs[s].flops))
-        why = (f"the best of the {len(scored)} evaluated sub-models within the budget "
-               f"({metric} {scores[chosen.name]:.2f}, from {results})")
+        test = tested.get(chosen.name)
+        by = f" by {split} {metric} {scores[chosen.name]:.2f}" + (
+            f" (test {test:.2f})" if split == "validation" and test is not None else "")
+        why = f"the best of the {len(scored)} evaluated sub-models within the budget, from {results}"
+        if split == "test":
+            why += ("; these results have no validation numbers (data.val_fraction=0, or a run trained before "
+                    "the validation split), so the choice was made on the test set and its test score is optimistic")
         rel, floor = relative.get(chosen.name), float(cfg.get("min_relative", 10))
         if rel is not None and rel < floor and not cfg.get("force"):
             raise UsageError(f"--budget {budget:g}: the best sub-model that fits, {chosen.name}, has {metric} "
-                             f"{scores[chosen.name]:.4g} = {rel:.1f}% of the full model's (below min_relative="
+                             f"{tested.get(chosen.name, scores[chosen.name]):.4g} = {rel:.1f}% of the full model's (below min_relative="
                              f"{floor:g}%): raise --budget, or pass force=true to export it anyway")
     else:
+        split, by = None, ""
         chosen = max(fits, key=lambda s: (costs[s].flops, s.levels))
         why = (f"no eval results for the sub-models within the budget, so the largest one that fits "
                f"(run `sortednet eval --all-submodels` first to choose by {metric})")
@@ -121,11 +130,13 @@ def run(cfg: DictConfig, console: Console | None = None):
         small = extract(model, chosen, example)
         diff = check_equal(model, chosen, small, check_input)
         cost = costs[chosen]
+        arch, init = models.architecture(plain(r.cfg.model))  # the folder needs no weights file but its own
         config = {
-            "model": plain(r.cfg.model), **data.describe(), "submodel": chosen.as_dict(), "name": chosen.name,
-            "flops": cost.flops, "flops_per": data.unit, "params": cost.params, "full_flops": full,
-            "full_params": costs[r.grid.largest].params, "budget": budget, "metric": metric,
-            metric: scores.get(chosen.name), f"full_{metric}": scores.get(r.grid.largest.name),
+            "model": arch, "initial_weights": init, **data.describe(), "submodel": chosen.as_dict(),
+            "name": chosen.name, "flops": cost.flops, "flops_per": data.unit, "params": cost.params,
+            "full_flops": full, "full_params": costs[r.grid.largest].params, "budget": budget, "metric": metric,
+            metric: tested.get(chosen.name), f"full_{metric}": tested.get(r.grid.largest.name),  # test set
+            f"val_{metric}": validated.get(chosen.name), "chosen_on": split,  # "validation", "test" or None
             "checkpoint": {**r.record, "run": str(r.run_dir)},
         }
         status.update(f"writing {chosen.name} in {entry.family}'s format")
@@ -133,7 +144,7 @@ def run(cfg: DictConfig, console: Console | None = None):
                               lambda tmp: entry.save(tmp, small, config, example, r.tokenizer))
     console.print(f"[bold]sortednet export[/] budget {budget:g} x {full / 1e6:.1f} MFLOPs = "
                   f"{budget * full / 1e6:.1f} MFLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
-    console.print(f"chose {chosen.name}: {cost.flops / 1e6:.1f} MFLOPs ({cost.flops / full:.1%} of full), "
+    console.print(f"chose {chosen.name}{by}: {cost.flops / 1e6:.1f} MFLOPs ({cost.flops / full:.1%} of full), "
                   f"{cost.params / 1e6:.2f} M params ({cost.params / config['full_params']:.1%}) - {why}.")
     console.print(("BatchNorm recalibrated; " if calib else "")
                   + f"cut-out model equals the sub-model (max |diff| {diff:.1e}).")

@@ -42,8 +42,9 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     if (run_dir / "config.yaml").is_file():
         check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
     data_cfg = run_cfg.data
-    if cfg.eval.get("test_subset") is not None:
-        data_cfg = OmegaConf.merge(data_cfg, {"test_subset": cfg.eval.test_subset})
+    for key in ("test_subset", "val_subset"):  # eval's cost: score the first N test / validation items
+        if cfg.eval.get(key) is not None:
+            data_cfg = OmegaConf.merge(data_cfg, {key: cfg.eval[key]})
     source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
     data, tokenizer = build_data(source, data_cfg)
     model = build_model(source, data.model_args)

@@ -1,7 +1,8 @@
 """Datasets for training and evaluating nested networks.
 
 Every data object offers the same small surface to the engine and the commands: ``train``, ``test``
-and ``calib`` datasets, ``collate`` (None: torch's default), ``task`` (the :mod:`sortedcli.tasks`
+and ``calib`` datasets, ``val`` (the training items held out for choosing a sub-model, or None: see
+:mod:`.validation`), ``collate`` (None: torch's default), ``task`` (the :mod:`sortedcli.tasks`
 contract: how a batch becomes inputs, a loss and a metric), ``model_args`` (what the model builder
 needs: classes, image channels, labels), ``example()`` (a batch of one input, on which FLOPs, latency
 and exports are measured), ``unit`` (what that one input is, for the FLOPs column) and ``describe()``

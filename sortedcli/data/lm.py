@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sortedcli.cache import cache_dir
+from sortedcli.data.validation import cap, hold_out, take
 from sortedcli.errors import UsageError
 
 IGNORE = -100
@@ -512,6 +513,7 @@ class LMData:
     collate: Collate
     info: dict = field(default_factory=dict)  # counts: documents/examples, tokens, dropped
     augmentation: str = "none"  # printed at the start of a run, as for images
+    val: Dataset | None = None  # training documents / examples held out for selection (see .validation)
 
     def __post_init__(self):
         from sortedcli.tasks import CausalLM
@@ -550,16 +552,19 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
     if cfg.get("kind") not in (None, kind):
         raise UsageError(f"data={name} is {kind} data, but data.kind says {cfg.get('kind')!r}")
     train, test = split(items, float(cfg.get("test_fraction") or 0.05), int(cfg.get("split_seed") or 0))
+    keep, held = hold_out(len(train), cfg)  # documents / examples, before packing: no block spans both
+    train, val = take(train, keep), take(train, held)
     train = _subset(train, cfg.get("train_subset"), "train_subset")
     test = _subset(test, cfg.get("test_subset"), "test_subset")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
-    info = {"train_items": len(train), "test_items": len(test)}
+    info = {"train_items": len(train), "test_items": len(test), **({"val_items": len(val)} if val else {})}
     if kind == "text":
         block = int(cfg.get("block_size") or 256)
         train_ds, test_ds = Blocks(pack(tokenizer, train, block)), Blocks(pack(tokenizer, test, block))
-        if len(train_ds) == 0 or len(test_ds) == 0:
+        val_ds = Blocks(pack(tokenizer, val, block)) if val else None
+        if len(train_ds) == 0 or len(test_ds) == 0 or (val_ds is not None and len(val_ds) == 0):
             raise UsageError(f"data={name}: too little text for one block of {block} tokens in each split; "
-                             "lower data.block_size")
+                             "lower data.block_size" + (" or raise data.val_fraction" if val else ""))
         info.update(train_tokens=train_ds.blocks.numel(), test_tokens=test_ds.blocks.numel())
     else:
         max_length = int(cfg.get("max_length") or 512)
@@ -567,17 +572,18 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
             train, test = ([templated(tokenizer, ex) for ex in part] for part in (train, test))
             info["template"] = "chat"
         sides = []
-        for part in (train, test):
+        for part in (train, test, val):
             pairs = [p for p in (tokenize_example(tokenizer, ex, max_length) for ex in part) if p is not None]
             sides.append(pairs)
             info.setdefault("dropped", 0)
             info["dropped"] += len(part) - len(pairs)
-        if not sides[0] or not sides[1]:
+        if not sides[0] or not sides[1] or (val and not sides[2]):
             raise UsageError(f"data={name}: no example keeps a response token within data.max_length={max_length}")
         train_ds, test_ds = Instructions(sides[0]), Instructions(sides[1])
+        val_ds = Instructions(sides[2]) if val else None
         info.update(train_tokens=sum(len(i) for i, _ in sides[0]),
                     response_tokens=sum(sum(lab != IGNORE for lab in labs) for _, labs in sides[0]))
-    return LMData(name, kind, train_ds, test_ds, tokenizer, collate(tokenizer), info)
+    return LMData(name, kind, train_ds, test_ds, tokenizer, collate(tokenizer), info, val=cap(val_ds, cfg))
 
 
 def main() -> None:

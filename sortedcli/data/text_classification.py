@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from sortedcli.data.validation import cap, hold_out, take
 from sortedcli.errors import UsageError
 from sortedcli.tasks import TextClassification
 
@@ -96,6 +97,7 @@ class TextData:
     max_length: int
     flops_length: int
     augmentation: str = "none"  # printed at the start of a run, as for images
+    val: Dataset | None = None  # training examples held out for selection (see .validation)
 
     @property
     def num_classes(self) -> int:
@@ -265,9 +267,12 @@ def build_text_data(cfg, tokenizer) -> TextData:
             raise UsageError(f"data.{key} must be a positive integer or null, got {n!r}")
         return rows if n is None else rows[:n]
 
-    train, test = cut(train, "train_subset"), cut(test, "test_subset")
+    keep, held = hold_out(len(train), cfg)
+    val = take(train, held)
+    train, test = cut(take(train, keep), "train_subset"), cut(test, "test_subset")
     train_set = encode(train, _column(train, label, where))
     test_set = encode(test, _column(test, label, where))
+    val_set = cap(encode(val, _column(val, label, where)), cfg) if val else None
     try:
         task = TextClassification(metric or "accuracy")
     except ValueError as e:
@@ -275,4 +280,4 @@ def build_text_data(cfg, tokenizer) -> TextData:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return TextData(name, train=train_set, test=test_set, calib=train_set, labels=labels, task=task,
                     collate=Padding(pad), max_length=max_length,
-                    flops_length=int(cfg.get("flops_length") or max_length))
+                    flops_length=int(cfg.get("flops_length") or max_length), val=val_set)

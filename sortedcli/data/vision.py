@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from sortedcli.data.validation import cap, hold_out, take
 from sortedcli.errors import UsageError
 from sortedcli.tasks import ImageClassification
 
@@ -49,6 +50,7 @@ class VisionData:
     mean: tuple = ()  # the per-channel normalization applied to every item
     std: tuple = ()
     augmentation: str = "none"  # what the training items go through, in words (printed by train)
+    val: Dataset | None = None  # training images held out for selection (see .validation), no augmentation
     task = ImageClassification()
     collate = None  # the default collation stacks (image, label) pairs
 
@@ -158,6 +160,10 @@ def _in_memory(name, cfg, train, test, num_classes, native):
     channels = train[0].shape[1]
     mean, std = _stats(cfg, name, channels)
     ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
+    keep, held = hold_out(len(train[1]), cfg)
+    val = (take(train[0], held), take(train[1], held)) if held else None
+    if val is not None:
+        train = (take(train[0], keep), take(train[1], keep))
     train = (train[0][:ntr], train[1][:ntr])
     test = (test[0][:nte], test[1][:nte])
     aug, words = _augmentation(size, augment_steps(cfg, name))
@@ -165,7 +171,8 @@ def _in_memory(name, cfg, train, test, num_classes, native):
                       test=TensorImages(*test, mean, std, size),
                       calib=TensorImages(*train, mean, std, size),
                       num_classes=num_classes, in_channels=channels, image_size=size,
-                      mean=tuple(mean), std=tuple(std), augmentation=words)
+                      mean=tuple(mean), std=tuple(std), augmentation=words,
+                      val=cap(TensorImages(*val, mean, std, size) if val else None, cfg))
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX files)
@@ -305,9 +312,14 @@ def _imagefolder(cfg):
         return ds if n is None else Subset(ds, range(min(n, len(ds))))
 
     ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
+    classes = train.classes
+    keep, held = hold_out(len(train), cfg)
+    val = take(calib, held) if held else None  # the held-out training images, without augmentation
+    if held:
+        train, calib = take(train, keep), take(calib, keep)
     return VisionData("imagefolder", train=cut(train, ntr), test=cut(test, nte), calib=cut(calib, ntr),
-                      num_classes=len(train.classes), in_channels=3, image_size=size,
-                      mean=tuple(mean), std=tuple(std), augmentation=words)
+                      num_classes=len(classes), in_channels=3,
+                      image_size=size, mean=tuple(mean), std=tuple(std), augmentation=words, val=cap(val, cfg))
 
 
 # ---------------------------------------------------------------- sklearn digits

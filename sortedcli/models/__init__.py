@@ -7,7 +7,9 @@ sorted dimensions the family supports and of what kind; levels come from config 
 ``tasks`` says which task contracts (:mod:`sortedcli.tasks`) it serves; ``tokenizer`` loads its
 tokenizer from the model options (text models); ``save`` writes an export folder in the family's
 ecosystem format; ``exportable`` says which sub-models that format can express; ``stack`` wraps a causal LM for
-:mod:`sortedcli.decoding` (``sortednet generate``).
+:mod:`sortedcli.decoding` (``sortednet generate``); ``init_options`` names the model options that only say
+where the initial weights come from (a file, a weights name), not the architecture: a vision export
+rebuilds its architecture without them (:func:`architecture`), so it needs no file but its own.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class ModelEntry:
         folder (so that the run does not depend on model.pretrained staying where it was)."""
         return self._hook("snapshot")
 
+    # options that load initial weights, not shape the model (an export rebuilds without them)
+    init_options: tuple[str, ...] = ("weights",)
+
 
 REGISTRY: dict[str, ModelEntry] = {}
 
@@ -139,3 +144,10 @@ def tokenizer(options: dict):
     """The tokenizer of the model the options name, or None for models that read no text."""
     e = entry(options["name"])
     return None if e.tokenizer is None else e.tokenizer(options)
+
+
+def architecture(options: dict) -> tuple[dict, dict]:
+    """``(architecture, initial weights)``: the model options with the entry's ``init_options`` set to
+    None (they build the same architecture with fresh weights) and those options as they were."""
+    init = {k: options[k] for k in entry(options["name"]).init_options if options.get(k) is not None}
+    return {**options, **dict.fromkeys(init)}, init
