@@ -36,7 +36,7 @@ class ModelEntry:
     description: str
     tasks: tuple[str, ...] = ("image_classification",)
     tokenizer: Callable[[dict], object] | None = None  # model options -> tokenizer (text models)
-    save: Callable[..., None] = export.save_torch  # save(folder, plain, meta, example, want, tokenizer)
+    save: Callable[..., None] = export.save_torch  # save(folder, plain, meta, check inputs, tokenizer)
     exportable: Callable[[nn.Module, object], bool] = _every  # (sorted model, sub) -> can be saved
     stack: Callable[[nn.Module], object] | None = None  # model -> decoding.Stack (causal LMs: generate)
     # snapshot(model, tokenizer, folder, source): a pretrained model's config + tokenizer into the run folder
