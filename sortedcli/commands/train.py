@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from .. import distributed, models, runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
                      build_sampler, check_settings)
-from ..engine import NonFiniteLoss, Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
+from ..engine import (NonFiniteLoss, Progress, calibration_batches, cosine_schedule, evaluate, fit,
+                      precision_label, steps_per_epoch)
 from ..errors import UsageError
 from ..nest import synchronize
 from ..tensorboard_log import TensorBoardLog
@@ -206,8 +207,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
     console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} examples), "
                   f"{len(grid)} sub-models ({' x '.join(f'{dim.name} {len(dim.levels)}' for dim in grid.dims)}), "
-                  f"sampler={sampler.name}, device={device.type}"
-                  f"{'+' + str(amp).removeprefix('torch.') if amp else ''}"
+                  f"sampler={sampler.name}, device={device.type}, "
+                  f"precision {precision_label(device, cfg.trainer.precision, amp)}"
                   + (f" x {d.world} processes{' (FSDP)' if d.sharded else ''} (global batch {t.batch_size})"
                      if d.enabled else "")
                   + f" -> {run_dir}")
