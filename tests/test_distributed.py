@@ -218,7 +218,7 @@ def test_a_two_process_resume_restores_every_ranks_random_stream(tmp_path):
 
     state = runs.load_state(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
     assert len(state["rng_ranks"]) == 2 and not torch.equal(*state["rng_ranks"])
-    resumed = cli(["train", "--resume", run, "trainer.max_steps=4"], cwd=tmp_path)
+    resumed = cli(["train", "--resume", run, "trainer.max_steps=4", "trainer.devices=2"], cwd=tmp_path)
     assert resumed.returncode == 0, explain(resumed)
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{4:08d}"
     _assert_close(_weights(run), _weights(run_folders(tmp_path / "whole")[0]), atol=1e-6)
