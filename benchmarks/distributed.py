@@ -15,7 +15,8 @@ On a machine with C cores, ``trainer.devices=1`` is one process with C threads a
    control, the same single-process eval with 1 thread: 1 thread / C threads is how much parallel
    speed the machine gives one process (on a shared machine it can be far below C).
 2. **One training epoch** at the same global batch (reported, no target): ``sampler=sortednet``
-   (g=1), sync BatchNorm on (the default), epoch-end evaluation off; the time ``train`` prints.
+   (g=1), per-rank BatchNorm statistics (the default, as with DDP; ``trainer.sync_batchnorm=true``
+   syncs them), epoch-end evaluation off; the time ``train`` prints.
 
 Repetitions alternate 1 and 2 processes; the median of each is used.
 """

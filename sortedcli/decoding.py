@@ -154,7 +154,13 @@ class _Emitter:
 
 
 def _prompt(stack: Stack, prompt) -> torch.Tensor:
-    ids = torch.as_tensor(prompt, dtype=torch.long, device=stack.device).view(1, -1)
+    """One sequence of token ids (a list, a 1-d tensor or a 1 x T tensor) as a 1 x T tensor; a batch
+    of prompts is refused rather than joined into one."""
+    ids = torch.as_tensor(prompt, dtype=torch.long, device=stack.device)
+    if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+        raise ValueError(f"decoding takes one prompt (a sequence of token ids), got a batch of shape "
+                         f"{tuple(ids.shape)}: decode each prompt on its own")
+    ids = ids.view(1, -1)
     if ids.shape[1] == 0:
         raise ValueError("the prompt must hold at least one token")
     return ids

@@ -41,13 +41,36 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 autocast on a GPU that supports it (``auto``), fp32 on the CPU."""
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 (a CUDA GPU from Ampere on; the CPU does, slowly)."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto", bf16: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype (None: fp32) for ``precision``: ``auto`` is bf16 on a GPU that supports it
+    (``bf16``, default: asked of the device) and fp32 otherwise (on the CPU, and on a GPU without bf16,
+    where fp16 would need loss scaling); ``bf16`` on a GPU without it is refused."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    if precision in ("auto", "bf16"):
+    if bf16 is None:
+        bf16 = bf16_supported(device)
+    if bf16:
         return torch.bfloat16
-    raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16":
+        raise ValueError("trainer.precision=bf16, but this GPU has no bf16 support: pass trainer.precision=fp32 "
+                         "(or auto, which falls back to fp32)")
+    return None
+
+
+def precision_label(device: torch.device, precision: str, amp: torch.dtype | None) -> str:
+    """What training computes in, and why, for the run's header."""
+    if amp is not None:
+        return f"{str(amp).removeprefix('torch.')} autocast"
+    if precision == "auto" and device.type == "cuda":
+        return "fp32 (this GPU has no bf16)"
+    return "fp32"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

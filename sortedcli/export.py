@@ -38,7 +38,7 @@ FORMAT = "sortednet-export/1"
 
 def save_torch(folder: Path, plain: nn.Module, config: dict, example: torch.Tensor, tokenizer=None) -> None:
     """A vision export: safetensors + config.json + a ``torch.export`` program, which is checked to
-    reproduce ``plain`` on ``example`` before it is kept."""
+    reproduce ``plain`` on ``example`` (a batch of inputs) before it is kept."""
     folder = Path(folder)
     plain = plain.eval()
     state = {k: v.detach().contiguous().cpu() for k, v in plain.state_dict().items()}

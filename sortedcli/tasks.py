@@ -62,6 +62,14 @@ class Task(ABC):
         (``run_exits(..., at=mask)``) and hands ``pairs`` the gathered ``N x C`` logits."""
         return None
 
+    def check_input(self, dataset, collate=None, n: int = 8):
+        """Model inputs of a few ``dataset`` items, on which an export is checked to reproduce the
+        sub-model it was cut from (the FLOPs example is one input: too little to catch a wrong layer)."""
+        from torch.utils.data import default_collate
+
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+        return self.inputs((collate or default_collate)(items))
+
     # --- training --------------------------------------------------------------------------------
     def split(self, batch, n: int) -> list:
         """``batch`` as ``n`` equal micro-batches (gradient accumulation); its size must divide by ``n``."""
@@ -143,6 +151,27 @@ class KeywordBatches(Task):
 
     def targets(self, batch):
         return batch["labels"]
+
+    def check_input(self, dataset, collate=None, n: int = 4):
+        """A few sequences cut to different lengths and padded to the longest: several tokens per
+        sequence (over one token, attention is 1 whatever the queries and keys) and attention-mask
+        zeros, so that a wrong q/k/v projection or mask handling shows in the logits."""
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+        items = items * (2 if len(items) == 1 else 1)  # a second sequence to pad
+        cut = []
+        for i, item in enumerate(items):
+            length = len(item["input_ids"])
+            keep = max(2, length - i * max(1, length // (2 * len(items))))
+            cut.append({k: v[:keep] if k != "labels" or _sized(v, length) else v for k, v in item.items()})
+        return self.inputs(collate(cut))
+
+
+def _sized(value, length: int) -> bool:
+    """Whether ``value`` is a per-token sequence of ``length`` (not one label per sequence)."""
+    try:
+        return len(value) == length
+    except TypeError:
+        return False
 
 
 class TextClassification(KeywordBatches):

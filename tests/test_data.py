@@ -101,9 +101,18 @@ def write_cifar10(root, per_batch=3):
     return batches
 
 
-def test_cifar10_loads_through_torchvision_without_md5(tmp_path):
+def test_cifar_files_that_are_not_the_official_ones_are_refused_unless_verify_is_off(tmp_path):
+    write_cifar10(tmp_path)
+    with pytest.raises(UsageError, match="data_batch_1 is not the official cifar10 file") as err:
+        build_vision_data({"name": "cifar10", "root": str(tmp_path)})
+    assert "data.verify=false" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="data.verify must be true or false"):
+        build_vision_data({"name": "cifar10", "root": str(tmp_path), "verify": "no"})
+
+
+def test_cifar10_loads_through_torchvision_with_verify_off(tmp_path):
     batches = write_cifar10(tmp_path)
-    data = build_vision_data({"name": "cifar10", "root": str(tmp_path), "augment": True})
+    data = build_vision_data({"name": "cifar10", "root": str(tmp_path), "augment": True, "verify": False})
     assert (data.num_classes, data.in_channels, data.image_size) == (10, 3, 32)
     assert (len(data.train), len(data.test), len(data.calib)) == (15, 3, 15)
     test_data, test_labels = batches["test_batch"]

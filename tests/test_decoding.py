@@ -110,7 +110,7 @@ def test_early_exit_thresholds_zero_is_the_smallest_exit_and_above_one_is_the_fu
         assert full.tokens == hf_greedy(model, prompt, 12) and full.exits == {6: 11}
 
 
-def test_early_exit_fills_the_skipped_layers_kv_from_the_exit_state(model):
+def test_early_exit_fills_the_skipped_layers_keys_and_values_as_the_layers_own_attention_would(model):
     stack = LlamaStack(model)
     prompt = prompts(1)[0]
     cache = stack.new_cache()
@@ -119,19 +119,87 @@ def test_early_exit_fills_the_skipped_layers_kv_from_the_exit_state(model):
     hidden = stack.layers(stack.embed(torch.tensor([[5]])), 0, 2, cache, torch.tensor([n]))
     stack.fill(hidden, 2, 6, cache, torch.tensor([n]))
     assert [stack.cached(cache, i) for i in range(6)] == [n + 1] * 6
-    # the filled key of layer 3 is that layer's own k_proj of its input norm of the exit state, rotated
-    layer = model.model.layers[3]
-    ref = stack.new_cache()
-    k = layer.self_attn.k_proj(layer.input_layernorm(hidden))
-    cos, sin = model.model.rotary_emb(hidden, torch.tensor([[n]]))
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    k = k.view(1, 1, -1, layer.self_attn.head_dim).transpose(1, 2)
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    torch.testing.assert_close(cache.layers[3].keys[:, :, -1:], k)
-    del ref
-    # a mid threshold mixes exits, and the sequence still decodes (every layer's cache stays aligned)
-    mixed = D.early_exit(stack, prompt, thresholds=D.scaled_thresholds(6), max_new_tokens=30)
-    assert len(mixed.tokens) == 30 and sum(mixed.exits.values()) == 29
+    # independently: each skipped layer's own attention module, run by transformers on the exit state
+    # (through the layer's input norm), stores the key and value it would have for this token
+    from transformers import DynamicCache
+
+    rope = model.model.rotary_emb(hidden, torch.tensor([[n]]))
+    for i in range(2, 6):
+        layer = model.model.layers[i]
+        ref = DynamicCache(config=model.config)
+        with torch.no_grad():
+            layer.self_attn(layer.input_layernorm(hidden), position_embeddings=rope, attention_mask=None,
+                            cache=ref)
+        ref_layer = ref.layers[i]
+        torch.testing.assert_close(cache.layers[i].keys[:, :, -1:], ref_layer.keys, rtol=0, atol=1e-12)
+        torch.testing.assert_close(cache.layers[i].values[:, :, -1:], ref_layer.values, rtol=0, atol=1e-12)
+
+
+def reference_early_exit(model, ids, exits, prompt_len, new_tokens=0):
+    """Early exit computed without a KV cache or Stack.fill: every layer's input at every position is
+    kept, and a layer is run by transformers on the whole sequence of its inputs. The first
+    ``prompt_len`` positions run every layer (a prompt); later a token stops at the first exit whose
+    top probability reaches its threshold, and the layers it skipped take the state it exited with as
+    their input at its position (CALM's propagation). Teacher-forced over ``ids``, then greedy for
+    ``new_tokens``. Returns ([(log-probabilities, exit layer)] per position, new tokens)."""
+    L = len(model.model.layers)
+    thresholds = {**{int(e): float(t) for e, t in exits.items()}, L: float("-inf")}
+    inputs = [[] for _ in range(L)]  # inputs[l][t]: the input of layer l at position t (1 x 1 x H)
+    ids, out, tokens, t = list(ids), [], [], 0
+    with torch.no_grad():
+        while t < len(ids):
+            h, chosen = model.model.embed_tokens(torch.tensor([[ids[t]]])), None
+            for i in range(L):
+                inputs[i].append(h)
+                if chosen is not None and t >= prompt_len:
+                    continue  # skipped: this layer's key/value at t come from the exit state
+                x = torch.cat(inputs[i], dim=1)
+                pos = torch.arange(x.shape[1]).view(1, -1)
+                h = model.model.layers[i](x, attention_mask=None, position_ids=pos,
+                                          position_embeddings=model.model.rotary_emb(x, pos))[:, -1:]
+                if chosen is None and i + 1 in thresholds:  # the last position needs no causal mask
+                    logp = torch.log_softmax(model.lm_head(model.model.norm(h))[0, -1].double(), -1)
+                    if logp.exp().max() >= thresholds[i + 1]:
+                        chosen = (logp, i + 1)
+            out.append(chosen)
+            if t == len(ids) - 1 and len(tokens) < new_tokens:
+                tokens.append(int(chosen[0].argmax()))
+                ids.append(tokens[-1])
+            t += 1
+    return out, tokens
+
+
+def peaked_model():
+    model = tiny_llama(calm_depth=0.3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15)  # confident exits: some tokens leave at layer 2 or 4
+    return model
+
+
+def test_early_exit_with_exits_firing_mid_sequence_matches_a_cache_free_reference():
+    model = peaked_model()
+    stack = LlamaStack(model)
+    ids = torch.cat([prompts(1, seed=7)[0], torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(3))])
+    thresholds = {2: 0.4, 4: 0.3}
+    # teacher forced: each position's exit and next-token NLL, read from caches that early exit filled
+    nll, layers = D.early_exit_nll(stack, ids, thresholds=thresholds, score_from=1)
+    ref, _ = reference_early_exit(model, ids.tolist(), thresholds, prompt_len=1)
+    assert layers == [e for _, e in ref[:-1]]
+    want = torch.stack([-logp[ids[i + 1]] for i, (logp, _) in enumerate(ref[:-1])])
+    torch.testing.assert_close(torch.tensor(nll, dtype=torch.float64), want, rtol=1e-6, atol=1e-6)
+    # the exits really mix, and a position that exited early is later attended by deeper layers
+    assert set(layers) == {2, 4, 6}, layers
+    early = [i for i, e in enumerate(layers) if e < 6]
+    assert any(layers[j] > layers[i] for i in early for j in range(i + 1, len(layers))), layers
+    # free running: the tokens, and the exit each took, are the reference's
+    prompt = ids[:6]
+    got = D.early_exit(stack, prompt, thresholds=thresholds, max_new_tokens=16)
+    ref, tokens = reference_early_exit(model, prompt.tolist(), thresholds, prompt_len=len(prompt), new_tokens=16)
+    assert got.tokens == tokens
+    taken = {}
+    for _, e in ref[len(prompt):len(prompt) + 15]:  # the first new token comes from the prompt pass
+        taken[e] = taken.get(e, 0) + 1
+    assert got.exits == taken and len(taken) > 1, (got.exits, taken)
 
 
 def test_scaled_thresholds_map_the_papers_exits_onto_fewer_layers():
@@ -172,8 +240,15 @@ def test_sampling_is_seeded_and_speculative_sampling_keeps_the_full_models_distr
     def seeded(seed):
         return D.Sampling(temperature=temperature, generator=torch.Generator().manual_seed(seed))
 
-    assert D.generate(stack, prompt, max_new_tokens=8, sampling=seeded(3)).tokens == \
-        D.generate(stack, prompt, max_new_tokens=8, sampling=seeded(3)).tokens
+    # seeded sampling draws what torch.multinomial draws from the model's own softmax, with that seed
+    g, ids, want = torch.Generator().manual_seed(3), prompt.view(1, -1), []
+    with torch.no_grad():
+        for _ in range(8):
+            p = torch.softmax(model(ids).logits[0, -1].float() / temperature, -1)
+            want.append(int(torch.multinomial(p, 1, generator=g)))
+            ids = torch.cat([ids, torch.tensor([[want[-1]]])], 1)
+    assert D.generate(stack, prompt, max_new_tokens=8, sampling=seeded(3)).tokens == want
+    assert len({tuple(D.generate(stack, prompt, max_new_tokens=8, sampling=seeded(s)).tokens) for s in range(4)}) > 1
     # Exact distribution of the second new token (summed over the first, which the full model draws):
     # from the full model (p2), and from the 1-layer draft alone (q2).
     with torch.no_grad():
@@ -233,3 +308,20 @@ def test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs(
     assert 0 <= spec2["a"] <= 1 and 0 < spec2["c"] and spec2["tokens_per_round"] >= 1
     ee = methods["early exit (ours)"]
     assert ee["ppl_tokens"] > 0 and ee["ppl_full"] > 1 and 0 < ee["layers_used"] <= 1
+
+
+def test_a_batch_of_prompts_is_refused_not_joined_into_one(model, tmp_path):
+    stack = LlamaStack(model)
+    one = prompts(1)[0]
+    assert D.generate(stack, one.view(1, -1), max_new_tokens=4).tokens == D.generate(stack, one.tolist(), max_new_tokens=4).tokens
+    for decode in (lambda p: D.generate(stack, p, max_new_tokens=4),
+                   lambda p: D.speculative(stack, p, draft_exit=2, max_new_tokens=4),
+                   lambda p: D.early_exit(stack, p, thresholds={2: 0.5}, max_new_tokens=4),
+                   lambda p: D.early_exit_nll(stack, p, thresholds={})):
+        with pytest.raises(ValueError, match="one prompt"):
+            decode([[5, 6, 7], [8, 9, 10]])
+    from conftest import cli
+
+    p = cli(["generate", "prompt=[[1,2],[3,4]]"], cwd=tmp_path)  # refused before looking for a run
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "one prompt" in p.stderr, p.stderr
+    assert not any(tmp_path.iterdir())

@@ -203,6 +203,27 @@ def test_a_killed_two_process_run_resumes_with_one_process(tmp_path):
     _assert_close(_weights(run), _weights(run_folders(tmp_path / "whole")[0]), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_two_process_resume_restores_every_ranks_random_stream(tmp_path):
+    """With augmentation each rank draws its own crops from its own random stream: a 2-process run
+    stopped after 2 steps and resumed with 2 processes ends where the uninterrupted run ends, as
+    every rank's stream is saved (not only rank 0's, with the others re-derived on resume)."""
+    over = [*TINY, "data.augment=[crop]", "optim.lr=0.01", "trainer.devices=2"]
+    whole = cli(["train", *over, "paths.runs=whole"], cwd=tmp_path)
+    assert whole.returncode == 0, explain(whole)
+    first = cli(["train", *over, "trainer.max_steps=2", "paths.runs=stopped"], cwd=tmp_path)
+    assert first.returncode == 0, explain(first)
+    (run,) = run_folders(tmp_path / "stopped")
+    from sortedcli import runs
+
+    state = runs.load_state(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
+    assert len(state["rng_ranks"]) == 2 and not torch.equal(*state["rng_ranks"])
+    resumed = cli(["train", "--resume", run, "trainer.max_steps=4", "trainer.devices=2"], cwd=tmp_path)
+    assert resumed.returncode == 0, explain(resumed)
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{4:08d}"
+    _assert_close(_weights(run), _weights(run_folders(tmp_path / "whole")[0]), atol=1e-6)
+
+
 # --- FSDP2 on a tiny LLaMA -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

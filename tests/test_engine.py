@@ -166,3 +166,19 @@ def test_train_step_reports_each_submodels_label_loss_to_observe():
     (got_subs, losses), = seen
     assert dict(zip(got_subs, losses)) == pytest.approx(dict(zip(subs, expected)), rel=1e-4)
     assert mean > 0
+
+
+def test_precision_is_bf16_only_where_the_gpu_supports_it_and_the_choice_is_named():
+    from sortedcli.engine import autocast_dtype, precision_label
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_dtype(cuda, "auto", bf16=True) is torch.bfloat16
+    assert autocast_dtype(cuda, "auto", bf16=False) is None  # e.g. a V100 or T4: fp32, not bf16 emulation
+    assert autocast_dtype(cuda, "fp32", bf16=True) is None and autocast_dtype(cpu, "auto") is None
+    with pytest.raises(ValueError, match="no bf16 support"):
+        autocast_dtype(cuda, "bf16", bf16=False)
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        autocast_dtype(cpu, "fp16")
+    assert precision_label(cuda, "auto", torch.bfloat16) == "bfloat16 autocast"
+    assert precision_label(cuda, "auto", None) == "fp32 (this GPU has no bf16)"
+    assert precision_label(cpu, "auto", None) == "fp32"

@@ -91,6 +91,30 @@ def test_gqa_heads_keep_key_value_heads_and_their_query_groups_in_proportion(dat
     assert check_equal(model, SubModel.of(depth=3, heads=0.5, ffn=0.5), small, data.task.inputs(batch_of(data))) < 1e-5
 
 
+def test_the_export_check_runs_padded_multi_token_inputs_and_catches_wrong_queries_and_keys(data, model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sortedcli.models import hf
+
+    check = data.task.check_input(data.test, data.collate)
+    mask = check["attention_mask"]
+    assert mask.shape[0] >= 2 and (mask.sum(1) > 1).all() and (mask == 0).any()  # several tokens, padding
+    sub = SubModel.of(depth=3, heads=0.5)
+    small = extract(model, sub, data.example())
+    assert check_equal(model, sub, small, check) < 1e-5
+    with torch.no_grad():
+        want = small.eval()(**check).logits
+        g = torch.Generator().manual_seed(0)
+        for layer in small.model.layers:  # queries and keys replaced by random numbers
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=g))
+    check_equal(model, sub, small, data.example())  # one token: softmax over one key is 1, this passes
+    with pytest.raises(AssertionError):
+        check_equal(model, sub, small, check)
+    with pytest.raises(RuntimeError, match="does not reproduce"):  # the saved folder is checked the same way
+        hf.save(tmp_path / "hf", small, {}, check, want, AutoModelForCausalLM)
+
+
 def test_every_exit_from_one_trunk_pass_is_the_truncated_model(data, model):
     inputs = data.task.inputs(batch_of(data))
     with torch.no_grad():
@@ -210,13 +234,31 @@ def test_cli_trains_evaluates_exports_and_generates_with_a_tiny_llama(tokenizer_
             "import json, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
             f"t = AutoTokenizer.from_pretrained({str(folder)!r})\n"
-            "ids = torch.tensor([t('What is 2 plus 2?').input_ids])\n"
-            "print(json.dumps(m(ids).logits[0, -1].tolist()))")
+            "ids = [t('What is 2 plus 2?').input_ids, t('Two').input_ids]\n"
+            "n = max(map(len, ids))\n"
+            "mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])\n"
+            "ids = torch.tensor([i + [t.pad_token_id] * (n - len(i)) for i in ids])\n"
+            "with torch.no_grad():\n"
+            "    print(json.dumps({'ids': ids.tolist(), 'mask': mask.tolist(),\n"
+            "                      'logits': m(input_ids=ids, attention_mask=mask).logits.tolist()}))")
     q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert q.returncode == 0, q.stderr[-2000:]
     meta = json.loads((folder / "sortednet.json").read_text())
     depth = meta["submodel"].get("depth") or 4
     assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == depth
+    # ... and gives the trained sorted model's sub-model logits on a padded batch of two prompts
+    from sortedcli import runs
+    from sortedcli.build import build_model, plain
+
+    got = json.loads(q.stdout.strip().splitlines()[-1])
+    weights, run_cfg = runs.load_weights(runs.resolve_checkpoint(None, tmp_path / "runs")[1])
+    sorted_model = build_model(run_cfg, lm.model_args(entry("llama").tokenizer(plain(run_cfg.model))))
+    sorted_model.load_state_dict(weights)
+    ids, mask = torch.tensor(got["ids"]), torch.tensor(got["mask"])
+    assert (mask == 0).any()
+    with torch.no_grad(), use(sorted_model.eval(), SubModel(tuple(meta["submodel"].items()))):
+        want = sorted_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(torch.tensor(got["logits"]), want, rtol=1e-4, atol=1e-4)
     # generate: plain greedy and self-speculative print the same text; an impossible exit is one line
     texts = []
     for flags in ([], ["--speculative", "--draft-exit", "2"], ["--early-exit"]):

@@ -119,9 +119,8 @@ def run(cfg: DictConfig, console: Console | None = None):
                                     cfg.seed, r.device, data.collate)
         if calib:  # on the run's device (fp32), then everything else on the CPU
             recalibrate(r.model, chosen, calib)
-        check_input = move(calib[0], "cpu") if calib else move(example, "cpu")
-        if isinstance(check_input, torch.Tensor):
-            check_input = check_input[:64]
+        # checked on a few held-out inputs (several tokens, with padding, for text), not the one-input example
+        check_input = move(task.check_input(data.test, data.collate), "cpu")
         model, example = r.model.cpu(), move(example, "cpu")
         with torch.no_grad(), use(model.eval(), chosen):
             if not torch.isfinite(call(model, check_input)).all():
@@ -141,7 +140,7 @@ def run(cfg: DictConfig, console: Console | None = None):
         }
         status.update(f"writing {chosen.name} in {entry.family}'s format")
         folder = export.write(r.run_dir / "export" / f"budget-{budget:g}",
-                              lambda tmp: entry.save(tmp, small, config, example, r.tokenizer))
+                              lambda tmp: entry.save(tmp, small, config, check_input, r.tokenizer))
     console.print(f"[bold]sortednet export[/] budget {budget:g} x {full / 1e6:.1f} MFLOPs = "
                   f"{budget * full / 1e6:.1f} MFLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
     console.print(f"chose {chosen.name}{by}: {cost.flops / 1e6:.1f} MFLOPs ({cost.flops / full:.1%} of full), "

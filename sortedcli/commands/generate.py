@@ -166,6 +166,9 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
 
 def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     console = console or Console(stderr=True)
+    if not isinstance(cfg.prompt, str):  # prompt=[a,b] from the command line: a list, not text
+        raise UsageError(f"generate takes one prompt, got {type(cfg.prompt).__name__} {cfg.prompt}: run "
+                         "`sortednet generate \"PROMPT\"` once per prompt (quote a prompt that holds [ or ,)")
     if not str(cfg.prompt).strip():
         raise UsageError('give a prompt: sortednet generate "Once upon a time"')
     if cfg.speculative and cfg.early_exit:

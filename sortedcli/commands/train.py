@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from .. import distributed, models, runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
                      build_sampler, check_settings)
-from ..engine import NonFiniteLoss, Progress, calibration_batches, cosine_schedule, evaluate, fit, steps_per_epoch
+from ..engine import (NonFiniteLoss, Progress, calibration_batches, cosine_schedule, evaluate, fit,
+                      precision_label, steps_per_epoch)
 from ..errors import UsageError
 from ..nest import synchronize
 from ..tensorboard_log import TensorBoardLog
@@ -181,13 +182,18 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     scheduler = cosine_schedule(optimizer, per_epoch * t.epochs, cfg.optim.get("warmup_steps", 0))
     progress = Progress()
 
+    own = False  # whether this rank resumes its own random stream
     if resuming:
         distributed.load_optimizer_state(model, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
+        # each rank its own random stream where the checkpoint has one (same number of processes or
+        # fewer); a rank the checkpoint had not is derived from the seed below
+        own = d.rank < len(state.get("rng_ranks", [state["rng"]]))
+        torch.set_rng_state(state.get("rng_ranks", [state["rng"]])[d.rank] if own else state["rng"])
+        cuda_rngs = state.get("cuda_rng_ranks", [state["cuda_rng"]] if "cuda_rng" in state else [])
+        if device.type == "cuda" and d.rank < len(cuda_rngs):
+            torch.cuda.set_rng_state(cuda_rngs[d.rank])
         progress = Progress(**state["progress"])
         if progress.epoch >= t.epochs or (t.max_steps is not None and progress.step >= t.max_steps):
             limit = "null" if t.max_steps is None else t.max_steps
@@ -201,13 +207,13 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
                       + (f" with {d.world} processes" if d.enabled else ""))
     elif d.main:
         runs.save_config(run_dir, cfg)
-    if d.rank > 0:  # rank 0 keeps the single-process random stream; the others get their own (augmentation)
-        torch.manual_seed(cfg.seed + 7919 * d.rank + progress.step)
+    if d.rank > 0 and not (resuming and own):  # rank 0 keeps the single-process random stream; the
+        torch.manual_seed(cfg.seed + 7919 * d.rank + progress.step)  # others get their own (augmentation)
 
     console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} examples), "
                   f"{len(grid)} sub-models ({' x '.join(f'{dim.name} {len(dim.levels)}' for dim in grid.dims)}), "
-                  f"sampler={sampler.name}, device={device.type}"
-                  f"{'+' + str(amp).removeprefix('torch.') if amp else ''}"
+                  f"sampler={sampler.name}, device={device.type}, "
+                  f"precision {precision_label(device, cfg.trainer.precision, amp)}"
                   + (f" x {d.world} processes{' (FSDP)' if d.sharded else ''} (global batch {t.batch_size})"
                      if d.enabled else "")
                   + f" -> {run_dir}")
@@ -240,13 +246,15 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             d.barrier()
             raise _stopped(progress.step, "the weights are NaN or infinite", run_dir, cfg, bad=progress.step) \
                 if d.main else UsageError("diverged")
+        rngs = d.gather(torch.get_rng_state())  # every rank's stream: a data-parallel resume is exact too
         state = {
             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+            "sampler": sampler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
             "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch},
         }
         if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
+            state["cuda_rng_ranks"] = d.gather(torch.cuda.get_rng_state())
+            state["cuda_rng"] = state["cuda_rng_ranks"][0]
         path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
         if d.main:  # the ranks hold the same weights: one copy, loadable by any number of processes
             path = runs.save_checkpoint(run_dir, progress.step, weights, state, cfg, keep=t.keep_checkpoints)

@@ -238,42 +238,66 @@ def _fashion_mnist(cfg):
 
 
 # ---------------------------------------------------------------- CIFAR (torchvision parses)
-class _NoMd5:
-    """Mixin: accept re-packed user copies; only check that the files exist (torchvision parses)."""
+class _Checked:
+    """Mixin: the files' integrity is checked before (:func:`_verify`, or skipped with
+    ``data.verify=false``); torchvision then only needs them to exist, and parses them."""
 
     def _check_integrity(self):
         names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in names)
 
-    def _load_meta(self):  # torchvision's version insists on the md5 of the meta file
+    def _load_meta(self):  # torchvision's version checks the meta file's md5 again
         with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
             self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-class CIFAR10(_NoMd5, torchvision.datasets.CIFAR10):
+class CIFAR10(_Checked, torchvision.datasets.CIFAR10):
     pass
 
 
-class CIFAR100(_NoMd5, torchvision.datasets.CIFAR100):
+class CIFAR100(_Checked, torchvision.datasets.CIFAR100):
     pass
+
+
+def _verify(name: str, cls, root) -> None:
+    """Refuse CIFAR files whose MD5 is not the official one (torchvision's own list): they are
+    unpickled, and a pickle from anywhere can run code."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = Path(root) / cls.base_folder
+    for filename, md5 in cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]:
+        if (folder / filename).is_file() and not check_integrity(str(folder / filename), md5):
+            raise UsageError(f"{folder / filename} is not the official {name} file (its MD5 differs): get the "
+                             f"official archive (data.download=true), or pass data.verify=false to load your "
+                             "own files in this format (they are unpickled: only files you trust)")
 
 
 def _cifar(cfg, name):
     cls, classes = (CIFAR10, 10) if name == "cifar10" else (CIFAR100, 100)
     root, download = cfg.get("root"), bool(cfg.get("download", False))
+    verify = cfg.get("verify", True)
+    if not isinstance(verify, bool):
+        raise UsageError(f"data.verify must be true or false, got {verify!r}")
     if not root and not download:
         raise UsageError(f"{name} needs data.root: put torchvision's {cls.base_folder} folder under "
                          "data.root=DIR or pass data.download=true (needs internet)")
     root = root or DEFAULT_ROOT
+    if download:  # torchvision's download checks the archive's MD5 itself
+        try:
+            cls(root, train=True, download=True)
+        except Exception as e:
+            raise UsageError(f"cannot download {name} into {root}: {e!r}") from None
+    if verify:
+        _verify(name, cls, root)
     splits = []
     for train in (True, False):
         try:
-            ds = cls(root, train=train, download=download)
+            ds = cls(root, train=train)
         except RuntimeError:
             raise UsageError(f"{name} not found in {root}: put torchvision's {cls.base_folder} folder "
                              "under data.root=DIR or pass data.download=true (needs internet)") from None
-        except Exception as e:  # bad pickles, missing keys, wrong shapes, network errors
+        except Exception as e:  # bad pickles, missing keys, wrong shapes
             raise UsageError(f"cannot load {name} from {Path(root) / cls.base_folder}: {e!r}") from None
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         splits.append((images, torch.tensor(ds.targets, dtype=torch.int64)))

@@ -70,7 +70,7 @@ class ModelEntry:
         return self._hook("tokenizer")
 
     @property
-    def save(self) -> Callable[..., None]:  # save(folder, plain, meta, example, want, tokenizer)
+    def save(self) -> Callable[..., None]:  # save(folder, plain, meta, check inputs, tokenizer)
         from .. import export
 
         return self._hook("save", export.save_torch)

@@ -118,7 +118,8 @@ def build_encoder(num_classes: int, pretrained: str | None = None, config: dict 
 
 def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
     """A Hugging Face folder that ``AutoModelForSequenceClassification.from_pretrained`` loads, checked
-    to give ``plain``'s logits on ``example``."""
+    to give ``plain``'s logits on ``example`` (the task's check input: several
+    sequences of different lengths, padded)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 

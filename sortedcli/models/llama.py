@@ -137,7 +137,8 @@ def exportable(model: nn.Module, sub: SubModel) -> bool:
 
 def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
     """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads, checked to give
-    ``plain``'s logits on ``example``."""
+    ``plain``'s logits on ``example`` (the task's check input: several
+    sequences of different lengths, padded)."""
     from transformers import AutoModelForCausalLM
 
     from ..nest import call
