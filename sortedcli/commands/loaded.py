@@ -41,11 +41,16 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     weights, run_cfg = runs.load_weights(ckpt)
     if (run_dir / "config.yaml").is_file():
         check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
-    data_cfg = run_cfg.data
-    if cfg.eval.get("test_subset") is not None:
-        data_cfg = OmegaConf.merge(data_cfg, {"test_subset": cfg.eval.test_subset})
+    n = cfg.eval.get("test_subset")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UsageError(f"eval.test_subset must be a positive integer (the first N test examples) or null, got {n!r}")
+    # eval.test_subset replaces the run's data.test_subset and counts examples as the model sees them
+    # (images, sequences, blocks of tokens), whatever the data's own subset counts (documents)
+    data_cfg = run_cfg.data if n is None else OmegaConf.merge(run_cfg.data, {"test_subset": None})
     source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
     data, tokenizer = build_data(source, data_cfg)
+    if n is not None and n < len(data.test):
+        data.test = torch.utils.data.Subset(data.test, range(n))
     model = build_model(source, data.model_args)
     check_fits(ckpt, weights, model, run_cfg.model.name)
     model.load_state_dict(weights)
