@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .. import runs
-from ..build import build_data, build_device, build_grid, build_model, plain
+from ..build import build_data, build_device, build_grid, build_model, check_settings, plain
 from ..errors import UsageError
 from ..nest import Grid
 
@@ -37,6 +37,7 @@ class LoadedRun:
 def load_run(cfg: DictConfig) -> LoadedRun:
     """The run named by ``cfg.ckpt`` (default: the newest under ``cfg.paths.runs``), on the device
     that ``cfg.trainer`` asks for."""
+    check_settings(cfg)  # eval.batch_size=0 and the like, before anything is read
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
     weights, run_cfg = runs.load_weights(ckpt)
     if (run_dir / "config.yaml").is_file():
