@@ -67,7 +67,7 @@ CASES = {
                                   "model.pretrained=/no/such/dir: no such folder"),
     "pretrained-hub-id-offline": (["train", *BERT, "model.pretrained=someone/some-bert"], "empty",
                                   "model.pretrained=LOCAL_DIR"),
-    "compare-out-exists": (["compare", "{run}", "{run}", "out={home}/taken"], "run:taken", "pass out=NEW_DIR"),
+    "compare-out-exists": (["compare", "{run}", "{other}", "out={home}/taken"], "run:taken", "pass out=NEW_DIR"),
     "eval-test-subset-0": (["eval", *TINY_EVAL, "eval.test_subset=0"], "run", "eval.test_subset must be"),
     # --- more of a new user's mistakes, across the verbs
     "unknown-flag-train": (["train", "--epochs", "3"], "empty", "trainer.epochs=3"),
@@ -125,6 +125,7 @@ def prepare(case: str, home: Path, run: Path | None) -> tuple[list[str], dict]:
             p = cli(["eval", "--all-submodels", "--ckpt", names["run"], *TINY_EVAL, "eval.latency.reps=1",
                      "eval.latency.warmup=0"], cwd=home)
             assert p.returncode == 0, explain(p)
+            names["other"] = str(shutil.copytree(names["run"], home / "runs" / "other"))
             (home / "taken").mkdir()
             (home / "taken" / "compare.csv").write_text("someone's table\n")
         if variant == "file":
