@@ -61,6 +61,14 @@ FLAGS = {  # flag -> (verbs that take it, takes a value)
     "--prompt": ({"generate"}, True),
     "--raw": ({"generate"}, False),
 }
+# Hydra's own options (value: takes a value; "?" an optional one from INFO): moved before the
+# overrides, since its argparse takes the overrides as one run (`--cfg job` mid-line failed)
+HYDRA_OPTIONS = {"-h": False, "--help": False, "--hydra-help": False, "--version": False, "-c": True, "--cfg": True,
+                 "--resolve": False, "-p": True, "--package": True, "-r": False, "--run": False, "-m": False,
+                 "--multirun": False, "-sc": True, "--shell-completion": False, "-cp": True, "--config-path": True,
+                 "-cn": True, "--config-name": True, "-cd": True, "--config-dir": True,
+                 "--experimental-rerun": True, "-i": "?", "--info": "?"}
+INFO = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 SWITCHES = {"--all-submodels": "all_submodels", "--speculative": "speculative", "--early-exit": "early_exit"}
 FIXED = {"--raw": "template=none"}  # switches that set a value other than true
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")  # a Hydra key=value (a prompt has spaces or no '=')
@@ -91,6 +99,7 @@ def _quote(value: str) -> str:
 def translate(verb: str, args: list[str]) -> list[str]:
     """Hydra's command line for ``sortednet VERB args``: flags become overrides."""
     out: list[str] = []
+    options: list[str] = []  # Hydra's own, first
     prompt: list[str] = []
     positional: list[str] = []
     i = 0
@@ -101,7 +110,18 @@ def translate(verb: str, args: list[str]) -> list[str]:
             i += 1
             continue
         flag, eq, value = arg.partition("=")
-        if flag in FLAGS:
+        if flag in HYDRA_OPTIONS:
+            takes = HYDRA_OPTIONS[flag]
+            options.append(arg)
+            if not eq and i + 1 < len(args) and (takes is True or (takes == "?" and args[i + 1] in INFO)):
+                i += 1
+                options.append(args[i])
+        elif arg.startswith("-") and flag not in FLAGS and not (verb == "generate" and arg == "-"):
+            mine = sorted(f for f, (verbs, _) in FLAGS.items() if verb in verbs)
+            takes = f"sortednet {verb} takes {', '.join(mine)}; " if mine else ""
+            raise _Usage(f"unknown flag {flag}: {takes}other settings are key=value overrides, e.g. "
+                         f"{'trainer.epochs=3' if verb == 'train' else 'paths.runs=DIR'} (sortednet {verb} --help)")
+        elif flag in FLAGS:
             verbs, takes_value = FLAGS[flag]
             if verb not in verbs:
                 raise _Usage(f"sortednet {verb} does not take {flag} (it is for: {', '.join(sorted(verbs))})")
@@ -120,7 +140,7 @@ def translate(verb: str, args: list[str]) -> list[str]:
                 if not (RECIPES_DIR / f"{value}.yaml").is_file():
                     known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
                     raise _Usage(f"unknown recipe {value!r}: choose one of {known}")
-                out += ["--config-dir", str(CONF_DIR), "--config-path", str(RECIPES_DIR), "--config-name", value]
+                options += ["--config-dir", str(CONF_DIR), "--config-path", str(RECIPES_DIR), "--config-name", value]
             elif flag == "--resume":
                 # Checked before Hydra writes anything into the folder; Hydra keeps its own copy of
                 # the (new) composed config out of it, the run's config.yaml is what resumes. A run
@@ -150,7 +170,7 @@ def translate(verb: str, args: list[str]) -> list[str]:
         out.append(f"prompt={_quote(' '.join(prompt))}")
     if positional:
         out.append("runs=[" + ",".join(_quote(p) for p in positional) + "]")
-    return out
+    return options + out
 
 
 FRESH: set[str] = set()  # folders that fresh_dir named: none existed, so this command creates them
@@ -201,8 +221,14 @@ def _remove_unused_run_dir(out: Path, given_new: bool) -> None:
     import shutil
 
     created = str(out.resolve()) in FRESH or given_new
-    if created and out.is_dir() and {p.name for p in out.iterdir()} <= HYDRA_FILES:
+    # a mistake found before the first logged step (a data file that is not an image) also leaves
+    # the run's config.yaml and an empty TensorBoard log: nothing to resume from either
+    if created and out.is_dir() and {p.name for p in out.iterdir()} <= HYDRA_FILES | {"config.yaml", "tensorboard"}:
         shutil.rmtree(out, ignore_errors=True)
+        try:
+            out.parent.rmdir()  # paths.runs, when this run was all it held
+        except OSError:
+            pass
 
 
 def package_file(distribution: str, path: str) -> str:
@@ -372,7 +398,11 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(f"sortednet: error: give a command: sortednet {{{','.join(VERBS)}}} ... (sortednet --help "
+              "explains each)", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     verb, rest = argv[0], argv[1:]
@@ -402,12 +432,20 @@ def main(argv: list[str] | None = None) -> int:
     def task(cfg) -> None:
         nonlocal started
         started = True
+        from hydra.core.hydra_config import HydraConfig
+
+        from .errors import UsageError
+        from .strict import check_additions
+
         try:
+            try:
+                hydra_cfg = HydraConfig.get()
+                check_additions(cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.config_name, CONF_DIR)
+            except UsageError as e:
+                _fail(str(e))
             _run_verb(verb, cfg, rest)
         except SystemExit as e:
             if verb == "train" and e.code == 2 and int(os.environ.get("RANK", "0")) == 0:
-                from hydra.core.hydra_config import HydraConfig
-
                 _remove_unused_run_dir(Path(HydraConfig.get().runtime.output_dir), given_new)
             raise
 
@@ -419,16 +457,33 @@ def main(argv: list[str] | None = None) -> int:
             import tempfile
 
             hydra_args.append(f"hydra.run.dir={_quote(tempfile.mkdtemp(prefix='sortednet-rank-'))}")
-    saved_argv = sys.argv
+    saved_argv, saved_full = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [f"sortednet {verb}", *hydra_args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; a user's mistake is one line here
     try:
         hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(task)()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         # Hydra exits 1 on a config it cannot compose (typo, unknown option): the user's mistake.
         return 2 if code == 1 and not started else code
+    except Exception as e:
+        if started:
+            raise  # a bug in a command: its traceback
+        from .strict import hydra_mistake
+
+        message = hydra_mistake(e, CONF_DIR)
+        if message is None and isinstance(e, OSError) and e.filename:  # the run folder cannot be made
+            message = (f"cannot write {e.filename} ({e.strerror}): choose a writable folder with paths.runs=DIR "
+                       "(or hydra.run.dir=DIR)")
+        if message is None:
+            raise
+        _fail(message)
     finally:
         sys.argv = saved_argv
+        if saved_full is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full
     return 0
 
 

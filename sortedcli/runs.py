@@ -202,6 +202,8 @@ def resolve_checkpoint(ckpt: str | None, runs_root: str | Path) -> tuple[Path, P
         path = Path(ckpt)
         if not path.exists():
             raise UsageError(f"checkpoint {ckpt} does not exist: pass a run folder or a checkpoint folder")
+        if path.is_file() and path.name != MODEL_FILE:
+            raise UsageError(f"--ckpt {ckpt} is a file: pass a run folder or a checkpoint folder")
         if path.is_file():
             path = path.parent
         if (path / MODEL_FILE).is_file():

@@ -77,6 +77,10 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
         if key in seen:
             raise UsageError(f"compare: {r} is given twice (also as {seen[key]}): name each run once")
         seen[key] = r
+    # checked before anything is read or printed: a refusal after the whole table is noise
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"compare: {out} already exists and is not an empty folder: pass out=NEW_DIR")
     loaded = [load(str(r)) for r in given]
     first_path, first_cfg, metric, _, higher = loaded[0]
     for path, run_cfg, m, _, _ in loaded[1:]:
@@ -85,7 +89,6 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
                              "only runs of the same model and data can be compared")
         if m != metric:
             raise UsageError(f"compare: {path} measured {m} but {first_path} measured {metric}")
-    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     labels = _label([p for p, *_ in loaded])
     series = {}
     for label, (path, run_cfg, _, rows, _) in zip(labels, loaded):
@@ -145,8 +148,6 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
             + (f", {e['time_vs_plain']:.2f}x time" if e.get("time_vs_plain") else "") for e in summary))
     console.print(f"{STAR} = on that run's Pareto front ({metric} vs FLOPs); bold = the best run for that sub-model.")
 
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"compare: {out} already exists and is not empty: pass out=NEW_DIR")
     out.mkdir(parents=True, exist_ok=True)
     with _atomic(out / "compare.csv") as f:
         f.write(",".join(["name", "flops", *labels]) + "\n")

@@ -173,6 +173,14 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
         raise UsageError('give a prompt: sortednet generate "Once upon a time"')
     if cfg.speculative and cfg.early_exit:
         raise UsageError("choose one of --speculative and --early-exit")
+    if cfg.exit is not None and (cfg.speculative or cfg.early_exit):  # each picks its own exits
+        mode = "--speculative" if cfg.speculative else "--early-exit"
+        raise UsageError(f"--exit and {mode} are different modes: choose one (--exit N: the first N layers alone; "
+                         "--speculative: the full model drafted by --draft-exit E; --early-exit: each token's own exit)")
+    if cfg.draft_exit is not None and not cfg.speculative:
+        raise UsageError("--draft-exit is the draft of --speculative: add --speculative (or drop --draft-exit)")
+    if cfg.get("thresholds") is not None and not cfg.early_exit:
+        raise UsageError("thresholds are the exits of --early-exit: add --early-exit (or drop thresholds)")
     stack, tokenizer, run_cfg, ckpt, run_dir, model = load_generator(cfg)
     L = stack.num_layers
     trained = trained_exits(run_cfg, model, L)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .. import runs
-from ..build import build_data, build_device, build_grid, build_model, plain
+from ..build import build_data, build_device, build_grid, build_model, check_settings, plain
 from ..errors import UsageError
 from ..nest import Grid
 
@@ -37,16 +37,23 @@ class LoadedRun:
 def load_run(cfg: DictConfig) -> LoadedRun:
     """The run named by ``cfg.ckpt`` (default: the newest under ``cfg.paths.runs``), on the device
     that ``cfg.trainer`` asks for."""
+    check_settings(cfg)  # eval.batch_size=0 and the like, before anything is read
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
     weights, run_cfg = runs.load_weights(ckpt)
     if (run_dir / "config.yaml").is_file():
         check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
-    data_cfg = run_cfg.data
-    for key in ("test_subset", "val_subset"):  # eval's cost: score the first N test / validation items
-        if cfg.eval.get(key) is not None:
-            data_cfg = OmegaConf.merge(data_cfg, {key: cfg.eval[key]})
+    n = cfg.eval.get("test_subset")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UsageError(f"eval.test_subset must be a positive integer (the first N test examples) or null, got {n!r}")
+    # eval.test_subset replaces the run's data.test_subset and counts examples as the model sees them
+    # (images, sequences, blocks of tokens), whatever the data's own subset counts (documents)
+    data_cfg = run_cfg.data if n is None else OmegaConf.merge(run_cfg.data, {"test_subset": None})
+    if cfg.eval.get("val_subset") is not None:  # eval's cost: score the first N validation items
+        data_cfg = OmegaConf.merge(data_cfg, {"val_subset": cfg.eval.val_subset})
     source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
     data, tokenizer = build_data(source, data_cfg)
+    if n is not None and n < len(data.test):
+        data.test = torch.utils.data.Subset(data.test, range(n))
     model = build_model(source, data.model_args)
     check_fits(ckpt, weights, model, run_cfg.model.name)
     model.load_state_dict(weights)

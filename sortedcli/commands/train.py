@@ -178,6 +178,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
     per_epoch = steps_per_epoch(data.train, t.batch_size)
+    if per_epoch == 0:  # full batches only: an epoch would have no step
+        raise UsageError(f"{len(data.train)} training examples make no full batch of trainer.batch_size="
+                         f"{t.batch_size}: lower trainer.batch_size (at most {len(data.train)}) or add data")
     total = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
     scheduler = cosine_schedule(optimizer, per_epoch * t.epochs, cfg.optim.get("warmup_steps", 0))
     progress = Progress()

@@ -305,6 +305,17 @@ def _cifar(cfg, name):
 
 
 # ---------------------------------------------------------------- ImageFolder tree
+def _image(path: str):
+    """torchvision's own loader (PIL, RGB); a file with an image's name that is not one is the user's."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return torchvision.datasets.folder.pil_loader(path)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
+        raise UsageError(f"{path} is not a readable image ({type(e).__name__}): remove it from data.root or "
+                         "replace it") from None
+
+
 def _imagefolder(cfg):
     root = Path(cfg.get("root") or ".")
     hint = f"data.root must hold train/ and val/ folders of class sub-folders (looked in {root})"
@@ -323,7 +334,7 @@ def _imagefolder(cfg):
 
     def folder(path, augment):
         try:
-            return torchvision.datasets.ImageFolder(str(path), transform=pipeline(augment))
+            return torchvision.datasets.ImageFolder(str(path), transform=pipeline(augment), loader=_image)
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"{hint}: {e}") from None
 
@@ -331,6 +342,14 @@ def _imagefolder(cfg):
     test = folder(test_dir, False)
     if test.classes != train.classes:
         raise UsageError(f"class folders differ between {root / 'train'} and {test_dir}")
+    if len(train.classes) < 2:  # one class trains to loss 0 and learns nothing
+        raise UsageError(f"{root / 'train'} has {len(train.classes)} class folder ({', '.join(train.classes)}): "
+                         "a classifier needs two or more, one sub-folder of images per class")
+    given = cfg.get("num_classes")
+    if given is not None and given != len(train.classes):
+        raise UsageError(f"data.num_classes={given} but {root / 'train'} has {len(train.classes)} class folders "
+                         f"({', '.join(train.classes[:10])}{', ...' if len(train.classes) > 10 else ''}): "
+                         f"set data.num_classes={len(train.classes)}")
 
     def cut(ds, n):
         return ds if n is None else Subset(ds, range(min(n, len(ds))))

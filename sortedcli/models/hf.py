@@ -75,7 +75,7 @@ def load(auto_class, pretrained: str | None, config: dict | None, config_class, 
     _quiet()
     if pretrained:
         local = Path(pretrained).expanduser()
-        if not local.exists() and (os.environ.get("HF_HUB_OFFLINE") or pretrained.startswith(("/", ".", "~", "<"))):
+        if not local.exists() and pretrained.startswith(("/", ".", "~", "<")):
             raise UsageError(f"model.pretrained={pretrained}: no such folder")
         if local.exists() and is_snapshot(local):
             from transformers import AutoConfig
@@ -86,12 +86,17 @@ def load(auto_class, pretrained: str | None, config: dict | None, config_class, 
         found = gguf.find(local) if local.exists() else None
         if found is not None:
             return gguf.load(auto_class, found, attn_implementation=kwargs.get("attn_implementation"))
+        offline = not local.exists() and hub_offline()
+        if offline:  # the local cache only: no minute of retries
+            kwargs["local_files_only"] = True
         # fp32 master weights whatever the checkpoint's dtype ("auto" would keep a bf16/fp16 one):
         # training runs bf16 autocast on a GPU, fp32 on the CPU
         kwargs.setdefault("dtype", torch.float32)
         try:
             return auto_class.from_pretrained(str(local) if local.exists() else pretrained, **kwargs)
         except (OSError, ValueError) as e:
+            if offline:
+                raise UsageError(offline_message("model.pretrained", pretrained)) from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"model.pretrained={pretrained} could not be loaded ({first[:200]}): pass a local "
                              "folder with config.json and weights, or a hub id (needs internet)") from None
@@ -107,6 +112,28 @@ def load(auto_class, pretrained: str | None, config: dict | None, config_class, 
     return auto_class.from_config(cfg)
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is out of reach: ``HF_HUB_OFFLINE`` is set, or one connection to the
+    host of ``HF_ENDPOINT`` (default huggingface.co) fails within 2 s. Without this, transformers retries a
+    hub id for about a minute before it gives up."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=2).close()
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+def offline_message(key: str, value: str) -> str:
+    return (f"{key}={value} is a hub id, the Hugging Face hub is not reachable (offline or HF_HUB_OFFLINE) and it is "
+            f"not in the local cache: pass {key}=LOCAL_DIR, a folder with config.json and the weights or tokenizer")
+
+
 def tokenizer(options: dict):
     """The tokenizer named by ``model.tokenizer``, else the one in ``model.pretrained``."""
     from transformers import AutoTokenizer
@@ -119,12 +146,18 @@ def tokenizer(options: dict):
 
     _quiet()
     local = Path(where).expanduser()
+    key = "model.tokenizer" if options.get("tokenizer") else "model.pretrained"
+    if not local.exists() and str(where).startswith(("/", ".", "~", "<")):
+        raise UsageError(f"{key}={where}: no such folder")
+    offline = not local.exists() and hub_offline()
     found = gguf.find(local) if local.exists() else None
     try:
         if found is not None:
             return AutoTokenizer.from_pretrained(str(found.parent), gguf_file=found.name)
-        return AutoTokenizer.from_pretrained(str(local) if local.exists() else where)
+        return AutoTokenizer.from_pretrained(str(local) if local.exists() else where, local_files_only=offline)
     except (OSError, ValueError, TypeError) as e:
+        if offline:
+            raise UsageError(offline_message(key, where)) from None
         raise UsageError(f"no tokenizer could be loaded from {where} ({str(e).strip()[:200]})") from None
 
 
