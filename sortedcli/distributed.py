@@ -112,27 +112,6 @@ class Dist:
                 bucket, size = [], 0
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """``sum over ranks of x`` with its gradient (the sum over ranks of the output's gradient)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = x.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-reduce (sum), used by synchronized BatchNorm."""
-    return _SumOverRanks.apply(x)
-
-
 # --- joining and launching -----------------------------------------------------------------------
 
 def env_world() -> int:

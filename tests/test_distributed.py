@@ -161,7 +161,7 @@ def test_a_multirun_sweep_launches_each_job_as_its_own_processes(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ([*TINY, "trainer.devices=3"], "multiple of trainer.devices=3"),
-    ([*TINY, "trainer.devices=0"], "trainer.devices must be a whole number"),
+    ([*TINY, "trainer.devices=0"], "trainer.devices must be an integer >= 1"),
     # found by the launched processes: each fails, the error is said once
     (["data.root=/nonexistent", "trainer.devices=2"], "Fashion-MNIST not found"),
 ])

@@ -161,7 +161,7 @@ def recipe_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
     cifar, fashion = root / "cifar", root / "fashion"
     write_cifar10(cifar, per_batch=4)
-    write_fashion(fashion, n_train=16, n_test=8)
+    write_fashion(fashion, n_train=20, n_test=8)  # 2 held out for validation, 16 train
     weights = []
     if pretrained.offline_file("mobilenet_v2-b0353104.pth") is None:
         torch.save(torchvision.models.mobilenet_v2().state_dict(), root / "mnv2.pth")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -190,8 +191,6 @@ class SortedBatchNorm(SortedLayer):
         """Batch statistics over every rank's batch (torch's SyncBatchNorm runs on GPUs only): one
         differentiable all-reduce of per-channel sums, so the gradients equal one process's on the
         global batch."""
-        from ..distributed import sum_over_ranks
-
         c, dims = x.shape[1], [0, *range(2, x.dim())]
         xf = x.float()
         count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
@@ -241,3 +240,24 @@ SORTED_LAYERS: dict[type, type] = {
     nn.BatchNorm1d: SortedBatchNorm1d,
     nn.BatchNorm2d: SortedBatchNorm2d,
 }
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``sum over ranks of x`` with its gradient (the sum over ranks of the output's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce (sum), used by synchronized BatchNorm."""
+    return _SumOverRanks.apply(x)
