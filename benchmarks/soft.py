@@ -47,7 +47,9 @@ def setup(args, device):
     torch.manual_seed(0)
     model = create("llama", **data.model_args, pretrained=args.model, config=None if args.model else dict(RECIPE))
     model.to(device).train()
-    grid = Grid((Dim("depth", COUNT, tuple(range(1, nesting(model).depth + 1))),))
+    depth = nesting(model).depth
+    exits = sorted({*range(args.every, depth + 1, args.every), depth})  # the recipes' exits: every N layers
+    grid = Grid((Dim("depth", COUNT, tuple(exits)),))
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data.train), generator=g).tolist()
     batches = [data.task.to_device(data.collate([data.train[i] for i in order[b * args.batch:(b + 1) * args.batch]]),
@@ -76,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--every", type=int, default=1, help="an exit every N layers (smollm2_soft: 3)")
     ap.add_argument("--out")
     ap.add_argument("--child", choices=["all", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -113,7 +116,8 @@ def main(argv=None):
             memory[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         for name in ("full", "all"):
-            cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--batch", str(args.batch)]
+            cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--every", str(args.every)]
             cmd += ["--model", args.model] if args.model else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             memory[name] = json.loads(out)["peak_growth_mib"]
