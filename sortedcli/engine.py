@@ -158,7 +158,7 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
     total = torch.zeros((), device=device)
     order, parts = [], []  # each sub-model's detached label loss, gathered for one host sync
     for piece, share in zip(micro, shares):
-        inputs = task.inputs(piece)
+        inputs, keep = task.inputs(piece), task.keep(piece)
         teacher = None
         if distill.enabled and not any(largest in members for _, members in groups):
             with torch.no_grad(), use(model, largest), autocast(device, amp):
@@ -166,7 +166,7 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
         i = 0
         for trunk, members in groups:
             with use(model, trunk), autocast(device, amp):
-                logits = forward_members(model, inputs, trunk, members, task.keep(piece))
+                logits = forward_members(model, inputs, trunk, members, keep)
                 if distill.enabled and largest in members:
                     teacher = logits[largest].detach()
                 loss = torch.zeros((), device=device)

@@ -282,7 +282,8 @@ def test_teacher_forced_early_exit_nll_matches_the_model_and_the_exit_it_takes(m
 
 
 @pytest.mark.slow
-def test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs(tmp_path):
+def decoding_benchmark_on_a_tiny_folder(tmp_path):
+    """``(benchmarks/decoding.py as a module, a folder holding a tiny LLaMA + its tokenizer)``."""
     import importlib.util
     from pathlib import Path
 
@@ -294,9 +295,14 @@ def test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs(
     model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
     model.save_pretrained(folder)
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "decoding.py"
-    spec = importlib.util.spec_from_file_location("bench_decoding", path)
+    spec = importlib.util.spec_from_file_location(f"bench_decoding_{tmp_path.name}", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench, folder
+
+
+def test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs(tmp_path):
+    bench, folder = decoding_benchmark_on_a_tiny_folder(tmp_path)
     out = tmp_path / "r.json"
     results = bench.main(["--model", str(folder), "--prompts", "2", "--new-tokens", "8", "--reps", "1",
                           "--ppl-items", "2", "--draft-exits", "1,2", "--threads", "1", "--out", str(out)])

@@ -60,7 +60,7 @@ def test_heads_levels_keep_whole_kv_groups_and_equal_slices_are_one_submodel(nin
 
 # --- a cheaper draft: the head over a frequency-ranked subset of the vocabulary --------------------
 
-from test_decoding import VOCAB, prompts, tiny_llama  # noqa: E402
+from test_decoding import VOCAB, decoding_benchmark_on_a_tiny_folder, prompts, tiny_llama  # noqa: E402
 
 from sortedcli import decoding as D  # noqa: E402
 from sortedcli.models.llama import LlamaStack  # noqa: E402
@@ -197,18 +197,7 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
 
 
 def test_decoding_benchmark_prints_verify_costs_and_drafts_through_a_vocabulary_subset(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    folder = tmp_path / "model"
-    tok = lm.train_tokenizer(lm.read_text(lm.package_file("hamlet"))[:20], 300, folder)
-    model = tiny_llama(layers=4, vocab=len(tok), calm_depth=0.3).float()
-    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
-    model.save_pretrained(folder)
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decoding.py"
-    spec = importlib.util.spec_from_file_location("bench_decoding_exits", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench, folder = decoding_benchmark_on_a_tiny_folder(tmp_path)
     results = bench.main(["--model", str(folder), "--prompts", "2", "--new-tokens", "8", "--reps", "1", "--no-ppl",
                           "--draft-exits", "2", "--draft-vocab", "64", "--threads", "1", "--out", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
