@@ -21,7 +21,7 @@ RNG), so the same seed draws the same sub-models on every rank and after a resum
   first ``warmup`` of the schedule only the largest trains, then the drawn range grows toward the
   small end until the whole grid is open at ``ramp``.
 
-``weighted``, ``lossaware`` and ``progressive`` take ``largest: true`` to train the largest sub-model
+``sortednet``, ``weighted``, ``lossaware`` and ``progressive`` take ``largest: true`` to train the largest sub-model
 every step besides the ``g`` drawn ones (the sandwich rule's upper slice; in-place distillation,
 ``distill.enabled=true``, then has its teacher for free). Every schedule keeps its position (steps
 taken, told the schedule length by :meth:`Sampler.start`) and any statistics in its ``state_dict``,
@@ -112,15 +112,15 @@ def _check_g(g) -> int:
 class SortedNetSampler(Sampler):
     name = "sortednet"
 
-    def __init__(self, grid, seed=0, g: int = 1, all_exits: bool = False):
+    def __init__(self, grid, seed=0, g: int = 1, all_exits: bool = False, largest: bool = False):
         super().__init__(grid, seed)
-        self.g, self.all_exits = _check_g(g), bool(all_exits)
+        self.g, self.all_exits, self.largest = _check_g(g), bool(all_exits), bool(largest)
 
     def draw(self) -> list[SubModel]:
         drawn = self._random(self.g)
-        if not self.all_exits:
-            return drawn
-        return [deeper for sub in drawn for deeper in self.grid.along_counts(sub)]
+        if self.all_exits:
+            drawn = [deeper for sub in drawn for deeper in self.grid.along_counts(sub)]
+        return _with_largest(self.grid, self.largest, drawn)
 
 
 class SandwichSampler(Sampler):

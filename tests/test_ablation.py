@@ -117,4 +117,5 @@ def test_ablation_recipe_trains_the_winner_and_each_method_is_one_override_away(
         {"name": "lossaware", "g": 3, "largest": True, "sharpness": 0, "momentum": 0, "floor": 0}
     assert cfg.standalone is None and cfg.data.train_subset == 10000
     paper = recipe("ablation_tiny", ["sampler=sortednet"])
-    assert dict(paper.sampler) == {"name": "sortednet", "g": 1, "all_exits": False}  # not the winner's g
+    # not the winner's g, nor its largest every step
+    assert dict(paper.sampler) == {"name": "sortednet", "g": 1, "all_exits": False, "largest": False}

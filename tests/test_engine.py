@@ -39,6 +39,15 @@ def test_sampler_owns_a_seeded_generator_and_resumes_exactly():
         create_sampler("sortednet", GRID, g=0)
 
 
+def test_sortednet_largest_trains_the_largest_every_step_besides_the_same_draws():
+    plain = create_sampler("sortednet", GRID, seed=4, g=2)
+    with_largest = create_sampler("sortednet", GRID, seed=4, g=2, largest=True)
+    for _ in range(20):
+        drawn, steps = plain.step(), with_largest.step()
+        assert steps == [GRID.largest, *drawn]  # the same generator draws the same g; the largest first
+    assert len(create_sampler("sortednet", GRID, g=1).step()) == 1  # default: the paper's rule
+
+
 def test_epoch_batches_are_seeded_and_resume_mid_epoch():
     whole = list(EpochBatches(100, 16, seed=3, epoch=2))
     assert len(whole) == 6 and all(len(b) == 16 for b in whole)
@@ -182,3 +191,4 @@ def test_precision_is_bf16_only_where_the_gpu_supports_it_and_the_choice_is_name
     assert precision_label(cuda, "auto", torch.bfloat16) == "bfloat16 autocast"
     assert precision_label(cuda, "auto", None) == "fp32 (this GPU has no bf16)"
     assert precision_label(cpu, "auto", None) == "fp32"
+
