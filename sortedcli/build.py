@@ -162,6 +162,8 @@ SETTINGS = {
     "trainer": {
         "epochs": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        "steps": ("null or an integer >= 1 (the run's length in optimizer steps)",
+                  lambda v: v is None or (_is_int(v) and v >= 1)),
         "max_steps": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
         "log_every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "ckpt_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),

@@ -227,19 +227,25 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
         scheduler: torch.optim.lr_scheduler.LRScheduler, dataset: Dataset, *, epochs: int,
         batch_size: int, seed: int, device: torch.device, amp: torch.dtype | None,
         distill: Distill, progress: Progress, max_steps: int | None = None, num_workers: int = 0,
-        collate: Callable | None = None, dist: Dist = Dist(), accumulate: int = 1,
+        collate: Callable | None = None, dist: Dist = Dist(), accumulate: int = 1, steps: int | None = None,
         on_step: Callable[[Progress, float], None] = lambda p, loss: None,
         on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
-    """Train from ``progress`` to the end of ``epochs`` (or ``max_steps`` optimizer steps); with
-    ``dist``, as one of its data-parallel processes (``batch_size`` is the global batch of a step, run
-    as ``accumulate`` micro-batches per process). A NaN or infinite loss raises :class:`NonFiniteLoss`
-    before ``on_step`` sees that step (so no checkpoint is written from it)."""
+    """Train from ``progress`` to the end of ``epochs``, or of ``steps`` optimizer steps when given (the
+    run's length instead of ``epochs``: as many epochs as it takes, the last one partial), stopping
+    earlier at ``max_steps``; with ``dist``, as one of its data-parallel processes (``batch_size`` is the
+    global batch of a step, run as ``accumulate`` micro-batches per process). A run that ends inside an
+    epoch (``steps``) calls ``on_epoch_end`` there, its position left mid-epoch (a longer ``steps``
+    resumes the same data order). A NaN or infinite loss raises :class:`NonFiniteLoss` before
+    ``on_step`` sees that step (so no checkpoint is written from it)."""
     largest = sampler.grid.largest
     per_epoch = steps_per_epoch(dataset, batch_size)
     if per_epoch == 0:
         raise ValueError(f"the training set ({len(dataset)} items) is smaller than one batch ({batch_size})")
-    sampler.start(per_epoch * epochs)  # the schedule's length, as the LR schedule's (not max_steps)
-    while progress.epoch < epochs:
+    length = per_epoch * epochs if steps is None else steps
+    if steps is not None:
+        epochs = math.ceil(steps / per_epoch)
+    sampler.start(length)  # the schedule's length, as the LR schedule's (not max_steps)
+    while progress.epoch < epochs and (steps is None or progress.step < steps):
         model.train()  # (an epoch-end evaluation leaves it in eval mode)
         loader = epoch_loader(dataset, batch_size, seed, progress.epoch, progress.batch, num_workers,
                               pin_memory=device.type == "cuda", collate=collate, dist=dist)
@@ -255,6 +261,9 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
             progress.step += 1
             progress.batch += 1
             on_step(progress, loss)
+            if steps is not None and progress.step >= steps and progress.batch < per_epoch:  # ends mid-epoch
+                on_epoch_end(progress)
+                return progress
         progress.epoch += 1
         progress.batch = 0
         on_epoch_end(progress)

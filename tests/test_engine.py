@@ -192,3 +192,55 @@ def test_precision_is_bf16_only_where_the_gpu_supports_it_and_the_choice_is_name
     assert precision_label(cuda, "auto", None) == "fp32 (this GPU has no bf16)"
     assert precision_label(cpu, "auto", None) == "fp32"
 
+
+def _fit_tiny(steps, epochs=1, max_steps=None, progress=None, state=None):
+    """``fit`` of resnet_tiny on 40 random 8x8 images, batch 8 (5 steps an epoch): the weights, the
+    learning rates of each step, the progress, the sampler, the epoch ends seen and the state."""
+    from torch.utils.data import TensorDataset
+
+    from sortedcli.engine import Progress, cosine_schedule, fit
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3, 8, 8), torch.randint(0, 10, (40,)))
+    model = create("resnet_tiny", num_classes=10, in_channels=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    length = steps if steps is not None else 5 * epochs
+    sched = cosine_schedule(opt, length, warmup_steps=2)
+    sampler = create_sampler("progressive", GRID, seed=1, g=1, warmup=0.2, ramp=0.6)
+    progress = progress or Progress()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+    lrs, ends = [], []
+    fit(model, IMAGES, sampler, opt, sched, data, epochs=epochs, batch_size=8, seed=0, device=torch.device("cpu"),
+        amp=None, distill=Distill(), progress=progress, max_steps=max_steps, steps=steps,
+        on_step=lambda p, loss: lrs.append(sched.get_last_lr()[0]),
+        on_epoch_end=lambda p: ends.append((p.epoch, p.step, p.batch)))
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "sampler": sampler.state_dict(), "rng": torch.get_rng_state()}
+    return lrs, progress, sampler, ends, state
+
+
+def test_fit_with_steps_runs_exactly_that_many_over_as_many_epochs_as_it_takes():
+    lrs, progress, sampler, ends, _ = _fit_tiny(steps=12, epochs=1)  # 5 steps an epoch; epochs is ignored
+    assert len(lrs) == 12 and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at step 12
+    assert sampler.total == 12 and sampler.progress == 1.0  # the sampler's schedule spans the same 12
+    assert (progress.step, progress.epoch, progress.batch) == (12, 2, 2)
+    assert ends == [(1, 5, 0), (2, 10, 0), (2, 12, 2)]  # two whole epochs, then the run's end mid-epoch
+    lrs, progress, _, ends, _ = _fit_tiny(steps=10)  # a whole number of epochs: no extra end
+    assert len(lrs) == 10 and ends == [(1, 5, 0), (2, 10, 0)] and progress.batch == 0
+
+
+def test_fit_with_steps_stopped_by_max_steps_resumes_to_the_same_weights():
+    from sortedcli.engine import Progress
+
+    *_, whole = _fit_tiny(steps=12)
+    _, progress, _, _, state = _fit_tiny(steps=12, max_steps=7)
+    assert (progress.step, progress.epoch, progress.batch) == (7, 1, 2)
+    lrs, progress, _, ends, resumed = _fit_tiny(steps=12, progress=Progress(**vars(progress)), state=state)
+    assert len(lrs) == 5 and progress.step == 12 and ends == [(2, 10, 0), (2, 12, 2)]
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    assert whole["sampler"]["steps"] == resumed["sampler"]["steps"] == 12

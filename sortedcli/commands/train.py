@@ -181,8 +181,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     if per_epoch == 0:  # full batches only: an epoch would have no step
         raise UsageError(f"{len(data.train)} training examples make no full batch of trainer.batch_size="
                          f"{t.batch_size}: lower trainer.batch_size (at most {len(data.train)}) or add data")
-    total = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
-    scheduler = cosine_schedule(optimizer, per_epoch * t.epochs, cfg.optim.get("warmup_steps", 0))
+    steps = t.get("steps")  # the run's length in optimizer steps, when it is not trainer.epochs
+    length = per_epoch * t.epochs if steps is None else steps
+    total = length if t.max_steps is None else min(length, t.max_steps)
+    scheduler = cosine_schedule(optimizer, length, cfg.optim.get("warmup_steps", 0))
     progress = Progress()
 
     own = False  # whether this rank resumes its own random stream
@@ -198,12 +200,14 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         if device.type == "cuda" and d.rank < len(cuda_rngs):
             torch.cuda.set_rng_state(cuda_rngs[d.rank])
         progress = Progress(**state["progress"])
-        if progress.epoch >= t.epochs or (t.max_steps is not None and progress.step >= t.max_steps):
+        finished = progress.epoch >= t.epochs if steps is None else progress.step >= steps
+        if finished or (t.max_steps is not None and progress.step >= t.max_steps):
             limit = "null" if t.max_steps is None else t.max_steps
             more = (f"trainer.max_steps={2 * t.max_steps}" if t.max_steps is not None and progress.step >= t.max_steps
-                    else f"trainer.epochs={t.epochs + 1}")
+                    else f"trainer.epochs={t.epochs + 1}" if steps is None else f"trainer.steps={2 * steps}")
+            length_is = f"trainer.epochs={t.epochs}" if steps is None else f"trainer.steps={steps}"
             console.print(f"nothing to train: {run_dir} is at step {progress.step}, epoch {progress.epoch} "
-                          f"(trainer.epochs={t.epochs}, trainer.max_steps={limit}); to train further: "
+                          f"({length_is}, trainer.max_steps={limit}); to train further: "
                           f"sortednet train --resume {run_dir} {more}")
             return ckpt
         console.print(f"resuming {run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})"
@@ -285,11 +289,14 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
         def on_epoch_end(p: Progress) -> None:
             record = {"epoch": p.epoch, "step": p.step, "time": time.perf_counter() - started}
+            if p.batch:  # trainer.steps ended the run inside an epoch: epochs done + batches of the next
+                record["batch"] = p.batch
             if test is not None:
                 short = "acc" if task.metric == "accuracy" else task.metric
                 for label, sub in (("largest", grid.largest), ("smallest", grid.smallest)):
                     record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp, test_dist)
-                bar.console.print(f"epoch {p.epoch}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
+                when = f"epoch {p.epoch}" if not p.batch else f"end (epoch {p.epoch} + {p.batch}/{per_epoch} batches)"
+                bar.console.print(f"{when}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
                                   f"smallest {record[f'{short}_smallest']:.2f} (first "
                                   f"{min(len(data.test), t.epoch_eval_subset)} test examples)")
             log(record)
@@ -298,7 +305,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         try:
             fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
                 seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
-                max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
+                steps=steps, max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
                 accumulate=accumulate, on_step=on_step, on_epoch_end=on_epoch_end)
         except NonFiniteLoss as e:
             board.close()
