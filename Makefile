@@ -15,7 +15,7 @@ RUNS   ?= runs
 # cache, $SORTEDNET_CACHE/llm (~/.cache/sortednet/llm; sortedcli/cache.py), shared by every folder.
 LLM_DATA ?=
 
-.PHONY: setup data weights llm-data smollm run mobilenet-pretrained minilm ablation test test-fast bench bench-decoding bench-soft clean
+.PHONY: setup data weights llm-data smollm run mobilenet-pretrained minilm ablation ablation-tiny test test-fast bench bench-decoding bench-soft clean
 
 setup: $(STAMP)
 
@@ -92,9 +92,22 @@ minilm: setup
 	$(VENV)/bin/sortednet compare $(MINILM_RUNS)/rotten_tomatoes_minilm $(MINILM_RUNS)/rotten_tomatoes_minilm_sft \
 	  out=$(MINILM_RUNS)/compare
 
-# The training-method ablation (recipes/ablation_tiny.yaml, README "Training methods"): six sub-models
-# trained alone, then each method trained, evaluated beside them (% of standalone) and compared in one
-# table and plot. About an hour on 2 busy CPU cores. A method is NAME:override+override+...
+# The training-method ablation on the default recipe (ResNet-18, 80 sub-models) at EQUAL WALL TIME
+# (benchmarks/ablation.py, README "Training methods"): each method's seconds per step calibrated, then
+# trained for BUDGET_X x 258 s (today's `make run` training) with trainer.steps = budget / its step time,
+# once per seed; six corners trained alone per seed as the yardstick; every run evaluated, then
+# docs/results/ablation-default/table.md (mean +- spread over the seeds), results.json and compare/.
+# Resumable: run it again after a cut and it goes on. METHODS="full sortednet ...": a subset.
+SEEDS ?= 0 1
+BUDGET_X ?= 1 2
+METHODS ?=
+ablation: setup data
+	$(PY) benchmarks/ablation.py --recipe default --seeds $(SEEDS) --budget-x $(BUDGET_X) \
+	  $(if $(strip $(METHODS)),--methods $(METHODS),) --runs $(RUNS)/ablation-default --out docs/results/ablation-default
+
+# The first, small ablation at equal steps (recipes/ablation_tiny.yaml, README "Training methods"): six
+# sub-models trained alone, then each method trained, evaluated beside them (% of standalone) and
+# compared in one table and plot. About an hour on 2 busy CPU cores. A method is NAME:override+override+...
 ABLATION_RUNS := $(RUNS)/ablation
 ABLATION_EVAL := eval.test_subset=2000 eval.calib_batches=5 eval.calib_batch_size=128 eval.latency.reps=1 eval.latency.warmup=0
 ABLATION_ALONE := [width0.1-depth1,width1-depth1,width0.1-depth4,width0.5-depth2,width1-depth4,width0.3-depth3]
@@ -105,7 +118,7 @@ ABLATION_METHODS := full:sampler=full sortednet:sampler=sortednet sortednet-g4:s
   lossaware-distill:sampler=lossaware+sampler.g=3+sampler.largest=true+distill.enabled=true \
   progressive:sampler=progressive+sampler.g=3+sampler.largest=true \
   progressive-distill:sampler=progressive+sampler.g=3+sampler.largest=true+distill.enabled=true
-ablation: setup data
+ablation-tiny: setup data
 	test -d $(ABLATION_RUNS)/alone/standalone || $(VENV)/bin/sortednet train --recipe ablation_tiny \
 	  hydra.run.dir=$(ABLATION_RUNS)/alone 'standalone=$(ABLATION_ALONE)'
 	for spec in $(ABLATION_METHODS); do \
