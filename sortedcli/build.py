@@ -162,7 +162,7 @@ SETTINGS = {
     "trainer": {
         "epochs": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
-        "max_steps": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
+        "max_steps": ("null or an integer >= 0", lambda v: v is None or (_is_int(v) and v >= 0)),
         "log_every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "ckpt_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
         "keep_checkpoints": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
