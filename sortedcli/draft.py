@@ -83,19 +83,34 @@ def agreement(model, task: Task, exits: list[int], test, device, amp,
     """``{(exit, N): fraction of counted held-out positions where the exit's argmax is the full
     model's}``; ``N`` is None for the full head, else the size of a draft vocabulary in ``vocabs``
     (argmax over those ids only). Every exit is read from one trunk pass of the full model per batch
-    (:func:`~sortedcli.nest.run_exits`)."""
+    (:func:`~sortedcli.nest.run_exits`), at the positions the task counts only (``Task.keep``): a
+    49k-token head at every position of 10 exits of a batch of chats is ~6 GB of logits, most of them
+    for prompt and padding tokens that are never scored."""
     full = nesting(model).depth
     vocabs = {n: v.to(device) for n, v in (vocabs or {}).items()}
     keys = [(e, n) for e in exits for n in (None, *vocabs)]
     sums = {key: torch.zeros(2) for key in keys}
+    depths = sorted(set(exits) | {full})
     model.eval()
     with use(model, None), autocast(device, amp):
         for batch in test:
             batch = task.to_device(batch, device)
-            logits = run_exits(model, task.inputs(batch), sorted(set(exits) | {full}))
-            for e, n in keys:
-                z = logits[e] if n is None else restrict(logits[e], vocabs[n])
-                sums[e, n] += task.agreement(z, logits[full], batch).float().cpu()
+            at = task.keep(batch)
+            logits = run_exits(model, task.inputs(batch), depths, at=at)
+            reference = logits.pop(full)
+            target = reference.argmax(-1) if at is not None else None
+            for e in exits:
+                z = logits.pop(e)  # freed exit by exit
+                for n in (None, *vocabs):
+                    if at is None:  # every position's logits: the task says which count
+                        zn = z if n is None else restrict(z, vocabs[n])
+                        sums[e, n] += task.agreement(zn, reference, batch).float().cpu()
+                        continue
+                    # gathered at the counted positions: all of them count. Over a draft
+                    # vocabulary, the argmax of its ids' logits mapped back to token ids.
+                    pick = z.argmax(-1) if n is None else vocabs[n][z.index_select(-1, vocabs[n]).argmax(-1)]
+                    sums[e, n] += torch.tensor([float((pick == target).sum()), float(target.numel())])
+                del z
     return {key: float(s[0] / s[1]) if s[1] else float("nan") for key, s in sums.items()}
 
 
