@@ -683,6 +683,18 @@ def test_resume_after_max_steps_matches_an_uninterrupted_run(batch, request):
     assert_bitwise_equal(weights(runs[0]), weights(wholes[0]))
 
 
+def test_eval_follows_the_runs_own_eval_settings_unless_given_on_its_command_line(tmp_path):
+    """A recipe's eval: section (SmolLM2's eval.batch_size: 8; news' eval.test_subset) sizes the run's
+    evaluation: eval 512 sequences of a 49k-token head at once ran a 24 GB machine out of memory."""
+    p = cli(["train", *TINY, "trainer.max_steps=1", "eval.test_subset=40", "eval.batch_size=16"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    (run,) = run_folders(tmp_path / "runs")
+    p = cli(["eval", "--ckpt", run], cwd=tmp_path)
+    assert p.returncode == 0 and "on 40 test examples" in p.stdout, explain(p)
+    p = cli(["eval", "--ckpt", run, "eval.test_subset=24"], cwd=tmp_path)
+    assert p.returncode == 0 and "on 24 test examples" in p.stdout, explain(p)
+
+
 def test_max_steps_zero_keeps_the_starting_model_as_a_checkpoint_and_resumes_from_it(tmp_path):
     """trainer.max_steps=0: the untouched starting model becomes step-00000000 (the baseline a
     fine-tuning is compared with); resuming it trains exactly as a run that never stopped."""
