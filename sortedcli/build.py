@@ -164,7 +164,7 @@ SETTINGS = {
         "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "steps": ("null or an integer >= 1 (the run's length in optimizer steps)",
                   lambda v: v is None or (_is_int(v) and v >= 1)),
-        "max_steps": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
+        "max_steps": ("null or an integer >= 0", lambda v: v is None or (_is_int(v) and v >= 0)),
         "log_every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "ckpt_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
         "keep_checkpoints": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),

@@ -7,10 +7,13 @@ For each trained exit E of a causal LM, ``sortednet eval`` measures
 - ``cost_ratio`` c: the time of one decoding step with a KV cache (one token, head included) through
   the first E layers, over the same through all of them;
 
-and predicts the speed-up of drafting k tokens from E, ``(1 - a^(k+1)) / ((1 - a)(k c + 1))`` (tokens
-per round over full-model costs per round; it assumes verifying k+1 tokens costs one step, which
-holds where decoding is bound by reading the weights; on a CPU it costs more, see
-benchmarks/decoding.py). The exit and k with the best prediction are the run's draft: ``sortednet
+- ``verify`` v(T): the time of one full-model step of T tokens (all layers, head on every row) over
+  one token's, for a few T (interpolated between them): what checking k drafts costs on this device;
+
+and predicts the speed-up of drafting k tokens from E, ``(1 - a^(k+1)) / ((1 - a)(k c + v(k+1)))``
+(tokens per round over full-model costs per round). Where decoding is bound by reading the weights
+(a GPU at batch 1) v is about 1 and this is the paper's bound; on a CPU v(2) is already ~1.7, and
+a prediction that ignored it would over-promise and pick too long a draft. The exit and k with the best prediction are the run's draft: ``sortednet
 generate --speculative`` uses them when no ``--draft-exit`` is given.
 
 The same is measured with the draft reading out through the N most frequent tokens of the training
@@ -38,15 +41,34 @@ def token_ranks(sequences, vocab_size: int) -> torch.Tensor:
     return frequent_tokens(sequences, vocab_size, vocab_size)
 
 
-def speedup(a: float, c: float, k: int) -> float:
-    """Predicted speed-up over greedy decoding of k drafts per round at acceptance a and cost ratio c."""
+VERIFY_SIZES = (1, 2, 3, 5, 9, MAX_K + 1)
+
+
+def verify_cost(verify: dict[int, float] | None, T: int) -> float:
+    """v(T): a T-token full-model step over a one-token step, linearly interpolated between the
+    measured sizes of ``verify`` (``{T: ratio}``); 1 when nothing was measured."""
+    if not verify:
+        return 1.0
+    sizes = sorted(int(t) for t in verify)
+    ratio = {int(t): float(v) for t, v in verify.items()}
+    if T <= sizes[0]:
+        return ratio[sizes[0]]
+    for lo, hi in zip(sizes, sizes[1:]):
+        if T <= hi:
+            return ratio[lo] + (ratio[hi] - ratio[lo]) * (T - lo) / (hi - lo)
+    return ratio[sizes[-1]] * T / sizes[-1]  # beyond the largest measured: proportional
+
+
+def speedup(a: float, c: float, k: int, verify: dict[int, float] | None = None) -> float:
+    """Predicted speed-up over greedy decoding of k drafts per round at acceptance a, cost ratio c
+    and verification costs ``verify`` (see :func:`verify_cost`; None: verifying costs one step)."""
     tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-    return tokens / (k * c + 1)
+    return tokens / (k * c + verify_cost(verify, k + 1))
 
 
-def best_k(a: float, c: float, max_k: int = MAX_K) -> tuple[int, float]:
+def best_k(a: float, c: float, max_k: int = MAX_K, verify: dict[int, float] | None = None) -> tuple[int, float]:
     """``(k, speed-up)`` with the best predicted speed-up for k in 1..max_k."""
-    return max(((k, speedup(a, c, k)) for k in range(1, max_k + 1)), key=lambda kv: kv[1])
+    return max(((k, speedup(a, c, k, verify)) for k in range(1, max_k + 1)), key=lambda kv: kv[1])
 
 
 def restrict(logits: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
@@ -61,19 +83,34 @@ def agreement(model, task: Task, exits: list[int], test, device, amp,
     """``{(exit, N): fraction of counted held-out positions where the exit's argmax is the full
     model's}``; ``N`` is None for the full head, else the size of a draft vocabulary in ``vocabs``
     (argmax over those ids only). Every exit is read from one trunk pass of the full model per batch
-    (:func:`~sortedcli.nest.run_exits`)."""
+    (:func:`~sortedcli.nest.run_exits`), at the positions the task counts only (``Task.keep``): a
+    49k-token head at every position of 10 exits of a batch of chats is ~6 GB of logits, most of them
+    for prompt and padding tokens that are never scored."""
     full = nesting(model).depth
     vocabs = {n: v.to(device) for n, v in (vocabs or {}).items()}
     keys = [(e, n) for e in exits for n in (None, *vocabs)]
     sums = {key: torch.zeros(2) for key in keys}
+    depths = sorted(set(exits) | {full})
     model.eval()
     with use(model, None), autocast(device, amp):
         for batch in test:
             batch = task.to_device(batch, device)
-            logits = run_exits(model, task.inputs(batch), sorted(set(exits) | {full}))
-            for e, n in keys:
-                z = logits[e] if n is None else restrict(logits[e], vocabs[n])
-                sums[e, n] += task.agreement(z, logits[full], batch).float().cpu()
+            at = task.keep(batch)
+            logits = run_exits(model, task.inputs(batch), depths, at=at)
+            reference = logits.pop(full)
+            target = reference.argmax(-1) if at is not None else None
+            for e in exits:
+                z = logits.pop(e)  # freed exit by exit
+                for n in (None, *vocabs):
+                    if at is None:  # every position's logits: the task says which count
+                        zn = z if n is None else restrict(z, vocabs[n])
+                        sums[e, n] += task.agreement(zn, reference, batch).float().cpu()
+                        continue
+                    # gathered at the counted positions: all of them count. Over a draft
+                    # vocabulary, the argmax of its ids' logits mapped back to token ids.
+                    pick = z.argmax(-1) if n is None else vocabs[n][z.index_select(-1, vocabs[n]).argmax(-1)]
+                    sums[e, n] += torch.tensor([float((pick == target).sum()), float(target.numel())])
+                del z
     return {key: float(s[0] / s[1]) if s[1] else float("nan") for key, s in sums.items()}
 
 
@@ -93,6 +130,27 @@ def step_ms(stack, exit: int, context: int = 32, warmup: int = 3, reps: int = 10
         stack.crop(cache, context)
 
     return latency_ms(step, dev, warmup, reps)
+
+
+@torch.inference_mode()
+def verify_ratios(stack, sizes=VERIFY_SIZES, context: int = 32, warmup: int = 2, reps: int = 5) -> dict[int, float]:
+    """``{T: time of one full-model step of T tokens / one token's}`` (KV cache of ``context`` tokens,
+    the head on every row, as a verification pass computes it)."""
+    dev = stack.device
+    cache = stack.new_cache()
+    stack.layers(stack.embed(torch.zeros(1, context, dtype=torch.long, device=dev)), 0, stack.num_layers, cache,
+                 torch.arange(context, device=dev))
+    ms = {}
+    for T in sizes:
+        x = stack.embed(torch.zeros(1, T, dtype=torch.long, device=dev))
+        pos = torch.arange(context, context + T, device=dev)
+
+        def step():
+            stack.head(stack.layers(x, 0, stack.num_layers, cache, pos))
+            stack.crop(cache, context)
+
+        ms[T] = latency_ms(step, dev, warmup, reps)
+    return {T: ms[T] / ms[sizes[0]] for T in sizes}
 
 
 class _Restricted:
@@ -117,7 +175,7 @@ def cost_ratios(stack, exits: list[int], warmup: int = 3, reps: int = 10,
     return out
 
 
-def choose(a: dict, c: dict, full: int) -> dict | None:
+def choose(a: dict, c: dict, full: int, verify: dict[int, float] | None = None) -> dict | None:
     """The draft with the best predicted speed-up among the exits below ``full`` (keys ``(exit, N)``
     as :func:`agreement` and :func:`cost_ratios` give them; plain exits as keys work too): ``{"exit",
     "vocab" (N or None), "k", "speedup", "agreement", "cost_ratio"}``, or None when there is none."""
@@ -126,7 +184,7 @@ def choose(a: dict, c: dict, full: int) -> dict | None:
         e, n = (key, None) if isinstance(key, int) else key
         if e >= full or a[key] != a[key]:
             continue
-        k, s = best_k(a[key], c[key])
+        k, s = best_k(a[key], c[key], verify=verify)
         if best is None or s > best["speedup"]:
             best = {"exit": e, "vocab": n, "k": k, "speedup": s, "agreement": a[key], "cost_ratio": c[key]}
     return best

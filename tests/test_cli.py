@@ -683,6 +683,35 @@ def test_resume_after_max_steps_matches_an_uninterrupted_run(batch, request):
     assert_bitwise_equal(weights(runs[0]), weights(wholes[0]))
 
 
+def test_eval_follows_the_runs_own_eval_settings_unless_given_on_its_command_line(tmp_path):
+    """A recipe's eval: section (SmolLM2's eval.batch_size: 8; news' eval.test_subset) sizes the run's
+    evaluation: eval 512 sequences of a 49k-token head at once ran a 24 GB machine out of memory."""
+    p = cli(["train", *TINY, "trainer.max_steps=1", "eval.test_subset=40", "eval.batch_size=16"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    (run,) = run_folders(tmp_path / "runs")
+    p = cli(["eval", "--ckpt", run], cwd=tmp_path)
+    assert p.returncode == 0 and "on 40 test examples" in p.stdout, explain(p)
+    p = cli(["eval", "--ckpt", run, "eval.test_subset=24"], cwd=tmp_path)
+    assert p.returncode == 0 and "on 24 test examples" in p.stdout, explain(p)
+
+
+def test_max_steps_zero_keeps_the_starting_model_as_a_checkpoint_and_resumes_from_it(tmp_path):
+    """trainer.max_steps=0: the untouched starting model becomes step-00000000 (the baseline a
+    fine-tuning is compared with); resuming it trains exactly as a run that never stopped."""
+    zero = cli(["train", *TINY, "trainer.max_steps=0", "paths.runs=zero"], cwd=tmp_path)
+    assert zero.returncode == 0 and "trained 0 steps" in zero.stdout, explain(zero)
+    (run,) = run_folders(tmp_path / "zero")
+    assert latest(run).name == "step-00000000"
+    p = cli(["eval", "--all-submodels", *TINY_EVAL, "--ckpt", run], cwd=tmp_path)
+    assert p.returncode == 0 and (run / "eval" / "results.json").is_file(), explain(p)
+    resumed = cli(["train", "--resume", run, "trainer.max_steps=null"], cwd=tmp_path)
+    assert resumed.returncode == 0, explain(resumed)
+    whole = cli(["train", *TINY, "paths.runs=whole"], cwd=tmp_path)
+    assert whole.returncode == 0, explain(whole)
+    assert latest(run).name == f"step-{TINY_STEPS:08d}"
+    assert_bitwise_equal(weights(run), weights(run_folders(tmp_path / "whole")[0]))
+
+
 @scenario(run=False)
 def resume_from_earlier_checkpoint(home):
     over = [*TINY, "trainer.epochs=2", "trainer.ckpt_every=1", "trainer.keep_checkpoints=100"]

@@ -193,7 +193,7 @@ def test_pretrained_recipe_baselines_are_one_override_away():
 @pytest.mark.parametrize("override,match", [
     ("trainer.batch_size=-1", "trainer.batch_size must be an integer >= 1, got -1"),
     ("trainer.epochs=-3", "trainer.epochs must be an integer >= 1"),
-    ("trainer.max_steps=0", "trainer.max_steps must be null or an integer >= 1"),
+    ("trainer.max_steps=-1", "trainer.max_steps must be null or an integer >= 0"),
     ("optim.lr=abc", "optim.lr must be a number > 0, got 'abc'"),
     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0"),
     ("eval.calib_batches=0", "eval.calib_batches must be an integer >= 1"),

@@ -137,6 +137,17 @@ def test_predicted_speedup_and_best_k_follow_the_bound():
     got = draft.choose({1: 0.2, 2: 0.9, 3: 0.95}, {1: 0.3, 2: 0.55, 3: 0.8}, full=4)
     assert got["exit"] == 2 and got["speedup"] == max(draft.best_k(a, c)[1] for a, c in
                                                         [(0.2, 0.3), (0.9, 0.55), (0.95, 0.8)])
+    # verification priced as measured (CPU-like: 2 tokens 1.7x one, 9 tokens 2.1x): interpolated, and
+    # the prediction falls below the verify-is-free bound (and the best k moves: a costly pass is
+    # amortized over more drafts)
+    v = {1: 1.0, 2: 1.7, 3: 1.8, 5: 1.9, 9: 2.1, 17: 2.9}
+    assert draft.verify_cost(v, 4) == pytest.approx(1.85) and draft.verify_cost(v, 7) == pytest.approx(2.0)
+    assert draft.verify_cost(v, 34) == pytest.approx(5.8) and draft.verify_cost(None, 5) == 1.0
+    assert draft.speedup(0.8, 0.25, 3, v) == pytest.approx((1 - 0.8 ** 4) / (0.2 * (0.75 + 1.85)))
+    k_free, s_free = draft.best_k(0.8, 0.25)
+    k_cpu, s_cpu = draft.best_k(0.8, 0.25, verify=v)
+    assert s_cpu < s_free and k_cpu != k_free
+    assert draft.choose({2: 0.9}, {2: 0.55}, full=4, verify=v)["speedup"] == pytest.approx(s := draft.best_k(0.9, 0.55, verify=v)[1]) and s > 0
 
 
 def test_early_exit_thresholds_land_on_the_trained_exits():
@@ -172,7 +183,12 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     rows = {r["dims"]["depth"]: r for r in doc["rows"]}
     for e in (1, 3):
         assert 0 <= rows[e]["agreement"] <= 1 and rows[e]["cost_ratio"] > 0
-        assert rows[e]["speedup"] == pytest.approx(draft.best_k(rows[e]["agreement"], rows[e]["cost_ratio"])[1])
+    chosen = doc["draft"]
+    verify = {int(t): x for t, x in chosen["verify"].items()}
+    assert verify[1] == 1 and all(x > 0 for x in verify.values())
+    for e in (1, 3):
+        assert rows[e]["speedup"] == pytest.approx(draft.best_k(rows[e]["agreement"], rows[e]["cost_ratio"],
+                                                                verify=verify)[1])
     assert "agreement" not in rows[4]
     for e in (1, 3):  # the vocabulary is 300 tokens: no frequency-ranked subset (4096+) is smaller
         assert not any(key.startswith("vocab") for key in rows[e])

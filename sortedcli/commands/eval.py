@@ -137,17 +137,21 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
     with console.status(f"measuring {len(exits)} exits: agreement with the full model, cost of a step"):
         a = draft.agreement(r.model, r.data.task, exits, test, r.device, r.amp, vocabs)
         c = draft.cost_ratios(stack, exits, e.latency.warmup, e.latency.reps, vocabs)
+        v = draft.verify_ratios(stack)
+    console.print("verifying T tokens costs " + ", ".join(f"{t}: {x:.2f}x" for t, x in v.items() if t > 1)
+                  + " one token's step here; the predicted speed-ups include it")
     full_dims = {d.name: d.largest for d in r.grid.dims if d.kind != COUNT}
     for row in rows:
         x = row["dims"].get(depth.name)
         if (x, None) in a and all(row["dims"].get(k) == v for k, v in full_dims.items()):
-            k, s = draft.best_k(a[x, None], c[x, None])
+            k, s = draft.best_k(a[x, None], c[x, None], verify=v)
             row.update(agreement=a[x, None], cost_ratio=c[x, None], speedup=s, best_k=k)
             for n in vocabs:
                 row[f"vocab{n}"] = {"agreement": a[x, n], "cost_ratio": c[x, n],
-                                    "speedup": draft.best_k(a[x, n], c[x, n])[1]}
-    chosen = draft.choose(a, c, L)
+                                    "speedup": draft.best_k(a[x, n], c[x, n], verify=v)[1]}
+    chosen = draft.choose(a, c, L, verify=v)
     if chosen is not None:
+        chosen["verify"] = {str(t): x for t, x in v.items()}
         n = int(e.get("samples", 3))
         prompts = [list(map(int, r.data.test[i]["input_ids"][:8])) for i in range(min(n, len(r.data.test)))]
         out = draft.samples(stack, prompts, [*exits, L], int(e.get("sample_tokens", 16)))
@@ -157,7 +161,8 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         vocab = "full head" if chosen["vocab"] is None else f"head over the {chosen['vocab']} most frequent tokens"
         console.print(f"draft for --speculative: exit {chosen['exit']} of {L}, {vocab}, k={chosen['k']}: agreement "
                       f"{chosen['agreement']:.3f}, cost ratio {chosen['cost_ratio']:.2f}, predicted speed-up "
-                      f"{chosen['speedup']:.2f}x (if verifying k+1 tokens costs one step)")
+                      f"{chosen['speedup']:.2f}x (with verifying {chosen['k'] + 1} tokens at "
+                      f"{draft.verify_cost(v, chosen['k'] + 1):.2f}x a step)")
         for x in (chosen["exit"], L):
             console.print(f"  exit {x}: {chosen['samples'][str(x)][0]!r}")
     return chosen

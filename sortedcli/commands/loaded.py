@@ -42,6 +42,7 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     weights, run_cfg = runs.load_weights(ckpt)
     if (run_dir / "config.yaml").is_file():
         check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
+    with_run_eval_settings(cfg, run_cfg)
     n = cfg.eval.get("test_subset")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise UsageError(f"eval.test_subset must be a positive integer (the first N test examples) or null, got {n!r}")
@@ -61,6 +62,28 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     device, amp = build_device(cfg)
     model.to(device).eval()
     return LoadedRun(run_dir, ckpt, run_cfg, data, tokenizer, model, grid, device, amp)
+
+
+def with_run_eval_settings(cfg: DictConfig, run_cfg: DictConfig) -> None:
+    """The run's own ``eval:`` settings (a recipe's ``eval.batch_size: 8`` for a 49k-token head,
+    ``eval.test_subset``) become ``cfg.eval``'s, except the keys given on this command line: a recipe
+    sizes its evaluation once, and eval/export/generate follow it. Settings are re-checked after."""
+    theirs = run_cfg.get("eval")
+    if not theirs:
+        return
+    given = set()
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        given = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
+    except ValueError:  # not under Hydra (called from Python): cfg is what the caller built
+        return
+    keep = {k: v for k, v in theirs.items()
+            if k in cfg.eval and f"eval.{k}" not in given and not any(g.startswith(f"eval.{k}.") for g in given)}
+    if keep:
+        OmegaConf.set_struct(cfg, False)
+        cfg.eval = OmegaConf.merge(cfg.eval, keep)
+        check_settings(cfg)
 
 
 def check_belongs(ckpt: Path, ckpt_cfg: DictConfig, run_dir: Path, run_cfg: DictConfig) -> None:
