@@ -315,6 +315,27 @@ def score(model: nn.Module, task: Task, sub: SubModel | None, loader: Iterable, 
 
 
 @torch.no_grad()
+def score_members(model: nn.Module, task: Task, trunk: SubModel, members: list[SubModel], loader: Iterable,
+                  device: torch.device, amp: torch.dtype | None) -> dict[SubModel, float]:
+    """:func:`score` of every member of one trunk (:func:`~sortedcli.nest.trunk_groups`) from one
+    pass over ``loader``: exits of one stack are read out of the trunk's pass at the positions the
+    task counts (a 30-layer LM's 10 exits cost one forward, not 10 of 3..30 layers). No BatchNorm
+    recalibration: for models with exits (transformers)."""
+    model.eval()
+    sums: dict[SubModel, torch.Tensor] = {}
+    with use(model, trunk), autocast(device, amp):
+        for batch in loader:
+            batch = task.to_device(batch, device)
+            logits = forward_members(model, task.inputs(batch), trunk, members, task.keep(batch))
+            for sub in members:
+                part = task.sums(logits.pop(sub), batch)
+                sums[sub] = part if sub not in sums else sums[sub] + part
+    if not sums:
+        raise ValueError("nothing to evaluate: the test set is empty")
+    return {sub: task.finish(v) for sub, v in sums.items()}
+
+
+@torch.no_grad()
 def latency_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
     """Median wall time of ``fn()`` in milliseconds (synchronizing the GPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -344,3 +344,18 @@ def test_exit_agreement_gathered_at_answer_positions_equals_the_dense_count(data
                     total += int(keep.sum())
                 want[e, n] = hits / total
     assert got == pytest.approx(want)
+
+
+def test_eval_scores_every_exit_from_one_trunk_pass_as_each_sub_model_alone(data, model):
+    """eval's perplexity of the exits of one stack comes from one pass of their trunk (SmolLM2's 10
+    exits: one forward per batch, not 10 of 3..30 layers), equal to scoring each sub-model alone."""
+    from sortedcli.engine import score, score_members
+    from sortedcli.nest import trunk_groups
+
+    grid = Grid((Dim("depth", COUNT, (1, 2, 3, 4)),))
+    subs = grid.submodels()
+    loader = [batch_of(data, 4), data.collate([data.train[i] for i in range(4, 8)])]
+    ((trunk, members),) = trunk_groups(model, subs)
+    got = score_members(model, data.task, trunk, members, loader, torch.device("cpu"), None)
+    for sub in subs:
+        assert got[sub] == pytest.approx(score(model, data.task, sub, loader, torch.device("cpu"), None), rel=1e-5)

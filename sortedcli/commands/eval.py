@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import distributed, draft, models
-from ..engine import autocast, calibration_batches, evaluate, latency_ms, score
+from ..engine import autocast, calibration_batches, evaluate, latency_ms, score, score_members
 from ..flops import measure
-from ..nest import COUNT, call, has_exits, nesting, use
+from ..nest import COUNT, call, has_exits, nesting, trunk_groups, use
 from ..report import pareto_front, results_table, write_results
 from ..errors import UsageError
 from ..tasks import move
@@ -52,11 +52,20 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not d.main) as bar:
         job = bar.add_task("evaluating", total=len(mine))  # rank 0's share of the grid
+        values, checks = {}, {}
+        if not calib:  # no BatchNorm to recalibrate per sub-model: exits of one stack share a trunk pass
+            for trunk, members in trunk_groups(r.model, mine):
+                if len(members) > 1:
+                    bar.update(job, description=f"evaluating {len(members)} exits of {trunk.name} in one pass")
+                    values.update(score_members(r.model, task, trunk, members, test, r.device, r.amp))
+                    if val is not None:
+                        checks.update(score_members(r.model, task, trunk, members, val, r.device, r.amp))
         for sub in mine:
             bar.update(job, description=f"evaluating {sub.name}")
             cost = measure(r.model, sub, example)
-            value = evaluate(r.model, task, sub, calib, test, r.device, r.amp)
-            checked = None if val is None else score(r.model, task, sub, val, r.device, r.amp)  # same calibration
+            value = values[sub] if sub in values else evaluate(r.model, task, sub, calib, test, r.device, r.amp)
+            checked = None if val is None else checks[sub] if sub in checks else \
+                score(r.model, task, sub, val, r.device, r.amp)  # same calibration
             with torch.no_grad(), use(r.model, sub), autocast(r.device, r.amp):
                 ms = latency_ms(lambda: call(r.model, timed), r.device, e.latency.warmup, e.latency.reps)
             rows.append({"name": sub.name, "dims": sub.as_dict(), metric: value,
