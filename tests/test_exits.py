@@ -221,3 +221,13 @@ def test_decoding_benchmark_prints_verify_costs_and_drafts_through_a_vocabulary_
     sub = results["methods"]["speculative, draft exit 2, vocab 64 (ours)"]
     assert sub["identical"] == 2 and 0 <= sub["a"] <= 1
     assert set(results["c_step"]["2"]) == {"full_head", "64"} and set(results["verify_ms"]) >= {1, 5}
+
+
+def test_eval_samples_continue_an_instructions_prompt_not_its_first_tokens():
+    from sortedcli.commands.eval import sample_prompt
+
+    # a chat example: the question (and the opened assistant turn) is the prompt, the answer is sampled
+    assert sample_prompt({"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, 4, 5]}) == [1, 2, 3]
+    # plain text (every token counts, or no labels): its first 8 tokens
+    assert sample_prompt({"input_ids": list(range(20)), "labels": list(range(20))}) == list(range(8))
+    assert sample_prompt({"input_ids": list(range(20))}) == list(range(8))

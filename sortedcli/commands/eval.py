@@ -162,7 +162,7 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
     if chosen is not None:
         chosen["verify"] = {str(t): x for t, x in v.items()}
         n = int(e.get("samples", 3))
-        prompts = [list(map(int, r.data.test[i]["input_ids"][:8])) for i in range(min(n, len(r.data.test)))]
+        prompts = [sample_prompt(r.data.test[i]) for i in range(min(n, len(r.data.test)))]
         out = draft.samples(stack, prompts, [*exits, L], int(e.get("sample_tokens", 16)))
         tok = r.tokenizer
         chosen["samples"] = {str(x): [tok.decode(p + t, skip_special_tokens=True) for p, t in zip(prompts, ts)]
@@ -175,6 +175,19 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         for x in (chosen["exit"], L):
             console.print(f"  exit {x}: {chosen['samples'][str(x)][0]!r}")
     return chosen
+
+
+def sample_prompt(item: dict, plain: int = 8) -> list[int]:
+    """What a sample continues: an instruction example's prompt (every token before the first one
+    that counts: the question, in the chat template with the assistant's turn opened), else the
+    first ``plain`` tokens of the text."""
+    ids = [int(t) for t in item["input_ids"]]
+    labels = item.get("labels")
+    if labels is not None:
+        first = next((i for i, lab in enumerate(map(int, labels)) if lab != -100), None)
+        if first:
+            return ids[:first]
+    return ids[:plain]
 
 
 def save_ranks(ranks: torch.Tensor, path) -> None:
