@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from sortedcli import decoding as D  # noqa: E402
 from sortedcli import draft as drafting  # noqa: E402
 from sortedcli.models.llama import LlamaStack  # noqa: E402
+from sortedcli.data import lm  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,21 +98,29 @@ def load_model(args, device, dtype):
 
 
 def make_prompts(args, tokenizer, vocab: int):
-    """(prompt id lists, [(ids, score_from)] held-out sequences for perplexity, description)."""
+    """(prompt id lists, [(ids, score_from)] held-out sequences for perplexity, description). The
+    held-out GSM8K split is the recipes' (test fraction 0.05, seed 0); a tokenizer with a chat template
+    (a chat model's, as SmolLM2-Instruct) gets the questions as the model was fine-tuned on them and
+    as ``sortednet generate`` writes them: one user turn, the assistant's turn opened."""
     if tokenizer is not None:
         from sortedcli.data import lm
 
+        chat = lm.has_chat_template(tokenizer)
         examples = lm.split(lm.read_gsm8k(lm.package_file("gsm8k")), 0.05, 0)[1]
         prompts, scored = [], []
         for ex in examples[: max(args.prompts, args.ppl_items)]:
-            prompt = ex.segments[0][0]
-            prompts.append(tokenizer(prompt).input_ids)
+            if chat:
+                prompts.append(lm.chat_prompt_ids(tokenizer, ex.messages[0][1]))
+                ex = lm.templated(tokenizer, ex)
+            else:
+                prompts.append(tokenizer(ex.segments[0][0]).input_ids)
             pair = lm.tokenize_example(tokenizer, ex, 512)
             if pair is not None:
                 ids, labels = pair
                 first = next(i for i, lab in enumerate(labels) if lab != lm.IGNORE)
                 scored.append((ids, first))
-        return prompts[: args.prompts], scored[: args.ppl_items], "held-out GSM8K questions (Alpaca prompt)"
+        return prompts[: args.prompts], scored[: args.ppl_items], \
+            "held-out GSM8K questions (" + ("the chat template" if chat else "Alpaca prompt") + ")"
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, vocab, (int(torch.randint(16, 33, (), generator=g)),), generator=g).tolist()
                for _ in range(args.prompts)]
@@ -171,9 +180,9 @@ def _ranked_vocab(tokenizer, prompts, vocab_size: int) -> torch.Tensor:
     """Token ids by frequency in the GSM8K training split (with a tokenizer; else in the prompts)."""
     if tokenizer is None:
         return D.frequent_tokens(prompts, vocab_size, vocab_size)
-    from sortedcli.data import lm
-
     train = lm.split(lm.read_gsm8k(lm.package_file("gsm8k")), 0.05, 0)[0]
+    if lm.has_chat_template(tokenizer):  # the text as the model reads it (see make_prompts)
+        train = [lm.templated(tokenizer, ex) for ex in train]
     texts = ("".join(text for text, _ in ex.segments) for ex in train)
     return D.frequent_tokens((tokenizer(t).input_ids for t in texts), vocab_size, vocab_size)
 
@@ -209,7 +218,8 @@ def main(argv=None) -> dict:
     thresholds = ({int(a): float(b) for a, b in (p.split(":") for p in args.thresholds.split(",") if p)}
                   or D.scaled_thresholds(L))
     prompts, scored, prompt_source = make_prompts(args, tokenizer, model.config.vocab_size)
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    eos = None if tokenizer is None else lm.end_of_turn(tokenizer) if lm.has_chat_template(tokenizer) \
+        else tokenizer.eos_token_id  # a chat model ends its answer with the template's end of turn
     N = args.new_tokens
     clock = Clock(device)
     started = time.perf_counter()
