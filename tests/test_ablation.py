@@ -119,3 +119,34 @@ def test_ablation_recipe_trains_the_winner_and_each_method_is_one_override_away(
     paper = recipe("ablation_tiny", ["sampler=sortednet"])
     # not the winner's g, nor its largest every step
     assert dict(paper.sampler) == {"name": "sortednet", "g": 1, "all_exits": False, "largest": False}
+
+
+def test_compare_of_perplexity_runs_calls_the_highest_perplexity_the_weakest(tmp_path):
+    """Lower is better: the weakest sub-model is the one with the highest perplexity, % of full is
+    full / sub, the best run of a row is the lowest (SmolLM2's compare had them upside down)."""
+    from rich.console import Console
+
+    from sortedcli.commands import compare
+
+    def fake(name, sampler, ppls):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({"model": {"name": "llama"}, "data": {"name": "gsm8k"},
+                                         "sampler": {"name": sampler}}), run / "config.yaml")
+        rows = [{"name": f"depth{i + 1}", "dims": {"depth": i + 1}, "perplexity": p, "flops": 10 ** (i + 1),
+                 "full": i == len(ppls) - 1} for i, p in enumerate(ppls)]
+        (run / "eval" / "results.json").write_text(json.dumps({"metric": "perplexity", "higher_is_better": False,
+                                                               "rows": rows}))
+        return str(run)
+
+    sft = fake("sft", "full", [5e6, 1e3, 2.0])
+    soft = fake("soft", "all", [50.0, 4.0, 2.5])
+    cfg = OmegaConf.create({"runs": [sft, soft], "out": str(tmp_path / "cmp"), "paths": {"runs": str(tmp_path)}})
+    console = Console(width=200, record=True)
+    compare.run(cfg, console)
+    by = {e["run"]: e for e in json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"]}
+    assert by["soft"]["lowest"] == "depth1" and by["soft"]["lowest_rel"] == pytest.approx(100 * 2.5 / 50)
+    assert by["sft"]["lowest"] == "depth1" and by["soft"]["at_96"] == 1
+    assert by["soft"]["full_vs_plain"] == pytest.approx(0.5)
+    text = console.export_text()
+    assert "+0.50 perplexity" in text and "points" not in text

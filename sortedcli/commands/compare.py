@@ -109,7 +109,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     for n in names:
         cells = []
         measured = [by_name[lab][n].get(metric) for lab in labels if n in by_name[lab]]
-        best = max((v for v in measured if v is not None), default=None)
+        best = (max if higher else min)((v for v in measured if v is not None), default=None)
         for lab in labels:
             r = by_name[lab].get(n)
             v = None if r is None else r.get(metric)
@@ -121,11 +121,16 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     for label, (path, *_) in zip(labels, loaded):
         rows = [r for r in series[label]["rows"] if r.get(metric) is not None]
         full = next((r for r in rows if r.get("full")), max(rows, key=lambda r: r["flops"]))
-        worst = min(rows, key=lambda r: r[metric])
-        rel = 100 * worst[metric] / full[metric] if full[metric] else float("nan")
+        def relative(v):  # % of the full model, higher is better either way (perplexity: full / sub)
+            if not full[metric] or not v:
+                return float("nan")
+            return 100 * v / full[metric] if higher else 100 * full[metric] / v
+
+        worst = min(rows, key=lambda r: relative(r[metric]))
+        rel = relative(worst[metric])
         entry = {"run": label, "full": full[metric], "lowest": worst["name"], "lowest_value": worst[metric],
                  "lowest_rel": rel, "submodels": len(rows),
-                 "at_96": sum(1 for r in rows if full[metric] and 100 * r[metric] / full[metric] >= 96),
+                 "at_96": sum(1 for r in rows if relative(r[metric]) >= 96),
                  "train_seconds": _train_seconds(path)}
         alone = [r for r in rows if r.get("rel_standalone") is not None]
         if alone:  # eval ... standalone=DIR: each sub-model as % of itself trained alone
@@ -144,7 +149,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
             if e["train_seconds"] and ref["train_seconds"]:
                 e["time_vs_plain"] = e["train_seconds"] / ref["train_seconds"]
         console.print(f"against plain training ({ref['run']}): " + "; ".join(
-            f"{e['run']} full {e['full_vs_plain']:+.2f} points"
+            f"{e['run']} full {e['full_vs_plain']:+.2f}" + (" points" if higher else f" {metric}")
             + (f", {e['time_vs_plain']:.2f}x time" if e.get("time_vs_plain") else "") for e in summary))
     console.print(f"{STAR} = on that run's Pareto front ({metric} vs FLOPs); bold = the best run for that sub-model.")
 
