@@ -43,8 +43,8 @@ tests shrink the recipe with them).
    the two spreads (the seeds' ranges do not overlap); with one seed nothing is marked.
 
 Methods (``--methods``): full, sortednet (the paper's rule, g=1: today's ``default`` recipe),
-sortednet-largest (g=1 + the largest every step), sandwich, sandwich-distill, weighted, lossaware,
-lossaware-distill (weighted and lossaware: g=3 + the largest). ``progressive`` is left out: its step
+sortednet-largest (g=1 + the largest every step), sandwich, sandwich-distill, weighted, weighted-distill,
+lossaware, lossaware-distill (weighted and lossaware: g=3 + the largest). ``progressive`` is left out: its step
 trains only the largest for the first 10% of the schedule, so a short calibration run does not
 measure what its steps cost over a whole run.
 """
@@ -73,12 +73,13 @@ METHODS = {
     "sandwich": ["sampler=sandwich"],
     "sandwich-distill": ["sampler=sandwich", "distill.enabled=true"],
     "weighted": ["sampler=weighted", "sampler.g=3", "sampler.largest=true"],
+    "weighted-distill": ["sampler=weighted", "sampler.g=3", "sampler.largest=true", "distill.enabled=true"],
     "lossaware": ["sampler=lossaware", "sampler.g=3", "sampler.largest=true"],
     "lossaware-distill": ["sampler=lossaware", "sampler.g=3", "sampler.largest=true", "distill.enabled=true"],
 }
 #: sub-models one step trains, for the table
 PER_STEP = {"full": "1", "sortednet": "1", "sortednet-largest": "2", "sandwich": "4", "sandwich-distill": "4",
-            "weighted": "4", "lossaware": "4", "lossaware-distill": "4"}
+            "weighted": "4", "weighted-distill": "4", "lossaware": "4", "lossaware-distill": "4"}
 #: the corners of each recipe's grid trained alone (the smallest, the widest shallow, the narrowest deep,
 #: two in the middle, the full model)
 CORNERS = {
