@@ -28,8 +28,10 @@ tests shrink the recipe with them).
 2. **Standalone corners** (``--standalone``, the default): the recipe's corner sub-models trained
    alone (``standalone=[...]``, plain training of that architecture) at the recipe's own length
    (``trainer.epochs``: equal steps to the recipe, not equal time), once per seed, into
-   ``RUNS/alone-seedS/standalone/NAME``. They are the yardstick: each sorted run's corners as % of the
-   same seed's standalone accuracy.
+   ``RUNS/alone-seedS/standalone/NAME``, each then evaluated once (``eval/results.json``, the same test
+   images and eval settings as the sorted runs). They are the yardstick: each sorted run's corners as %
+   of the same seed's standalone accuracy (a run evaluated before its corners existed takes them from
+   those evals).
 3. **Each method x budget multiple x seed**: ``trainer.steps = round(budget x multiple / sec_per_step)``,
    ``seed=S``, no epoch-end evaluation, into ``RUNS/<x>x-seed<S>/<method>``; then ``sortednet eval
    --all-submodels --ckpt RUN standalone=RUNS/alone-seedS`` on the first ``--eval-subset`` test images
@@ -213,7 +215,14 @@ class Study:
                                            "hydra.output_subdir=null"), f"alone-seed{seed}")
         elif not self.dry:
             print(f"standalone seed {seed}: all {len(corners)} trained (skipped)")
+        for name in corners:  # each alone evaluated once, as the sorted runs are (the same test images)
+            run = alone / "standalone" / name
+            if not (run / "eval" / "results.json").is_file():
+                self.sortednet(["eval", "--all-submodels", "--ckpt", run, *self.eval_args()], f"alone-seed{seed}-{name}")
         return alone
+
+    def eval_args(self) -> list[str]:
+        return [f"eval.test_subset={self.args.eval_subset}", f"eval.val_subset={self.args.val_subset}", *EVAL_FLAGS]
 
     # --- 3. the runs -------------------------------------------------------------------------------
 
@@ -253,8 +262,7 @@ class Study:
                   flush=True)
             self.sortednet(self.train_args(r["method"], run, f"seed={r['seed']}", f"trainer.steps={r['steps']}"),
                            label)
-        self.sortednet(["eval", "--all-submodels", "--ckpt", run, f"eval.test_subset={self.args.eval_subset}",
-                        f"eval.val_subset={self.args.val_subset}", *EVAL_FLAGS,
+        self.sortednet(["eval", "--all-submodels", "--ckpt", run, *self.eval_args(),
                         *([f"standalone={alone}"] if alone else [])], label)
         if not self.dry:
             print(head + f"trained in {train_seconds(run)[0]:.1f} s, evaluated", flush=True)
@@ -296,10 +304,12 @@ class Study:
             if not results.is_file():
                 continue
             seconds, segments = train_seconds(r["run"])
+            numbers = summarize(json.loads(results.read_text()), a.corners)
+            if alone.get(r["seed"]):
+                fill_standalone(numbers, alone[r["seed"]])
             records.append({**{k: v for k, v in r.items() if k != "run"}, "run": str(r["run"]),
                             "train_seconds": seconds, "train_segments": segments,
-                            "time_vs_budget": seconds / r["budget_s"] if seconds else None,
-                            **summarize(json.loads(results.read_text()), a.corners)})
+                            "time_vs_budget": seconds / r["budget_s"] if seconds else None, **numbers})
         groups = {}
         for rec in records:
             groups.setdefault((rec["method"], rec["budget_x"]), []).append(rec)
@@ -389,6 +399,22 @@ def summarize(doc: dict, corners: list[str]) -> dict:
             "mean": sum(r[metric] for r in rows) / len(rows),
             "corners": {n: {"value": by[n][metric], "standalone": by[n].get("standalone"),
                             "rel_standalone": by[n].get("rel_standalone")} for n in corners if n in by}}
+
+
+def fill_standalone(numbers: dict, alone: Path) -> None:
+    """A run evaluated before its seed's corners were trained alone: each corner's standalone accuracy
+    from the corner's own eval (``ALONE/standalone/NAME/eval/results.json``, the same test images and
+    BatchNorm recalibration as ``eval standalone=ALONE`` uses), and the corner as % of it."""
+    for name, c in numbers["corners"].items():
+        if c.get("standalone") is not None:
+            continue
+        path = alone / "standalone" / name / "eval" / "results.json"
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        value = next(r for r in doc["rows"] if r.get("full"))[doc["metric"]]
+        c["standalone"] = value
+        c["rel_standalone"] = 100 * c["value"] / value if value else None
 
 
 def stat(values: list[float]) -> dict:
