@@ -166,6 +166,24 @@ def test_imagefolder(tmp_path, split):
     assert xb.shape == (4, 3, 16, 16)
 
 
+def test_imagefolder_in_channels_1_reads_every_image_as_grayscale_and_other_values_are_refused(tmp_path):
+    write_imagefolder(tmp_path, split="test")
+    cfg = {"name": "imagefolder", "root": str(tmp_path), "image_size": 16}
+    gray = build_vision_data({**cfg, "in_channels": 1})
+    assert gray.in_channels == 1 and gray.train[0][0].shape == (1, 16, 16) == gray.test[0][0].shape
+    rgb = build_vision_data(cfg)
+    assert rgb.in_channels == 3 and rgb.train[0][0].shape == (3, 16, 16)
+    for bad in (2, 4, 0):
+        with pytest.raises(UsageError, match="data.in_channels must be 3 .RGB. or 1"):
+            build_vision_data({**cfg, "in_channels": bad})
+
+
+def test_a_fixed_datasets_channels_cannot_be_changed_by_in_channels():
+    with pytest.raises(UsageError, match=r"digits images have 1 channel: data.in_channels=3 cannot change that"):
+        build_vision_data({"name": "digits", "in_channels": 3})
+    assert build_vision_data({"name": "digits", "in_channels": 1}).in_channels == 1
+
+
 def test_imagefolder_missing_folders(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UsageError, match="train/ and val/"):

@@ -7,6 +7,7 @@ Small datasets live in memory as tensors and are normalized (and augmented) in `
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -158,6 +159,10 @@ def _in_memory(name, cfg, train, test, num_classes, native):
     """Wrap (images, labels) pairs for train and test into a VisionData."""
     size = int(cfg.get("image_size") or native)
     channels = train[0].shape[1]
+    given = cfg.get("in_channels")
+    if given is not None and given != channels:
+        raise UsageError(f"{name} images have {channels} channel{'s' if channels > 1 else ''}: data.in_channels="
+                         f"{given} cannot change that (drop it, or set data.in_channels={channels})")
     mean, std = _stats(cfg, name, channels)
     ntr, nte = _subset_size(cfg, "train_subset"), _subset_size(cfg, "test_subset")
     keep, held = hold_out(len(train[1]), cfg)
@@ -305,12 +310,14 @@ def _cifar(cfg, name):
 
 
 # ---------------------------------------------------------------- ImageFolder tree
-def _image(path: str):
-    """torchvision's own loader (PIL, RGB); a file with an image's name that is not one is the user's."""
+def _image(path: str, mode: str = "RGB"):
+    """PIL, converted to ``mode`` (``RGB`` as torchvision's own loader, or ``L``: grayscale); a file with
+    an image's name that is not one is the user's."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return torchvision.datasets.folder.pil_loader(path)
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
         raise UsageError(f"{path} is not a readable image ({type(e).__name__}): remove it from data.root or "
                          "replace it") from None
@@ -323,7 +330,17 @@ def _imagefolder(cfg):
     if not cfg.get("root") or not (root / "train").is_dir() or not test_dir.is_dir():
         raise UsageError(hint)
     size = int(cfg.get("image_size") or 224)
-    mean, std = _stats(cfg, "imagefolder", 3)
+    channels = cfg.get("in_channels")
+    channels = 3 if channels is None else channels
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise UsageError(f"data.in_channels must be 3 (RGB) or 1 (grayscale: every image converted to one "
+                         f"channel) for an image folder, got {channels!r}")
+    mode = "RGB" if channels == 3 else "L"
+    if channels == 1 and not cfg.get("mean") and not cfg.get("std"):  # ImageNet's statistics, as one gray
+        mean, std = (sum(v) / 3 for v in DEFAULT_STATS["imagefolder"])
+        mean, std = _stats({"mean": [mean], "std": [std]}, "imagefolder", 1)
+    else:
+        mean, std = _stats(cfg, "imagefolder", channels)
     aug, words = _augmentation(size, augment_steps(cfg, "imagefolder"))
 
     def pipeline(augment):
@@ -334,7 +351,8 @@ def _imagefolder(cfg):
 
     def folder(path, augment):
         try:
-            return torchvision.datasets.ImageFolder(str(path), transform=pipeline(augment), loader=_image)
+            return torchvision.datasets.ImageFolder(str(path), transform=pipeline(augment),
+                                                    loader=functools.partial(_image, mode=mode))
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"{hint}: {e}") from None
 
@@ -361,7 +379,7 @@ def _imagefolder(cfg):
     if held:
         train, calib = take(train, keep), take(calib, keep)
     return VisionData("imagefolder", train=cut(train, ntr), test=cut(test, nte), calib=cut(calib, ntr),
-                      num_classes=len(classes), in_channels=3,
+                      num_classes=len(classes), in_channels=channels,
                       image_size=size, mean=tuple(mean), std=tuple(std), augmentation=words, val=cap(val, cfg))
 
 
