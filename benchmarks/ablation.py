@@ -44,7 +44,7 @@ tests shrink the recipe with them).
    (with 2 seeds: half their difference); a difference is marked ``*`` only when it exceeds the sum of
    the two spreads (the seeds' ranges do not overlap); with one seed nothing is marked.
 
-Methods (``--methods``): full, sortednet (the paper's rule, g=1: today's ``default`` recipe),
+Methods (``--methods``): full, sortednet (the paper's rule, g=1: the ``default`` recipe until this study),
 sortednet-largest (g=1 + the largest every step), sandwich, sandwich-distill, weighted, weighted-distill,
 lossaware, lossaware-distill (weighted and lossaware: g=3 + the largest). ``progressive`` is left out: its step
 trains only the largest for the first 10% of the schedule, so a short calibration run does not
@@ -90,7 +90,7 @@ CORNERS = {
     "ablation_tiny": ["width0.1-depth1", "width1-depth1", "width0.1-depth4", "width0.5-depth2", "width0.3-depth3",
                       "width1-depth4"],
 }
-BUDGET_S = 258.0  # training seconds of today's `make run` (README: 258 s on 54k images, 2 CPU cores)
+BUDGET_S = 258.0  # training seconds of `make run` when the study began (g=1, 8 epochs: 258 s on 54k images, 2 CPU cores)
 #: every training run of the study (calibration too): no epoch-end evaluation, the same logging
 TRAIN_FLAGS = ["trainer.epoch_eval=false", "trainer.log_every=10", "trainer.tensorboard=false"]
 EVAL_FLAGS = ["eval.calib_batches=5", "eval.calib_batch_size=128", "eval.latency.reps=1", "eval.latency.warmup=0"]
@@ -517,7 +517,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="default")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--budget", type=float, default=BUDGET_S, help="training seconds (default: today's make run)")
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help="training seconds (default: make run's when the study began)")
     ap.add_argument("--budget-x", type=float, nargs="+", default=[1.0, 2.0], help="multiples of --budget")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="NAME")
     ap.add_argument("--runs", type=Path, help="run folders (default runs/ablation-RECIPE)")

@@ -33,7 +33,7 @@ def test_dry_run_computes_each_methods_steps_from_the_calibration_and_writes_not
     text = capsys.readouterr().out
     steps = {(m, x): round(258 * x / s) for m, s in (("full", 0.2), ("sortednet", 0.0766), ("lossaware", 0.35))
              for x in (1, 2)}
-    assert steps[("sortednet", 1)] == 3368 == 8 * 421  # today's `make run` length at its own speed
+    assert steps[("sortednet", 1)] == 3368 == 8 * 421  # the g=1 `make run` the study began from, at its own speed
     for (m, x), n in steps.items():
         for seed in (0, 1):
             assert (f"hydra.run.dir={runs}/{x}x-seed{seed}/{m} trainer.epoch_eval=false trainer.log_every=10 "

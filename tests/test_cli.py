@@ -253,7 +253,7 @@ def test_export_help_names_the_folder_export_writes(tmp_path):
 
 def test_train_writes_config_metrics_and_a_checkpoint(trained_run):
     run = trained_run
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-resnet_tiny-sortednet", run.name)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-resnet_tiny-weighted", run.name)
     cfg = OmegaConf.load(run / "config.yaml")
     assert cfg.model.name == "resnet_tiny" and cfg.data.name == "digits"
     assert cfg.data.train_subset == 256 and cfg.trainer.batch_size == 64 and cfg.seed == 0
@@ -633,7 +633,7 @@ def test_eval_leaves_no_files_in_the_working_folder(case, batch, request):
 def same_second(home, run):
     """A train whose clock reads the second in which an existing run (a copy of the trained one) started."""
     stamp = "2030-01-01_12-00-00"
-    existing = copy_run(run, home, f"{stamp}-resnet_tiny-sortednet", results=False)
+    existing = copy_run(run, home, f"{stamp}-resnet_tiny-weighted", results=False)
     frozen = ("import sys, datetime as d\n"
               "import hydra.core.utils as u\n"
               "class Frozen(d.datetime):\n"
