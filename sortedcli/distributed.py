@@ -119,12 +119,36 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+LAUNCHER_PID = "SORTEDNET_LAUNCHER_PID"  # set by launch(): the process whose death ends every rank
+
+
+def die_with_launcher() -> None:
+    """A rank that ``trainer.devices=N`` started dies with the ``sortednet`` process that started it.
+    torch's elastic agent puts each rank in a session of its own, so a ``kill -9`` of the launcher (or
+    of its process group) would leave the ranks training on and writing checkpoints into the run
+    that a ``--resume`` is continuing. Linux: ``PR_SET_PDEATHSIG``; elsewhere a no-op."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # it died before the line above took effect
+        os._exit(1)
+
+
 def setup(device: torch.device) -> Dist:
     """Join the process group when launched as one of several processes (gloo for the CPU, NCCL for
     CUDA); the GPU is the local rank's. Idempotent; ``Dist()`` for a single process."""
     world = env_world()
     if world <= 1:
         return Dist()
+    die_with_launcher()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device.type == "cuda":
@@ -171,6 +195,7 @@ def launch(nprocs: int, argv: list[str], cuda: bool) -> int:
 
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     # the processes print their own errors (one line for a mistake, the traceback for a bug); the
     # agent's log lines about stopping the other ranks would only repeat them
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
