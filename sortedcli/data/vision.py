@@ -337,8 +337,7 @@ def _imagefolder(cfg):
                          f"channel) for an image folder, got {channels!r}")
     mode = "RGB" if channels == 3 else "L"
     if channels == 1 and not cfg.get("mean") and not cfg.get("std"):  # ImageNet's statistics, as one gray
-        mean, std = (sum(v) / 3 for v in DEFAULT_STATS["imagefolder"])
-        mean, std = _stats({"mean": [mean], "std": [std]}, "imagefolder", 1)
+        mean, std = ([sum(v) / 3] for v in DEFAULT_STATS["imagefolder"])
     else:
         mean, std = _stats(cfg, "imagefolder", channels)
     aug, words = _augmentation(size, augment_steps(cfg, "imagefolder"))
