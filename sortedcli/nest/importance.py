@@ -11,7 +11,10 @@ together; the adapter describes them as a :class:`Group`:
   bias; a BatchNorm's weight, bias and running statistics; a depthwise convolution, whose input and
   output are the same channels, is a producer only);
 - ``consumers``: modules whose **input** axis holds them (columns of a Conv2d / Linear weight);
-- ``unit``: how many consecutive channels form one unit (1 channel; ``head_dim`` for attention heads).
+- ``unit``: how many consecutive channels form one unit (1 channel; ``head_dim`` for attention heads);
+  or ``units``: how many units there are, each module's unit then being its size / ``units`` (a
+  key/value group of grouped-query attention: ``head_dim`` rows of k and v, ``groups x head_dim``
+  rows of q and columns of the output projection).
 
 Examples: the hidden channels of a MobileNetV2 block (expand conv + BN, depthwise conv + BN ->
 project conv); a ResNet stage's residual stream (every block's last conv + BN and the projection
@@ -48,10 +51,22 @@ class Group:
     producers: list[nn.Module]
     consumers: list[nn.Module] = field(default_factory=list)
     unit: int = 1
+    units: int | None = None
 
     @property
     def size(self) -> int:
         return _out_size(self.producers[0])
+
+    @property
+    def count(self) -> int:
+        """The number of units."""
+        return self.units if self.units is not None else self.size // self.unit
+
+    def unit_of(self, size: int) -> int:
+        """The channels of one unit in a module with ``size`` channels along the group's axis."""
+        if size % self.count:
+            raise ValueError(f"group {self.name}: {size} channels do not split into {self.count} units")
+        return size // self.count
 
 
 def _out_size(m: nn.Module) -> int:
@@ -69,7 +84,7 @@ def scores(group: Group, method: str = "l1") -> torch.Tensor:
     """One importance score per unit of ``group`` (a float tensor of ``size // unit`` values)."""
     if method not in METHODS:
         raise ValueError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
-    n = group.size // group.unit
+    n = group.count
     total = torch.zeros(n, dtype=torch.float64)
     used = 0
     for m in group.producers:
@@ -82,7 +97,7 @@ def scores(group: Group, method: str = "l1") -> torch.Tensor:
                 continue
             w = m.weight.detach().double().flatten(1)
             per_channel = w.abs().sum(1) if method == "l1" else w.pow(2).sum(1).sqrt()
-        total += per_channel.view(n, group.unit).sum(1).cpu()
+        total += per_channel.view(n, -1).sum(1).cpu()
         used += 1
     if used == 0:
         raise ValueError(f"group {group.name}: no producer to score with method {method!r}")
@@ -97,14 +112,20 @@ def _take(t: torch.Tensor | None, index: torch.Tensor, dim: int) -> None:
 @torch.no_grad()
 def permute(group: Group, order: torch.Tensor) -> None:
     """Reorder the units of ``group`` in place: new unit ``i`` is old unit ``order[i]``."""
-    size, unit = group.size, group.unit
-    index = (order.view(-1, 1) * unit + torch.arange(unit)).flatten()
-    if len(index) != size or sorted(index.tolist()) != list(range(size)):
-        raise ValueError(f"group {group.name}: not a permutation of {size // unit} units")
+    n = group.count
+    if len(order) != n or sorted(order.tolist()) != list(range(n)):
+        raise ValueError(f"group {group.name}: not a permutation of {n} units")
+
+    def index_for(size: int) -> torch.Tensor:
+        unit = group.unit_of(size)
+        return (order.view(-1, 1) * unit + torch.arange(unit)).flatten()
+
+    size = group.size
     for m in group.producers:
-        if _out_size(m) != size:
+        if group.units is None and _out_size(m) != size:
             raise ValueError(f"group {group.name}: producer {type(m).__name__} has {_out_size(m)} outputs, "
                              f"not {size}")
+        index = index_for(_out_size(m))
         if isinstance(m, _BatchNorm):
             for name in ("weight", "bias", "running_mean", "running_var"):
                 _take(getattr(m, name), index, 0)
@@ -114,10 +135,10 @@ def permute(group: Group, order: torch.Tensor) -> None:
     for m in group.consumers:
         if isinstance(m, nn.Conv2d) and m.groups > 1:
             raise ValueError(f"group {group.name}: a depthwise convolution is a producer, not a consumer")
-        if m.weight.shape[1] != size:
+        if group.units is None and m.weight.shape[1] != size:
             raise ValueError(f"group {group.name}: consumer {type(m).__name__} reads {m.weight.shape[1]} "
                              f"inputs, not {size}")
-        _take(m.weight, index, 1)
+        _take(m.weight, index_for(m.weight.shape[1]), 1)
 
 
 def sort_by_importance(groups: list[Group], method: str = "l1") -> dict[str, torch.Tensor]:
