@@ -1,15 +1,36 @@
-"""BERT-family encoders (transformers' own classes: BERT, RoBERTa; MiniLM is a BERT) as sorted models
-for sequence classification.
+"""Hugging Face encoders for sequence classification (transformers' own classes) as sorted models.
 
-- **depth**: the first k encoder layers; exit k reads the hidden state after layer k through the
-  model's own pooler and classifier (one shared head for every exit, as the paper: no new
-  parameters). A dropped layer passes its hidden state on unchanged, so the full forward of the
-  depth-k sub-model and exit k of a deeper pass are the same function.
-- **heads**: a prefix of the attention heads: the query/key/value projections keep their first
-  ``h x head_size`` output features (in whole heads); the attention output projection reads its input
-  width from the tensor. transformers 5.x views q/k/v as ``(-1, head_size)`` and reshapes the output
-  with ``-1``, so fewer heads need no change to the library's attention.
-- **ffn**: a prefix of the intermediate neurons of every layer.
+The layout is detected from the loaded model's modules, not from its class name (:func:`layout_of`):
+
+- **bert**: ``<base>.encoder.layer[i]`` with ``attention.self.query/key/value``,
+  ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, and an encoder that does nothing
+  after its layers: BERT, RoBERTa, XLM-RoBERTa, ELECTRA (and MiniLM, which is a BERT). BERT's head is
+  pooler -> dropout -> classifier; RoBERTa/XLM-RoBERTa/ELECTRA heads read the first token themselves.
+- **distilbert**: ``distilbert.transformer.layer[i]`` with ``attention.q_lin/k_lin/v_lin/out_lin`` and
+  ``ffn.lin1/lin2``; head hidden[:, 0] -> pre_classifier -> ReLU -> dropout -> classifier; config
+  fields ``n_layers``, ``n_heads``, ``hidden_dim``.
+- **modernbert**: ``model.layers[i]`` with a fused ``attn.Wqkv`` and a fused GLU ``mlp.Wi``, then
+  ``final_norm``, ``head``, ``drop``, ``classifier`` with cls or mean pooling. **Depth only**:
+  ``Wqkv``'s rows are [all q | all k | all v] viewed as ``(3, -1, head_dim)``, and ``Wi``'s rows are
+  [input | gate] split by ``chunk(2)``, so a prefix of either one's rows is not a prefix of heads or
+  neurons (it would silently mix q with k, or input with gate). :func:`supported_dims` says so and
+  :func:`check_dims` refuses heads/ffn in one line.
+
+Before sorting, the layout's readout is checked to reproduce the model's own logits from the last
+layer's hidden state (one tiny forward): a class whose modules look right but computes something more
+after its layers (a final norm in the encoder, another pooling) is refused instead of getting wrong exits.
+
+Per layout:
+
+- **depth**: the first k layers; exit k reads the hidden state after layer k through the model's own
+  head (and final norm) — one shared head for every exit, as the paper: no new parameters. A dropped
+  layer passes its hidden state on unchanged, so the full forward of the depth-k sub-model and exit k
+  of a deeper pass are the same function.
+- **heads** (bert, distilbert): a prefix of whole heads: the query/key/value projections keep their
+  first ``h x head_size`` output features; the attention output projection reads its input width from
+  the tensor. transformers 5.x views q/k/v as ``(-1, head_size)`` and reshapes the output with ``-1``
+  in both layouts, so fewer heads need no change to the library's attention.
+- **ffn** (bert, distilbert): a prefix of the intermediate neurons of every layer.
 
 Embeddings, hidden size, vocabulary and classes stay full. FLOPs are counted with eager attention so
 that the attention matmuls are in the count.
@@ -21,13 +42,18 @@ move with them), so the prefixes keep the strongest units and the full model com
 it did.
 
 Export writes a Hugging Face folder that ``AutoModelForSequenceClassification`` loads. Depth and FFN
-reductions are plain config fields (``num_hidden_layers``, ``intermediate_size``); fewer heads at the
-same head size are not (BERT's config derives the head size as hidden_size / num_attention_heads, and
-transformers 5.x dropped head pruning), so ``export`` chooses among the sub-models with every head.
+reductions are plain config fields (``num_hidden_layers`` / ``n_layers``, ``intermediate_size`` /
+``hidden_dim``; ModernBERT's ``layer_types`` is cut with its layers); fewer heads at the same head size
+are not (every one of these configs derives the head size as hidden size / heads, and transformers 5.x
+dropped head pruning), so ``export`` chooses among the sub-models with every head.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
 from torch import nn
 
 from ..errors import UsageError
@@ -42,64 +68,278 @@ DIMS = {"depth": COUNT, "heads": FRACTION, "ffn": FRACTION}
 TASKS = ("text_classification",)
 
 
-def _readout(model: nn.Module, hidden):
-    """Exit: the model's own head on the hidden state after layer k."""
-    base = model.base_model
-    if getattr(base, "pooler", None) is not None:  # BERT: pooler -> dropout -> classifier
-        return model.classifier(model.dropout(base.pooler(hidden)))
-    return model.classifier(hidden)  # RoBERTa-style heads read the first token themselves
+# ---------------------------------------------------------------- layouts
+def _bert_heads(layer):
+    att = layer.attention
+    return [att.self.query, att.self.key, att.self.value], [att.output.dense]
 
 
-def _out_dim(head_size: int):
-    def out_dim(name: str, module: nn.Module):
-        if name.endswith(("attention.self.query", "attention.self.key", "attention.self.value")):
-            return ("heads", head_size)
-        if name.endswith("intermediate.dense"):
-            return ("ffn", 1)
-        return None  # hidden size, pooler and classifier stay full
-    return out_dim
+def _bert_ffn(layer):
+    return [layer.intermediate.dense], [layer.output.dense]
+
+
+def _distil_heads(layer):
+    att = layer.attention
+    return [att.q_lin, att.k_lin, att.v_lin], [att.out_lin]
+
+
+def _distil_ffn(layer):
+    return [layer.ffn.lin1], [layer.ffn.lin2]
+
+
+def _bert_readout(model, hidden, mask):
+    if isinstance(model.classifier, nn.Linear):  # BERT: pooler -> dropout -> classifier
+        return model.classifier(model.dropout(model.base_model.pooler(hidden)))
+    return model.classifier(hidden)  # RoBERTa / XLM-RoBERTa / ELECTRA heads read the first token themselves
+
+
+def _distil_readout(model, hidden, mask):
+    pooled = torch.relu(model.pre_classifier(hidden[:, 0]))
+    return model.classifier(model.dropout(pooled))
+
+
+def _modernbert_readout(model, hidden, mask):
+    hidden = model.base_model.final_norm(hidden)
+    if model.config.classifier_pooling == "mean":
+        if hidden.dim() != 3:
+            raise ValueError("ModernBERT's mean pooling reads every position: run_exits(at=...) is not supported")
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.bool)
+        pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+    else:
+        pooled = hidden[:, 0]
+    return model.classifier(model.drop(model.head(pooled)))
+
+
+def _has(module, *paths) -> bool:
+    for path in paths:
+        try:
+            module.get_submodule(path)
+        except AttributeError:
+            return False
+    return True
+
+
+def _linears(module, *paths) -> bool:
+    return _has(module, *paths) and all(isinstance(module.get_submodule(p), nn.Linear) for p in paths)
+
+
+def _bert_matches(base) -> bool:
+    if not _has(base, "encoder.layer") or not isinstance(base.encoder.layer, nn.ModuleList) or not base.encoder.layer:
+        return False
+    layer = base.encoder.layer[0]
+    return (_linears(layer, "attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.output.dense", "intermediate.dense", "output.dense")
+            # nothing after the layers inside the encoder (XLM-RoBERTa-XL's final LayerNorm would be)
+            and all(name == "layer" for name, _ in base.encoder.named_children()))
+
+
+def _distil_matches(base) -> bool:
+    if not _has(base, "transformer.layer") or not isinstance(base.transformer.layer, nn.ModuleList):
+        return False
+    layer = base.transformer.layer[0]
+    return (_linears(layer, "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
+                     "ffn.lin1", "ffn.lin2")
+            and all(name == "layer" for name, _ in base.transformer.named_children()))
+
+
+def _modernbert_matches(base) -> bool:
+    if not _has(base, "layers", "final_norm") or not isinstance(base.layers, nn.ModuleList):
+        return False
+    return _linears(base.layers[0], "attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one family of encoders lays out its layers, config and head."""
+
+    name: str
+    examples: str  # the classes it covers, for messages
+    stack: str  # the ModuleList of layers, under the base model
+    depth_key: str  # config field: number of layers
+    heads_key: str  # config field: attention heads
+    ffn_key: str | None  # config field: FFN width (None: ffn not supported)
+    matches: Callable[[nn.Module], bool]  # (base model) -> has this layout
+    readout: Callable  # (model, hidden after the last kept layer, attention mask) -> logits
+    heads: Callable | None = None  # layer -> ([q, k, v], [o]); None: heads not supported
+    ffn: Callable | None = None  # layer -> ([in], [out]); None: ffn not supported
+    why_not: str = ""  # why heads/ffn are not supported, when they are not
+    needs_mask: bool = False  # the readout pools with the attention mask
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return ("depth",) + (("heads",) if self.heads else ()) + (("ffn",) if self.ffn else ())
+
+
+LAYOUTS = (
+    Layout("bert", "BERT, RoBERTa, XLM-RoBERTa, ELECTRA", "encoder.layer", "num_hidden_layers",
+           "num_attention_heads", "intermediate_size", _bert_matches, _bert_readout, _bert_heads, _bert_ffn),
+    Layout("distilbert", "DistilBERT", "transformer.layer", "n_layers", "n_heads", "hidden_dim",
+           _distil_matches, _distil_readout, _distil_heads, _distil_ffn),
+    Layout("modernbert", "ModernBERT", "layers", "num_hidden_layers", "num_attention_heads", None,
+           _modernbert_matches, _modernbert_readout,
+           why_not="its fused Wqkv (rows [q | k | v]) and fused GLU Wi (rows [input | gate]) have no prefix of "
+                   "whole heads or neurons", needs_mask=True),
+)
+
+SUPPORTED = ("BERT-layout (BERT, RoBERTa, XLM-RoBERTa, ELECTRA: encoder.layer[i].attention.self.query; depth, "
+             "heads, ffn), DistilBERT (transformer.layer[i].attention.q_lin; depth, heads, ffn) and ModernBERT "
+             "(layers[i].attn.Wqkv; depth) *ForSequenceClassification models")
+
+
+def _find(model: nn.Module) -> Layout | None:
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:  # a bare encoder, no classification head
+        return None
+    return next((lay for lay in LAYOUTS if lay.matches(base)), None)
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The layout of a transformers sequence classifier (sorted or not), found from its modules; a
+    class that fits none is refused in one line naming it and what is supported."""
+    lay = _find(model)
+    if lay is None:
+        raise UsageError(f"{type(model).__name__} is not a supported encoder: supported are {SUPPORTED}")
+    return lay
+
+
+def supported_dims(model: nn.Module) -> tuple[str, ...]:
+    """The sorted dimensions this model's layout supports: ``("depth", "heads", "ffn")`` for BERT-layout
+    and DistilBERT, ``("depth",)`` for ModernBERT."""
+    return layout_of(model).dims
+
+
+def check_dims(model: nn.Module, dims) -> None:
+    """Refuse, in one line, dims that this model's layout cannot nest."""
+    lay = layout_of(model)
+    bad = [d for d in dims if d not in lay.dims]
+    if bad:
+        why = f" ({lay.why_not})" if lay.why_not else ""
+        raise UsageError(f"{type(model).__name__} cannot sort dims {', '.join(bad)}{why}: it supports "
+                         f"dims=[{','.join(lay.dims)}]")
+
+
+def _stack(model: nn.Module, lay: Layout) -> nn.ModuleList:
+    return model.base_model.get_submodule(lay.stack)
+
+
+def _head_size(model: nn.Module, lay: Layout) -> int:
+    return model.config.hidden_size // getattr(model.config, lay.heads_key)
+
+
+@torch.no_grad()
+def _check_readout(model: nn.Module, lay: Layout) -> None:
+    """The layout's readout of the last layer's hidden state must give the model's own logits."""
+    caught = {}
+    hook = _stack(model, lay)[-1].register_forward_hook(
+        lambda m, args, out: caught.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    vocab = model.config.vocab_size
+    ids = (torch.arange(2 * 5).view(2, 5) % max(vocab - 1, 1) + 1).to(next(model.parameters()).device)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    was_training = model.training
+    model.eval()
+    try:
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = lay.readout(model, caught["h"], mask)
+        same = got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    except (AttributeError, TypeError, RuntimeError, KeyError):
+        same = False
+    finally:
+        hook.remove()
+        model.train(was_training)
+    if not same:
+        raise UsageError(f"{type(model).__name__} has the {lay.name} layout's layers but its head does not read "
+                         f"out the last layer as {lay.examples} do: supported are {SUPPORTED}")
 
 
 def sortify_encoder(model: nn.Module) -> nn.Module:
-    """Sort a transformers ``*ForSequenceClassification`` encoder in place along depth, heads, ffn."""
+    """Sort a transformers ``*ForSequenceClassification`` encoder in place along depth (and heads, ffn
+    where its layout has them)."""
+    lay = layout_of(model)
+    _check_readout(model, lay)
     config = model.config
-    head_size = config.hidden_size // config.num_attention_heads
-    units, finish = hf.prefix_layers(model, f"{model.base_model_prefix}.encoder.layer")
+    sized = {}
+    for layer in _stack(model, lay):
+        if lay.heads:
+            for m in lay.heads(layer)[0]:
+                sized[id(m)] = ("heads", _head_size(model, lay))
+        if lay.ffn:
+            for m in lay.ffn(layer)[0]:
+                sized[id(m)] = ("ffn", 1)
+
+    def out_dim(name: str, module: nn.Module):
+        return sized.get(id(module))  # hidden size, pooler, head and classifier stay full
+
+    path = f"{model.base_model_prefix}.{lay.stack}" if model.base_model is not model else lay.stack
+    units, finish = hf.prefix_layers(model, path, config_key=lay.depth_key)
+    seen = {}
+    hooks = []
+    if lay.needs_mask:  # the exits' pooling needs the attention mask of the forward they read
+        def remember(module, args, kwargs):
+            seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+        hooks.append(model.register_forward_pre_hook(remember, with_kwargs=True))
+
+    def readout(m, hidden):
+        return lay.readout(m, hidden, seen.get("mask"))
 
     def finish_config(plain, sub):
+        for h in hooks:  # the copied model must not write into this model's state
+            plain._forward_pre_hooks.pop(h.id, None)
+            plain._forward_pre_hooks_with_kwargs.pop(h.id, None)
         finish(plain, sub)
-        if sub is not None and sub.get("ffn") is not None:
-            plain.config.intermediate_size = sorted_size(config.intermediate_size, sub["ffn"])
+        depth = None if sub is None else sub.get("depth")
+        if depth is not None and isinstance(getattr(plain.config, "layer_types", None), list):
+            plain.config.layer_types = plain.config.layer_types[:depth]
+        if sub is not None and sub.get("ffn") is not None and lay.ffn_key:
+            setattr(plain.config, lay.ffn_key, sorted_size(getattr(config, lay.ffn_key), sub["ffn"]))
 
-    return sortify(model, out_dim=_out_dim(head_size), units=units, readout=_readout, finish=finish_config)
+    return sortify(model, out_dim=out_dim, units=units, readout=readout, finish=finish_config)
 
 
 def importance_groups(model: nn.Module) -> list[Group]:
     """Per layer: its attention heads (q, k, v rows -> output projection columns, in head units) and
-    its FFN neurons (intermediate rows -> output columns)."""
-    head_size = model.config.hidden_size // model.config.num_attention_heads
+    its FFN neurons (intermediate rows -> output columns). ModernBERT's fused projections: none."""
+    lay = layout_of(model)
     groups = []
-    for i, layer in enumerate(model.base_model.encoder.layer):
-        att = layer.attention
-        groups.append(Group(f"layer{i}.heads", [att.self.query, att.self.key, att.self.value], [att.output.dense],
-                            unit=head_size))
-        groups.append(Group(f"layer{i}.ffn", [layer.intermediate.dense], [layer.output.dense]))
+    for i, layer in enumerate(_stack(model, lay)):
+        if lay.heads:
+            producers, consumers = lay.heads(layer)
+            groups.append(Group(f"layer{i}.heads", producers, consumers, unit=_head_size(model, lay)))
+        if lay.ffn:
+            producers, consumers = lay.ffn(layer)
+            groups.append(Group(f"layer{i}.ffn", producers, consumers))
     return groups
 
 
 def exportable(model: nn.Module, sub: SubModel) -> bool:
-    """A stock BERT config can say this sub-model: every head kept."""
-    heads = model.config.num_attention_heads
+    """A stock config can say this sub-model: every head kept."""
+    heads = getattr(model.config, layout_of(model).heads_key)
     return sub.get("heads") is None or sorted_size(heads, sub["heads"]) == heads
+
+
+def _config_class(config: dict | None):
+    """BertConfig, or the config class of ``config["model_type"]`` (``roberta``, ``distilbert``, ...)."""
+    from transformers import CONFIG_MAPPING, BertConfig
+
+    model_type = (config or {}).get("model_type")
+    if model_type is None:
+        return BertConfig, config
+    try:
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise UsageError(f"model.config.model_type={model_type} is not a transformers model type") from None
+    return cls, {k: v for k, v in config.items() if k != "model_type"}
 
 
 def build_encoder(num_classes: int, pretrained: str | None = None, config: dict | None = None,
                   tokenizer: str | None = None, attn_implementation: str = "eager",
                   labels: list | None = None, importance: str | None = "l1") -> nn.Module:
-    """A transformers sequence classifier from ``pretrained`` (folder or hub id) or ``config``, with a
-    new ``num_classes``-way head when the checkpoint has another, importance-sorted when pretrained,
-    sorted in place."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    """A transformers sequence classifier from ``pretrained`` (folder or hub id) or ``config`` (a
+    BertConfig's fields, or any encoder's with ``model_type``), with a new ``num_classes``-way head when
+    the checkpoint has another, importance-sorted when pretrained, sorted in place."""
+    from transformers import AutoModelForSequenceClassification
 
     extra = {"num_labels": num_classes, "attn_implementation": attn_implementation}
     if labels:
@@ -107,9 +347,13 @@ def build_encoder(num_classes: int, pretrained: str | None = None, config: dict 
         extra["label2id"] = {str(v): i for i, v in enumerate(labels)}
     if pretrained:
         extra["ignore_mismatched_sizes"] = True
-    model = hf.load(AutoModelForSequenceClassification, pretrained, config, BertConfig, **extra)
-    if not hasattr(model.base_model, "encoder") or not hasattr(model.base_model.encoder, "layer"):
-        raise UsageError(f"model.pretrained={pretrained} is a {type(model).__name__}, not a BERT-family encoder")
+    config_class, config = _config_class(config)
+    try:
+        model = hf.load(AutoModelForSequenceClassification, pretrained, config, config_class, **extra)
+    except ValueError as e:  # a config of a model type without a sequence classifier
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"no sequence classifier for this model ({first[:200]}): supported are {SUPPORTED}") from None
+    layout_of(model)
     method = importance_method(importance)
     if pretrained and method:
         sort_by_importance(importance_groups(model), method)
@@ -120,7 +364,6 @@ def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
     """A Hugging Face folder that ``AutoModelForSequenceClassification.from_pretrained`` loads, checked
     to give ``plain``'s logits on ``example`` (the task's check input: several
     sequences of different lengths, padded)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     from ..nest import call
