@@ -288,6 +288,8 @@ def _run_verb(verb: str, cfg, argv: list[str]) -> None:
         _early(verb, cfg)
         from . import distributed  # torch
 
+        if verb == "train":
+            _check_sampler(cfg)
         if verb in ("train", "eval") and _devices(cfg) > 1 and distributed.env_world() == 1:
             code = _launch(verb, cfg, argv)
             if code:
@@ -329,6 +331,23 @@ def _run_verb(verb: str, cfg, argv: list[str]) -> None:
     finally:
         if "sortedcli.distributed" in sys.modules:  # nothing to shut down where torch was never imported
             sys.modules["sortedcli.distributed"].shutdown()
+
+
+def _check_sampler(cfg) -> None:
+    """The sampler's settings against its schema (the schedule's constructor: names and types), before
+    the data is read; a resumed run's own sampler is checked when it is built from the run's config."""
+    from .build import plain
+    from .errors import UsageError
+    from .sampling import check_options
+
+    if cfg.get("resume") is not None or cfg.get("standalone") or cfg.get("sampler") is None:
+        return
+    options = plain(cfg.sampler)
+    name = options.pop("name", None)
+    try:
+        check_options(str(name), options)
+    except ValueError as e:
+        raise UsageError(f"sampler={name}: {e}") from None
 
 
 def _after_interrupt(verb: str, cfg) -> str:

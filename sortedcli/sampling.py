@@ -30,9 +30,9 @@ so a resumed run draws exactly what it would have drawn.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
+import inspect
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -52,6 +52,7 @@ class Sampler(ABC):
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0  # optimizer steps drawn so far (saved, so a resume continues the schedule)
         self.total: int | None = None  # the schedule length, told by start()
+        self.notes: list[str] = []  # what the schedule changed of its settings, for the user (train prints them)
 
     def start(self, total_steps: int) -> None:
         self.total = max(1, int(total_steps))
@@ -72,6 +73,16 @@ class Sampler(ABC):
 
     def observe(self, subs: list[SubModel], losses: list[float]) -> None:
         """Each trained sub-model's (label) loss of the last step, in the order of ``subs``."""
+
+    def _fit_g(self, g) -> int:
+        """``g`` checked, and at most the grid's size: more draws per step than there are sub-models
+        cost a forward each for duplicates (``g=1000`` on 40 sub-models made steps 10x slower)."""
+        g, n = _check_g(g), len(self.members)
+        if g > n:
+            self.notes.append(f"sampler.g={g} is more than the {n} sub-models of the grid: {n} are drawn per step "
+                              "(sampler=all trains every one of them each step)")
+            return n
+        return g
 
     def _random(self, n: int) -> list[SubModel]:
         idx = torch.randint(len(self.members), (n,), generator=self.generator).tolist()
@@ -114,7 +125,7 @@ class SortedNetSampler(Sampler):
 
     def __init__(self, grid, seed=0, g: int = 1, all_exits: bool = False, largest: bool = False):
         super().__init__(grid, seed)
-        self.g, self.all_exits, self.largest = _check_g(g), bool(all_exits), bool(largest)
+        self.g, self.all_exits, self.largest = self._fit_g(g), bool(all_exits), bool(largest)
 
     def draw(self) -> list[SubModel]:
         drawn = self._random(self.g)
@@ -157,7 +168,7 @@ class WeightedSampler(Sampler):
 
     def __init__(self, grid, seed=0, g: int = 1, power: float = -1.0, largest: bool = False):
         super().__init__(grid, seed)
-        self.g, self.power, self.largest = _check_g(g), float(power), bool(largest)
+        self.g, self.power, self.largest = self._fit_g(g), float(power), bool(largest)
         sizes = torch.tensor([size(s, grid) for s in self.members], dtype=torch.float64)
         self.probs = sizes.pow(self.power) / sizes.pow(self.power).sum()
 
@@ -181,7 +192,7 @@ class LossAwareSampler(Sampler):
             raise ValueError(f"sampler.momentum must lie in [0, 1), got {momentum}")
         if sharpness < 0:
             raise ValueError(f"sampler.sharpness must be >= 0, got {sharpness}")
-        self.g, self.largest = _check_g(g), bool(largest)
+        self.g, self.largest = self._fit_g(g), bool(largest)
         self.sharpness, self.momentum, self.floor = float(sharpness), float(momentum), float(floor)
         self.index = {s: i for i, s in enumerate(self.members)}
         self.ema = torch.full((len(self.members),), float("nan"), dtype=torch.float64)
@@ -226,7 +237,7 @@ class ProgressiveSampler(Sampler):
         if not 0 <= warmup <= ramp <= 1:
             raise ValueError(f"sampler.warmup and sampler.ramp must satisfy 0 <= warmup <= ramp <= 1, "
                              f"got {warmup} and {ramp}")
-        self.g, self.warmup, self.ramp, self.largest = _check_g(g), float(warmup), float(ramp), bool(largest)
+        self.g, self.warmup, self.ramp, self.largest = self._fit_g(g), float(warmup), float(ramp), bool(largest)
         # largest first; ties (same size) in grid order
         self.order = sorted(self.members, key=lambda s: -size(s, grid))
 
@@ -254,9 +265,48 @@ SAMPLERS: dict[str, type[Sampler]] = {
 }
 
 
+# --- the options of a schedule: its constructor's signature is the schema (names, types, defaults)
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: annotation -> (what a value must be, check). ``bool(largest)`` made ``largest=flase`` true and
+#: ``float(power)`` said "could not convert string to float": a value is checked against its type first.
+TYPES = {
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("an integer", _is_int),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def options_of(name: str) -> dict[str, tuple[str, object]]:
+    """``{option: (annotation, default)}`` that sampler ``name`` takes: its constructor's keyword
+    parameters after ``grid`` and ``seed``."""
+    params = list(inspect.signature(SAMPLERS[name].__init__).parameters.values())[3:]  # self, grid, seed
+    return {p.name: (p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", ""),
+                     p.default) for p in params}
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise ``ValueError`` with one sentence for an option sampler ``name`` does not take (and how to
+    drop it) or a value not of the option's type (the key, the value, what it must be)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    known = options_of(name)
+    for key, value in options.items():
+        if key not in known:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise ValueError(f"takes no setting {key} ({takes}; the config or recipe gave sampler.{key}): drop it "
+                             f"with '~sampler.{key}'")
+        annotation = known[key][0]
+        if annotation in TYPES:
+            want, ok = TYPES[annotation]
+            if not ok(value):
+                raise ValueError(f"sampler.{key} must be {want}, got {value!r}")
+
+
 def create_sampler(name: str, grid: Grid, seed: int = 0, **options) -> Sampler:
-    try:
-        cls = SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}") from None
-    return cls(grid, seed, **options)
+    check_options(name, options)
+    return SAMPLERS[name](grid, seed, **options)

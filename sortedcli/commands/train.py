@@ -164,6 +164,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         entry.snapshot(model, tokenizer, run_dir / runs.PRETRAINED_DIR, str(cfg.model.pretrained))
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
+    for note in sampler.notes:  # a setting the schedule had to change (g above the grid's size)
+        console.print(f"[yellow]{note}[/]")
     if resuming:  # whole weights, before any sharding
         model.load_state_dict(weights)
     model.to(device)

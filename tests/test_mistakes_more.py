@@ -1,0 +1,116 @@
+"""More of a new user's mistakes (issue 23): values of the wrong type that changed a run's meaning, a
+recipe silently dropped, numbers the CLI turned into raw Python text; and what is capped rather than
+refused (``sampler.g`` above the grid's size, ``generate --max-tokens`` beyond the model's context).
+
+The mistake cases run as those of ``test_mistakes.py`` do: each in a fresh folder, concurrently, and
+each must end with one line ``sortednet: error: ...``, exit status 2 and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI_ENV, TINY, TINY_EVAL, TINY_GRID, cli, explain, run_folders
+from test_mistakes import lm_home, snapshot  # noqa: F401  (lm_home: a fixture, one tiny LLaMA run)
+
+OFFLINE = {**CLI_ENV, "HF_HUB_OFFLINE": "1"}
+ROOT = Path(__file__).resolve().parents[1]
+
+# id: (args, home, fragment of the one line)    home: "empty" or "run" (a copy of the tiny trained run)
+CASES = {
+    # a sampler's values are checked against its constructor's types: bool(largest) made "flase" true
+    "sampler-largest-flase": (["train", *TINY, "sampler.largest=flase"], "empty",
+                              "sampler.largest must be true or false, got 'flase'"),
+    "sampler-largest-maybe": (["train", *TINY, "sampler.largest=maybe"], "empty",
+                              "sampler.largest must be true or false, got 'maybe'"),
+    "sampler-largest-number": (["train", *TINY, "sampler.largest=1"], "empty", "sampler.largest must be true or false"),
+    "sampler-power-abc": (["train", *TINY, "sampler.power=abc"], "empty", "sampler.power must be a number, got 'abc'"),
+    "sampler-g-fraction": (["train", *TINY, "sampler.g=1.5"], "empty", "sampler.g must be an integer, got 1.5"),
+    "sampler-floor-abc": (["train", *TINY, "sampler=lossaware", "sampler.floor=abc"], "empty",
+                          "sampler.floor must be a number, got 'abc'"),
+    "sampler-all-exits-yes": (["train", *TINY, "sampler=sortednet", "sampler.all_exits=yes"], "empty",
+                              "sampler.all_exits must be true or false, got 'yes'"),
+    "sampler-sandwich-n-abc": (["train", *TINY, "sampler=sandwich", "sampler.n=abc"], "empty",
+                               "sampler.n must be an integer, got 'abc'"),
+    # the recipe's sampler.g stays when the sampler is switched: name the key and how to drop it
+    "recipe-sampler-full-keeps-g": (["train", "--recipe", "fmnist_mobilenet_v2_pretrained", "sampler=full"], "empty",
+                                    "drop it with '~sampler.g'"),
+}
+
+
+def _cli(args, cwd, env=OFFLINE):
+    return subprocess.run([sys.executable, "-m", "sortedcli.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory):
+    """Every selected case, run concurrently: ``{case: (process, files before, files after)}``."""
+    wanted = [item.callspec.params["case"] for item in request.session.items
+              if item.module.__name__ == __name__ and "case" in getattr(getattr(item, "callspec", None), "params", {})]
+    run = request.getfixturevalue("trained_run") if any(CASES[c][1] == "run" for c in wanted) else None
+
+    def one(case):
+        home = tmp_path_factory.mktemp(case)
+        args, kind, _ = CASES[case]
+        if kind == "run":
+            shutil.copytree(run, home / "runs" / run.name)
+        before = snapshot(home)
+        p = _cli(args, home)
+        return p, before, snapshot(home)
+
+    with ThreadPoolExecutor(3) as pool:
+        return dict(zip(wanted, pool.map(one, wanted)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_mistake_is_one_line_exit_2_and_writes_nothing(case, outcomes):
+    p, before, after = outcomes[case]
+    assert p.returncode == 2, explain(p)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sortednet: error: "), explain(p)
+    assert "Traceback" not in p.stderr and CASES[case][2] in lines[0], explain(p)
+    assert after == before, sorted(set(after) ^ set(before))
+
+
+def test_every_option_of_every_sampler_is_checked_against_its_constructor():
+    """One schema: each sampler's constructor (names, annotated types, defaults). Its defaults pass, a
+    word in place of any of its values is refused naming the key, and a key it lacks is refused with
+    the '~sampler.KEY' that drops it."""
+    from sortedcli.sampling import SAMPLERS, check_options, options_of
+
+    assert options_of("weighted") == {"g": ("int", 1), "power": ("float", -1.0), "largest": ("bool", False)}
+    for name in SAMPLERS:
+        options = options_of(name)
+        check_options(name, {key: default for key, (_, default) in options.items()})
+        for key in options:
+            with pytest.raises(ValueError, match=rf"sampler\.{key} must be .*, got 'abc'"):
+                check_options(name, {key: "abc"})
+    with pytest.raises(ValueError, match="takes no setting g .*'~sampler.g'"):
+        check_options("full", {"g": 2})
+
+
+def test_sampler_g_above_the_grid_draws_the_grid_size_and_says_so(tmp_path):
+    """``sampler.g=1000`` on a 12 sub-model grid: 12 drawn per step (not 1000 forwards), said once."""
+    from sortedcli.nest import COUNT, FRACTION, Dim, Grid
+    from sortedcli.sampling import create_sampler
+
+    grid = Grid((Dim("width", FRACTION, (0.5, 1.0)), Dim("depth", COUNT, (1, 2))))
+    for name in ("sortednet", "weighted", "lossaware", "progressive"):
+        s = create_sampler(name, grid, g=1000)
+        assert s.g == 4 and s.notes == ["sampler.g=1000 is more than the 4 sub-models of the grid: 4 are drawn "
+                                        "per step (sampler=all trains every one of them each step)"], (name, s.notes)
+    assert create_sampler("sortednet", grid, g=4).notes == []
+
+    p = cli(["train", *TINY, "sampler=sortednet", "sampler.g=1000", "trainer.max_steps=1"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert f"sampler.g=1000 is more than the {TINY_GRID} sub-models of the grid" in " ".join(p.stdout.split()), \
+        explain(p)
