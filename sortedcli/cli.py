@@ -85,7 +85,7 @@ USAGE = "usage: sortednet {train,eval,export,submodels,compare,generate} [--help
     "  sortednet submodels model=resnet50 'dims=[width,depth]'\n"
     "  sortednet compare runs/RUN_A runs/RUN_B\n"
     "  sortednet generate --speculative --draft-exit 2 \"Once upon a time\"\n\n"
-    "`sortednet VERB --help` lists that verb's config groups and options.")
+    "`sortednet VERB --help` lists that verb's config groups and options; `sortednet --version` the version.")
 
 
 class _Usage(Exception):
@@ -102,6 +102,7 @@ def translate(verb: str, args: list[str]) -> list[str]:
     options: list[str] = []  # Hydra's own, first
     prompt: list[str] = []
     positional: list[str] = []
+    recipes: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -137,6 +138,11 @@ def translate(verb: str, args: list[str]) -> list[str]:
             elif flag == "--budget":
                 out.append(f"budget={value}")
             elif flag == "--recipe":
+                recipes.append(value)
+                if len(recipes) > 1:  # Hydra takes the last --config-name: the first recipe was dropped
+                    raise _Usage(f"--recipe given {len(recipes)} times ({', '.join(recipes)}): a run takes one recipe; "
+                                 "change its settings with key=value overrides (or write a recipe that builds on "
+                                 "another one in its defaults list)")
                 if not (RECIPES_DIR / f"{value}.yaml").is_file():
                     known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
                     raise _Usage(f"unknown recipe {value!r}: choose one of {known}")
@@ -415,6 +421,16 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def version() -> str:
+    """The installed package's version (its metadata: pyproject.toml's, for an editable install too)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sortednet")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -423,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version", "version") or (argv[0] in VERBS and "--version" in argv[1:]):
+        # `sortednet train --version` was Hydra's own flag: it printed Hydra's version
+        print(f"sortednet {version()}")
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:

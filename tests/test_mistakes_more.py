@@ -43,6 +43,8 @@ CASES = {
     # the recipe's sampler.g stays when the sampler is switched: name the key and how to drop it
     "recipe-sampler-full-keeps-g": (["train", "--recipe", "fmnist_mobilenet_v2_pretrained", "sampler=full"], "empty",
                                     "drop it with '~sampler.g'"),
+    "two-recipes": (["train", "--recipe", "default", "--recipe", "digits_tiny"], "empty",
+                    "--recipe given 2 times (default, digits_tiny)"),
 }
 
 
@@ -114,3 +116,11 @@ def test_sampler_g_above_the_grid_draws_the_grid_size_and_says_so(tmp_path):
     assert p.returncode == 0, explain(p)
     assert f"sampler.g=1000 is more than the {TINY_GRID} sub-models of the grid" in " ".join(p.stdout.split()), \
         explain(p)
+
+
+def test_version_is_the_installed_package_version(tmp_path):
+    want = f"sortednet {metadata.version('sortednet')}"
+    for args in (["--version"], ["train", "--version"]):
+        p = cli(args, cwd=tmp_path)
+        assert p.returncode == 0 and p.stdout.strip() == want, explain(p)
+    assert not list(tmp_path.iterdir())
