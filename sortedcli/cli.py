@@ -276,8 +276,10 @@ def _early(verb: str, cfg) -> None:
         check_budget(cfg.budget)
     elif verb == "train":
         from .build import check_settings
+        from .strict import check_latency
 
         check_settings(cfg)
+        check_latency(cfg)
         if "RANK" not in os.environ:  # the only process, or the launcher; torchrun's ranks print later
             run_dir = cfg.get("resume") or HydraConfig.get().runtime.output_dir
             what = "resuming" if cfg.get("resume") else "training"

@@ -101,3 +101,31 @@ def hydra_mistake(e: BaseException, conf_dir: Path) -> str | None:
             parent_path = full.rpartition(".")[0]
         return unknown_key(key, parent, parent_path if parent is not None else "")
     return first
+
+
+#: eval.latency: key -> (what it must be, check); a nested section that build.SETTINGS does not reach
+#: (``eval.latency.reps=0`` died in the middle of an eval with a ZeroDivisionError)
+LATENCY = {
+    "batch_size": ("an integer >= 1 (inputs per timed call)", lambda v: _whole(v) and v >= 1),
+    "warmup": ("an integer >= 0 (untimed calls first)", lambda v: _whole(v) and v >= 0),
+    "reps": ("an integer >= 1 (timed calls; their median is the latency)", lambda v: _whole(v) and v >= 1),
+}
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_latency(cfg) -> None:
+    """Raise :class:`UsageError` for an ``eval.latency`` setting that cannot be timed."""
+    eval_cfg = cfg.get("eval") if hasattr(cfg, "get") else None
+    latency = eval_cfg.get("latency") if eval_cfg is not None and hasattr(eval_cfg, "get") else None
+    if latency is None:
+        return
+    if not hasattr(latency, "get"):
+        raise UsageError(f"eval.latency must hold batch_size, warmup and reps (e.g. eval.latency.reps=10), "
+                         f"got {latency!r}")
+    for key, (want, ok) in LATENCY.items():
+        value = latency.get(key)
+        if key in latency and not ok(value):
+            raise UsageError(f"eval.latency.{key} must be {want}, got {value!r}")

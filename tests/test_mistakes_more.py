@@ -45,6 +45,11 @@ CASES = {
                                     "drop it with '~sampler.g'"),
     "two-recipes": (["train", "--recipe", "default", "--recipe", "digits_tiny"], "empty",
                     "--recipe given 2 times (default, digits_tiny)"),
+    "eval-latency-reps-0": (["eval", "--all-submodels", *TINY_EVAL, "eval.latency.reps=0"], "run",
+                            "eval.latency.reps must be an integer >= 1"),
+    "eval-latency-warmup-abc": (["eval", *TINY_EVAL, "eval.latency.warmup=abc"], "run",
+                                "eval.latency.warmup must be an integer >= 0"),
+    "train-latency-reps-0": (["train", *TINY, "eval.latency.reps=0"], "empty", "eval.latency.reps must be"),
 }
 
 

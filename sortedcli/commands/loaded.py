@@ -14,6 +14,7 @@ from .. import runs
 from ..build import build_data, build_device, build_grid, build_model, check_settings, plain
 from ..errors import UsageError
 from ..nest import Grid
+from ..strict import check_latency
 
 
 @dataclass
@@ -43,6 +44,7 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     if (run_dir / "config.yaml").is_file():
         check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
     with_run_eval_settings(cfg, run_cfg)
+    check_latency(cfg)  # this command's and the run's own eval.latency, before any data is read
     n = cfg.eval.get("test_subset")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise UsageError(f"eval.test_subset must be a positive integer (the first N test examples) or null, got {n!r}")
