@@ -14,7 +14,10 @@ together; the adapter describes them as a :class:`Group`:
 - ``unit``: how many consecutive channels form one unit (1 channel; ``head_dim`` for attention heads);
   or ``units``: how many units there are, each module's unit then being its size / ``units`` (a
   key/value group of grouped-query attention: ``head_dim`` rows of k and v, ``groups x head_dim``
-  rows of q and columns of the output projection).
+  rows of q and columns of the output projection);
+- ``blocks``: for fused producers, the sizes of the consecutive blocks of their output axis, each
+  holding every unit of the group in the same order (ModernBERT's ``Wqkv``: q | k | v; a fused GLU
+  projection: input | gate); each block is permuted alike, and consumers read one block's layout.
 
 Examples: the hidden channels of a MobileNetV2 block (expand conv + BN, depthwise conv + BN ->
 project conv); a ResNet stage's residual stream (every block's last conv + BN and the projection
@@ -52,15 +55,27 @@ class Group:
     consumers: list[nn.Module] = field(default_factory=list)
     unit: int = 1
     units: int | None = None
+    blocks: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
-        return _out_size(self.producers[0])
+        """Channels along the group's axis: a producer's outputs (one block of a fused producer's)."""
+        return self.blocks[0] if self.blocks else _out_size(self.producers[0])
 
     @property
     def count(self) -> int:
         """The number of units."""
         return self.units if self.units is not None else self.size // self.unit
+
+    def split(self, m: nn.Module) -> tuple[int, ...]:
+        """The blocks of producer ``m``'s output axis (one block unless the group is fused)."""
+        size = _out_size(m)
+        if not self.blocks:
+            return (size,)
+        if sum(self.blocks) != size:
+            raise ValueError(f"group {self.name}: producer {type(m).__name__} has {size} outputs, not the "
+                             f"blocks {'+'.join(map(str, self.blocks))}")
+        return self.blocks
 
     def unit_of(self, size: int) -> int:
         """The channels of one unit in a module with ``size`` channels along the group's axis."""
@@ -97,7 +112,8 @@ def scores(group: Group, method: str = "l1") -> torch.Tensor:
                 continue
             w = m.weight.detach().double().flatten(1)
             per_channel = w.abs().sum(1) if method == "l1" else w.pow(2).sum(1).sqrt()
-        total += per_channel.view(n, -1).sum(1).cpu()
+        for block in per_channel.split(group.split(m)):
+            total += block.view(n, -1).sum(1).cpu()
         used += 1
     if used == 0:
         raise ValueError(f"group {group.name}: no producer to score with method {method!r}")
@@ -122,10 +138,12 @@ def permute(group: Group, order: torch.Tensor) -> None:
 
     size = group.size
     for m in group.producers:
-        if group.units is None and _out_size(m) != size:
+        blocks = group.split(m)
+        if group.units is None and any(b != size for b in blocks):
             raise ValueError(f"group {group.name}: producer {type(m).__name__} has {_out_size(m)} outputs, "
                              f"not {size}")
-        index = index_for(_out_size(m))
+        starts = [sum(blocks[:i]) for i in range(len(blocks))]
+        index = torch.cat([start + index_for(b) for start, b in zip(starts, blocks)])
         if isinstance(m, _BatchNorm):
             for name in ("weight", "bias", "running_mean", "running_var"):
                 _take(getattr(m, name), index, 0)
