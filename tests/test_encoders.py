@@ -36,9 +36,9 @@ CASES = {
                                   "max_position_embeddings": 64}, "DistilBertForSequenceClassification",
                    "distilbert", "n_layers", "hidden_dim"),
     "modernbert": ("modernbert", MODERN, "ModernBertForSequenceClassification", "modernbert",
-                   "num_hidden_layers", None),
+                   "num_hidden_layers", "intermediate_size"),
     "modernbert-mean": ("modernbert", {**MODERN, "classifier_pooling": "mean"}, "ModernBertForSequenceClassification",
-                        "modernbert", "num_hidden_layers", None),
+                        "modernbert", "num_hidden_layers", "intermediate_size"),
 }
 
 
@@ -97,8 +97,7 @@ def case(request):
 def test_layout_is_found_from_the_modules_and_the_full_sorted_model_is_the_stock_model(case):
     model = sorted_model(case)
     assert type(model).__name__ == CASES[case][2] and bert.layout_of(model).name == CASES[case][3]
-    want = {"bert": ("depth", "heads", "ffn"), "distilbert": ("depth", "heads", "ffn"), "modernbert": ("depth",)}
-    assert bert.supported_dims(model) == want[CASES[case][3]]
+    assert bert.supported_dims(model) == ("depth", "heads", "ffn")
     plain, unexpected = stock(case, model.state_dict())
     assert not unexpected
     x = example()
@@ -122,18 +121,21 @@ def test_every_exit_equals_the_stock_model_cut_to_k_layers(case):
 def test_width_sub_models_equal_their_extracted_plain_models(case):
     model = sorted_model(case)
     x = example()
-    if "heads" in bert.supported_dims(model):
-        subs = [SubModel.of(depth=2, heads=0.5, ffn=0.5), SubModel.of(depth=3, heads=0.25, ffn=1.0),
-                SubModel.of(depth=1, heads=1.0, ffn=0.25)]
-    else:
-        subs = [SubModel.of(depth=1), SubModel.of(depth=2), SubModel.of(depth=depth_of(case))]
-        with pytest.raises(UsageError, match=f"{CASES[case][2]} cannot sort dims heads, ffn.*dims=\\[depth\\]"):
-            bert.check_dims(model, ["depth", "heads", "ffn"])
+    lay = bert.layout_of(model)
+    blocks = lay.blocks or {}
+    with pytest.raises(UsageError, match=f"{CASES[case][2]} cannot sort dims width: it supports dims=\\[depth,heads,ffn\\]"):
+        bert.check_dims(model, ["depth", "width"])
     bert.check_dims(model, bert.supported_dims(model))
-    for sub in subs:
+    for sub in [SubModel.of(depth=2, heads=0.5, ffn=0.5), SubModel.of(depth=3, heads=0.25, ffn=1.0),
+                SubModel.of(depth=1, heads=1.0, ffn=0.25)]:
         plain = extract(model, sub, x)
         assert check_equal(model, sub, plain, x, atol=1e-10, rtol=1e-9) < 1e-10
         assert not plain._forward_pre_hooks  # nothing of sortedcli left in the plain model
+        layer, full = bert._stack(plain, lay)[0], bert._stack(model, lay)[0]
+        for dim, units_of in (("heads", lay.heads), ("ffn", lay.ffn)):  # the producers really got smaller
+            n = blocks.get(dim, 1)
+            got, whole = units_of(layer)[0][0].out_features, units_of(full)[0][0].out_features
+            assert got == n * int(whole // n * sub[dim]), (dim, got, whole)
 
 
 def test_importance_sorting_keeps_the_full_model_and_puts_the_strongest_units_first(case):
@@ -141,9 +143,9 @@ def test_importance_sorting_keeps_the_full_model_and_puts_the_strongest_units_fi
     x = example()
     before = logits(model, x)
     groups = bert.importance_groups(model)
-    layout = bert.layout_of(model)
-    assert len(groups) == (0 if layout.name == "modernbert" else 2 * depth_of(case))
-    sort_by_importance(groups, "l1")
+    assert len(groups) == 2 * depth_of(case)
+    orders = sort_by_importance(groups, "l1")
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in orders.values())  # something moved
     close(logits(model, x), before)
     for g in bert.importance_groups(model):
         s = scores(g, "l1")
@@ -156,17 +158,14 @@ def test_export_reloads_in_the_stock_auto_class_and_matches(case, tmp_path):
     model = sorted_model(case)
     _, _, cls_name, layout, depth_key, ffn_key = CASES[case]
     x = example()
-    sub = SubModel.of(depth=2, heads=1.0, ffn=0.5) if ffn_key else SubModel.of(depth=2)
-    assert bert.exportable(model, sub)
-    if ffn_key:
-        assert not bert.exportable(model, SubModel.of(depth=2, heads=0.5, ffn=1.0))
+    sub = SubModel.of(depth=2, heads=1.0, ffn=0.5)
+    assert bert.exportable(model, sub) and not bert.exportable(model, SubModel.of(depth=2, heads=0.5, ffn=1.0))
     plain = extract(model, sub, x)
     bert.save(tmp_path, plain, {"name": sub.name}, x)
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path), attn_implementation="eager")
     reloaded = reloaded.double().eval()
     assert type(reloaded).__name__ == cls_name and getattr(reloaded.config, depth_key) == 2
-    if ffn_key:
-        assert getattr(reloaded.config, ffn_key) == getattr(model.config, ffn_key) // 2
+    assert getattr(reloaded.config, ffn_key) == getattr(model.config, ffn_key) // 2
     if layout == "modernbert":
         assert reloaded.config.layer_types == model.config.layer_types[:2]
     close(logits(reloaded, x), logits(model, x, sub))
@@ -189,3 +188,30 @@ def test_a_config_without_model_type_is_still_a_bert_and_an_unknown_type_is_refu
     assert type(model).__name__ == "BertForSequenceClassification"
     with pytest.raises(UsageError, match="model_type=nonesuch"):
         bert.build_encoder(2, config={"model_type": "nonesuch"})
+
+
+def plain_bert():
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    cfg = BertConfig(**BERTISH, num_hidden_layers=2, vocab_size=VOCAB, num_labels=CLASSES)
+    cfg._attn_implementation = "eager"
+    return AutoModelForSequenceClassification.from_config(cfg)
+
+
+def test_a_head_that_does_not_read_the_last_layer_as_its_layout_says_is_refused():
+    model = plain_bert()
+    model.classifier = torch.nn.Sequential(model.classifier)  # reads every position, not the pooler
+    with pytest.raises(UsageError, match="BertForSequenceClassification has the bert layout's layers but its head"):
+        bert.sortify_encoder(model)
+
+
+def test_an_attention_that_cannot_take_fewer_heads_is_refused():
+    model = plain_bert()
+
+    def fixed_heads(m, args, out):  # as an attention that reshapes with its configured head count would
+        if out.shape[-1] != 32:
+            raise RuntimeError(f"shape '[2, 5, 4, 8]' is invalid for input of size {out.numel()}")
+
+    model.bert.encoder.layer[0].attention.self.query.register_forward_hook(fixed_heads)
+    with pytest.raises(UsageError, match="does not run with fewer heads or FFN neurons"):
+        bert.sortify_encoder(model)

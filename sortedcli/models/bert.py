@@ -10,11 +10,16 @@ The layout is detected from the loaded model's modules, not from its class name 
   ``ffn.lin1/lin2``; head hidden[:, 0] -> pre_classifier -> ReLU -> dropout -> classifier; config
   fields ``n_layers``, ``n_heads``, ``hidden_dim``.
 - **modernbert**: ``model.layers[i]`` with a fused ``attn.Wqkv`` and a fused GLU ``mlp.Wi``, then
-  ``final_norm``, ``head``, ``drop``, ``classifier`` with cls or mean pooling. **Depth only**:
-  ``Wqkv``'s rows are [all q | all k | all v] viewed as ``(3, -1, head_dim)``, and ``Wi``'s rows are
-  [input | gate] split by ``chunk(2)``, so a prefix of either one's rows is not a prefix of heads or
-  neurons (it would silently mix q with k, or input with gate). :func:`supported_dims` says so and
-  :func:`check_dims` refuses heads/ffn in one line.
+  ``final_norm``, ``head``, ``drop``, ``classifier`` with cls or mean pooling (the exits' mean pooling
+  uses the attention mask of the forward they read). ``Wqkv``'s rows are [all q | all k | all v],
+  viewed as ``(3, -1, head_dim)``, and ``Wi``'s rows are [input | gate], split by ``chunk(2)``: a plain
+  prefix of their rows would mix q with k, or input with gate, so they are sliced block by block
+  (:class:`SortedFusedLinear`: the same prefix of whole heads / neurons in each block), and importance
+  sorting permutes every block alike (``Group.blocks``). The first layer has no attention norm and
+  half the layers attend in a sliding window (``config.layer_types``, cut with the layers on export).
+
+:func:`supported_dims` says which dims a model's layout nests (today all three for every layout) and
+:func:`check_dims` refuses the others in one line.
 
 Before sorting, the layout's readout is checked to reproduce the model's own logits from the last
 layer's hidden state (one tiny forward): a class whose modules look right but computes something more
@@ -26,11 +31,12 @@ Per layout:
   head (and final norm) — one shared head for every exit, as the paper: no new parameters. A dropped
   layer passes its hidden state on unchanged, so the full forward of the depth-k sub-model and exit k
   of a deeper pass are the same function.
-- **heads** (bert, distilbert): a prefix of whole heads: the query/key/value projections keep their
-  first ``h x head_size`` output features; the attention output projection reads its input width from
-  the tensor. transformers 5.x views q/k/v as ``(-1, head_size)`` and reshapes the output with ``-1``
-  in both layouts, so fewer heads need no change to the library's attention.
-- **ffn** (bert, distilbert): a prefix of the intermediate neurons of every layer.
+- **heads**: a prefix of whole heads: the query/key/value projections keep their first
+  ``h x head_size`` output features (in each block of ModernBERT's fused ``Wqkv``); the attention
+  output projection reads its input width from the tensor. transformers 5.x views q/k/v as
+  ``(-1, head_size)`` and reshapes the output with ``-1`` in all three layouts, so fewer heads need no
+  change to the library's attention.
+- **ffn**: a prefix of the intermediate neurons of every layer (of both halves of ModernBERT's ``Wi``).
 
 Embeddings, hidden size, vocabulary and classes stay full. FLOPs are counted with eager attention so
 that the attention matmuls are in the count.
@@ -57,8 +63,9 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nest import COUNT, FRACTION, SubModel, sortify, sorted_size
+from ..nest import COUNT, FRACTION, SubModel, sortify, sorted_size, use
 from ..nest.importance import Group, sort_by_importance
+from ..nest.layers import SortedLinear, prefix
 from . import hf
 from .weights import importance_method
 
@@ -85,6 +92,35 @@ def _distil_heads(layer):
 
 def _distil_ffn(layer):
     return [layer.ffn.lin1], [layer.ffn.lin2]
+
+
+def _modernbert_heads(layer):
+    return [layer.attn.Wqkv], [layer.attn.Wo]
+
+
+def _modernbert_ffn(layer):
+    return [layer.mlp.Wi], [layer.mlp.Wo]
+
+
+class SortedFusedLinear(SortedLinear):
+    """A fused projection whose output is ``sorted_blocks`` equal blocks, each holding every unit
+    (ModernBERT's ``Wqkv``: q | k | v; ``Wi``: GLU input | gate): a sub-model keeps the same prefix of
+    whole units in each block, so the library's own split of the output (``view(3, -1, head_dim)``,
+    ``chunk(2)``) sees whole heads / matching input and gate neurons."""
+
+    sorted_blocks: int = 1
+
+    def out_size(self, full: int) -> int:
+        return self.sorted_blocks * super().out_size(full // self.sorted_blocks)
+
+    def sliced(self, n_in, n_out):
+        blocks = self.sorted_blocks
+        if n_out == self.out_features:
+            return super().sliced(n_in, n_out)
+        keep = n_out // blocks
+        weight = prefix(self.weight.view(blocks, -1, self.in_features), blocks, keep, n_in).reshape(n_out, n_in)
+        bias = None if self.bias is None else prefix(self.bias.view(blocks, -1), blocks, keep).reshape(n_out)
+        return {"weight": weight, "bias": bias}
 
 
 def _bert_readout(model, hidden, mask):
@@ -146,7 +182,10 @@ def _distil_matches(base) -> bool:
 def _modernbert_matches(base) -> bool:
     if not _has(base, "layers", "final_norm") or not isinstance(base.layers, nn.ModuleList):
         return False
-    return _linears(base.layers[0], "attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
+    layer = base.layers[0]
+    return (_linears(layer, "attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
+            and layer.attn.Wqkv.out_features == 3 * layer.attn.Wo.in_features  # q | k | v
+            and layer.mlp.Wi.out_features == 2 * layer.mlp.Wo.in_features)  # input | gate
 
 
 @dataclass(frozen=True)
@@ -163,7 +202,7 @@ class Layout:
     readout: Callable  # (model, hidden after the last kept layer, attention mask) -> logits
     heads: Callable | None = None  # layer -> ([q, k, v], [o]); None: heads not supported
     ffn: Callable | None = None  # layer -> ([in], [out]); None: ffn not supported
-    why_not: str = ""  # why heads/ffn are not supported, when they are not
+    blocks: dict | None = None  # dim -> blocks of its fused producers (ModernBERT: heads 3, ffn 2)
     needs_mask: bool = False  # the readout pools with the attention mask
 
     @property
@@ -176,15 +215,14 @@ LAYOUTS = (
            "num_attention_heads", "intermediate_size", _bert_matches, _bert_readout, _bert_heads, _bert_ffn),
     Layout("distilbert", "DistilBERT", "transformer.layer", "n_layers", "n_heads", "hidden_dim",
            _distil_matches, _distil_readout, _distil_heads, _distil_ffn),
-    Layout("modernbert", "ModernBERT", "layers", "num_hidden_layers", "num_attention_heads", None,
-           _modernbert_matches, _modernbert_readout,
-           why_not="its fused Wqkv (rows [q | k | v]) and fused GLU Wi (rows [input | gate]) have no prefix of "
-                   "whole heads or neurons", needs_mask=True),
+    Layout("modernbert", "ModernBERT", "layers", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+           _modernbert_matches, _modernbert_readout, _modernbert_heads, _modernbert_ffn,
+           blocks={"heads": 3, "ffn": 2}, needs_mask=True),
 )
 
-SUPPORTED = ("BERT-layout (BERT, RoBERTa, XLM-RoBERTa, ELECTRA: encoder.layer[i].attention.self.query; depth, "
-             "heads, ffn), DistilBERT (transformer.layer[i].attention.q_lin; depth, heads, ffn) and ModernBERT "
-             "(layers[i].attn.Wqkv; depth) *ForSequenceClassification models")
+SUPPORTED = ("BERT-layout (BERT, RoBERTa, XLM-RoBERTa, ELECTRA: encoder.layer[i].attention.self.query), "
+             "DistilBERT (transformer.layer[i].attention.q_lin) and ModernBERT (layers[i].attn.Wqkv) "
+             "*ForSequenceClassification models")
 
 
 def _find(model: nn.Module) -> Layout | None:
@@ -204,8 +242,8 @@ def layout_of(model: nn.Module) -> Layout:
 
 
 def supported_dims(model: nn.Module) -> tuple[str, ...]:
-    """The sorted dimensions this model's layout supports: ``("depth", "heads", "ffn")`` for BERT-layout
-    and DistilBERT, ``("depth",)`` for ModernBERT."""
+    """The sorted dimensions this model's layout supports (``("depth", "heads", "ffn")`` for all three
+    layouts today; a layout without ``heads``/``ffn`` functions would drop them)."""
     return layout_of(model).dims
 
 
@@ -214,8 +252,7 @@ def check_dims(model: nn.Module, dims) -> None:
     lay = layout_of(model)
     bad = [d for d in dims if d not in lay.dims]
     if bad:
-        why = f" ({lay.why_not})" if lay.why_not else ""
-        raise UsageError(f"{type(model).__name__} cannot sort dims {', '.join(bad)}{why}: it supports "
+        raise UsageError(f"{type(model).__name__} cannot sort dims {', '.join(bad)}: it supports "
                          f"dims=[{','.join(lay.dims)}]")
 
 
@@ -227,16 +264,22 @@ def _head_size(model: nn.Module, lay: Layout) -> int:
     return model.config.hidden_size // getattr(model.config, lay.heads_key)
 
 
+def _probe(model: nn.Module):
+    """Two tiny sequences (one padded) for the checks below."""
+    vocab = model.config.vocab_size
+    ids = (torch.arange(2 * 5).view(2, 5) % max(vocab - 1, 1) + 1).to(next(model.parameters()).device)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    return ids, mask
+
+
 @torch.no_grad()
 def _check_readout(model: nn.Module, lay: Layout) -> None:
     """The layout's readout of the last layer's hidden state must give the model's own logits."""
     caught = {}
     hook = _stack(model, lay)[-1].register_forward_hook(
         lambda m, args, out: caught.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-    vocab = model.config.vocab_size
-    ids = (torch.arange(2 * 5).view(2, 5) % max(vocab - 1, 1) + 1).to(next(model.parameters()).device)
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0
+    ids, mask = _probe(model)
     was_training = model.training
     model.eval()
     try:
@@ -253,20 +296,40 @@ def _check_readout(model: nn.Module, lay: Layout) -> None:
                          f"out the last layer as {lay.examples} do: supported are {SUPPORTED}")
 
 
+@torch.no_grad()
+def _check_widths(model: nn.Module, lay: Layout) -> None:
+    """The smallest heads/ffn sub-model must run: an attention that reshapes with its configured head
+    count (instead of ``-1``) cannot take fewer heads."""
+    ids, mask = _probe(model)
+    narrow = SubModel.of(**{d: 1e-9 for d in lay.dims if d != "depth"})
+    was_training = model.training
+    model.eval()
+    try:
+        with use(model, narrow):
+            model(input_ids=ids, attention_mask=mask)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{type(model).__name__} has the {lay.name} layout's layers but does not run with "
+                         f"fewer heads or FFN neurons ({first}): supported are {SUPPORTED}") from None
+    finally:
+        model.train(was_training)
+
+
 def sortify_encoder(model: nn.Module) -> nn.Module:
     """Sort a transformers ``*ForSequenceClassification`` encoder in place along depth (and heads, ffn
     where its layout has them)."""
     lay = layout_of(model)
     _check_readout(model, lay)
     config = model.config
-    sized = {}
+    sized, fused = {}, {}
     for layer in _stack(model, lay):
-        if lay.heads:
-            for m in lay.heads(layer)[0]:
-                sized[id(m)] = ("heads", _head_size(model, lay))
-        if lay.ffn:
-            for m in lay.ffn(layer)[0]:
-                sized[id(m)] = ("ffn", 1)
+        for dim, unit, producers in (("heads", _head_size(model, lay), lay.heads), ("ffn", 1, lay.ffn)):
+            if producers is None:
+                continue
+            for m in producers(layer)[0]:
+                sized[id(m)] = (dim, unit)
+                if (lay.blocks or {}).get(dim, 1) > 1:
+                    fused[id(m)] = lay.blocks[dim]
 
     def out_dim(name: str, module: nn.Module):
         return sized.get(id(module))  # hidden size, pooler, head and classifier stay full
@@ -295,21 +358,29 @@ def sortify_encoder(model: nn.Module) -> nn.Module:
         if sub is not None and sub.get("ffn") is not None and lay.ffn_key:
             setattr(plain.config, lay.ffn_key, sorted_size(getattr(config, lay.ffn_key), sub["ffn"]))
 
-    return sortify(model, out_dim=out_dim, units=units, readout=readout, finish=finish_config)
+    sortify(model, out_dim=out_dim, units=units, readout=readout, finish=finish_config)
+    for m in model.modules():
+        if id(m) in fused:
+            m.__class__ = SortedFusedLinear
+            m.sorted_blocks = fused[id(m)]
+    _check_widths(model, lay)
+    return model
 
 
 def importance_groups(model: nn.Module) -> list[Group]:
     """Per layer: its attention heads (q, k, v rows -> output projection columns, in head units) and
-    its FFN neurons (intermediate rows -> output columns). ModernBERT's fused projections: none."""
+    its FFN neurons (intermediate rows -> output columns); a fused producer (ModernBERT's Wqkv, Wi) in
+    blocks that are permuted alike."""
     lay = layout_of(model)
     groups = []
     for i, layer in enumerate(_stack(model, lay)):
-        if lay.heads:
-            producers, consumers = lay.heads(layer)
-            groups.append(Group(f"layer{i}.heads", producers, consumers, unit=_head_size(model, lay)))
-        if lay.ffn:
-            producers, consumers = lay.ffn(layer)
-            groups.append(Group(f"layer{i}.ffn", producers, consumers))
+        for dim, unit, units_of in (("heads", _head_size(model, lay), lay.heads), ("ffn", 1, lay.ffn)):
+            if units_of is None:
+                continue
+            producers, consumers = units_of(layer)
+            n = (lay.blocks or {}).get(dim, 1)
+            blocks = (producers[0].out_features // n,) * n if n > 1 else None
+            groups.append(Group(f"layer{i}.{dim}", producers, consumers, unit=unit, blocks=blocks))
     return groups
 
 
