@@ -104,7 +104,7 @@ def hydra_mistake(e: BaseException, conf_dir: Path) -> str | None:
 
 
 #: eval.latency: key -> (what it must be, check); a nested section that build.SETTINGS does not reach
-#: (``eval.latency.reps=0`` died in the middle of an eval with a ZeroDivisionError)
+#: (``eval.latency.reps=0`` died in the middle of an eval: IndexError, the median of no timings)
 LATENCY = {
     "batch_size": ("an integer >= 1 (inputs per timed call)", lambda v: _whole(v) and v >= 1),
     "warmup": ("an integer >= 0 (untimed calls first)", lambda v: _whole(v) and v >= 0),
