@@ -45,6 +45,10 @@ CASES = {
                                     "drop it with '~sampler.g'"),
     "two-recipes": (["train", "--recipe", "default", "--recipe", "digits_tiny"], "empty",
                     "--recipe given 2 times (default, digits_tiny)"),
+    "generate-exit-abc": (["generate", "--exit", "abc", "hello"], "empty", "--exit must be a number of layers"),
+    "generate-max-tokens-abc": (["generate", "--max-tokens", "lots", "hello"], "empty", "--max-tokens must be"),
+    "generate-max-tokens-0": (["generate", "--max-tokens", "0", "hello"], "empty", "--max-tokens must be"),
+    "generate-temperature-abc": (["generate", "--temperature", "hot", "hello"], "empty", "--temperature must be"),
     "eval-latency-reps-0": (["eval", "--all-submodels", *TINY_EVAL, "eval.latency.reps=0"], "run",
                             "eval.latency.reps must be an integer >= 1"),
     "eval-latency-warmup-abc": (["eval", *TINY_EVAL, "eval.latency.warmup=abc"], "run",
@@ -129,3 +133,20 @@ def test_version_is_the_installed_package_version(tmp_path):
         p = cli(args, cwd=tmp_path)
         assert p.returncode == 0 and p.stdout.strip() == want, explain(p)
     assert not list(tmp_path.iterdir())
+
+
+def test_generate_keeps_prompt_and_answer_within_the_models_context(lm_home):  # noqa: F811
+    """llama_tiny has 512 positions: a longer prompt is refused in one line; ``--max-tokens 100000``
+    is capped at what the context leaves after the prompt, with a note."""
+    p = cli(["generate", "--raw", "the cat sat on the mat " * 200], cwd=lm_home)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, explain(p)
+    assert "the model's context is 512 positions: shorten the prompt" in lines[0], explain(p)
+
+    p = cli(["generate", "--raw", "--max-tokens", "100000", "The cat"], cwd=lm_home)
+    assert p.returncode == 0, explain(p)
+    note = " ".join(p.stderr.split())
+    assert "--max-tokens 100000 capped at" in note and "context of 512 positions" in note, explain(p)
+    made = int(note.split(" tokens in ")[0].split()[-1])  # "N tokens in 1.23s (...)"
+    capped = int(note.split("capped at ")[1].split(":")[0])
+    assert made <= capped < 512, explain(p)

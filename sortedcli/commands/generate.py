@@ -164,8 +164,55 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
                          f"'thresholds={{2: 0.9, 4: 0.8}}', got {given!r}") from None
 
 
+#: key -> (flag, what it must be, integer?, lowest): generate's numbers, from flags (strings) or key=value
+NUMBERS = {
+    "exit": ("--exit", "a number of layers, e.g. --exit 2", True, 1),
+    "draft_exit": ("--draft-exit", "a number of layers, e.g. --draft-exit 2", True, 1),
+    "max_tokens": ("--max-tokens", "a number of tokens >= 1, e.g. --max-tokens 64", True, 1),
+    "k": ("k", "a draft length >= 1, e.g. k=4", True, 1),
+    "draft_vocab": ("draft_vocab", "a number of tokens >= 0 (0: the full head)", True, 0),
+    "seed": ("seed", "an integer", True, None),
+    "temperature": ("--temperature", "a number >= 0 (0: greedy)", False, None),
+    "top_p": ("--top-p", "a number in (0, 1]", False, None),
+}
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Refuse a number that is not one (``--exit abc`` said "invalid literal for int()"), before the
+    model is loaded; ranges that depend on the model are checked where it is known."""
+    for key, (flag, want, whole, lowest) in NUMBERS.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = int(str(value).strip()) if whole else float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{flag} must be {want}, got {value!r}") from None
+        if lowest is not None and number < lowest:
+            raise UsageError(f"{flag} must be {want}, got {value!r}")
+
+
+def fit_context(prompt: int, max_tokens: int, model, console: Console) -> int:
+    """``max_tokens``, capped (with a note) so that prompt and answer fit the model's context
+    (``max_position_embeddings``); a prompt that fills it alone is refused."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        return max_tokens
+    if prompt >= context:
+        raise UsageError(f"the prompt is {prompt} tokens and the model's context is {context} positions: "
+                         "shorten the prompt (the model was not trained on positions beyond its context)")
+    if prompt + max_tokens > context:
+        console.print(f"[yellow]--max-tokens {max_tokens} capped at {context - prompt}: the prompt's {prompt} "
+                      f"tokens and the answer fill the model's context of {context} positions[/]")
+        return context - prompt
+    return max_tokens
+
+
 def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     console = console or Console(stderr=True)
+    check_numbers(cfg)
     if not isinstance(cfg.prompt, str):  # prompt=[a,b] from the command line: a list, not text
         raise UsageError(f"generate takes one prompt, got {type(cfg.prompt).__name__} {cfg.prompt}: run "
                          "`sortednet generate \"PROMPT\"` once per prompt (quote a prompt that holds [ or ,)")
@@ -218,7 +265,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
         sys.stdout.flush()
         shown[0] = now
 
-    common = dict(max_new_tokens=int(cfg.max_tokens), sampling=sampling, eos=eos, on_token=stream)
+    max_tokens = fit_context(len(ids), int(cfg.max_tokens), model, console)
+    common = dict(max_new_tokens=max_tokens, sampling=sampling, eos=eos, on_token=stream)
     started = time.perf_counter()
     try:
         if cfg.speculative:
