@@ -150,3 +150,30 @@ def test_generate_keeps_prompt_and_answer_within_the_models_context(lm_home):  #
     made = int(note.split(" tokens in ")[0].split()[-1])  # "N tokens in 1.23s (...)"
     capped = int(note.split("capped at ")[1].split(":")[0])
     assert made <= capped < 512, explain(p)
+
+
+def test_startup_benchmark_reads_the_grid_size_whatever_the_wording():
+    """benchmarks/startup.py wanted the text "160 sub-models." and `submodels` came to print "160
+    distinct sub-models.": it reads the count instead, from the wordings there were and are."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import startup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert startup.submodel_count("160 sub-models. FLOPs = ...") == 160
+    assert startup.submodel_count("│ 40 │ width1-depth4 │\n160 distinct sub-models. FLOPs = 2 x ...") == 160
+    assert startup.submodel_count("24 distinct sub-models (8 duplicates dropped: heads 0.75 = 1)") == 24
+    assert startup.submodel_count("sortednet: error: ...") is None
+
+
+def test_startup_benchmark_quick_mode_runs_against_the_real_cli(tmp_path):
+    """``startup.py --quick``: each case once, ``submodels`` on resnet_tiny's 40-member grid instead of
+    ResNet-50's: the benchmark's own checks of exit status and output run against today's CLI."""
+    out = tmp_path / "startup.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--quick", "--out", str(out)],
+                       cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, explain(p)
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 3 and all(len(r["reps"]) == 1 for r in results.values()), results
+    assert [r.get("submodels") for r in results.values() if "submodels" in r] == [40], results
+    assert not run_folders(tmp_path)
