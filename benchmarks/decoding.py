@@ -62,7 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from sortedcli import decoding as D  # noqa: E402
 from sortedcli import draft as drafting  # noqa: E402
-from sortedcli.models.llama import LlamaStack  # noqa: E402
+from sortedcli.models.decoder import DecoderStack  # noqa: E402
 from sortedcli.data import lm  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model, tokenizer, what = load_model(args, device, DTYPES[args.dtype])
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     L = stack.num_layers
     drafts = [int(e) for e in args.draft_exits.split(",") if e] or sorted({max(1, L // 4), max(1, L // 3), max(1, L // 2)})
     thresholds = ({int(a): float(b) for a, b in (p.split(":") for p in args.thresholds.split(",") if p)}

@@ -79,11 +79,13 @@ def build_grid(cfg: DictConfig, model: nn.Module) -> Grid:
     if not chosen:
         raise UsageError("no sorted dims chosen: pass e.g. 'dims=[width,depth]'")
     dims = []
+    supported = entry.dims_of(model)
     for name, spec in chosen.items():
-        if name not in entry.dims:
-            raise UsageError(f"model {entry.name} cannot be sorted along {name!r}: it supports "
-                             f"{', '.join(entry.dims)}")
-        kind, levels = entry.dims[name], (spec or {}).get("levels")
+        if name not in supported:
+            why = f" ({type(model).__name__}: {entry.why_not(model, name)})" if name in entry.dims else ""
+            raise UsageError(f"model {entry.name} cannot be sorted along {name!r}{why}: it supports "
+                             f"{', '.join(supported)}")
+        kind, levels = supported[name], (spec or {}).get("levels")
         if kind == COUNT:
             n = nesting(model).depth
             if levels == "all":

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import explain
 from sortedcli.cache import cache_dir
 from sortedcli.data import lm
-from sortedcli.models import llama
+from sortedcli.models import decoder
 
 
 def test_cache_dir_is_sortednet_cache_else_xdg_else_home(monkeypatch, tmp_path):
@@ -63,6 +63,6 @@ def test_a_project_tokenizer_named_by_a_missing_folder_comes_from_the_cache(monk
     monkeypatch.delenv("SORTEDNET_LLM_DATA", raising=False)
     cached = lm.load_tokenizer({"tokenizer_corpus": "hamlet", "vocab_size": 300})
     gone = tmp_path / "other-machine" / "data" / "llm" / "tokenizer-hamlet-bpe300"
-    tok = llama.tokenizer({"tokenizer": str(gone)})
+    tok = decoder.tokenizer({"tokenizer": str(gone)})
     assert Path(tok.name_or_path) == tmp_path / "cache" / "llm" / "tokenizer-hamlet-bpe300"
     assert tok.get_vocab() == cached.get_vocab() and not (tmp_path / "other-machine").exists()

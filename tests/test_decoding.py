@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sortedcli import decoding as D
-from sortedcli.models.llama import LlamaStack, truncated
+from sortedcli.models.decoder import DecoderStack, truncated
 
 VOCAB = 61
 
@@ -55,7 +55,7 @@ def model():
 
 
 def test_stack_all_layers_and_head_is_the_model(model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     ids = prompts(1)[0].view(1, -1)
     hidden = stack.layers(stack.embed(ids), 0, stack.num_layers, stack.new_cache(), torch.arange(ids.shape[1]))
     torch.testing.assert_close(stack.head(hidden), model(ids).logits, rtol=0, atol=1e-12)
@@ -63,14 +63,14 @@ def test_stack_all_layers_and_head_is_the_model(model):
 
 @pytest.mark.parametrize("exit", [1, 3, 6])
 def test_generation_from_an_exit_equals_hf_generate_of_the_truncated_model(model, exit):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     small = truncated(model, exit)
     for prompt in prompts(4):
         assert D.generate(stack, prompt, exit=exit, max_new_tokens=12).tokens == hf_greedy(small, prompt, 12)
 
 
 def test_self_speculative_greedy_equals_plain_greedy_over_many_prompts_and_draft_exits(model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     accepted = rejected = 0
     for i, prompt in enumerate(prompts(12)):
         reference = hf_greedy(model, prompt, 24)
@@ -85,7 +85,7 @@ def test_self_speculative_greedy_equals_plain_greedy_over_many_prompts_and_draft
 
 def test_speculative_adapts_the_draft_length():
     agree = tiny_llama(calm_depth=0.01)  # deep layers nearly silent: the draft is almost always right
-    stack = LlamaStack(agree)
+    stack = DecoderStack(agree)
     prompt = prompts(1)[0]
     fixed = D.speculative(stack, prompt, draft_exit=2, max_new_tokens=40, k=2, adaptive=False)
     grown = D.speculative(stack, prompt, draft_exit=2, max_new_tokens=40, k=2, adaptive=True)
@@ -94,14 +94,14 @@ def test_speculative_adapts_the_draft_length():
 
 
 def test_speculative_is_also_transformers_assistant_early_exit_output(model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     for prompt in prompts(3):
         ours = D.speculative(stack, prompt, draft_exit=2, max_new_tokens=16).tokens
         assert ours == hf_greedy(model, prompt, 16, assistant_early_exit=2)
 
 
 def test_early_exit_thresholds_zero_is_the_smallest_exit_and_above_one_is_the_full_model(model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     for prompt in prompts(4):
         lowest = D.early_exit(stack, prompt, thresholds={2: 0.0, 4: 0.0}, max_new_tokens=12)
         assert lowest.tokens == D.generate(stack, prompt, exit=2, max_new_tokens=12).tokens
@@ -111,7 +111,7 @@ def test_early_exit_thresholds_zero_is_the_smallest_exit_and_above_one_is_the_fu
 
 
 def test_early_exit_fills_the_skipped_layers_keys_and_values_as_the_layers_own_attention_would(model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     prompt = prompts(1)[0]
     cache = stack.new_cache()
     n = prompt.numel()
@@ -178,7 +178,7 @@ def peaked_model():
 
 def test_early_exit_with_exits_firing_mid_sequence_matches_a_cache_free_reference():
     model = peaked_model()
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     ids = torch.cat([prompts(1, seed=7)[0], torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(3))])
     thresholds = {2: 0.4, 4: 0.3}
     # teacher forced: each position's exit and next-token NLL, read from caches that early exit filled
@@ -208,7 +208,7 @@ def test_scaled_thresholds_map_the_papers_exits_onto_fewer_layers():
 
 
 def test_eos_stops_and_tokens_stream_in_order(model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     prompt = prompts(1)[0]
     free = D.generate(stack, prompt, max_new_tokens=20).tokens
     eos = free[5]
@@ -234,7 +234,7 @@ def test_sampling_is_seeded_and_speculative_sampling_keeps_the_full_models_distr
     model = tiny_llama(layers=4, vocab=vocab, calm_depth=0.5)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # peaked distributions that differ between exits
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     prompt = torch.tensor([5, 3, 6])
 
     def seeded(seed):
@@ -267,7 +267,7 @@ def test_sampling_is_seeded_and_speculative_sampling_keeps_the_full_models_distr
 
 
 def test_teacher_forced_early_exit_nll_matches_the_model_and_the_exit_it_takes(model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     ids = prompts(1, seed=5)[0]
     ids = torch.cat([ids, torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(2))])
     with torch.no_grad():
@@ -317,7 +317,7 @@ def test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs(
 
 
 def test_a_batch_of_prompts_is_refused_not_joined_into_one(model, tmp_path):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     one = prompts(1)[0]
     assert D.generate(stack, one.view(1, -1), max_new_tokens=4).tokens == D.generate(stack, one.tolist(), max_new_tokens=4).tokens
     for decode in (lambda p: D.generate(stack, p, max_new_tokens=4),

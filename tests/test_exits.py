@@ -63,7 +63,7 @@ def test_heads_levels_keep_whole_kv_groups_and_equal_slices_are_one_submodel(nin
 from test_decoding import VOCAB, decoding_benchmark_on_a_tiny_folder, prompts, tiny_llama  # noqa: E402
 
 from sortedcli import decoding as D  # noqa: E402
-from sortedcli.models.llama import LlamaStack  # noqa: E402
+from sortedcli.models.decoder import DecoderStack  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_frequent_tokens_ranks_by_count_then_id():
 
 
 def test_a_subset_heads_logits_are_the_full_heads_logits_at_those_ids(calm):
-    stack = LlamaStack(calm)
+    stack = DecoderStack(calm)
     vocab = torch.tensor([7, 3, 40, 12, 59])
     h = torch.randn(1, 3, 32, dtype=torch.float64)
     assert torch.allclose(stack.vocab_head(vocab)(h), stack.head(h)[..., vocab], rtol=0, atol=1e-12)
@@ -86,7 +86,7 @@ def test_a_subset_heads_logits_are_the_full_heads_logits_at_those_ids(calm):
 
 @pytest.mark.parametrize("check_first", [0.0, 1.0])
 def test_greedy_speculative_with_a_draft_vocabulary_is_plain_greedy(calm, check_first):
-    stack = LlamaStack(calm)
+    stack = DecoderStack(calm)
     train = [p.tolist() for p in prompts(20, seed=5)]
     vocab = D.frequent_tokens(train, 24, VOCAB)  # 24 of 61 tokens: some of the full model's choices are outside
     outside = 0
@@ -105,7 +105,7 @@ def test_a_rejected_round_costs_greedys_step_plus_the_drafts():
     alone keeps the layer passes within greedy's plus the drafts' (k x c); one joint verify pass of
     k+1 tokens after every rejected round does not."""
     model = tiny_llama(seed=3)
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     L, E = stack.num_layers, 2
     for prompt in prompts(4, seed=9):
         greedy = D.generate(stack, prompt, max_new_tokens=24)

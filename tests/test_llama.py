@@ -17,7 +17,7 @@ from sortedcli import decoding as D
 from sortedcli.data import build_data, lm
 from sortedcli.engine import Distill, train_step
 from sortedcli.models import create, entry
-from sortedcli.models.llama import LlamaStack, truncated
+from sortedcli.models.decoder import DecoderStack, truncated
 from sortedcli.nest import SubModel, check_equal, extract, run_exits, use
 from sortedcli.sampling import create_sampler
 from sortedcli.nest import COUNT, Dim, Grid
@@ -197,7 +197,7 @@ def test_accumulated_micro_batches_give_the_gradient_and_loss_of_one_pass(data, 
 
 
 def test_decoding_runs_on_a_sorted_model_and_reads_sub_model_widths(data, model):
-    stack = LlamaStack(model)
+    stack = DecoderStack(model)
     prompt = data.tokenizer(lm.alpaca_prompt("What is 1 plus 2?")).input_ids
     full = D.generate(stack, prompt, max_new_tokens=10).tokens
     assert D.speculative(stack, prompt, draft_exit=2, max_new_tokens=10).tokens == full

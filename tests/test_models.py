@@ -18,7 +18,7 @@ from torch import nn
 
 from sortedcli.errors import UsageError
 from sortedcli.flops import measure
-from sortedcli.models import REGISTRY, create, mobilenet, resnet, weights
+from sortedcli.models import REGISTRY, create, entry, mobilenet, resnet, weights
 from sortedcli.nest import COUNT, FRACTION, Dim, Grid, SubModel, check_equal, extract, nesting, trace, use
 from sortedcli.nest.importance import Group, permute, scores, sort_by_importance
 from test_nest import randomize_bn
@@ -32,11 +32,11 @@ PLAIN = {
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=7), 32),
     "mobilenet_tiny": (lambda: mobilenet.tiny_mobilenet(num_classes=7), 16),
 }
-GROUPS = {"resnet": resnet.importance_groups, "mobilenet": mobilenet.importance_groups}
 WIDTHS = (0.25, 0.5, 1.0)
 BIG = {"resnet34", "resnet50"}  # the same code paths as resnet18: their heavy checks are marked slow
-VISION = sorted(n for n, e in REGISTRY.items() if "image_classification" in e.tasks)
-TRANSFORMERS = {"bert": "test_transformers.py", "llama": "test_llama.py", "llama_tiny": "test_llama.py"}
+VISION = sorted(n for n in REGISTRY if "image_classification" in entry(n).tasks)
+TRANSFORMERS = {"bert": "test_transformers.py", "encoder": "test_encoders.py", "llama": "test_llama.py",
+                "llama_tiny": "test_llama.py", "causal_lm": "test_decoders.py"}
 MODELS = [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in VISION]
 
 
@@ -157,7 +157,7 @@ def test_mobilenet_small_stem_keeps_more_resolution():
 def test_importance_sorting_keeps_the_full_model_and_puts_the_best_units_first(name):
     model = built(name)
     size = PLAIN[name][1]
-    groups_of = GROUPS[REGISTRY[name].family]
+    groups_of = entry(name).importance_groups
     with torch.no_grad():  # un-sorted, random weights: make the scores differ clearly per channel
         g = torch.Generator().manual_seed(1)
         for m in model.modules():
@@ -185,7 +185,7 @@ def test_importance_groups_cover_every_sorted_conv_once():
     in torchvision's order while its neighbours move."""
     for name in ("resnet50", "mobilenet_v2", "mobilenet_tiny", "resnet18"):
         model = create(name, num_classes=7, in_channels=3)
-        groups = GROUPS[REGISTRY[name].family](model)
+        groups = entry(name).importance_groups(model)
         produced = [id(m) for g in groups for m in g.producers if isinstance(m, nn.Conv2d)]
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert sorted(produced) == sorted(id(m) for m in convs), name

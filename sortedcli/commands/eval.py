@@ -95,7 +95,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     for row, on_front in zip(rows, pareto_front(rows, metric, higher)):
         row["pareto"] = on_front
     chosen = None
-    if models.entry(r.cfg.model.name).stack is not None and has_exits(r.model) and e.get("exits", True):
+    if models.entry(r.cfg.model.name).can_generate and has_exits(r.model) and e.get("exits", True):
         chosen = measure_exits(r, rows, test, e, console)
     title = f"{r.cfg.model.name} on {data.name}: {len(rows)} sub-models, FLOPs per {data.unit}"
     console.print(results_table(rows, metric, title=title, higher_is_better=higher))

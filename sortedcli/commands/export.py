@@ -76,11 +76,11 @@ def run(cfg: DictConfig, console: Console | None = None):
                          f"model's FLOPs): pass --budget {smallest:.4f} or more")
     savable = [sub for sub in fits if entry.exportable(r.model, sub)]
     if not savable:
-        raise UsageError(f"none of the {len(fits)} sub-models within --budget {budget:g} can be written in "
-                         f"{entry.family}'s format (see `sortednet export --help`): raise the budget")
+        raise UsageError(f"none of the {len(fits)} sub-models within --budget {budget:g} can be written as "
+                         f"{entry.exports} (see `sortednet export --help`): raise the budget")
     if len(savable) < len(fits):
         console.print(f"{len(fits) - len(savable)} of the {len(fits)} sub-models within the budget cannot be "
-                      f"expressed by a stock {entry.family} config (fewer heads at the same head size); "
+                      f"expressed by a stock {type(r.model).__name__} config (fewer heads at the same head size); "
                       f"choosing among the other {len(savable)}.")
     fits = savable
 
@@ -138,7 +138,7 @@ def run(cfg: DictConfig, console: Console | None = None):
             f"val_{metric}": validated.get(chosen.name), "chosen_on": split,  # "validation", "test" or None
             "checkpoint": {**r.record, "run": str(r.run_dir)},
         }
-        status.update(f"writing {chosen.name} in {entry.family}'s format")
+        status.update(f"writing {chosen.name} as {entry.exports}")
         folder = export.write(r.run_dir / "export" / f"budget-{budget:g}",
                               lambda tmp: entry.save(tmp, small, config, check_input, r.tokenizer))
     console.print(f"[bold]sortednet export[/] budget {budget:g} x {full / 1e6:.1f} MFLOPs = "

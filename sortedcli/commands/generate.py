@@ -52,8 +52,8 @@ def _model_folder(ckpt) -> Path | None:
 def load_pretrained(cfg: DictConfig, folder: Path):
     """``(stack, tokenizer, None, folder)`` of a pretrained / exported model or GGUF file."""
     entry = models.entry(str(cfg.model))
-    if entry.stack is None:
-        raise UsageError(f"model={entry.name} is not a causal language model: generate needs e.g. model=llama")
+    if not entry.can_generate:
+        raise UsageError(f"model={entry.name} is not a causal language model: generate needs e.g. model=causal_lm")
     options = {"name": entry.name, "pretrained": str(folder)}
     tokenizer = models.tokenizer(options)
     model = models.create(entry.name, **lm.model_args(tokenizer), pretrained=str(folder))
@@ -71,9 +71,9 @@ def load_generator(cfg: DictConfig):
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
     weights, run_cfg = runs.load_weights(ckpt)
     entry = models.entry(run_cfg.model.name)
-    if entry.stack is None or run_cfg.data.name not in LANGUAGE:
+    if not entry.can_generate or run_cfg.data.name not in LANGUAGE:
         raise UsageError(f"{run_dir} is a {run_cfg.model.name} run on {run_cfg.data.name}, not a causal language "
-                         "model: `sortednet generate` needs a model=llama run")
+                         "model: `sortednet generate` needs a model=causal_lm (or llama) run")
     source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
     tokenizer = models.tokenizer(plain(source.model))
     model = build_model(source, lm.model_args(tokenizer))

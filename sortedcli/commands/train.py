@@ -160,7 +160,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     task = data.task
     model = build_model(source, data.model_args)
     entry = models.entry(cfg.model.name)
-    if not resuming and d.main and entry.snapshot is not None and cfg.model.get("pretrained"):
+    if not resuming and d.main and cfg.model.get("pretrained"):
         entry.snapshot(model, tokenizer, run_dir / runs.PRETRAINED_DIR, str(cfg.model.pretrained))
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)

@@ -31,6 +31,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 from ..nest import COUNT, FRACTION, DepthUnit, sortify
 from ..nest.importance import Group, sort_by_importance
 from . import weights as pretrained
+from .vision import VisionFamily
 
 DIMS = {"width": FRACTION, "depth": COUNT}
 
@@ -175,3 +176,16 @@ def build_mobilenet_tiny(num_classes: int, in_channels: int, small_stem: bool = 
 
 __all__ = ["DIMS", "block_order", "build_mobilenet_tiny", "build_mobilenet_v2", "importance_groups",
            "sortify_mobilenet", "stages", "tiny_mobilenet"]
+
+
+class MobileNetFamily(VisionFamily):
+    """torchvision MobileNetV2 (``arch``: mobilenet_v2, or ``tiny``)."""
+
+    def build(self, **args) -> MobileNetV2:
+        return build_mobilenet_tiny(**args) if self.options["arch"] == "tiny" else build_mobilenet_v2(**args)
+
+    def importance_groups(self, model: MobileNetV2) -> list[Group]:
+        return importance_groups(model)
+
+
+Family = MobileNetFamily

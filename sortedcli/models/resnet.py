@@ -23,6 +23,7 @@ from ..errors import UsageError
 from ..nest import COUNT, FRACTION, DepthUnit, SubModel, extract, sortify
 from ..nest.importance import Group, sort_by_importance
 from . import weights as pretrained
+from .vision import VisionFamily
 
 DIMS = {"width": FRACTION, "depth": COUNT}
 
@@ -138,3 +139,17 @@ def build_resnet_tiny(num_classes: int, in_channels: int, small_stem: bool = Tru
 
 __all__ = ["DIMS", "BasicBlock", "Bottleneck", "block_order", "build_resnet", "build_resnet_tiny",
            "importance_groups", "sortify_resnet"]
+
+
+class ResNetFamily(VisionFamily):
+    """torchvision ResNets (``arch``: resnet18/34/50, or ``tiny``)."""
+
+    def build(self, **args) -> ResNet:
+        arch = self.options["arch"]
+        return build_resnet_tiny(**args) if arch == "tiny" else build_resnet(arch, **args)
+
+    def importance_groups(self, model: ResNet) -> list[Group]:
+        return importance_groups(model)
+
+
+Family = ResNetFamily

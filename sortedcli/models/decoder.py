@@ -1,0 +1,518 @@
+"""Hugging Face decoder LLMs (``*ForCausalLM``) as sorted models, and as a layer stack for decoding.
+
+One adapter serves every decoder that follows the LLaMA layout: token embedding -> a ``ModuleList``
+of decoder layers (``self_attn`` + ``mlp``) -> a final norm -> an LM head. LLaMA 1-3, Mistral,
+Qwen2/2.5, Qwen3, Gemma 1-3 (text), Phi-3, OLMo 2, SmolLM and whatever else keeps that layout load
+through the stock ``AutoModelForCausalLM``; :class:`Layout` reads what differs from the loaded
+model's *modules and config*, not from a list of class names:
+
+- attention projections: separate ``q_proj``/``k_proj``/``v_proj`` (biased or not: Qwen2) or one
+  fused ``qkv_proj`` (Phi-3); per-head ``q_norm``/``k_norm`` (Qwen3, Gemma 3) or norms over the
+  whole projection (OLMo 2);
+- MLP: separate ``gate_proj``/``up_proj`` (SwiGLU / GeGLU) or one fused ``gate_up_proj`` (Phi-3);
+- per-layer attention types (``config.layer_types``: full and sliding-window layers, Mistral,
+  Qwen2, Gemma 2/3), each with its own mask (and, for Gemma 3, its own rotary embedding);
+- scaled embeddings (Gemma's embedding module scales itself), norms after attention / MLP (Gemma 2/3,
+  OLMo 2 has no input norm), final logit soft-capping (Gemma 2/3: applied at every exit too).
+
+Anything else (GPT-2's ``Conv1D``, mixture-of-experts MLPs, hybrid Mamba/linear-attention layers,
+chunked attention) is refused in one line that names the class and what is supported.
+
+Sorted model (the registry entries ``causal_lm``, ``llama``, ``llama_tiny``; Sorted LLaMA / SoFT):
+
+- **depth**: the first k decoder layers; exit k reads the hidden state after layer k through the
+  model's own final norm and LM head (no new parameters). A dropped layer passes its hidden state on
+  unchanged, so the depth-k sub-model and exit k of a deeper pass are the same function.
+- **heads** (separate q/k/v projections and per-head norms only): with grouped-query attention, whole
+  key/value groups: k/v projections keep ``ceil(level x kv_heads)`` heads (unit ``head_dim``), the
+  query projection that many groups of ``heads / kv_heads`` query heads. The rule: a level keeps whole
+  key/value groups, so the levels of a model with 2 key/value heads resolve to 1 or 2 groups
+  (:meth:`~sortedcli.nest.space.Grid.distinct` merges levels that keep the same groups).
+- **ffn** (separate gate/up projections only): a prefix of the intermediate neurons.
+
+Every sub-model is a stock config of the same class (``head_dim`` is written explicitly), so
+``export`` writes a folder the stock ``AutoModelForCausalLM`` reloads. A pretrained model is
+importance-sorted first (``model.importance``, default ``l1``) along the width dims it supports:
+key/value groups by the norm of their q/k/v rows, FFN neurons by their gate/up rows; the output
+projections' columns move with them and the full model computes exactly what it did.
+
+:class:`DecoderStack` implements the small stack protocol that :mod:`sortedcli.decoding` is written
+against: embed tokens, run decoder layers ``[start, stop)`` while appending their keys/values to a
+transformers ``DynamicCache``, read any hidden state out through the model's final norm and head (an
+exit), write the keys/values of layers that a token skipped, and crop the cache. It drives the
+model's own modules exactly as the model's ``forward`` does, so all layers and the head give the
+logits of the stock model. Decoding is batch size 1.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..nest import COUNT, FRACTION, SubModel, sortify, sorted_size
+from ..nest.importance import Group, sort_by_importance
+from . import hf
+from .adapter import Adapter
+from .weights import importance_method
+
+if TYPE_CHECKING:  # transformers is imported where a decoder is built or decoded, not with the registry
+    from transformers import DynamicCache
+
+DIMS = {"depth": COUNT, "heads": FRACTION, "ffn": FRACTION}
+TASKS = ("causal_lm",)
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+SUPPORTED = ("LLaMA-layout decoders (embed -> layers with self_attn and a gated MLP -> final norm -> LM head): "
+             "LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2, SmolLM")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a loaded decoder looks like, read from its modules and config (see the module doc)."""
+
+    cls: str
+    base: str  # attribute of the model holding the decoder (``model``)
+    head_dim: int
+    heads: int
+    kv_heads: int
+    fused_qkv: bool
+    fused_mlp: bool
+    whole_qk_norm: bool  # q/k norms over the whole projection (OLMo 2): heads cannot be sliced
+    layer_types: tuple[str, ...]
+    softcap: float | None
+
+    @property
+    def dims(self) -> dict[str, str]:
+        """The dims this model can nest along, with why the others are missing (:meth:`why_not`)."""
+        out = {"depth": COUNT}
+        if not self.fused_qkv and not self.whole_qk_norm:
+            out["heads"] = FRACTION
+        if not self.fused_mlp:
+            out["ffn"] = FRACTION
+        return out
+
+    def why_not(self, dim: str) -> str:
+        if dim == "heads" and self.fused_qkv:
+            return "its q/k/v projections are fused into one qkv_proj"
+        if dim == "heads" and self.whole_qk_norm:
+            return "its q/k norms span all heads"
+        if dim == "ffn" and self.fused_mlp:
+            return "its gate/up projections are fused into one gate_up_proj"
+        return "it has no such dim"
+
+
+def _refuse(cls: str, what: str) -> UsageError:
+    return UsageError(f"{cls} is not supported: {what}; supported: {SUPPORTED}")
+
+
+def layout(model: nn.Module) -> Layout:
+    """Read ``model``'s :class:`Layout`, or refuse it in one line (a :class:`UsageError`)."""
+    cls = type(model).__name__
+    config = model.config
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Conv1D":
+            raise _refuse(cls, f"{name} is a GPT-2-style Conv1D")
+    base_name = getattr(model, "base_model_prefix", "model")
+    base = getattr(model, base_name, None)
+    layers = getattr(base, "layers", None)
+    if base is None or not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise _refuse(cls, f"no decoder layers at {base_name}.layers")
+    if getattr(base, "embed_tokens", None) is None or getattr(base, "norm", None) is None:
+        raise _refuse(cls, f"no {base_name}.embed_tokens or final {base_name}.norm")
+    if not isinstance(model.get_output_embeddings(), nn.Linear):
+        raise _refuse(cls, "its LM head is not a Linear layer")
+    fused_qkv = fused_mlp = whole_norm = False
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            raise _refuse(cls, f"layer {i} has no self_attn/mlp (hybrid Mamba or linear-attention layers)")
+        if any(hasattr(mlp, a) for a in ("experts", "router", "gate")) and not hasattr(mlp, "gate_proj"):
+            raise _refuse(cls, f"layer {i}'s MLP is a mixture of experts")
+        if hasattr(attn, "qkv_proj"):
+            fused_qkv = True
+        elif not all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj")):
+            raise _refuse(cls, f"layer {i}'s attention has no q_proj/k_proj/v_proj (or fused qkv_proj)")
+        if not isinstance(getattr(attn, "o_proj", None), nn.Linear):
+            raise _refuse(cls, f"layer {i}'s attention has no o_proj")
+        if hasattr(mlp, "gate_up_proj"):
+            fused_mlp = True
+        elif not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
+            raise _refuse(cls, f"layer {i}'s MLP has no gate_proj/up_proj/down_proj (or fused gate_up_proj)")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    norm = getattr(layers[0].self_attn, "k_norm", None)
+    if norm is not None and getattr(norm, "weight", None) is not None and norm.weight.numel() != head_dim:
+        whole_norm = True
+    # per-layer types where the config lists them (Qwen2/3, Gemma 2/3, ...); without a list, a config
+    # with a sliding window slides in every layer (Mistral, Phi-3, Starcoder2)
+    default = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    types = tuple(getattr(config, "layer_types", None) or (default,) * len(layers))
+    other = sorted(set(types) - set(ATTENTION_TYPES))
+    if other:
+        raise _refuse(cls, f"its layer types include {', '.join(other)}")
+    return Layout(cls, base_name, head_dim, heads, getattr(config, "num_key_value_heads", None) or heads,
+                  fused_qkv, fused_mlp, whole_norm, types, getattr(config, "final_logit_softcapping", None))
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, getattr(model, "base_model_prefix", "model"))
+
+
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def _readout(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Exit: the model's own final norm and LM head (and logit soft-cap) on the hidden state after layer k."""
+    logits = model.get_output_embeddings()(_base(model).norm(hidden))
+    return _softcap(logits, getattr(model.config, "final_logit_softcapping", None))
+
+
+def _out_dim(lay: Layout):
+    groups = lay.heads // lay.kv_heads
+    dims = lay.dims
+
+    def out_dim(name: str, module: nn.Module):
+        if "heads" in dims:
+            if name.endswith("self_attn.q_proj"):
+                return ("heads", lay.head_dim * groups)  # whole query groups: GQA proportion kept
+            if name.endswith(("self_attn.k_proj", "self_attn.v_proj")):
+                return ("heads", lay.head_dim)
+        if "ffn" in dims and name.endswith(("mlp.gate_proj", "mlp.up_proj")):
+            return ("ffn", 1)
+        return None  # hidden size, o_proj/down_proj outputs, embeddings and the LM head stay full
+    return out_dim
+
+
+def importance_groups(model: nn.Module, dims=("heads", "ffn")) -> list[Group]:
+    """Per layer: its key/value groups (q rows of the group's query heads, k and v rows of its
+    key/value head -> o_proj columns of its query heads) and its FFN neurons (gate and up rows ->
+    down_proj columns), for the dims in ``dims`` that the model supports."""
+    lay = layout(model)
+    groups = []
+    for i, layer in enumerate(_base(model).layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if "heads" in dims and "heads" in lay.dims:
+            groups.append(Group(f"layer{i}.heads", [attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj],
+                                units=lay.kv_heads))
+        if "ffn" in dims and "ffn" in lay.dims:
+            groups.append(Group(f"layer{i}.ffn", [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]))
+    return groups
+
+
+def sortify_decoder(model: nn.Module) -> nn.Module:
+    """Sort a transformers ``*ForCausalLM`` in place along depth and the width dims its layout allows."""
+    lay = layout(model)
+    config = model.config
+    config.head_dim = lay.head_dim  # explicit, so that a config with fewer heads keeps the head size
+    units, finish = hf.prefix_layers(model, f"{lay.base}.layers")
+
+    def finish_config(plain, sub):
+        finish(plain, sub)
+        if sub is None:
+            return
+        n = plain.config.num_hidden_layers
+        if getattr(plain.config, "layer_types", None) is not None:
+            plain.config.layer_types = list(plain.config.layer_types)[:n]
+        if getattr(plain.config, "max_window_layers", None) is not None:
+            plain.config.max_window_layers = min(plain.config.max_window_layers, n)
+        if sub.get("heads") is not None:
+            kept = sorted_size(lay.kv_heads * lay.head_dim, sub["heads"], lay.head_dim) // lay.head_dim
+            plain.config.num_key_value_heads = kept
+            plain.config.num_attention_heads = kept * (lay.heads // lay.kv_heads)
+        if sub.get("ffn") is not None:
+            plain.config.intermediate_size = sorted_size(config.intermediate_size, sub["ffn"])
+
+    sorted_model = sortify(model, out_dim=_out_dim(lay), units=units, readout=_readout, finish=finish_config)
+    sorted_model.sortednet_layout = lay
+    return sorted_model
+
+
+def _config(config: dict, extra: dict):
+    """A transformers config from ``model.config={...}``: ``model_type`` names the architecture
+    (default ``llama``, as the LLaMA recipes have always written them)."""
+    from transformers import AutoConfig
+
+    values = {**config, **extra}
+    kind = values.pop("model_type", "llama")
+    try:
+        return AutoConfig.for_model(kind, **values)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"model.config is not a valid {kind} config ({str(e).splitlines()[0][:200]}): "
+                         "give model_type (llama, qwen2, qwen3, mistral, gemma2, ...) and its fields") from None
+
+
+def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, config: dict | None = None,
+                  tokenizer: str | None = None, attn_implementation: str = "sdpa",
+                  special_tokens: dict | None = None, importance: str | None = None,
+                  require: str | None = None) -> nn.Module:
+    """A transformers ``*ForCausalLM`` from ``pretrained`` (a folder, hub id or GGUF) or built from
+    ``config`` (random init; its vocabulary is sized to the tokenizer's), importance-sorted when
+    pretrained, sorted in place. ``require``: a class name the model must be (``llama``'s entry)."""
+    from transformers import AutoModelForCausalLM
+
+    if not pretrained and config is not None:
+        config = dict(config)
+        if vocab_size:
+            config["vocab_size"] = vocab_size
+        model = _random(AutoModelForCausalLM, _config(config, special_tokens or {}), attn_implementation)
+    else:
+        model = hf.load(AutoModelForCausalLM, pretrained, config, None, attn_implementation=attn_implementation)
+    if require and type(model).__name__ != require:
+        raise UsageError(f"model.pretrained={pretrained} is a {type(model).__name__}, not a {require}: "
+                         "use model=causal_lm for any decoder LLM")
+    if vocab_size and vocab_size > model.config.vocab_size:
+        raise UsageError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary only "
+                         f"{model.config.vocab_size}: use the model's own tokenizer (model.tokenizer=DIR)")
+    layout(model)  # refuse what does not fit before anything is permuted
+    method = importance_method(importance)
+    if pretrained and method and not hf.is_snapshot(Path(pretrained).expanduser()):
+        sort_by_importance(importance_groups(model), method)
+    return sortify_decoder(model)
+
+
+def _random(auto_class, cfg, attn_implementation: str | None) -> nn.Module:
+    hf._quiet()
+    if attn_implementation:
+        cfg._attn_implementation = attn_implementation
+    try:
+        return auto_class.from_config(cfg)
+    except ValueError as e:
+        if attn_implementation and attn_implementation != "eager" and "attn" in str(e).lower():
+            cfg._attn_implementation = "eager"  # e.g. Gemma 2's soft-capped attention has no sdpa path
+            return auto_class.from_config(cfg)
+        raise UsageError(f"model.config could not build a causal LM ({str(e).splitlines()[0][:200]})") from None
+
+
+_PROJECT_BPE = re.compile(r"tokenizer-(?P<corpus>\w+)-bpe(?P<vocab>\d+)$")
+
+
+def tokenizer(options: dict):
+    """``model.tokenizer`` (a folder or hub id), else the one in ``model.pretrained``, else the project's
+    byte-level BPE (:mod:`sortedcli.data.lm`; trained on the news corpus and cached on first use)."""
+    from ..data import lm
+
+    where = options.get("tokenizer")
+    if where and not Path(where).exists() and _PROJECT_BPE.search(Path(where).name):
+        # the project's BPE named by a folder that is not here (another machine's or folder's path):
+        # the same tokenizer from this user's cache (lm.llm_cache), trained there once if missing
+        m = _PROJECT_BPE.search(Path(where).name)
+        return lm.load_tokenizer({"tokenizer_corpus": m["corpus"], "vocab_size": int(m["vocab"])})
+    if where or options.get("pretrained"):
+        tok = hf.tokenizer(options)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return lm.load_tokenizer({})
+
+
+def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
+    """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads, checked to give
+    ``plain``'s logits on ``example`` (the task's check input: several sequences of different
+    lengths, padded)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..nest import call
+
+    with torch.no_grad():
+        want = call(plain.eval(), example)
+    hf.save(folder, plain, meta, example, want, AutoModelForCausalLM, tokenizer)
+
+
+def _module_function(module: nn.Module, name: str):
+    """A function of the transformers modeling file that defines ``module``'s class (each decoder's
+    own ``apply_rotary_pos_emb``: partial rotary dims and all)."""
+    return getattr(sys.modules[type(module).__module__], name)
+
+
+class DecoderStack:
+    """A decoder ``*ForCausalLM`` seen as embed -> layers -> (final norm + LM head) for decoding.
+
+    ``layers`` is the number of decoder layers that run: all of them by default, fewer for a depth
+    sub-model (its exits are then ``1..layers``).
+    """
+
+    def __init__(self, model: nn.Module, layers: int | None = None):
+        self.model = model
+        self.lay = layout(model)
+        self.base = _base(model)
+        self.config = model.config
+        self.lm_head = model.get_output_embeddings()
+        self.num_layers = len(self.base.layers) if layers is None else int(layers)
+        if not 1 <= self.num_layers <= len(self.base.layers):
+            raise ValueError(f"layers must be in 1..{len(self.base.layers)}, got {layers}")
+        self._rope_by_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.embed_tokens.weight.device
+
+    def new_cache(self) -> DynamicCache:
+        """A cache of full (never evicting) layers: sliding-window layers see only their window through
+        their mask, so cropping back after a rejected draft is always possible."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(ids)  # scaled embeddings (Gemma) scale themselves
+
+    def _rope(self, hidden, pos, kind: str):
+        return self.base.rotary_emb(hidden, pos, kind) if self._rope_by_type else self.base.rotary_emb(hidden, pos)
+
+    def layers(self, hidden: torch.Tensor, start: int, stop: int, cache: DynamicCache,
+               positions: torch.Tensor) -> torch.Tensor:
+        """Run decoder layers ``[start, stop)`` on ``hidden`` (1 x T x H) at ``positions`` (T), each
+        attending to what ``cache`` holds for it (through its own attention type's mask) and appending
+        its keys/values. The layers in ``[start, stop)`` must hold the same number of cached tokens."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        if start >= stop:
+            return hidden
+        pos = positions.view(1, -1)
+        kinds = self.lay.layer_types
+        masks, ropes = {}, {}
+        for kind in set(kinds[start:stop]):
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
+                               position_ids=pos, layer_idx=start)
+            ropes[kind] = self._rope(hidden, pos, kind)
+        for i in range(start, stop):
+            kind = kinds[i]
+            hidden = self.base.layers[i](hidden, attention_mask=masks[kind], position_embeddings=ropes[kind],
+                                         position_ids=pos, cache=cache, use_cache=True)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of any layer's hidden state: the model's final norm, its LM head, its soft-cap."""
+        return _softcap(self.lm_head(self.base.norm(hidden)), self.lay.softcap)
+
+    def vocab_head(self, vocab: torch.Tensor):
+        """The readout restricted to the token ids ``vocab``: the final norm, then those rows of the
+        LM head (gathered once, contiguous, so a draft step multiplies by |vocab| rows, not all)."""
+        head = self.lm_head
+        weight = head.weight.detach().index_select(0, vocab.to(head.weight.device))
+        bias = None if head.bias is None else head.bias.detach().index_select(0, vocab.to(head.weight.device))
+        norm, cap = self.base.norm, self.lay.softcap
+        return lambda hidden: _softcap(torch.nn.functional.linear(norm(hidden), weight, bias), cap)
+
+    def _key_value(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and values (batch x kv heads x T x head_dim) of its normed input ``x``, as
+        its attention computes them (fused or separate projections, whole or per-head key norms)."""
+        hd = self.lay.head_dim
+        if self.lay.fused_qkv:
+            qkv = attn.qkv_proj(x)
+            q, kv = self.lay.heads * hd, self.lay.kv_heads * hd
+            k, v = qkv[..., q:q + kv], qkv[..., q + kv:]
+        else:
+            k, v = attn.k_proj(x), attn.v_proj(x)
+        norm = getattr(attn, "k_norm", None)
+        if norm is not None and self.lay.whole_qk_norm:
+            k = norm(k)
+        shape = (*x.shape[:-1], -1, hd)
+        k, v = k.view(shape), v.view(shape)
+        if norm is not None and not self.lay.whole_qk_norm:
+            k = norm(k)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def fill(self, hidden: torch.Tensor, start: int, stop: int, cache: DynamicCache,
+             positions: torch.Tensor) -> None:
+        """Append keys/values for layers ``[start, stop)`` that a token skipped, computed from the
+        hidden state it exited with (CALM's state propagation): each skipped layer projects that
+        state through its own input norm and key/value projections and rotates the keys to the
+        token's position. Later tokens attending to those layers then see a key/value for it."""
+        if start >= stop:
+            return
+        pos = positions.view(1, -1)
+        ropes = {}
+        for i in range(start, stop):
+            kind = self.lay.layer_types[i]
+            if kind not in ropes:
+                ropes[kind] = self._rope(hidden, pos, kind)
+            cos, sin = ropes[kind]
+            layer = self.base.layers[i]
+            attn = layer.self_attn
+            norm = getattr(layer, "input_layernorm", None)
+            k, v = self._key_value(attn, hidden if norm is None else norm(hidden))
+            _, k = _module_function(attn, "apply_rotary_pos_emb")(k, k, cos, sin)
+            cache.update(k, v, i)
+
+    def cached(self, cache: DynamicCache, layer: int) -> int:
+        """How many tokens ``cache`` holds for ``layer``."""
+        return cache.layers[layer].get_seq_length() if layer < len(cache.layers) else 0
+
+    def crop(self, cache: DynamicCache, length: int) -> None:
+        """Keep the first ``length`` tokens in every layer of ``cache``."""
+        for layer in cache.layers:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+
+
+def truncated(model: nn.Module, layers: int) -> nn.Module:
+    """A model of ``model``'s class holding its first ``layers`` decoder layers (shared weights, not
+    copies), with ``num_hidden_layers`` (and ``layer_types``) set to match: the exit after ``layers``
+    as a plain transformers model."""
+    base = _base(model)
+    if not 1 <= layers <= len(base.layers):
+        raise ValueError(f"layers must be in 1..{len(base.layers)}, got {layers}")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types)[:layers]
+    config._attn_implementation = model.config._attn_implementation
+    with torch.device("meta"):
+        small = type(model)(config)
+    small_base = _base(small)
+    for name, child in base.named_children():
+        setattr(small_base, name, nn.ModuleList(list(child[:layers])) if child is base.layers else child)
+    for name, child in model.named_children():
+        if child is not base:
+            setattr(small, name, child)
+    small.generation_config = model.generation_config
+    return small.eval()
+
+
+class DecoderFamily(Adapter):
+    """The registry's adapter for Hugging Face decoder LLMs (see the module doc)."""
+
+    dims = DIMS
+    tasks = TASKS
+    exports = "a Hugging Face folder (AutoModelForCausalLM)"
+    can_generate = True
+
+    def build(self, **args) -> nn.Module:
+        return build_decoder(**self.options, **args)
+
+    def dims_of(self, model: nn.Module) -> dict[str, str]:
+        return model.sortednet_layout.dims
+
+    def why_not(self, model: nn.Module, dim: str) -> str:
+        return model.sortednet_layout.why_not(dim)
+
+    def tokenizer(self, options: dict):
+        return tokenizer(options)
+
+    def save(self, folder, plain, meta, example, tokenizer=None) -> None:
+        save(folder, plain, meta, example, tokenizer)
+
+    def stack(self, model: nn.Module) -> DecoderStack:
+        return DecoderStack(model)
+
+    def snapshot(self, model, tok, folder, source) -> None:
+        hf.snapshot(model, tok, folder, source)
+
+    def importance_groups(self, model: nn.Module) -> list[Group]:
+        return importance_groups(model)
+
+
+Family = DecoderFamily
