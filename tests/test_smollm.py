@@ -106,6 +106,24 @@ def test_chat_template_trains_the_assistant_turn_and_its_end_of_turn_only(tied_d
     assert "### User:" in tok.decode(raw.train[0]["input_ids"])
 
 
+def test_the_validation_split_of_chat_data_is_written_in_the_chat_template_too(tied_dir, chat_file):
+    """val_perplexity and the export chosen on it score the format the model is trained in: with
+    data.val_fraction > 0 the held-out examples are templated like train and test (they were not)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tied_dir))
+    data = build_data({"name": "chat", "path": str(chat_file), "test_fraction": 0.2, "val_fraction": 0.25,
+                       "max_length": 128}, tok)
+    assert data.val is not None and len(data.val) >= 2
+    for i in range(len(data.val)):
+        item = data.val[i]
+        text = tok.decode(item["input_ids"].tolist())
+        assert text.startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is ")
+        trained = tok.decode([t for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist())
+                              if lab != lm.IGNORE])
+        assert trained.endswith(".<|im_end|>")
+
+
 def test_plain_text_is_packed_with_the_models_document_separator(tied_dir):
     from transformers import AutoTokenizer
 

@@ -569,7 +569,9 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
     else:
         max_length = int(cfg.get("max_length") or 512)
         if has_chat_template(tokenizer) and not cfg.get("raw"):
-            train, test = ([templated(tokenizer, ex) for ex in part] for part in (train, test))
+            # every split, validation included: val_perplexity (and the export chosen on it) must score
+            # the format the model is trained and asked in
+            train, test, val = ([templated(tokenizer, ex) for ex in part] for part in (train, test, val))
             info["template"] = "chat"
         sides = []
         for part in (train, test, val):
