@@ -22,6 +22,11 @@ in :mod:`sortedcli.models` provides for a model family; nothing here names an ar
   Rejections are cheap: while the first draft of a round is often wrong, the full model checks the
   position it predicts alone (one token, as greedy decoding does) before verifying the others, so a
   rejected round costs greedy's step plus the drafts (``k x c``), not a (k+1)-token verify pass.
+  Drafting never makes decoding slower than greedy for long: the decoder times its own greedy steps
+  and its speculative rounds (seconds per emitted token, on this device, for this prompt), and while a
+  round costs more per token than a greedy step it decodes greedily instead, probing with one
+  speculative round after 8 greedy tokens, then 16, 32, ... up to 128 while probes keep losing (back to
+  8 when one wins). Output is unchanged: a greedy step is the full model's own step.
 - :func:`early_exit`: per token, run the exits from the smallest up and stop at the first whose top
   probability reaches its threshold (Sorted LLaMA's "instance-aware dynamic inference"); the
   deepest layer always answers. The layers the token skipped get keys/values computed from the
@@ -33,6 +38,7 @@ tokens and counters (drafted/accepted, exits taken, forward passes) that the ben
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
@@ -118,6 +124,7 @@ class Decoded:
     accepted: int = 0  # speculative: draft tokens the full model kept
     exits: dict[int, int] = field(default_factory=dict)  # early exit: exit layer -> tokens that left there
     layer_passes: int = 0  # decoder-layer applications per token position, summed (prompt excluded)
+    greedy_tokens: int = 0  # speculative: tokens decoded greedily while drafting was measured to lose
 
     @property
     def acceptance(self) -> float:
@@ -217,7 +224,8 @@ def generate(stack: Stack, prompt, *, exit: int | None = None, max_new_tokens: i
 def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 64, k: int = 4,
                 adaptive: bool = True, max_k: int = 16, sampling: Sampling | None = None,
                 eos: Iterable[int] | int | None = None, on_token: Callable[[int], None] | None = None,
-                draft_vocab=None, check_first: float = 0.5) -> Decoded:
+                draft_vocab=None, check_first: float = 0.5, fallback: bool = True,
+                clock: Callable[[], float] = time.perf_counter) -> Decoded:
     """The full model's output, drafted by its own first ``draft_exit`` layers (see module doc).
 
     ``k`` is the first draft length; with ``adaptive`` it grows by 2 (up to ``max_k``) after a round
@@ -226,7 +234,9 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
     first draft of a round has been accepted less often than this (a running estimate, starting at
     1/2), the full model checks that position alone before verifying the rest in one pass (cheap
     rejections where verifying several tokens costs more than one, as on a CPU; 0 never splits,
-    the choice for a device where k+1 tokens cost one token's time)."""
+    the choice for a device where k+1 tokens cost one token's time). ``fallback``: decode greedily
+    while speculative rounds are measured (``clock``) to cost more per token than greedy steps (see
+    the module doc); False drafts every round."""
     L = stack.num_layers
     if not 1 <= draft_exit < L:
         raise ValueError(f"draft_exit must be in 1..{L - 1} (below the full model's {L} layers), got {draft_exit}")
@@ -244,8 +254,27 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         stack, prompt, sampling, max_new_tokens, eos, on_token,
         lambda cache, x, pos: stack.head(stack.layers(x, 0, L, cache, pos)[:, -1])[0])
     first_hits, first_tries = 0, 0
+    # seconds per emitted token of a greedy step and of a speculative round (running means), and how
+    # many greedy tokens to decode before the next speculative probe (fallback)
+    step_cost: float | None = None
+    round_cost: float | None = None
+    greedy_left, backoff = (2 if fallback else 0), 8  # 2 greedy steps first: what a round must beat
     # Invariant at the top of a round: every layer caches positions [0, n); `token` sits at n, uncached.
     while not emitter.done:
+        if greedy_left > 0:  # the full model's own step: what greedy decoding does
+            t0 = clock()
+            x = torch.tensor([[token]], device=dev)
+            hidden = stack.layers(stack.embed(x), 0, L, cache, _positions(n, 1, dev))
+            token = sampling.pick(stack.head(hidden[:, -1])[0])
+            cost = clock() - t0
+            step_cost = cost if step_cost is None else 0.7 * step_cost + 0.3 * cost
+            out.layer_passes += L
+            out.greedy_tokens += 1
+            n += 1
+            greedy_left -= 1
+            emitter.emit(token)
+            continue
+        t0 = clock()
         kk = min(k, emitter.left - 1)  # a round yields at most kk + 1 tokens
         drafts: list[int] = []
         draft_probs: list[torch.Tensor] = []  # over the draft's vocabulary
@@ -316,6 +345,13 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         n += m + 1
         stack.crop(cache, n)
         token = new[-1]
+        if fallback and step_cost is not None:
+            cost = (clock() - t0) / len(new)
+            round_cost = cost if round_cost is None else 0.7 * round_cost + 0.3 * cost
+            if round_cost > step_cost:  # drafting loses here: greedy for a while, then probe again
+                greedy_left, backoff, round_cost = backoff, min(2 * backoff, 128), None
+            else:
+                backoff = 8
         if adaptive:
             k = min(k + 2, max_k) if m == kk and kk == k else (max(1, k - 1) if m < kk else k)
     return out

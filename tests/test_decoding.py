@@ -87,10 +87,49 @@ def test_speculative_adapts_the_draft_length():
     agree = tiny_llama(calm_depth=0.01)  # deep layers nearly silent: the draft is almost always right
     stack = DecoderStack(agree)
     prompt = prompts(1)[0]
-    fixed = D.speculative(stack, prompt, draft_exit=2, max_new_tokens=40, k=2, adaptive=False)
-    grown = D.speculative(stack, prompt, draft_exit=2, max_new_tokens=40, k=2, adaptive=True)
+    fixed = D.speculative(stack, prompt, draft_exit=2, max_new_tokens=40, k=2, adaptive=False, fallback=False)
+    grown = D.speculative(stack, prompt, draft_exit=2, max_new_tokens=40, k=2, adaptive=True, fallback=False)
     assert fixed.tokens == grown.tokens == hf_greedy(agree, prompt, 40)
     assert grown.acceptance > 0.9 and grown.rounds < fixed.rounds
+
+
+class LayerClock:
+    """A stack whose clock advances by one per decoder layer applied to one token, and by a quarter
+    for each further token of the same pass (a pass over several tokens costs less per token, as
+    memory-bound decoding does): a device's time without the noise of a real clock."""
+
+    def __init__(self, stack):
+        self.stack, self.t = stack, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.stack, name)
+
+    def layers(self, hidden, start, stop, cache, positions):
+        self.t += max(stop - start, 0) * (1 + (hidden.shape[1] - 1) / 4)
+        return self.stack.layers(hidden, start, stop, cache, positions)
+
+    def clock(self):
+        return self.t
+
+
+def test_speculative_falls_back_to_greedy_while_drafting_costs_more_per_token_and_probes_again():
+    """Drafts that the full model rejects (a random model) cost more per token than greedy steps: the
+    decoder decodes greedily with a speculative probe now and then (8, 16, 32 ... tokens apart), so it
+    spends barely more than greedy's layer passes; drafts that are accepted keep drafting. The output
+    is greedy's in both cases."""
+    model = tiny_llama(seed=3)
+    prompt = prompts(1, seed=9)[0]
+    greedy = D.generate(DecoderStack(model), prompt, max_new_tokens=64)
+    timed = LayerClock(DecoderStack(model))
+    fell = D.speculative(timed, prompt, draft_exit=2, max_new_tokens=64, k=4, clock=timed.clock)
+    always = D.speculative(DecoderStack(model), prompt, draft_exit=2, max_new_tokens=64, k=4, fallback=False)
+    assert fell.tokens == always.tokens == greedy.tokens
+    assert always.acceptance < 0.5 and fell.greedy_tokens > 40 and 1 <= fell.rounds <= 6
+    assert fell.layer_passes < 1.15 * greedy.layer_passes < always.layer_passes
+    agree = tiny_llama(calm_depth=0.01)  # the draft is almost always right: drafting wins, keeps drafting
+    timed = LayerClock(DecoderStack(agree))
+    kept = D.speculative(timed, prompt, draft_exit=2, max_new_tokens=40, k=2, clock=timed.clock)
+    assert kept.tokens == hf_greedy(agree, prompt, 40) and kept.greedy_tokens == 2 and kept.acceptance > 0.7
 
 
 def test_speculative_is_also_transformers_assistant_early_exit_output(model):

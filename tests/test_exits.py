@@ -109,8 +109,8 @@ def test_a_rejected_round_costs_greedys_step_plus_the_drafts():
     L, E = stack.num_layers, 2
     for prompt in prompts(4, seed=9):
         greedy = D.generate(stack, prompt, max_new_tokens=24)
-        split = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=24, k=4, check_first=1.0)
-        joint = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=24, k=4, check_first=0.0)
+        split = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=24, k=4, check_first=1.0, fallback=False)
+        joint = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=24, k=4, check_first=0.0, fallback=False)
         assert split.tokens == joint.tokens == greedy.tokens
         assert split.acceptance < 0.5
         assert split.layer_passes <= greedy.layer_passes + split.drafted * E
