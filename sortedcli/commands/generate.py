@@ -289,6 +289,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     extra = ""
     if out.drafted:
         extra = f"; acceptance {out.acceptance:.2f} ({out.accepted}/{out.drafted} drafts, {out.rounds} rounds)"
+    if cfg.speculative and out.greedy_tokens > 2:
+        extra += f"; {out.greedy_tokens} tokens decoded greedily (drafting measured slower here)"
     if out.exits:
         extra = "; exits " + ", ".join(f"{k}: {v}" for k, v in sorted(out.exits.items()))
     console.print(f"[dim]{len(out.tokens)} tokens in {seconds:.2f}s ({len(out.tokens) / seconds:.1f} tokens/s), "
