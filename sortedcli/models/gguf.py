@@ -62,8 +62,12 @@ def load(auto_class, file: Path, attn_implementation: str | None = None) -> nn.M
         loaded = auto_class.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"{file} could not be read as a GGUF model ({first[:200]}): transformers reads the "
-                         "LLaMA-family GGUF files of llama.cpp") from None
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        readable = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise UsageError(f"{file} could not be read as a GGUF model ({first[:160]}): transformers reads the "
+                         f"llama.cpp GGUF files of {readable}; convert the model to a Hugging Face folder "
+                         "instead") from None
     values = loaded.config.to_dict()
     values.pop("quantization_config", None)
     config = type(loaded.config).from_dict(values)
