@@ -215,3 +215,45 @@ def test_an_attention_that_cannot_take_fewer_heads_is_refused():
     model.bert.encoder.layer[0].attention.self.query.register_forward_hook(fixed_heads)
     with pytest.raises(UsageError, match="does not run with fewer heads or FFN neurons"):
         bert.sortify_encoder(model)
+
+
+def test_a_modernbert_width_sub_model_trains_only_its_prefix_of_each_fused_block():
+    model = sorted_model("modernbert").train()
+    layer = model.model.layers[1]
+    with use(model, SubModel.of(heads=0.5, ffn=0.25)):
+        model(**example()).logits.logsumexp(-1).sum().backward()
+    qkv = layer.attn.Wqkv.weight.grad.view(3, 4, 8, 32)  # q | k | v, 4 heads of 8
+    wi = layer.mlp.Wi.weight.grad.view(2, 48, 32)  # input | gate, 48 neurons
+    assert qkv[:, :2].abs().sum((1, 2, 3)).gt(0).all() and not qkv[:, 2:].any()
+    assert wi[:, :12].abs().sum((1, 2)).gt(0).all() and not wi[:, 12:].any()
+
+
+def test_cli_trains_and_exports_a_tiny_modernbert_with_mean_pooling(tmp_path):
+    """train (SoFT: every exit of each drawn width from one trunk pass, the exits mean-pooled with the
+    batch's mask) -> export (which scores the sub-models within the budget), through the registry's
+    encoder entry."""
+    import json
+
+    from conftest import cli, explain
+    from test_transformers import WORDS, make_tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    make_tokenizer(tmp_path / "tok")
+    rows = "".join(f"{w} {v},{'pos' if i % 2 else 'neg'}\n" for i, (w, v) in enumerate(zip(WORDS * 2, WORDS[::-1] * 2)))
+    (tmp_path / "train.csv").write_text("text,label\n" + rows)
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(rows.splitlines(True)[:16]))
+    config = json.dumps({"model_type": "modernbert", **MODERN, "vocab_size": VOCAB, "classifier_pooling": "mean"})
+    common = ["model=bert", f"model.tokenizer={tmp_path / 'tok'}", f"+model.config={config.replace(chr(34), '').replace(' ', '')}",
+              "data=text", f"data.train={tmp_path / 'train.csv'}", f"data.test={tmp_path / 'test.csv'}",
+              "data.max_length=16", "dims=[depth,heads,ffn]", "dims.depth.levels=[2,4]", "dims.heads.levels=[0.5,1.0]",
+              "dims.ffn.levels=[0.5,1.0]", "sampler=sortednet", "sampler.g=2", "sampler.all_exits=true",
+              "optim=adamw", "trainer.batch_size=8", "trainer.max_steps=3", "trainer.epoch_eval=false"]
+    p = cli(["train", *common], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    p = cli(["export", "--budget", "0.7"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    folder = next((tmp_path / "runs").glob("*/export/budget-0.7"))
+    meta = json.loads((folder / "sortednet.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+    assert type(model).__name__ == "ModernBertForSequenceClassification" and meta["submodel"]["heads"] == 1.0
+    assert model.config.num_hidden_layers == meta["submodel"]["depth"] == len(model.config.layer_types)
