@@ -243,7 +243,7 @@ def test_cli_trains_and_exports_a_tiny_modernbert_with_mean_pooling(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n" + rows)
     (tmp_path / "test.csv").write_text("text,label\n" + "".join(rows.splitlines(True)[:16]))
     config = json.dumps({"model_type": "modernbert", **MODERN, "vocab_size": VOCAB, "classifier_pooling": "mean"})
-    common = ["model=bert", f"model.tokenizer={tmp_path / 'tok'}", f"+model.config={config.replace(chr(34), '').replace(' ', '')}",
+    common = ["model=encoder", f"model.tokenizer={tmp_path / 'tok'}", f"+model.config={config.replace(chr(34), '').replace(' ', '')}",
               "data=text", f"data.train={tmp_path / 'train.csv'}", f"data.test={tmp_path / 'test.csv'}",
               "data.max_length=16", "dims=[depth,heads,ffn]", "dims.depth.levels=[2,4]", "dims.heads.levels=[0.5,1.0]",
               "dims.ffn.levels=[0.5,1.0]", "sampler=sortednet", "sampler.g=2", "sampler.all_exits=true",
