@@ -179,6 +179,7 @@ SETTINGS = {
         "sync_batchnorm": ("true or false", lambda v: isinstance(v, bool)),
         "strategy": ("ddp (replicas, gradients all-reduced) or fsdp (FSDP2: parameters, gradients and "
                      "optimizer state sharded)", lambda v: v in ("ddp", "fsdp")),
+        "activation_checkpointing": ("true or false", lambda v: isinstance(v, bool)),
     },
     "optim": {
         "lr": ("a number > 0", lambda v: _is_number(v) and v > 0),
@@ -186,6 +187,8 @@ SETTINGS = {
         "momentum": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
         "nesterov": ("true or false", lambda v: isinstance(v, bool)),
         "warmup_steps": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+        "clip_grad_norm": ("null or a number >= 0 (the largest global L2 norm of the gradients; null or 0: "
+                           "no clipping)", lambda v: v is None or (_is_number(v) and v >= 0)),
         "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                   and all(_is_number(b) and 0 <= b < 1 for b in v)),
     },

@@ -135,7 +135,8 @@ class Distill:
 def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimizer: torch.optim.Optimizer,
                largest: SubModel, distill: Distill, device: torch.device, amp: torch.dtype | None,
                observe: Callable[[list[SubModel], list[float]], None] | None = None,
-               dist: Dist = Dist(), accumulate: int = 1) -> float:
+               dist: Dist = Dist(), accumulate: int = 1, clip_grad_norm: float | None = None,
+               stats: dict | None = None) -> float:
     """Forward/backward every sub-model of ``subs`` on ``batch`` (already on the device), accumulate,
     one optimizer step. Returns the mean loss; ``observe(subs, losses)`` (e.g. ``Sampler.observe``)
     is told each sub-model's label loss (cross-entropy, before any distillation mix).
@@ -145,7 +146,14 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
     gradients are averaged over the ranks once, before the step, and the losses too, so every rank's
     sampler observes the same values and draws the same sub-models next. Either way each piece's loss
     (a mean over its own counted targets: tokens, images) is weighted by its share of the whole batch's
-    count, so the step is the one of a single pass over the global batch."""
+    count, so the step is the one of a single pass over the global batch.
+
+    ``clip_grad_norm=C`` (None or 0: off) scales the gradients so that their global L2 norm is at most
+    C, after the accumulation and the averaging over the ranks and before the step (:func:`clip_gradients`);
+    the norm before clipping goes into ``stats["grad_norm"]`` when ``stats`` is given.
+
+    Backward runs inside the sub-model's scope (``use``), so that a layer whose activations are
+    checkpointed (:func:`checkpoint_activations`) is recomputed as the same sub-model."""
     optimizer.zero_grad(set_to_none=True)
     micro = task.split(batch, accumulate) if accumulate > 1 else [batch]
     shares = [1.0] * len(micro)
@@ -165,32 +173,83 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                 teacher = call(model, inputs).detach()
         i = 0
         for trunk, members in groups:
-            with use(model, trunk), autocast(device, amp):
-                logits = forward_members(model, inputs, trunk, members, keep)
-                if distill.enabled and largest in members:
-                    teacher = logits[largest].detach()
-                loss = torch.zeros((), device=device)
-                for sub in members:
-                    one = task.loss(logits[sub], piece) * share
-                    if len(order) < len(subs):
-                        order.append(sub)
-                        parts.append(one.detach().float() / len(micro))
-                    else:
-                        parts[i] = parts[i] + one.detach().float() / len(micro)
-                    i += 1
-                    if teacher is not None and sub != largest:
-                        kd = task.distill(logits[sub], teacher, piece, distill.temperature) * share
-                        one = distill.alpha * kd + (1 - distill.alpha) * one
-                    loss = loss + one
-            (loss / (len(subs) * len(micro))).backward()
+            with use(model, trunk):
+                with autocast(device, amp):
+                    logits = forward_members(model, inputs, trunk, members, keep)
+                    if distill.enabled and largest in members:
+                        teacher = logits[largest].detach()
+                    loss = torch.zeros((), device=device)
+                    for sub in members:
+                        one = task.loss(logits[sub], piece) * share
+                        if len(order) < len(subs):
+                            order.append(sub)
+                            parts.append(one.detach().float() / len(micro))
+                        else:
+                            parts[i] = parts[i] + one.detach().float() / len(micro)
+                        i += 1
+                        if teacher is not None and sub != largest:
+                            kd = task.distill(logits[sub], teacher, piece, distill.temperature) * share
+                            one = distill.alpha * kd + (1 - distill.alpha) * one
+                        loss = loss + one
+                (loss / (len(subs) * len(micro))).backward()
             total += loss.detach() / len(micro)
     dist.average_gradients(model)
+    if clip_grad_norm:
+        norm = clip_gradients(model, clip_grad_norm)
+        if stats is not None:
+            stats["grad_norm"] = norm
     optimizer.step()
     if observe is None:
         return dist.mean(total).item() / len(subs)  # one host sync per step, not one per sub-model
     values = dist.mean(torch.stack([total.float(), *parts])).tolist()  # still one host sync
     observe(order, values[1:])
     return values[0] / len(subs)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Scale the gradients of ``model`` so that their global L2 norm (over every parameter that has one)
+    is at most ``max_norm``; returns the norm before clipping (the same on every rank).
+
+    Replicated (one process, or the ranks after :meth:`Dist.average_gradients`): every rank holds the
+    same averaged gradients and computes the same norm. Sharded (FSDP2): each gradient is a ``DTensor``
+    shard; torch's ``clip_grad_norm_`` computes each shard's norm, the sum of their squares is reduced
+    over the ranks (a partial ``DTensor``, made whole by ``full_tensor()``), and each rank scales its
+    own shards by the same factor."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor (sharded gradients): the global norm, on every rank
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def checkpoint_activations(model: nn.Module) -> int:
+    """Activation checkpointing per depth unit (a transformer layer, a residual block): each unit keeps
+    only its inputs in the forward pass and recomputes its activations in the backward pass. Returns
+    the number of depth units.
+
+    A model that offers its own per-layer checkpointing (``activation_checkpointing_enable``: every
+    transformers model, whose layers are the depth units) uses it, non-reentrant: it also stops the
+    forward pass from filling a KV cache, which a recomputation would append to a second time. Any
+    other model gets torch's composable ``checkpoint`` on each depth unit (hooks on the module:
+    parameter names, ``state_dict`` keys and FSDP2's ``fully_shard`` are unchanged). Either way the
+    recomputation runs under the autocast of the forward pass and the sub-model active during the
+    backward pass (``train_step`` runs it inside ``use``), with the random state (dropout) replayed.
+    BatchNorm in a checkpointed block updates its running statistics twice per step (sortednet
+    recalibrates them before every evaluation)."""
+    from torch.distributed._composable import checkpoint
+
+    from .nest import nesting
+
+    units = nesting(model).units
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for unit in units:
+            checkpoint(unit.module)
+    return len(units)
 
 
 def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[SubModel],
@@ -228,6 +287,7 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
         batch_size: int, seed: int, device: torch.device, amp: torch.dtype | None,
         distill: Distill, progress: Progress, max_steps: int | None = None, num_workers: int = 0,
         collate: Callable | None = None, dist: Dist = Dist(), accumulate: int = 1, steps: int | None = None,
+        clip_grad_norm: float | None = None, stats: dict | None = None,
         on_step: Callable[[Progress, float], None] = lambda p, loss: None,
         on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
     """Train from ``progress`` to the end of ``epochs``, or of ``steps`` optimizer steps when given (the
@@ -236,7 +296,8 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
     global batch of a step, run as ``accumulate`` micro-batches per process). A run that ends inside an
     epoch (``steps``) calls ``on_epoch_end`` there, its position left mid-epoch (a longer ``steps``
     resumes the same data order). A NaN or infinite loss raises :class:`NonFiniteLoss` before
-    ``on_step`` sees that step (so no checkpoint is written from it)."""
+    ``on_step`` sees that step (so no checkpoint is written from it). ``clip_grad_norm`` and ``stats``:
+    see :func:`train_step` (``stats`` holds the last step's values when ``on_step`` is called)."""
     largest = sampler.grid.largest
     per_epoch = steps_per_epoch(dataset, batch_size)
     if per_epoch == 0:
@@ -254,7 +315,8 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
                 return progress
             batch = task.to_device(batch, device)
             loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp,
-                              observe=sampler.observe, dist=dist, accumulate=accumulate)
+                              observe=sampler.observe, dist=dist, accumulate=accumulate,
+                              clip_grad_norm=clip_grad_norm, stats=stats)
             if not math.isfinite(loss):  # a float already on the host, the mean over the ranks: they all agree
                 raise NonFiniteLoss(progress.step + 1, loss)
             scheduler.step()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 #: metrics-record key -> TensorBoard tag
-TAGS = {"loss": "train/loss", "lr": "train/lr", "acc_largest": "eval/acc_largest",
+TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "acc_largest": "eval/acc_largest",
         "acc_smallest": "eval/acc_smallest"}
 
 

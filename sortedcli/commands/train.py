@@ -14,8 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from .. import distributed, models, runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
                      build_sampler, check_settings)
-from ..engine import (NonFiniteLoss, Progress, calibration_batches, cosine_schedule, evaluate, fit,
-                      precision_label, steps_per_epoch)
+from ..engine import (NonFiniteLoss, Progress, calibration_batches, checkpoint_activations, cosine_schedule,
+                      evaluate, fit, precision_label, steps_per_epoch)
 from ..errors import UsageError
 from ..nest import synchronize
 from ..tensorboard_log import TensorBoardLog
@@ -174,9 +174,11 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     d.broadcast_module(model)
     if d.enabled and cfg.trainer.get("sync_batchnorm", False):
         synchronize(model)
+    if cfg.trainer.get("activation_checkpointing", False):
+        checkpoint_activations(model)  # before sharding: fully_shard then wraps the checkpointed units
     if d.enabled and strategy == "fsdp":
         d = replace(d, sharded=True)
-        distributed.shard(model)
+        distributed.shard(model, param_dtype=amp)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
     per_epoch = steps_per_epoch(data.train, t.batch_size)
@@ -273,6 +275,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     started = time.perf_counter()
     first_step = progress.step  # steps run by this process are counted from here
     losses: list[float] = []
+    clip = cfg.optim.get("clip_grad_norm") or None
+    stats: dict = {}  # the last step's gradient norm (before clipping), when clipping
+    norms: list[float] = []
 
     with Bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
              TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
@@ -281,11 +286,17 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
         def on_step(p: Progress, loss: float) -> None:
             losses.append(loss)
+            if "grad_norm" in stats:
+                norms.append(stats.pop("grad_norm"))
             bar.update(job, completed=p.step, epoch=p.epoch + 1, loss=f"{loss:.3f}")
             if p.step % t.log_every == 0:
-                log({"step": p.step, "epoch": p.epoch, "loss": sum(losses) / len(losses),
-                     "lr": scheduler.get_last_lr()[0], "time": time.perf_counter() - started})
+                record = {"step": p.step, "epoch": p.epoch, "loss": sum(losses) / len(losses),
+                          "lr": scheduler.get_last_lr()[0], "time": time.perf_counter() - started}
+                if norms:  # the mean global gradient norm before clipping, over the steps since the last line
+                    record["grad_norm"] = sum(norms) / len(norms)
+                log(record)
                 losses.clear()
+                norms.clear()
             if t.ckpt_every and p.step % t.ckpt_every == 0:
                 checkpoint()
 
@@ -308,7 +319,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
                 seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
                 steps=steps, max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
-                accumulate=accumulate, on_step=on_step, on_epoch_end=on_epoch_end)
+                accumulate=accumulate, clip_grad_norm=clip, stats=stats, on_step=on_step,
+                on_epoch_end=on_epoch_end)
         except NonFiniteLoss as e:
             board.close()
             if not d.main:  # rank 0 moves `latest` back and says so
