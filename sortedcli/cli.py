@@ -9,7 +9,8 @@ features keep working. A few flags are sugar for overrides:
     --ckpt PATH       ckpt=PATH                     (eval, export, generate)
     --resume RUN_DIR  resume=RUN_DIR, and Hydra's run dir is that folder   (train)
     --recipe NAME     the primary config recipes/NAME.yaml, which builds on conf/train.yaml  (train)
-    --exit N, --draft-exit E, --max-tokens N, --temperature T, --top-p P, --prompt TEXT
+    --exit N, --draft-exit E, --max-tokens N, --temperature T, --top-p P, --prompt TEXT,
+    --max-ppl-increase X
                       exit=N, draft_exit=E, ... ; --speculative, --early-exit: speculative=true,
                       early_exit=true; --raw: template=none (no chat template); other words
                       are the prompt     (generate)
@@ -55,6 +56,7 @@ FLAGS = {  # flag -> (verbs that take it, takes a value)
     "--draft-exit": ({"generate"}, True),
     "--speculative": ({"generate"}, False),
     "--early-exit": ({"generate"}, False),
+    "--max-ppl-increase": ({"generate"}, True),
     "--max-tokens": ({"generate"}, True),
     "--temperature": ({"generate"}, True),
     "--top-p": ({"generate"}, True),
@@ -276,10 +278,12 @@ def _early(verb: str, cfg) -> None:
         check_budget(cfg.budget)
     elif verb == "train":
         from .build import check_settings
-        from .strict import check_latency
+        from .strict import check_group_types, check_latency
 
         check_settings(cfg)
         check_latency(cfg)
+        if cfg.get("resume") is None:  # a resumed run's data is the run's own
+            check_group_types(cfg, "data", HydraConfig.get().runtime.choices.get("data"), CONF_DIR)
         if "RANK" not in os.environ:  # the only process, or the launcher; torchrun's ranks print later
             run_dir = cfg.get("resume") or HydraConfig.get().runtime.output_dir
             what = "resuming" if cfg.get("resume") else "training"

@@ -129,3 +129,44 @@ def check_latency(cfg) -> None:
         value = latency.get(key)
         if key in latency and not ok(value):
             raise UsageError(f"eval.latency.{key} must be {want}, got {value!r}")
+
+
+#: keys that take more than their default's type, checked where they are read: ``data.augment`` is
+#: false, true or a list of steps (``sortedcli.data.vision.augment_steps``)
+OWN_CHECK = {("data", "augment")}
+_KINDS = (  # the default's type -> what a value given for it must be
+    (bool, "true or false", lambda v: isinstance(v, bool)),
+    (int, "an integer", _whole),
+    (float, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+)
+
+
+def check_group_types(cfg, group: str, choice: str | None, conf_dir: Path) -> None:
+    """Raise :class:`UsageError` for a value of ``cfg[group]`` whose type is not that of the same key's
+    default in the group's own file (``conf/data/digits.yaml``: ``download: false``): the schema of the
+    options that are read as plain values (``data.download=flase`` was truthy and downloaded, and
+    ``data.raw=flase`` dropped the chat template). Keys without a typed default (null, ``???``, text)
+    and null values are not checked."""
+    from omegaconf import OmegaConf
+
+    path = conf_dir / group / f"{choice}.yaml"
+    section = cfg.get(group) if choice else None
+    if section is None or not path.is_file() or not hasattr(section, "items"):
+        return
+    try:
+        defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        given = OmegaConf.to_container(section, resolve=True, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - an unreadable file or interpolation is reported where it is used
+        return
+    if not isinstance(defaults, dict):
+        return
+    for key, default in defaults.items():
+        value = given.get(key)
+        if key == "defaults" or value is None or (group, key) in OWN_CHECK:
+            continue
+        for kind, want, ok in _KINDS:
+            if type(default) is kind:
+                if not ok(value):
+                    raise UsageError(f"{group}.{key} must be {want} (as its default in {group}/{choice}.yaml), "
+                                     f"got {value!r}")
+                break

@@ -43,6 +43,13 @@ CASES = {
     # the recipe's sampler.g stays when the sampler is switched: name the key and how to drop it
     "recipe-sampler-full-keeps-g": (["train", "--recipe", "fmnist_mobilenet_v2_pretrained", "sampler=full"], "empty",
                                     "drop it with '~sampler.g'"),
+    # data options read as plain values are checked against the type of their default in conf/data/
+    "data-download-flase": (["train", *TINY, "data.download=flase"], "empty",
+                            "data.download must be true or false (as its default in data/digits.yaml), got 'flase'"),
+    "data-image-size-abc": (["train", *TINY, "data.image_size=abc"], "empty", "data.image_size must be an integer"),
+    "data-val-fraction-abc": (["train", *TINY, "data.val_fraction=abc"], "empty", "data.val_fraction must be a number"),
+    "data-raw-flase": (["train", "model=llama_tiny", "data=alpaca", "data.raw=flase"], "empty",
+                       "data.raw must be true or false"),
     "two-recipes": (["train", "--recipe", "default", "--recipe", "digits_tiny"], "empty",
                     "--recipe given 2 times (default, digits_tiny)"),
     "generate-exit-abc": (["generate", "--exit", "abc", "hello"], "empty", "--exit must be a number of layers"),
@@ -107,6 +114,30 @@ def test_every_option_of_every_sampler_is_checked_against_its_constructor():
                 check_options(name, {key: "abc"})
     with pytest.raises(ValueError, match="takes no setting g .*'~sampler.g'"):
         check_options("full", {"g": 2})
+
+
+def test_every_recipe_and_data_option_passes_the_schemas_it_is_checked_against():
+    """No false refusal: each shipped recipe, and the default config with each data option, composed as
+    `train` composes it, passes the sampler's schema and the data options' types."""
+    from hydra import compose, initialize_config_dir
+
+    from sortedcli.cli import CONF_DIR, RECIPES_DIR
+    from sortedcli.sampling import check_options
+    from sortedcli.strict import check_group_types
+
+    searchpath = f"hydra.searchpath=[file://{CONF_DIR.resolve()}]"
+    configs = []
+    with initialize_config_dir(config_dir=str(RECIPES_DIR.resolve()), version_base="1.3"):
+        configs += [compose(config_name=p.stem, overrides=[searchpath], return_hydra_config=True)
+                    for p in sorted(RECIPES_DIR.glob("*.yaml"))]
+    with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+        configs += [compose(config_name="train", overrides=[f"data={p.stem}"], return_hydra_config=True)
+                    for p in sorted((CONF_DIR / "data").glob("*.yaml"))]
+    assert len(configs) > 20
+    for cfg in configs:
+        check_group_types(cfg, "data", cfg.hydra.runtime.choices.data, CONF_DIR)
+        options = {k: v for k, v in cfg.sampler.items() if k != "name"}
+        check_options(cfg.sampler.name, options)
 
 
 def test_sampler_g_above_the_grid_draws_the_grid_size_and_says_so(tmp_path):
