@@ -134,19 +134,14 @@ def check_latency(cfg) -> None:
 #: keys that take more than their default's type, checked where they are read: ``data.augment`` is
 #: false, true or a list of steps (``sortedcli.data.vision.augment_steps``)
 OWN_CHECK = {("data", "augment")}
-_KINDS = (  # the default's type -> what a value given for it must be
-    (bool, "true or false", lambda v: isinstance(v, bool)),
-    (int, "an integer", _whole),
-    (float, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-)
 
 
 def check_group_types(cfg, group: str, choice: str | None, conf_dir: Path) -> None:
-    """Raise :class:`UsageError` for a value of ``cfg[group]`` whose type is not that of the same key's
-    default in the group's own file (``conf/data/digits.yaml``: ``download: false``): the schema of the
-    options that are read as plain values (``data.download=flase`` was truthy and downloaded, and
-    ``data.raw=flase`` dropped the chat template). Keys without a typed default (null, ``???``, text)
-    and null values are not checked."""
+    """Raise :class:`UsageError` for a switch of ``cfg[group]`` that is not true or false where the same
+    key's default in the group's own file is (``conf/data/digits.yaml``: ``download: false``): the
+    schema of the switches, which are read for their truth (``data.download=flase`` was true, and
+    ``data.raw=flase`` dropped the chat template). Numbers are checked with their ranges where they
+    are read (``data.val_fraction must be a fraction in [0, 1) ...``); null values are not checked."""
     from omegaconf import OmegaConf
 
     path = conf_dir / group / f"{choice}.yaml"
@@ -162,11 +157,8 @@ def check_group_types(cfg, group: str, choice: str | None, conf_dir: Path) -> No
         return
     for key, default in defaults.items():
         value = given.get(key)
-        if key == "defaults" or value is None or (group, key) in OWN_CHECK:
+        if value is None or (group, key) in OWN_CHECK or not isinstance(default, bool):
             continue
-        for kind, want, ok in _KINDS:
-            if type(default) is kind:
-                if not ok(value):
-                    raise UsageError(f"{group}.{key} must be {want} (as its default in {group}/{choice}.yaml), "
-                                     f"got {value!r}")
-                break
+        if not isinstance(value, bool):
+            raise UsageError(f"{group}.{key} must be true or false (as its default in {group}/{choice}.yaml), "
+                             f"got {value!r}")
