@@ -31,6 +31,20 @@ in :mod:`sortedcli.models` provides for a model family; nothing here names an ar
   probability reaches its threshold (Sorted LLaMA's "instance-aware dynamic inference"); the
   deepest layer always answers. The layers the token skipped get keys/values computed from the
   hidden state it exited with (CALM's propagation, :meth:`Stack.fill`), so later tokens can attend.
+  Where the time goes: on SmolLM2-135M (30 layers of 3.5M multiply-adds, a 49,152 x 576 head of
+  28.3M = 8 layers) every exit checked with the full head costs 8 layers' worth; the fill of a
+  skipped layer costs 1/16 of a layer. So exits whose threshold is above 1 are never checked, and
+  ``vocab`` reads an exit's confidence over a confidence vocabulary (the 4096 most frequent training
+  tokens: 1/12 of the head, 0.67 of a layer), the full head computed only at the exit that answers.
+  That confidence is the top probability of the softmax *over those tokens*, which is not the
+  full-vocabulary top probability (an exact pre-check would need a bound on the other 45k logits; the
+  Cauchy-Schwarz bound on SmolLM2 is ~350 against true maxima of ~15, so it never rejects): the rule
+  is defined with it, its thresholds are chosen with it, and the decoded token is the argmax (or a
+  sample) of that exit's full head, so it can lie outside the confidence vocabulary.
+  :func:`tune_thresholds` chooses thresholds from data: per exit, the lowest that keeps the
+  perplexity on held-out sequences within ``1 + x`` of the full model's at the fewest multiply-adds
+  (:class:`ExitCosts`: layers, checks, head, fills), so an exit that saves less than its checks cost
+  is left off, and the choice is measured as decoding runs it before it is returned.
 
 Decoding is for one sequence (batch size 1). Each function returns a :class:`Decoded` with the new
 tokens and counters (drafted/accepted, exits taken, forward passes) that the benchmark reports.
@@ -125,6 +139,7 @@ class Decoded:
     exits: dict[int, int] = field(default_factory=dict)  # early exit: exit layer -> tokens that left there
     layer_passes: int = 0  # decoder-layer applications per token position, summed (prompt excluded)
     greedy_tokens: int = 0  # speculative: tokens decoded greedily while drafting was measured to lose
+    checks: int = 0  # early exit: exit confidences read (prompt excluded)
 
     @property
     def acceptance(self) -> float:
@@ -370,12 +385,20 @@ def frequent_tokens(token_ids: Iterable, n: int, vocab_size: int) -> torch.Tenso
 
 
 def _exits(stack: Stack, thresholds: dict[int, float]) -> list[tuple[int, float]]:
+    """``thresholds`` as ``[(exit layer, threshold), ...]`` from the shallowest up, ending with the full
+    model (threshold -inf: it always answers). An exit whose threshold is above 1 can never answer (no
+    probability exceeds 1): it is left out, so it is never checked (no readout computed there)."""
     L = stack.num_layers
-    exits = sorted((int(e), float(t)) for e, t in thresholds.items() if int(e) != L)
-    for e, _ in exits:
-        if not 1 <= e < L:
+    exits = []
+    for e, t in thresholds.items():
+        e, t = int(e), float(t)
+        if not 1 <= e <= L:
             raise ValueError(f"early-exit layers must be in 1..{L}, got {e}")
-    return exits + [(L, float("-inf"))]  # the full model always answers
+        if t != t:
+            raise ValueError(f"the threshold of exit {e} is not a number")
+        if e < L and t <= 1:
+            exits.append((e, t))
+    return sorted(exits) + [(L, float("-inf"))]  # the full model always answers
 
 
 def scaled_thresholds(num_layers: int, reference: dict[int, float] = PAPER_THRESHOLDS,
@@ -398,42 +421,80 @@ def scaled_thresholds(num_layers: int, reference: dict[int, float] = PAPER_THRES
     return out
 
 
-def _early_step(stack: Stack, exits, cache, hidden, pos, fill: bool):
+#: the size of the confidence vocabulary that :func:`tune_thresholds` reads exits through by default
+#: (the most frequent tokens of the training data); none where it would be over a quarter of the vocabulary
+CONFIDENCE_VOCAB = 4096
+
+
+def _top(logits: torch.Tensor) -> float:
+    return float(torch.softmax(logits.float(), -1).max())
+
+
+def _early_step(stack: Stack, exits, cache, hidden, pos, fill: bool, check=None):
     """Run the exits in order from layer 0 on ``hidden``; return (logits of the last position at the
-    exit that answers, that exit's layer). With ``fill`` the layers after it get keys/values from its
-    hidden state (:meth:`Stack.fill`); without, they run anyway (a prompt needs every layer's cache)."""
-    L, start, chosen = stack.num_layers, 0, None
+    exit that answers, that exit's layer, confidence checks made). An exit checks its confidence: the
+    top probability of its full head's softmax, or with ``check`` (the readout over a confidence
+    vocabulary, :meth:`Stack.vocab_head`) the top probability of the softmax over those tokens only,
+    the full head then computed at the exit that answers alone. A threshold <= 0 answers unread. With
+    ``fill`` the layers after the answering exit get keys/values from its hidden state
+    (:meth:`Stack.fill`); without, they run anyway (a prompt needs every layer's cache)."""
+    L, start, chosen, checks = stack.num_layers, 0, None, 0
     for layer, threshold in exits:
         hidden = stack.layers(hidden, start, layer, cache, pos)
         start = layer
         if chosen is None:
-            logits = stack.head(hidden[:, -1])[0]
-            if layer == L or torch.softmax(logits.float(), -1).max() >= threshold:
-                chosen = (logits, layer)
-                if fill:
-                    stack.fill(hidden, layer, L, cache, pos)
-                    return chosen
-    return chosen
+            last = hidden[:, -1]
+            if layer == L or threshold <= 0:
+                chosen = (stack.head(last)[0], layer)
+            elif check is None:
+                checks += 1
+                logits = stack.head(last)[0]
+                if _top(logits) >= threshold:
+                    chosen = (logits, layer)
+            else:
+                checks += 1
+                if _top(check(last)[0]) >= threshold:
+                    chosen = (stack.head(last)[0], layer)
+            if chosen is not None and fill:
+                stack.fill(hidden, layer, L, cache, pos)
+                return (*chosen, checks)
+    return (*chosen, checks)
+
+
+def _confidence_head(stack: Stack, vocab):
+    """The readout an exit's confidence is read through: None (the full head) or the head over ``vocab``."""
+    if vocab is None:
+        return None
+    vocab = torch.as_tensor(vocab, dtype=torch.long, device=stack.device).view(-1)
+    if vocab.numel() == 0:
+        raise ValueError("the confidence vocabulary must hold at least one token id")
+    return stack.vocab_head(vocab)
 
 
 @torch.inference_mode()
 def early_exit(stack: Stack, prompt, *, thresholds: dict[int, float], max_new_tokens: int = 64,
                sampling: Sampling | None = None, eos: Iterable[int] | int | None = None,
-               on_token: Callable[[int], None] | None = None) -> Decoded:
-    """Per-token dynamic depth: each token leaves at the first exit (smallest first) whose top
-    probability (softmax of the logits, temperature 1) is >= its threshold in ``thresholds``
-    (exit layer -> threshold); the full model answers when none does. The prompt runs through all
+               on_token: Callable[[int], None] | None = None, vocab=None) -> Decoded:
+    """Per-token dynamic depth: each token leaves at the first exit (smallest first) whose confidence
+    is >= its threshold in ``thresholds`` (exit layer -> threshold); the full model answers when none
+    does. Confidence: the top probability of the exit's softmax (temperature 1) over the whole
+    vocabulary, or with ``vocab`` (token ids, e.g. the most frequent ones: :func:`frequent_tokens`)
+    over those tokens only, read from those rows of the head (a check then costs |vocab| rows, and
+    the full head runs once, at the exit that answers; the token is picked from that full head, so it
+    can be any token). Exits whose threshold is above 1 are never checked. The prompt runs through all
     layers; its last position picks its exit the same way."""
     exits = _exits(stack, thresholds)
+    check = _confidence_head(stack, vocab)
     dev = stack.device
     sampling, out, emitter, cache, n, token = _prefill(
         stack, prompt, sampling, max_new_tokens, eos, on_token,
-        lambda cache, x, pos: _early_step(stack, exits, cache, x, pos, fill=False)[0])
+        lambda cache, x, pos: _early_step(stack, exits, cache, x, pos, fill=False, check=check)[0])
     while not emitter.done:
         x = stack.embed(torch.tensor([[token]], device=dev))
-        logits, layer = _early_step(stack, exits, cache, x, _positions(n, 1, dev), fill=True)
+        logits, layer, checks = _early_step(stack, exits, cache, x, _positions(n, 1, dev), fill=True, check=check)
         out.exits[layer] = out.exits.get(layer, 0) + 1
         out.layer_passes += layer
+        out.checks += checks
         n += 1
         token = sampling.pick(logits)
         emitter.emit(token)
@@ -441,25 +502,239 @@ def early_exit(stack: Stack, prompt, *, thresholds: dict[int, float], max_new_to
 
 
 @torch.inference_mode()
-def early_exit_nll(stack: Stack, ids, *, thresholds: dict[int, float], score_from: int = 1) -> tuple[list[float], list[int]]:
+def early_exit_nll(stack: Stack, ids, *, thresholds: dict[int, float], score_from: int = 1,
+                   vocab=None) -> tuple[list[float], list[int]]:
     """Teacher-forced early exit over a given sequence ``ids``: the tokens before ``score_from`` run
     as a prompt (all layers); from there on each next token is predicted one position at a time by
-    the exit the rule picks, as :func:`early_exit` would, and its negative log-likelihood is recorded.
-    Returns (NLL of tokens ``score_from..``, exit layer of each). The perplexity cost of early exit is
-    exp(mean NLL) against the same with ``thresholds={}`` (the full model)."""
+    the exit the rule picks, as :func:`early_exit` would (same ``vocab``), and its negative
+    log-likelihood (of that exit's full head) is recorded. Returns (NLL of tokens ``score_from..``,
+    exit layer of each). The perplexity cost of early exit is exp(mean NLL) against the same with
+    ``thresholds={}`` (the full model)."""
     exits = _exits(stack, thresholds)
+    check = _confidence_head(stack, vocab)
     dev = stack.device
     ids = _prompt(stack, ids)[0]
     if not 1 <= score_from < ids.numel():
         raise ValueError(f"score_from must be in 1..{ids.numel() - 1}, got {score_from}")
     cache = stack.new_cache()
-    logits, layer = _early_step(stack, exits, cache, stack.embed(ids[None, :score_from]),
-                                _positions(0, score_from, dev), fill=False)
+    logits, layer, _ = _early_step(stack, exits, cache, stack.embed(ids[None, :score_from]),
+                                   _positions(0, score_from, dev), fill=False, check=check)
     nll, layers = [], []
     for n in range(score_from, ids.numel()):
         nll.append(float(-torch.log_softmax(logits.float(), -1)[ids[n]]))
         layers.append(layer)
         if n + 1 < ids.numel():
-            logits, layer = _early_step(stack, exits, cache, stack.embed(ids[None, n:n + 1]),
-                                        _positions(n, 1, dev), fill=True)
+            logits, layer, _ = _early_step(stack, exits, cache, stack.embed(ids[None, n:n + 1]),
+                                           _positions(n, 1, dev), fill=True, check=check)
     return nll, layers
+
+
+# --- what early exit costs, and thresholds chosen from data --------------------------------------
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """Multiply-adds per decoded token of what early exit spends, counted from the weights' shapes
+    (attention over the cached context is not counted: it is small beside the projections at the
+    contexts of a chat answer): a decoder layer, the full head (final norm and soft-cap are not
+    counted), one confidence check (the head's rows over the confidence vocabulary, or the full
+    head), the keys/values of one skipped layer (:meth:`Stack.fill`)."""
+
+    layer: float
+    head: float
+    check: float
+    fill: float
+
+    def token(self, exit, checks, layers: int):
+        """Cost of a token that answered at ``exit`` after ``checks`` confidence checks (numbers or
+        tensors): its layers, its checks, the full head once, and the fill of the layers it skipped."""
+        return exit * self.layer + checks * self.check + self.head + (layers - exit) * self.fill
+
+    def full(self, layers: int) -> float:
+        """A token of plain greedy decoding: every layer and the head."""
+        return layers * self.layer + self.head
+
+
+def exit_costs(stack: Stack, vocab_rows: int | None = None) -> ExitCosts:
+    """:class:`ExitCosts` of a stack whose model is a transformers decoder (``stack.base.layers``,
+    ``stack.lm_head``, as :class:`~sortedcli.models.decoder.DecoderStack`): a layer is the
+    multiply-adds of its Linear modules (mean over the layers), a fill its key/value projections
+    (the fused qkv projection where there is one), a check ``vocab_rows`` rows of the head (None: all
+    of them). Any other stack counts layer passes only (layer 1, the rest 0)."""
+    base, lm_head = getattr(stack, "base", None), getattr(stack, "lm_head", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or lm_head is None:
+        return ExitCosts(1.0, 0.0, 0.0, 0.0)
+    used = list(layers)[:stack.num_layers]
+    per_layer = sum(m.weight.numel() for layer in used for m in layer.modules()
+                    if isinstance(m, torch.nn.Linear)) / len(used)
+    fill = 0
+    for layer in used:
+        attn = layer.self_attn
+        names = ("qkv_proj",) if hasattr(attn, "qkv_proj") else ("k_proj", "v_proj")
+        fill += sum(getattr(attn, p).weight.numel() for p in names)
+    fill /= len(used)
+    V, H = lm_head.weight.shape
+    rows = V if vocab_rows is None else min(int(vocab_rows), V)
+    return ExitCosts(float(per_layer), float(V * H), float(rows * H), float(fill))
+
+
+@torch.inference_mode()
+def exit_profile(stack: Stack, sequences, exits: Iterable[int], vocab=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher-forced pass of the full model (every layer, one pass per sequence) over
+    ``sequences`` (``(ids, score_from)`` pairs, scored as :func:`early_exit_nll` scores them): at
+    every scored position, each exit's confidence as the rule reads it (``vocab`` as in
+    :func:`early_exit`) and each exit's NLL of the next token. Returns ``(confidence, nll)``:
+    positions x exits, and positions x (exits + 1) with the full model's NLL last. These are the
+    exits' readouts on the full model's own states (every earlier token ran every layer); under
+    early exit, earlier tokens that left early leave filled keys/values instead, which
+    :func:`tune_thresholds` measures afterwards."""
+    L, dev = stack.num_layers, stack.device
+    layers = sorted({int(e) for e in exits if 1 <= int(e) < L})
+    check = _confidence_head(stack, vocab)
+    confs, nlls = [], []
+    for ids, first in sequences:
+        ids = _prompt(stack, ids)[0]
+        T = ids.numel()
+        if not 1 <= first < T:
+            raise ValueError(f"score_from must be in 1..{T - 1}, got {first}")
+        targets = ids[first:].view(-1, 1)
+        cache, hidden, start = stack.new_cache(), stack.embed(ids[None]), 0
+        conf, nll = [], []
+        for layer in [*layers, L]:
+            hidden = stack.layers(hidden, start, layer, cache, _positions(0, T, dev))
+            start = layer
+            h = hidden[0, first - 1:-1]
+            logp = torch.log_softmax(stack.head(h).float(), -1)
+            nll.append(-logp.gather(1, targets)[:, 0])
+            if layer < L:
+                conf.append((logp.exp() if check is None else torch.softmax(check(h).float(), -1)).amax(-1))
+            del logp
+        confs.append(torch.stack(conf, 1) if conf else torch.zeros(T - first, 0))
+        nlls.append(torch.stack(nll, 1))
+    if not nlls:
+        raise ValueError("no sequences to profile")
+    return torch.cat(confs).double().cpu(), torch.cat(nlls).double().cpu()
+
+
+def _policy(confidence, nll, taus, layers_of, costs: ExitCosts, L: int):
+    """(summed NLL, summed cost, exit index per position) of thresholds ``taus`` on a profile."""
+    E = confidence.shape[1]
+    fire = confidence >= taus
+    idx = torch.where(fire.any(1), fire.double().argmax(1), torch.full_like(fire[:, 0], E, dtype=torch.long)) \
+        if E else torch.zeros(nll.shape[0], dtype=torch.long)
+    checked = (taus > 0) & (taus <= 1)
+    checks = (checked[None, :] & (torch.arange(E)[None, :] <= idx[:, None])).sum(1) if E else idx
+    layer = layers_of[idx]
+    cost = costs.token(layer.double(), checks.double(), L)
+    return float(nll.gather(1, idx[:, None]).sum()), float(cost.sum()), idx
+
+
+def choose_thresholds(confidence: torch.Tensor, nll: torch.Tensor, exits: list[int], layers: int,
+                      max_increase: float, costs: ExitCosts, sweeps: int = 4,
+                      candidates: int = 100) -> dict[int, float]:
+    """Per exit, the threshold that makes early exit cheapest (:class:`ExitCosts`: layers, checks,
+    fills) while the perplexity on the profile (:func:`exit_profile`) stays within ``1 +
+    max_increase`` of the full model's: coordinate descent from every exit off, deepest exit first,
+    each exit's threshold taken from ``candidates`` quantiles of its own confidences (a threshold that
+    is one of the observed confidences: the highest of those that let the same positions leave) or
+    off; among equally cheap choices, off (an exit no position reaches is not checked), then the lowest
+    threshold. An exit that saves less than its checks cost stays off (never checked). Returns ``{exit: threshold}`` of the exits turned on (``{}``: none
+    pays, the full model answers)."""
+    import math
+
+    L, E = int(layers), len(exits)
+    if not 0 < max_increase:
+        raise ValueError(f"max_increase must be > 0, got {max_increase}")
+    if confidence.shape[1] != E or nll.shape[1] != E + 1:
+        raise ValueError("the profile's columns do not match the exits")
+    budget = float(nll[:, -1].sum()) + math.log1p(max_increase) * nll.shape[0]
+    layers_of = torch.tensor([*exits, L])
+    OFF = 2.0
+    taus = torch.full((E,), OFF, dtype=torch.float64)
+    grid = []
+    for j in range(E):
+        q = torch.quantile(confidence[:, j], torch.linspace(0, 1, candidates + 1, dtype=torch.float64),
+                           interpolation="lower")  # observed confidences only
+        grid.append([OFF, *sorted({float(x) for x in q}, reverse=True)])
+    unit = max(costs.full(L), 1e-30) * nll.shape[0]
+
+    def key(c: float, t: float) -> tuple:  # cheapest (to 1e-9 of the full model's cost); ties: off, then lowest
+        return round(c / unit, 9), t <= 1, t
+
+    cost = _policy(confidence, nll, taus, layers_of, costs, L)[1]
+    for _ in range(sweeps):
+        changed = False
+        for j in reversed(range(E)):
+            now = float(taus[j])
+            best, best_t = key(cost, now), now
+            for t in grid[j]:
+                trial = taus.clone()
+                trial[j] = t
+                s, c, _ = _policy(confidence, nll, trial, layers_of, costs, L)
+                if s <= budget + 1e-9 and key(c, t) < best:
+                    best, best_t = key(c, t), t
+            if best_t != now:
+                taus[j], changed = best_t, True
+                cost = _policy(confidence, nll, taus, layers_of, costs, L)[1]
+        if not changed:
+            break
+    return {e: float(t) for e, t in zip(exits, taus.tolist()) if t <= 1}
+
+
+def tune_thresholds(stack: Stack, sequences, exits: Iterable[int], max_increase: float, *, vocab=None,
+                    costs: ExitCosts | None = None, tries: int = 3) -> dict:
+    """Thresholds for :func:`early_exit` from data: profile ``sequences`` (``(ids, score_from)``
+    pairs, :func:`exit_profile`), choose on the profile (:func:`choose_thresholds`), then measure the
+    choice as decoding runs it (:func:`early_exit_nll`: earlier tokens that left early leave filled
+    keys/values). If the measured perplexity increase is above ``max_increase``, choose again with a
+    smaller allowance (up to ``tries`` choices), and fall back to no exit (the full model, increase 0).
+    So the returned choice meets the bound on these sequences, as measured. Returns a dict:
+    ``thresholds`` ({exit: threshold}), ``ppl_full`` (the full model's, from the profile pass),
+    ``ppl_early_exit``, ``ppl_increase`` (ratio - 1), ``layer_passes`` (mean layers per token / L),
+    ``cost`` (mean multiply-adds per token / the full model's, :class:`ExitCosts`), ``exits``
+    ({layer: positions that left there}), ``tokens``, ``sequences``, ``tried`` (the choices measured)."""
+    import math
+
+    L = stack.num_layers
+    sequences = [(list(map(int, ids)), int(first)) for ids, first in sequences]
+    exits = sorted({int(e) for e in exits if 1 <= int(e) < L})
+    costs = costs or exit_costs(stack, None if vocab is None else len(vocab))
+    confidence, nll = exit_profile(stack, sequences, exits, vocab)
+    full = float(nll[:, -1].mean())
+    allowance, tried = float(max_increase), []
+
+    def measured(thresholds):
+        got, used = [], []
+        for ids, first in sequences:
+            n, layer = early_exit_nll(stack, ids, thresholds=thresholds, score_from=first, vocab=vocab)
+            got += n
+            used += layer
+        return got, used
+
+    chosen, got, used = {}, None, None
+    for _ in range(tries):
+        thresholds = choose_thresholds(confidence, nll, exits, L, allowance, costs) if exits else {}
+        if not thresholds:
+            break
+        got, used = measured(thresholds)
+        increase = math.exp(sum(got) / len(got) - full) - 1
+        tried.append({"thresholds": thresholds, "allowance": allowance, "ppl_increase": increase})
+        if increase <= max_increase:
+            chosen = thresholds
+            break
+        allowance *= 0.5 * max_increase / increase  # aim well below what was measured over the bound
+    if not chosen:
+        got, used = nll[:, -1].tolist(), [L] * nll.shape[0]
+    on = sorted(chosen)
+    checks = [sum(1 for e in on if e <= layer and 0 < chosen[e]) for layer in used]
+    spent = sum(costs.token(layer, c, L) for layer, c in zip(used, checks))
+    counts: dict[int, int] = {}
+    for layer in used:
+        counts[layer] = counts.get(layer, 0) + 1
+    mean = sum(got) / len(got)
+    return {"thresholds": chosen, "max_ppl_increase": float(max_increase), "ppl_full": math.exp(full),
+            "ppl_early_exit": math.exp(mean), "ppl_increase": math.exp(mean - full) - 1,
+            "layer_passes": sum(used) / len(used) / L, "cost": spent / len(used) / costs.full(L),
+            "exits": {int(k): v for k, v in sorted(counts.items())}, "tokens": len(got),
+            "sequences": len(sequences), "tried": tried,
+            "costs": {"layer": costs.layer, "head": costs.head, "check": costs.check, "fill": costs.fill}}
