@@ -4,9 +4,16 @@
 ``--speculative [--draft-exit E]`` gives the full model's output, drafted by its own first E layers
 and verified in one pass (without ``--draft-exit``: the exit ``sortednet eval`` chose from measured
 agreement and cost, else the shallowest exit the run trained); ``--early-exit`` lets each token
-leave at the first exit whose top probability reaches its threshold (``thresholds``, default the
-paper's scaled to the depth and moved onto the run's trained exits). Greedy unless ``temperature``
-> 0 (then ``top_p`` and ``seed`` apply). See :mod:`sortedcli.decoding`.
+leave at the first exit whose top probability reaches its threshold (``thresholds``: trained exits
+only; default the last choice cached for this checkpoint, else the paper's scaled to the depth and
+moved onto the run's trained exits). ``--early-exit --max-ppl-increase X`` chooses the thresholds of
+the trained exits on the first ``early_exit_items`` items of the run's test split, so that the
+teacher-forced early-exit perplexity stays within (1 + X) of the full model's at the fewest
+multiply-adds (:func:`sortedcli.decoding.tune_thresholds`; exits read their confidence over the
+4096 most frequent training tokens where the vocabulary is 4x larger), caches the choice in
+``RUN/eval/early-exit.json`` (reused by ``--early-exit`` alone) and reports the measured perplexity
+increase and layer-pass saving in the closing line. Greedy unless ``temperature`` > 0 (then ``top_p``
+and ``seed`` apply). See :mod:`sortedcli.decoding`.
 
 ``--ckpt`` names a run folder (or one of its checkpoints), or any model the ``model`` entry loads:
 a pretrained Hugging Face folder, an export folder, a GGUF file (or a folder holding one).
@@ -158,10 +165,188 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
                              "'thresholds={LAYER: P, ...}' or a run trained with 'dims=[depth]'")
         return D.scaled_thresholds(layers, exits=trained)
     try:
-        return {int(k): float(v) for k, v in dict(given).items()}
+        thresholds = {int(k): float(v) for k, v in dict(given).items()}
     except (TypeError, ValueError):
         raise UsageError(f"thresholds must map exit layers to probabilities, e.g. "
                          f"'thresholds={{2: 0.9, 4: 0.8}}', got {given!r}") from None
+    untrained = sorted(e for e in thresholds if trained is not None and e not in trained and e != layers)
+    if untrained:  # an exit the run never trained writes noise: checking it only costs time
+        raise UsageError(f"thresholds name exit{'s' if len(untrained) > 1 else ''} "
+                         f"{', '.join(map(str, untrained))} that the run never trained; it trained "
+                         f"{', '.join(map(str, trained)) or 'none'} (of {layers} layers)")
+    return thresholds
+
+
+# --- early exit's thresholds chosen from held-out data (--max-ppl-increase) ------------------------
+
+EARLY_EXIT_FILE = "early-exit.json"  # in the run's eval/ folder: the choices, per --max-ppl-increase
+EARLY_EXIT_ITEMS = 8  # held-out test items the thresholds are chosen on (early_exit_items=N)
+
+
+def check_max_ppl_increase(cfg) -> float | None:
+    """``--max-ppl-increase X``: a perplexity increase in (0, 1] (0.05: at most 5% above the full
+    model's), only with ``--early-exit`` and not with ``thresholds`` (it chooses them)."""
+    value = cfg.get("max_ppl_increase")
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not 0 < x <= 1:  # nan fails too
+        raise UsageError(f"--max-ppl-increase must be a perplexity increase in (0, 1], e.g. 0.05 for at most "
+                         f"5% above the full model's, got {value!r}")
+    if not cfg.early_exit:
+        raise UsageError("--max-ppl-increase chooses the thresholds of --early-exit: add --early-exit")
+    if cfg.get("thresholds") is not None:
+        raise UsageError("--max-ppl-increase chooses the thresholds: give it or thresholds={...}, not both")
+    items = cfg.get("early_exit_items", EARLY_EXIT_ITEMS)
+    if isinstance(items, bool) or not isinstance(items, int) or items < 1:
+        raise UsageError(f"early_exit_items must be a number of held-out items >= 1, got {items!r}")
+    return x
+
+
+def _checkpoint_key(ckpt) -> dict:
+    """What identifies the weights a choice was made on, cheaply (no hash): the file, its size and time."""
+    from ..runs import MODEL_FILE
+
+    path = Path(ckpt) / MODEL_FILE if Path(ckpt).is_dir() else Path(ckpt)
+    try:
+        st = path.stat()
+        return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError:
+        return {"path": str(path)}
+
+
+def _key(x: float) -> str:
+    return f"{float(x):g}"
+
+
+def early_exit_choices(run_dir, ckpt) -> dict:
+    """The cached choices of ``run_dir/eval/early-exit.json`` made on this checkpoint ({} if none)."""
+    if run_dir is None:
+        return {}
+    try:
+        doc = json.loads((Path(run_dir) / "eval" / EARLY_EXIT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("checkpoint") != _checkpoint_key(ckpt):
+        return {}
+    return doc
+
+
+def _save_choice(run_dir, ckpt, choice: dict) -> Path:
+    import os
+    import tempfile
+
+    folder = Path(run_dir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = early_exit_choices(run_dir, ckpt) or {"checkpoint": _checkpoint_key(ckpt), "chosen": {}}
+    doc["chosen"][_key(choice["max_ppl_increase"])] = choice
+    doc["last"] = _key(choice["max_ppl_increase"])
+    path = folder / EARLY_EXIT_FILE
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{EARLY_EXIT_FILE}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def held_out(run_cfg, run_dir, n: int) -> list[tuple[list[int], int]]:
+    """The first ``n`` items of the run's test split (the data eval scores on) as ``(ids, score_from)``:
+    an instruction example is scored from its first counted token (the answer), plain text from its
+    second token."""
+    from ..build import build_data
+
+    data, _ = build_data(runs.self_contained(run_cfg, run_dir), run_cfg.data)
+    out = []
+    for i in range(len(data.test)):
+        if len(out) >= n:
+            break
+        item = data.test[i]
+        ids = [int(t) for t in item["input_ids"]]
+        labels = item.get("labels")
+        first = 1 if labels is None else next((j for j, lab in enumerate(map(int, labels)) if lab != -100), None)
+        first = None if first is None else max(first, 1)  # the first token has nothing before it
+        if first is not None and first < len(ids):
+            out.append((ids, first))
+    return out
+
+
+def frequent(run_dir, sequences, vocab_size: int, n: int) -> list[int]:
+    """The ``n`` most frequent token ids of the run's training data (eval's ``token-ranks.safetensors``),
+    else of ``sequences``."""
+    path = Path(run_dir) / "eval" / "token-ranks.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["ids"][:n].tolist()
+    return D.frequent_tokens([ids for ids, _ in sequences], n, vocab_size).tolist()
+
+
+def choose_early_exit(cfg, x: float, stack, run_cfg, run_dir, ckpt, trained, console: Console) -> dict:
+    """The thresholds for ``--max-ppl-increase x``: cached in ``eval/early-exit.json`` for this
+    checkpoint, else chosen now on held-out items (:func:`sortedcli.decoding.tune_thresholds`) and
+    cached there, so that ``--early-exit`` alone reuses them."""
+    if run_cfg is None:
+        raise UsageError(f"--max-ppl-increase chooses thresholds on a run's held-out data for the exits it "
+                         f"trained; {ckpt} is not a run: give thresholds={{LAYER: P, ...}}")
+    if not trained:
+        raise UsageError(f"{run_dir} trained no exit below its {stack.num_layers} layers (dims has no depth "
+                         "levels): --max-ppl-increase has no exits to choose thresholds for")
+    cached = early_exit_choices(run_dir, ckpt).get("chosen", {}).get(_key(x))
+    n = int(cfg.get("early_exit_items", EARLY_EXIT_ITEMS))
+    if cached and cached.get("items") == n and cached.get("candidates") == sorted(trained):
+        if early_exit_choices(run_dir, ckpt).get("last") != _key(x):
+            _save_choice(run_dir, ckpt, cached)  # the last one chosen: what --early-exit alone uses
+        cached["source"] = f"cached in {Path(run_dir) / 'eval' / EARLY_EXIT_FILE}"
+        return cached
+    with console.status(f"choosing early-exit thresholds for exits {trained} on {n} held-out items "
+                        f"(perplexity within {100 * x:g}% of the full model's)"):
+        sequences = held_out(run_cfg, run_dir, n)
+        if not sequences:
+            raise UsageError(f"{run_dir}'s test split has no item with a token to score: "
+                             "--max-ppl-increase has nothing to choose on")
+        V = int(stack.lm_head.weight.shape[0]) if hasattr(stack, "lm_head") else None
+        vocab = None
+        if V and 4 * D.CONFIDENCE_VOCAB <= V:
+            vocab = frequent(run_dir, sequences, V, D.CONFIDENCE_VOCAB)
+        choice = D.tune_thresholds(stack, sequences, trained, x, vocab=vocab)
+    choice["thresholds"] = {str(k): v for k, v in choice["thresholds"].items()}
+    choice["exits"] = {str(k): v for k, v in choice["exits"].items()}
+    choice.update(vocab=vocab, candidates=sorted(trained), items=n, split="test")
+    path = _save_choice(run_dir, ckpt, choice)
+    choice["source"] = f"chosen now, saved to {path}"
+    return choice
+
+
+def early_exit_settings(cfg, L: int, stack, run_cfg, run_dir, ckpt, trained, console: Console) -> tuple:
+    """``(thresholds, confidence vocabulary or None, note for the closing line)`` of ``--early-exit``:
+    ``thresholds`` if given; ``--max-ppl-increase X``'s choice; else the last choice cached for this
+    checkpoint; else the paper's thresholds moved onto the trained exits."""
+    x = check_max_ppl_increase(cfg)
+    choice = None
+    if x is not None:
+        choice = choose_early_exit(cfg, x, stack, run_cfg, run_dir, ckpt, trained, console)
+    elif cfg.get("thresholds") is None:
+        doc = early_exit_choices(run_dir, ckpt)
+        choice = doc.get("chosen", {}).get(doc.get("last", ""))
+        if choice:
+            choice["source"] = f"chosen by --max-ppl-increase {choice['max_ppl_increase']:g}, cached in " \
+                               f"{Path(run_dir) / 'eval' / EARLY_EXIT_FILE}"
+    if choice is None:
+        return _thresholds(cfg, L, trained), None, ""
+    thresholds = {int(k): float(v) for k, v in choice["thresholds"].items()}
+    vocab = choice.get("vocab")
+    console.print(f"[dim]early-exit thresholds {', '.join(f'{k}: {v:.3f}' for k, v in thresholds.items()) or 'none (no exit pays: the full model answers)'}"
+                  f" ({choice['source']})[/]")
+    note = (f"; thresholds for ppl +{100 * choice['max_ppl_increase']:g}%: measured ppl "
+            f"{choice['ppl_early_exit']:.3f} vs full {choice['ppl_full']:.3f} (+{100 * choice['ppl_increase']:.1f}%), "
+            f"{choice['layer_passes']:.2f} of the layer passes, {choice['cost']:.2f} of the multiply-adds "
+            f"({choice['tokens']} tokens, {choice['sequences']} held-out items)")
+    return thresholds, vocab, note
 
 
 #: key -> (flag, what it must be, integer?, lowest): generate's numbers, from flags (strings) or key=value
@@ -228,6 +413,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
         raise UsageError("--draft-exit is the draft of --speculative: add --speculative (or drop --draft-exit)")
     if cfg.get("thresholds") is not None and not cfg.early_exit:
         raise UsageError("thresholds are the exits of --early-exit: add --early-exit (or drop thresholds)")
+    check_max_ppl_increase(cfg)
     stack, tokenizer, run_cfg, ckpt, run_dir, model = load_generator(cfg)
     L = stack.num_layers
     trained = trained_exits(run_cfg, model, L)
@@ -268,15 +454,20 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     max_tokens = fit_context(len(ids), int(cfg.max_tokens), model, console)
     common = dict(max_new_tokens=max_tokens, sampling=sampling, eos=eos, on_token=stream)
     started = time.perf_counter()
+    chosen_note = ""
     try:
         if cfg.speculative:
             draft, k, vocab = choose_draft(cfg, run_dir, trained, L, console)
             mode = f"self-speculative, draft exit {draft} of {L}" + ("" if vocab is None else f", draft vocab {len(vocab)}")
             out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, **common)
         elif cfg.early_exit:
-            thresholds = _thresholds(cfg, L, trained)
-            mode = f"early exit, thresholds {thresholds}"
-            out = D.early_exit(stack, ids, thresholds=thresholds, **common)
+            thresholds, vocab, chosen_note = early_exit_settings(cfg, L, stack, run_cfg, run_dir, ckpt, trained,
+                                                                  console)
+            started = time.perf_counter()  # choosing thresholds is not decoding
+            shown_thresholds = {k: round(v, 3) for k, v in thresholds.items()}
+            mode = f"early exit, thresholds {shown_thresholds}" + ("" if vocab is None else
+                                                                   f", confidence over the {len(vocab)} most frequent tokens")
+            out = D.early_exit(stack, ids, thresholds=thresholds, vocab=vocab, **common)
         else:
             exit = L if cfg.exit is None else int(cfg.exit)
             mode = f"exit {exit} of {L} layers"
@@ -293,6 +484,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
         extra += f"; {out.greedy_tokens} tokens decoded greedily (drafting measured slower here)"
     if out.exits:
         extra = "; exits " + ", ".join(f"{k}: {v}" for k, v in sorted(out.exits.items()))
+        used = sum(k * v for k, v in out.exits.items()) / sum(out.exits.values()) / L
+        extra += f" ({used:.2f} of the layer passes){chosen_note}"
     console.print(f"[dim]{len(out.tokens)} tokens in {seconds:.2f}s ({len(out.tokens) / seconds:.1f} tokens/s), "
                   f"{mode}, {'greedy' if sampling.greedy else f'temperature {sampling.temperature}'}"
                   f"{', stopped at EOS' if out.stopped_at_eos else ''}{extra}; {ckpt}[/]")
