@@ -202,6 +202,7 @@ SETTINGS = {
         "temperature": ("a number > 0", lambda v: _is_number(v) and v > 0),
         "alpha": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
     },
+    "plan": {"gpu_memory_gb": ("a number > 0 (GB of one GPU)", lambda v: _is_number(v) and v > 0)},
     "": {"seed": ("an integer", _is_int)},
 }
 

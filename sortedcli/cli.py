@@ -8,7 +8,7 @@ features keep working. A few flags are sugar for overrides:
     --budget B        budget=B                      (export)
     --ckpt PATH       ckpt=PATH                     (eval, export, generate)
     --resume RUN_DIR  resume=RUN_DIR, and Hydra's run dir is that folder   (train)
-    --recipe NAME     the primary config recipes/NAME.yaml, which builds on conf/train.yaml  (train)
+    --recipe NAME     the primary config recipes/NAME.yaml, which builds on conf/train.yaml  (train, plan)
     --exit N, --draft-exit E, --max-tokens N, --temperature T, --top-p P, --prompt TEXT,
     --max-ppl-increase X
                       exit=N, draft_exit=E, ... ; --speculative, --early-exit: speculative=true,
@@ -45,13 +45,14 @@ VERBS = {
     "submodels": "list a model's grid of sub-models with parameters and FLOPs (no data, no training)",
     "compare": "the eval results of several runs side by side: one table, one accuracy-vs-FLOPs plot",
     "generate": "text from a trained causal LM: any exit, self-speculative or early-exit decoding, streamed",
+    "plan": "GPU memory per rank of a train config (parameters, gradients, optimizer, activations); no weights read",
 }
 FLAGS = {  # flag -> (verbs that take it, takes a value)
     "--all-submodels": ({"eval"}, False),
     "--budget": ({"export"}, True),
     "--ckpt": ({"eval", "export", "generate"}, True),
     "--resume": ({"train"}, True),
-    "--recipe": ({"train"}, True),
+    "--recipe": ({"train", "plan"}, True),
     "--exit": ({"generate"}, True),
     "--draft-exit": ({"generate"}, True),
     "--speculative": ({"generate"}, False),
@@ -78,7 +79,7 @@ MISSING_HINTS = {"budget": "--budget B (a fraction of the full model's FLOPs, e.
                  "prompt": 'a prompt: sortednet generate "Once upon a time"',
                  "runs": "two or more run folders: sortednet compare RUN_A RUN_B"}
 
-USAGE = "usage: sortednet {train,eval,export,submodels,compare,generate} [--help] [flags] [key=value ...]\n\n" + "\n".join(
+USAGE = "usage: sortednet {train,eval,export,submodels,compare,generate,plan} [--help] [flags] [key=value ...]\n\n" + "\n".join(
     f"  {verb:<10} {text}" for verb, text in VERBS.items()) + (
     "\n\nExamples:\n"
     "  sortednet train model=resnet50 'dims=[width,depth]' data=fashion_mnist\n"
@@ -86,7 +87,8 @@ USAGE = "usage: sortednet {train,eval,export,submodels,compare,generate} [--help
     "  sortednet export --budget 0.5\n"
     "  sortednet submodels model=resnet50 'dims=[width,depth]'\n"
     "  sortednet compare runs/RUN_A runs/RUN_B\n"
-    "  sortednet generate --speculative --draft-exit 2 \"Once upon a time\"\n\n"
+    "  sortednet generate --speculative --draft-exit 2 \"Once upon a time\"\n"
+    "  sortednet plan --recipe llama2_13b_soft trainer.devices=8 trainer.strategy=fsdp\n\n"
     "`sortednet VERB --help` lists that verb's config groups and options; `sortednet --version` the version.")
 
 
@@ -149,6 +151,9 @@ def translate(verb: str, args: list[str]) -> list[str]:
                     known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
                     raise _Usage(f"unknown recipe {value!r}: choose one of {known}")
                 options += ["--config-dir", str(CONF_DIR), "--config-path", str(RECIPES_DIR), "--config-name", value]
+                if verb == "plan":  # a recipe builds on train.yaml: plan writes no run folder or log
+                    out += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                            "hydra/hydra_logging=disabled"]
             elif flag == "--resume":
                 # Checked before Hydra writes anything into the folder; Hydra keeps its own copy of
                 # the (new) composed config out of it, the run's config.yaml is what resumes. A run
@@ -327,6 +332,10 @@ def _run_verb(verb: str, cfg, argv: list[str]) -> None:
             from .commands import generate
 
             generate.run(cfg)
+        elif verb == "plan":
+            from .commands import plan
+
+            plan.run(cfg, console())
         else:
             from .commands import submodels
 

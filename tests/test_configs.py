@@ -89,8 +89,9 @@ def test_every_recipe_composes_and_builds(name):
     brought = OmegaConf.is_missing(cfg.model, "pretrained") or (
         cfg.model.get("pretrained") and not Path(cfg.model.pretrained).exists()  # a hub id: not offline
         or str(cfg.model.get("pretrained")).endswith(".gguf"))  # a real 135M+ model: not in the default run
-    if cfg.model.get("config", 1) is None and (brought or not cfg.model.get("pretrained")):
-        # weights the user brings: a stand-in as deep as the recipe's deepest exit
+    if brought or (cfg.model.get("config", 1) is None and not cfg.model.get("pretrained")):
+        # weights the user brings (a recipe may state their architecture too, for `sortednet plan`: 13B):
+        # a stand-in as deep as the recipe's deepest exit
         levels = OmegaConf.to_container(cfg).get("dims", {}).get("depth", {}).get("levels")
         cfg.model.pretrained = None
         cfg.model.config = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 100,
