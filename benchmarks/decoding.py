@@ -29,7 +29,11 @@ Measured, beside tokens/s:
   draft-and-verify round; ``bound``: ``(1 - a^(k+1)) / (1 - a) / (k c + 1)`` with the mean draft
   length ``k``, the speed-up those a and c allow when verifying k+1 tokens costs one full pass;
 - early exit: the speed-up, the mean fraction of layers a token used, and the perplexity on the
-  held-out answers (teacher forced, ``sortedcli.decoding.early_exit_nll``) next to the full model's.
+  held-out answers (teacher forced, ``sortedcli.decoding.early_exit_nll``) next to the full model's;
+  with the given (or the paper's) thresholds, and with thresholds chosen on those same held-out
+  answers for ``--max-ppl-increase`` (default 0.05; ``tune_thresholds``, candidates the thresholds'
+  exits, confidence over the 4096 most frequent tokens where the vocabulary is 4x larger): its
+  perplexity is the chooser's own measurement on the sequences it chose on.
 
 First, what verifying costs: one full-model step (with a KV cache of 32 tokens) of 1, 2, k+1
 tokens, against one token (``verify``). Where k+1 tokens cost about one token's time (bound by
@@ -204,6 +208,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--draft-vocab", default="8192",
                     help="comma-separated sizes N of the frequency-ranked draft vocabulary (0 or empty: none)")
+    ap.add_argument("--max-ppl-increase", type=float, default=0.05,
+                    help="early exit with thresholds chosen on the --ppl-items held-out sequences "
+                         "(sortedcli.decoding.tune_thresholds) to keep perplexity within (1 + X) of the "
+                         "full model's, candidates the --thresholds exits; 0: no such row")
     ap.add_argument("--ppl", action=argparse.BooleanOptionalAction, default=True,
                     help="early exit's teacher-forced perplexity (slow on a CPU)")
     ap.add_argument("--out", help="JSON file (default benchmarks/results-decoding-<device>.json)")
@@ -264,6 +272,21 @@ def main(argv=None) -> dict:
                                                           eos=eos, draft_vocab=vocab)
         methods[f"assistant_early_exit={E} (transformers)"] = lambda p, E=E: hf(p, assistant_early_exit=E)
     methods["early exit (ours)"] = lambda p: D.early_exit(stack, p, thresholds=thresholds, max_new_tokens=N, eos=eos)
+    chosen = None
+    if args.max_ppl_increase > 0 and scored:
+        # thresholds chosen on the held-out sequences (the perplexity ones), the exits read through the
+        # most frequent tokens where the vocabulary is 4x larger (what `generate --max-ppl-increase` does)
+        V = model.config.vocab_size
+        confidence = None
+        if V >= 4 * D.CONFIDENCE_VOCAB:
+            confidence = (ranked if ranked is not None else _ranked_vocab(tokenizer, prompts, V))[:D.CONFIDENCE_VOCAB]
+        chosen = D.tune_thresholds(stack, scored, sorted(thresholds), args.max_ppl_increase, vocab=confidence)
+        chosen_name = f"early exit, chosen for ppl +{100 * args.max_ppl_increase:g}% (ours)"
+        note(f"early-exit thresholds chosen on {len(scored)} held-out sequences: "
+             f"{ {k: round(v, 3) for k, v in chosen['thresholds'].items()} }, measured ppl +{100 * chosen['ppl_increase']:.1f}%, "
+             f"{chosen['layer_passes']:.2f} of the layer passes, {chosen['cost']:.2f} of the multiply-adds")
+        methods[chosen_name] = lambda p: D.early_exit(stack, p, thresholds=chosen["thresholds"], max_new_tokens=N,
+                                                      eos=eos, vocab=confidence)
     methods["greedy full, no EOS (ours)"] = lambda p: D.generate(stack, p, max_new_tokens=N)
     names = list(methods)
 
@@ -312,7 +335,7 @@ def main(argv=None) -> dict:
     for name in names:
         entry = {"tokens_per_s": statistics.median(tps(rep, name) for rep in reps),
                  "ratio_vs_greedy_ours": ratio(name), "raw": [rep[name] for rep in reps]}
-        if "no EOS" not in name and name != "early exit (ours)":
+        if "no EOS" not in name and not name.startswith("early exit"):
             entry["identical"] = sum(o == ref for o, ref in zip(outputs[name], reference))
         if name.startswith("exit "):
             entry["c"] = 1 / ratio(name, full_no_eos)  # time per token of the exit / of the full model
@@ -330,7 +353,7 @@ def main(argv=None) -> dict:
             ideal = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
             entry.update(a=a, c=c, mean_k=k, tokens_per_round=produced / rounds if rounds else float("nan"),
                          bound=bound, loss_bound=1 / (1 + k * c), bound_ideal_tokens=ideal)
-        if name == "early exit (ours)":
+        if name.startswith("early exit"):
             runs = stats[name]
             used = sum(layer * n for s in runs for layer, n in s.exits.items())
             count = sum(n for s in runs for n in s.exits.values())
@@ -349,6 +372,11 @@ def main(argv=None) -> dict:
         ee = results["methods"]["early exit (ours)"]
         ee.update(ppl_full=math.exp(statistics.fmean(full_nll)), ppl_early_exit=math.exp(statistics.fmean(early_nll)),
                   ppl_tokens=len(full_nll), teacher_forced_layers_used=statistics.fmean(early_layers) / L)
+    if chosen is not None:  # measured by the chooser on the same held-out sequences (in-sample)
+        results["methods"][chosen_name].update(
+            ppl_full=chosen["ppl_full"], ppl_early_exit=chosen["ppl_early_exit"], ppl_tokens=chosen["tokens"],
+            teacher_forced_layers_used=chosen["layer_passes"], macs_used=chosen["cost"],
+            chosen_thresholds=chosen["thresholds"], max_ppl_increase=args.max_ppl_increase)
 
     for name in names:
         e = results["methods"][name]

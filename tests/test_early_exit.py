@@ -302,3 +302,13 @@ def test_generate_chooses_thresholds_caches_them_and_reuses_them(tmp_path):
     bad = cli(["generate", "--ckpt", flat, "--early-exit", "--max-ppl-increase", "0.05", "The cat"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "trained no exit" in bad.stderr, explain(bad)
     assert sorted(q.name for q in flat.rglob("*")) == before
+
+
+def test_decoding_benchmark_has_a_row_with_thresholds_chosen_for_the_perplexity_bound(tmp_path):
+    bench, folder = decoding_benchmark_on_a_tiny_folder(tmp_path)
+    results = bench.main(["--model", str(folder), "--prompts", "2", "--new-tokens", "8", "--reps", "1", "--no-ppl",
+                          "--ppl-items", "3", "--draft-exits", "2", "--draft-vocab", "0", "--threads", "1",
+                          "--max-ppl-increase", "0.1", "--out", str(tmp_path / "r.json")])
+    row = results["methods"]["early exit, chosen for ppl +10% (ours)"]
+    assert row["ppl_early_exit"] <= 1.1 * row["ppl_full"] + 1e-9 and row["max_ppl_increase"] == 0.1
+    assert 0 < row["teacher_forced_layers_used"] <= 1 and 0 < row["layers_used"] <= 1 and row["ppl_tokens"] > 0
