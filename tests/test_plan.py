@@ -149,3 +149,19 @@ def test_the_13b_recipe_states_its_architecture():
     spec = yaml.safe_load((RECIPES_DIR / "llama2_13b_soft.yaml").read_text())["model"]["config"]
     assert (spec["hidden_size"], spec["num_hidden_layers"], spec["num_attention_heads"], spec["intermediate_size"],
             spec["vocab_size"]) == (5120, 40, 40, 13824, 32000)
+
+
+def test_plan_of_a_local_pretrained_folder(tiny, tmp_path):
+    """A local Hugging Face folder without model.config: transformers' from_pretrained refuses the meta
+    device, so plan reads the (small) weights once and says so; the numbers are the folder's model's."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny / "tok")).save_pretrained(folder)
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    p = cli(["plan", "model=causal_lm", f"model.pretrained={folder}", "data=hamlet", "dims=[depth]"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert f"4 x {params:,}" in p.stdout and "weights were read once" in p.stdout

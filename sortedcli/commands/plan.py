@@ -70,6 +70,7 @@ class Activations:
     units: list[int] = field(default_factory=list)  # A_k: saved inside depth unit k
     inputs: list[int] = field(default_factory=list)  # I_k: unit k's inputs that need a gradient
     rest: int = 0  # saved outside the depth units (embeddings, final norm, head, loss, extra exits)
+    readouts: int = 0  # extra exits read out (SoFT), each at every position
 
     @property
     def total(self) -> int:
@@ -166,7 +167,7 @@ def saved_activations(model: nn.Module, inputs, readouts: int = 0) -> Activation
     units = [u.module for u in nest.units]
     skip = {_storage(t)[0] for t in [*model.parameters(), *model.buffers()]}
     seen: set[int] = set()
-    acts = Activations(units=[0] * len(units), inputs=[0] * len(units))
+    acts = Activations(units=[0] * len(units), inputs=[0] * len(units), readouts=readouts)
     where: list[int] = []
     last: list[torch.Tensor] = []
 
@@ -308,11 +309,18 @@ def estimate(cfg: DictConfig) -> tuple[Plan, str, nn.Module]:
     options, source = _model_options(cfg)
     model_args = _model_args(cfg)
     name = options.pop("name")
-    with torch.device("meta"):
-        model = models.create(name, **model_args, **options)
+    try:
+        with torch.device("meta"):
+            model = models.create(name, **model_args, **options)
+    except Exception:  # noqa: BLE001 - a loader that refuses the meta device (transformers' from_pretrained)
+        if not options.get("pretrained"):
+            raise
+        model = models.create(name, **model_args, **options).to("meta")  # its error, if it fails, is the user's
+        source = (f"model.pretrained={options['pretrained']}, whose loader refuses the meta device: its weights "
+                  "were read once (state model.config to plan without them)")
     grid = build_grid(cfg, model)
     compute = _compute_dtype(cfg)
-    model.to(compute).train()
+    nn.Module.train(model.to(compute))  # (not a library override: transformers would pick kernels for the device)
 
     units = nesting(model).units
     in_units = {id(p) for u in units for p in u.module.parameters()}
@@ -391,7 +399,9 @@ def table(plan: Plan, title: str) -> Table:
          if plan.sharded else ("bf16 copies of the weights (autocast)" if plan.working else "none (fp32)"),
          plan.working),
         ("activations", f"saved for backward, micro-batch {plan.micro_batch}"
-         + (f" x {plan.length} tokens" if plan.length else ""), plan.activations.total),
+         + (f" x {plan.length} tokens" if plan.length else "")
+         + (f", {plan.activations.readouts} more exits read out at every position (at most)"
+            if plan.activations.readouts else ""), plan.activations.total),
         ("activations, checkpointed", "each layer's input + the rest + one layer recomputed",
          plan.activations.checkpointed),
     ]
