@@ -216,3 +216,34 @@ def test_train_clips_by_default_with_adamw_logs_the_norm_and_checkpoints_activat
 def test_bad_clip_or_checkpointing_settings_exit_2_with_one_line(llama_args, override, message, tmp_path):
     p = cli(["train", *llama_args, override], cwd=tmp_path)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, explain(p)
+
+
+def _bf16_worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = _llama()
+        shard(model, param_dtype=torch.bfloat16)  # what train does where autocast is bf16 (a GPU with it)
+        stats: dict = {}
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model, LM, SUBS[0], _batch(), opt, SOFT.largest, Distill(), torch.device("cpu"),
+                          torch.bfloat16, dist=Dist(rank=rank, world=2, sharded=True), clip_grad_norm=1e9, stats=stats)
+        dtypes = {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters() if p.grad is not None}
+        full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"norm": stats["grad_norm"], "loss": loss, "grads": full, "dtypes": dtypes}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_mixed_precision_keeps_fp32_shards_and_gradients(tmp_path):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on 2 gloo ranks: the sharded
+    weights and their gradients stay fp32, and the step's gradient is the fp32 one within bf16's precision."""
+    mp.spawn(_bf16_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert r0["dtypes"] == {torch.float32}
+    model = _llama()
+    stats: dict = {}
+    loss = _step(model, SUBS[0], SOFT, clip=1e9, stats=stats)
+    assert r0["loss"] == pytest.approx(loss, rel=1e-2) and r0["norm"] == pytest.approx(stats["grad_norm"], rel=2e-2)
+    for name, g in _grads(model).items():
+        assert (r0["grads"][name] - g).norm() <= 0.03 * g.norm(), name
