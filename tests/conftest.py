@@ -57,6 +57,18 @@ def run_folders(runs_root: Path) -> list[Path]:
     return sorted(p.parent.parent for p in Path(runs_root).glob("**/checkpoints/latest"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight the other processes for the cores:
+    a module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One tiny run trained by ``sortednet train`` (in the session folder's runs/); its folder."""

@@ -12,13 +12,7 @@ from sortedcli.models.decoder import DecoderStack, truncated
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight the other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_llama(layers=6, seed=0, calm_depth=0.0, vocab=VOCAB):

@@ -17,12 +17,7 @@ from sortedcli import decoding as D
 from sortedcli.models.decoder import DecoderStack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def peaked(scale=15.0, seed=0):

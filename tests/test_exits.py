@@ -17,12 +17,7 @@ NINE_THREE = {"hidden_size": 72, "intermediate_size": 96, "num_hidden_layers": 4
 HEADS = (0.25, 0.5, 0.75, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
