@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler as IndexSampler
 
 from .distributed import Dist
-from .nest import SubModel, call, has_batchnorm, recalibrate, run_exits, trunk_groups, use
+from .nest import SubModel, batchnorm_kept, call, has_batchnorm, recalibrate, run_exits, trunk_groups, use
 from .sampling import Sampler
 from .tasks import Task
 
@@ -414,9 +414,18 @@ def latency_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, 
 
 
 def evaluate(model: nn.Module, task: Task, sub: SubModel | None, calib: list, test: Iterable,
-             device: torch.device, amp: torch.dtype | None, dist: Dist = Dist()) -> float:
+             device: torch.device, amp: torch.dtype | None, dist: Dist = Dist(),
+             keep_batchnorm: bool = False) -> float:
     """Recalibrate ``sub``'s BatchNorm on ``calib`` (when it has BatchNorm; locally, on each rank) and
-    return its metric (over every rank's ``test`` with ``dist``)."""
+    return its metric (over every rank's ``test`` with ``dist``).
+
+    ``keep_batchnorm=True`` (a model being trained: the epoch-end evaluation) puts the BatchNorm
+    statistics and the modules' train/eval modes back as they were afterwards
+    (:func:`~sortedcli.nest.batchnorm_kept`): the next checkpoint holds the training statistics, not
+    those of the sub-model evaluated last."""
+    if keep_batchnorm:
+        with batchnorm_kept(model):
+            return evaluate(model, task, sub, calib, test, device, amp, dist)
     if calib:
         with autocast(device, amp):
             recalibrate(model, sub, calib)

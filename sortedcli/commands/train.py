@@ -307,7 +307,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             if test is not None:
                 short = "acc" if task.metric == "accuracy" else task.metric
                 for label, sub in (("largest", grid.largest), ("smallest", grid.smallest)):
-                    record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp, test_dist)
+                    record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp, test_dist,
+                                                         keep_batchnorm=True)  # checkpointed next
                 when = f"epoch {p.epoch}" if not p.batch else f"end (epoch {p.epoch} + {p.batch}/{per_epoch} batches)"
                 bar.console.print(f"{when}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
                                   f"smallest {record[f'{short}_smallest']:.2f} (first "

@@ -8,14 +8,15 @@
 - :mod:`.batchnorm`: per-sub-model BatchNorm recalibration.
 """
 
-from .batchnorm import has_batchnorm, recalibrate, synchronize
+from .batchnorm import batchnorm_kept, has_batchnorm, recalibrate, synchronize
 from .convert import DepthUnit, Nesting, call, has_exits, nesting, resolved, run_exits, sortify, trunk_groups, use
 from .extract import check_equal, extract, trace
 from .layers import Scope, sorted_size
 from .space import COUNT, FRACTION, Dim, Grid, SubModel
 
 __all__ = [
-    "COUNT", "FRACTION", "DepthUnit", "Dim", "Grid", "Nesting", "Scope", "SubModel", "call", "check_equal",
+    "COUNT", "FRACTION", "DepthUnit", "Dim", "Grid", "Nesting", "Scope", "SubModel", "batchnorm_kept", "call",
+    "check_equal",
     "extract", "has_batchnorm", "has_exits", "nesting", "recalibrate", "resolved", "run_exits", "sortify", "sorted_size",
     "synchronize", "trace", "trunk_groups", "use",
 ]

@@ -8,16 +8,22 @@ before a sub-model is evaluated or exported its statistics are recomputed:
 1. reset every BatchNorm's running mean/var (0/1) and ``num_batches_tracked``;
 2. set ``momentum=None``, which makes BatchNorm keep a *cumulative* average (factor
    ``1 / num_batches_tracked``), so every calibration batch counts equally;
-3. run the sub-model in **train** mode (batch statistics; eval mode would update nothing) over
-   ``num_batches`` batches without gradients;
-4. restore the momentum and the model's mode.
+3. run the sub-model with its BatchNorm layers in **train** mode (batch statistics; eval mode would
+   update nothing) and everything else in eval mode (dropout off: it would draw from the global random
+   stream) over ``num_batches`` batches without gradients;
+4. restore the momentum and leave the model in eval mode.
+
+Recalibrating overwrites the shared statistics: a model still being trained (an epoch-end evaluation)
+is evaluated inside :func:`batchnorm_kept`, which puts its statistics and modes back afterwards, so
+that the checkpoint written next holds the training statistics, not the last evaluated sub-model's.
 
 This is US-Nets' post-training BN calibration, applied to the shared, sliced layers.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -56,7 +62,9 @@ def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable) -> in
         bn.reset_running_stats()
         bn.momentum = None
         bn.sync = False  # recalibration stays local: each rank calibrates its own sub-models
-    model.train()
+    model.eval()
+    for bn in bns:
+        bn.train()
     n = 0
     try:
         with use(model, sub):
@@ -72,3 +80,21 @@ def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable) -> in
     if n == 0:
         raise ValueError("no calibration batches: BatchNorm statistics cannot be recalibrated")
     return n
+
+
+@contextmanager
+def batchnorm_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, recalibrate and evaluate ``model`` freely; on leaving it, every BatchNorm's
+    running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) and every module's
+    train/eval mode are put back as they were on entering."""
+    saved = [(buf, buf.detach().clone()) for m in model.modules() if isinstance(m, _BatchNorm)
+             for buf in m.buffers(recurse=False) if buf is not None]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+        for m, training in modes:
+            m.training = training
