@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         seconds, _ = train_seconds(run)
         steps = max((r["step"] for r in read_metrics(run) if "step" in r), default=None)
         records.append({"method": m, "seed": seed, "run": str(run), "train_seconds": seconds,
-                        "sampler": read_config(run)["sampler"]["name"], "steps": steps, "epochs": a.epochs,
+                        "sampler": read_config(run)["sampler"]["name"], "model": read_config(run)["model"]["name"],
+                        "steps": steps, "epochs": a.epochs,
                         "budget_x": 1, **summarize(doc, [])})
         r = records[-1]
         print(head + f"full {r['full']:.2f}, weakest {r['weakest']:.2f} ({r['weakest_name']}), mean "
@@ -122,10 +123,14 @@ def main(argv=None) -> int:
     doc = {"root": str(root), "epochs": a.epochs, "seeds": a.seeds, "methods": a.methods,
            "overrides": a.overrides, "spread": "half the range over the seeds", "summary": summary, "runs": records}
     (a.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    # what was run, read from the runs (a --set may change the model or its grid)
+    models = ", ".join(sorted({r["model"] for r in records}))
+    sizes = " or ".join(str(n) for n in sorted({r["submodels"] for r in records}))
+    extra = "".join(f" `{o}`" for o in a.overrides)
     lines = [f"# A first run on unseen data: {root.name}, {a.epochs} epochs, the defaults otherwise", "",
              f"`sortednet train data=imagefolder data.root={root.name} data.num_classes={a.num_classes} "
              f"data.image_size=28 data.in_channels=1 trainer.epochs={a.epochs}` + the method's overrides "
-             "(`defaults`: none), ResNet-18, width 10 x depth 8 = 80 sub-models, 10% of the training images "
+             f"(`defaults`: none){' +' + extra if extra else ''}, {models}, {sizes} sub-models, 10% of the training images "
              "held out (`data.val_fraction`); `sortednet eval --all-submodels` on the test images. Seeds "
              f"{', '.join(map(str, a.seeds))}; mean ± spread (half the range); `*`: beyond the two spreads.", "",
              "| method | sampler | sub-models / step | steps | train s | full model % | full vs plain (`full`), points | "
