@@ -72,11 +72,24 @@ def test_submodel_is_a_value_with_a_stable_name():
 
 
 def test_state_dict_keys_stay_torchvision_keys():
+    """The sorted model's state dict is torchvision's: the same keys in the same order, each tensor of
+    the same shape and dtype, and a strict load either way carries every value over unchanged."""
+    torch.manual_seed(0)
     plain = torchvision.models.resnet18(num_classes=7)
+    randomize_bn(plain)
     sorted_model = create("resnet18", num_classes=7, in_channels=3)
-    assert list(sorted_model.state_dict()) == list(plain.state_dict())
-    assert sorted_model.load_state_dict(plain.state_dict()) is not None  # strict load works both ways
-    assert plain.load_state_dict(sorted_model.state_dict()) is not None
+    theirs, ours = plain.state_dict(), sorted_model.state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
+    result = sorted_model.load_state_dict(theirs)  # strict
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for key, value in sorted_model.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
+    back = torchvision.models.resnet18(num_classes=7)
+    result = back.load_state_dict(sorted_model.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
 
 
 def test_full_model_outside_use_equals_plain_torchvision():
@@ -249,12 +262,34 @@ def test_unsupported_layers_are_refused():
         sortify(twice, out_dim=lambda n, m: None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_submodel_on_cuda_with_bf16_autocast_matches_extracted():
-    model = create("resnet_tiny", num_classes=10, in_channels=3).cuda().eval()
-    x = torch.randn(4, 3, 32, 32, device="cuda")
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_submodel_on_cuda_with_bf16_autocast_matches_extracted(device):
+    """Under bf16 autocast (CPU autocast too, so that the test runs everywhere) the sub-model inside the
+    full model computes what the extracted plain model computes under the same autocast, and both stay
+    within bf16 rounding of the fp32 result."""
+    torch.manual_seed(0)
+    model = create("resnet_tiny", num_classes=10, in_channels=3).to(device).eval()
+    randomize_bn(model)
+    x = torch.randn(4, 3, 32, 32, device=device)
     sub = SubModel.of(width=0.5, depth=2)
     plain = extract(model, sub, x[:1])
     check_equal(model, sub, plain, x)
-    with torch.autocast("cuda", dtype=torch.bfloat16), use(model, sub):
-        assert model(x).dtype == torch.bfloat16
+    with torch.no_grad():
+        with use(model, sub):
+            exact = model(x).float()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            with use(model, sub):
+                inside = model(x)
+            cut = plain(x)
+    assert inside.dtype == cut.dtype == torch.bfloat16
+    scale = exact.abs().max().item()
+    assert scale > 0.01  # outputs big enough for a tolerance relative to them to mean something
+    # the same bf16 kernels on the same slices: equal up to a few bf16 ulps (2^-8 relative)
+    torch.testing.assert_close(inside.float(), cut.float(), atol=4 * 2 ** -8 * scale, rtol=0)
+    # and bf16 rounding of the fp32 sub-model (0.3% of the scale here), not another model: the full
+    # model's output, which a sub-model that ignored its scope under autocast would give, is far off
+    torch.testing.assert_close(inside.float(), exact, atol=0.02 * scale, rtol=0)
+    with torch.no_grad():
+        full = model(x).float()
+    assert (full - exact).abs().max().item() > 0.1 * scale
