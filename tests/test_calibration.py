@@ -54,3 +54,57 @@ def test_batchnorm_kept_restores_statistics_and_modes():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_tiny", "resnet_tiny"])
+def test_fold_batchnorm_folds_every_batchnorm_of_a_cut_out_model_and_computes_the_same(name):
+    """Conv2d -> BatchNorm2d pairs in nn.Sequential (MobileNetV2's Conv2dNormActivation, a ResNet's
+    downsample) and torchvision blocks' conv1/bn1 attributes alike, found from one traced call."""
+    import copy
+
+    from torch import nn
+
+    from sortedcli import models
+    from sortedcli.nest import SubModel, extract, fold_batchnorm, recalibrate
+
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=10, in_channels=1)
+    sub = SubModel.of(width=0.5)
+    recalibrate(model, sub, [torch.randn(16, 1, 8, 8) * 2 + 1 for _ in range(2)])
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.normal_()
+    x = torch.randn(5, 1, 8, 8)
+    plain = extract(model, sub, x[:1])
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    folded = copy.deepcopy(plain)
+    assert fold_batchnorm(folded, x[:1]) == batchnorms > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_export_writes_the_model_with_batchnorm_folded(trained_run, tmp_path):
+    import json
+    import shutil
+
+    from torch import nn
+
+    from conftest import TINY_EVAL
+    from sortedcli import export
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    p = cli(["export", "--budget", "0.5", "--ckpt", run, *TINY_EVAL], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    folder = run / "export" / "budget-0.5"
+    config = json.loads((folder / "config.json").read_text())
+    plain = export.load(folder)
+    assert config["batchnorm_folded"] > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert sum(p.numel() for p in plain.parameters()) == config["folded_params"]
+    program = torch.export.load(str(folder / "model.pt2"))
+    assert "batch_norm" not in str(program.graph)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), plain(x), atol=1e-5, rtol=1e-5)

@@ -2,7 +2,11 @@
 
 A vision export folder holds:
 
-- ``model.safetensors``: the plain model's state_dict (torchvision keys, smaller shapes);
+- ``model.safetensors``: the plain model's state_dict (torchvision keys, smaller shapes), with its
+  BatchNorm folded into the convolutions as a deployed model has it (:func:`~sortedcli.nest.fold_batchnorm`:
+  the convolutions gain a ``bias``, the folded BatchNorm layers are ``nn.Identity`` and have no keys;
+  ``config.json``'s ``batchnorm_folded`` counts them, ``params`` stays the sub-model's count as ``eval``
+  reports it and ``folded_params`` is the deployed model's);
 - ``config.json``: what rebuilds it (model name and options, classes, input channels and size, the
   sub-model's levels) plus what it scores (FLOPs, parameters, accuracy) and the normalization;
 - ``model.pt2``: the same model as a ``torch.export`` program, which plain torch loads and runs
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nest import COUNT, FRACTION, SubModel, extract
+from ..nest import COUNT, FRACTION, SubModel, extract, fold_batchnorm
 from .adapter import Adapter
 
 FORMAT = "sortednet-export/1"
@@ -41,12 +45,24 @@ class VisionFamily(Adapter):
 
 
 def save(folder: Path, plain: nn.Module, config: dict, example: torch.Tensor) -> None:
-    """A vision export: safetensors + config.json + a ``torch.export`` program, which is checked to
-    reproduce ``plain`` on ``example`` (a batch of inputs) before it is kept."""
+    """A vision export: safetensors + config.json + a ``torch.export`` program, of ``plain`` with its
+    BatchNorm folded into the convolutions (checked to compute what ``plain`` computes on ``example``, a
+    batch of inputs), and the program checked to reproduce it, before it is kept. ``config`` gets
+    ``batchnorm_folded`` and ``folded_params``."""
+    import copy
+
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    plain = plain.eval()
+    unfolded = plain.eval()
+    plain = copy.deepcopy(unfolded)
+    config["batchnorm_folded"] = fold_batchnorm(plain, example)
+    config["folded_params"] = sum(p.numel() for p in plain.parameters())
+    with torch.no_grad():
+        want, got = unfolded(example), plain(example)
+    if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+        raise RuntimeError(f"the model with its BatchNorm folded differs from the cut-out model: max |diff| = "
+                           f"{(got - want).abs().max().item():.3g}")
     state = {k: v.detach().contiguous().cpu() for k, v in plain.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
     (folder / "config.json").write_text(json.dumps({"format": FORMAT, **config}, indent=2) + "\n")
@@ -81,5 +97,7 @@ def load(folder: str | Path) -> nn.Module:
     size = config["image_size"]
     example = torch.zeros(1, config["in_channels"], size, size)
     plain = extract(sorted_model, SubModel(tuple(config["submodel"].items())), example)
+    if config.get("batchnorm_folded"):  # the same layers folded (their values come from the file)
+        fold_batchnorm(plain, example)
     plain.load_state_dict(state, strict=True)
     return plain.eval()

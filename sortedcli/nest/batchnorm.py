@@ -98,3 +98,64 @@ def batchnorm_kept(model: nn.Module) -> Iterator[nn.Module]:
                 buf.copy_(value)
         for m, training in modes:
             m.training = training
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example) -> int:
+    """Fold every BatchNorm that directly normalizes a convolution's output into that convolution, as
+    a deployed model has it: the convolution gets ``W * s`` and the bias ``(b - mean) * s + beta``
+    (``s = gamma / sqrt(var + eps)``, the BatchNorm's eval-mode affine map) and the BatchNorm becomes
+    ``nn.Identity``. Returns how many were folded.
+
+    Generic over the model's code: ``model`` runs once on ``example`` (a tensor, or a mapping of
+    keyword arguments) with hooks, and a BatchNorm is folded into a convolution when the tensor it
+    normalizes *is* the one that convolution returned, the call right before it (each module called
+    once): ``Conv2d -> BatchNorm2d`` in an ``nn.Sequential``, and torchvision's ``conv1``/``bn1``
+    pairs inside blocks alike. Only eval-mode behaviour is kept (the running statistics): the caller
+    checks the folded model equal to the original in eval mode, which also catches a convolution
+    whose output something else used too. Works on plain models (after :func:`~.extract.extract`)."""
+    from .convert import call
+
+    conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    calls: list[tuple[nn.Module, object, object]] = []  # (module, its input, its output) in call order
+
+    def record(m, args, out):
+        calls.append((m, args[0] if args else None, out))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, conv_types) or (isinstance(m, _BatchNorm) and m.track_running_stats)]
+    was_training = model.training
+    model.eval()
+    try:
+        call(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    counts: dict[int, int] = {}
+    for m, _, _ in calls:
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    pairs = []
+    for (conv, _, out), (bn, x, _) in zip(calls, calls[1:]):
+        if (isinstance(conv, conv_types) and isinstance(bn, _BatchNorm) and x is out
+                and counts[id(conv)] == counts[id(bn)] == 1 and len(names[id(conv)]) == len(names[id(bn)]) == 1
+                and bn.running_mean is not None and conv.out_channels == bn.num_features):
+            pairs.append((conv, bn))
+    for conv, bn in pairs:
+        w = conv.weight.double()
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        bias = (bias - bn.running_mean.double()) * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.double()
+        conv.weight = nn.Parameter(
+            (w * scale.reshape(-1, *[1] * (w.dim() - 1))).to(conv.weight.dtype), conv.weight.requires_grad)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), conv.weight.requires_grad)
+        parent, _, leaf = names[id(bn)][0].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+    return len(pairs)
