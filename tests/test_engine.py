@@ -1,11 +1,14 @@
 """Sampling schedules and the training step."""
 
+import copy
+import re
+
 import pytest
 import torch
 
 from sortedcli.engine import Distill, EpochBatches, train_step
 from sortedcli.models import create
-from sortedcli.nest import COUNT, FRACTION, Dim, Grid, SubModel, use
+from sortedcli.nest import COUNT, FRACTION, Dim, Grid, SubModel, extract, use
 from sortedcli.sampling import SAMPLERS, create_sampler
 from sortedcli.tasks import ImageClassification
 
@@ -55,39 +58,94 @@ def test_epoch_batches_are_seeded_and_resume_mid_epoch():
     assert list(EpochBatches(100, 16, seed=3, epoch=3)) != whole
 
 
+def _plain_name(name: str) -> str:
+    """The full model's name of a cut-out model's parameter: a dropped ResNet block is replaced by its
+    downsample path, which then sits at the block's own name (``layer2.0.0.0.weight`` is
+    ``layer2.0.downsample.0.weight``)."""
+    return re.sub(r"^(layer\d\.\d+)\.0\.", r"\1.downsample.", name)
+
+
 def test_train_step_accumulates_the_mean_gradient_of_the_sampled_submodels():
+    """The reference shares no code with the training step: each sub-model cut out as a plain torch
+    model (``extract``), its own cross-entropy backpropagated, its gradients written into the leading
+    corner of the full parameters they were cut from, averaged over the sub-models."""
     torch.manual_seed(0)
     model = create("resnet_tiny", num_classes=10, in_channels=3).train()
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     subs = [SubModel.of(width=0.25, depth=1), SubModel.of(width=1.0, depth=4)]
-    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    full = dict(model.named_parameters())
+    expected = {n: torch.zeros_like(p) for n, p in full.items()}
     for sub in subs:
-        model.zero_grad()
-        with use(model, sub):
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                expected[n] += p.grad / len(subs)
+        plain = extract(model, sub, x[:1]).train()  # batch statistics, as in training
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        for name, p in plain.named_parameters():
+            corner = tuple(slice(0, k) for k in p.shape)
+            expected[_plain_name(name)][corner] += p.grad / len(subs)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     train_step(model, IMAGES, subs, (x, y), opt, GRID.largest, Distill(), torch.device("cpu"), None)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), expected[n],
-                                   rtol=1e-4, atol=1e-6)
-    # the smallest sub-model leaves the channels it does not use without gradient
-    assert model.fc.weight.grad.abs().sum() > 0
+    for n, p in full.items():
+        assert expected[n].abs().sum() > 0, n  # the largest sub-model reaches every parameter
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    # the smallest sub-model alone leaves the channels it does not use, and the blocks it drops,
+    # without gradient
+    small = subs[0]
+    kept = extract(model, small, x[:1]).fc.in_features
+    assert 0 < kept < model.fc.in_features
+    train_step(model, IMAGES, [small], (x, y), opt, GRID.largest, Distill(), torch.device("cpu"), None)
+    assert model.fc.weight.grad[:, :kept].abs().sum() > 0
+    assert not model.fc.weight.grad[:, kept:].any()
+    dropped = model.layer2[0].conv1.weight.grad
+    assert dropped is None or not dropped.any()
+
+
+def _kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softened distributions, mean over the batch, written out."""
+    def log_softmax(z):
+        z = z / temperature
+        return z - z.exp().sum(-1, keepdim=True).log()
+    lp_t, lp_s = log_softmax(teacher), log_softmax(student)
+    return (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean()
 
 
 def test_distillation_loss_is_zero_for_identical_outputs_and_scaled_like_cross_entropy():
+    torch.manual_seed(0)
     logits, batch = torch.randn(4, 10), (None, torch.zeros(4, dtype=torch.long))
     assert IMAGES.distill(logits, logits, batch, 2.0).abs() < 1e-6
     other = torch.randn(4, 10)
-    assert IMAGES.distill(other, logits, batch, 4.0) > 0
+    for T in (1.0, 2.0, 4.0):  # the KL at temperature T, times T^2
+        torch.testing.assert_close(IMAGES.distill(other, logits, batch, T), _kl_by_hand(other, logits, T) * T * T)
+    # the T^2 is what keeps its gradients at cross-entropy's scale: for large T the gradient on the
+    # student's logits tends to (student - teacher) / (batch x classes), whatever T is
+    grads = []
+    for T in (32.0, 64.0):
+        student = other.clone().requires_grad_()
+        IMAGES.distill(student, logits, batch, T).backward()
+        grads.append(student.grad)
+    centred = lambda z: z - z.mean(-1, keepdim=True)  # noqa: E731
+    limit = (centred(other) - centred(logits)) / (4 * 10)
+    for g in grads:
+        torch.testing.assert_close(g, limit, rtol=0.1, atol=2e-3)
+
+    # in the training step: the student's loss is alpha x that KL against the largest sub-model's
+    # output (the teacher, run without gradient when not sampled) + (1 - alpha) x its cross-entropy
     torch.manual_seed(0)
     model = create("resnet_tiny", num_classes=10, in_channels=3).train()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        reference = copy.deepcopy(model)
+        teacher = reference(x)  # the full model is the largest sub-model; batch statistics (train mode)
+        student = extract(reference, GRID.smallest, x[:1]).train()(x)
+    T, alpha = 2.0, 0.3
+    want = (alpha * _kl_by_hand(student, teacher, T) * T * T
+            + (1 - alpha) * torch.nn.functional.cross_entropy(student, y)).item()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss = train_step(model, IMAGES, [GRID.smallest], (torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))), opt,
-                      GRID.largest, Distill(enabled=True, temperature=2.0, alpha=0.5), torch.device("cpu"), None)
-    assert loss > 0 and torch.isfinite(torch.tensor(loss))
+    loss = train_step(model, IMAGES, [GRID.smallest], (x, y), opt, GRID.largest,
+                      Distill(enabled=True, temperature=T, alpha=alpha), torch.device("cpu"), None)
+    assert loss == pytest.approx(want, rel=1e-4)
+    off = train_step(copy.deepcopy(reference), IMAGES, [GRID.smallest], (x, y), opt, GRID.largest, Distill(),
+                     torch.device("cpu"), None)
+    assert abs(off - want) > 1e-3  # distillation changed the loss: the check above could fail
 
 
 def _counts(sampler, steps: int) -> dict:
