@@ -108,3 +108,36 @@ def test_export_writes_the_model_with_batchnorm_folded(trained_run, tmp_path):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_vision_run_needs_its_initial_weights_file_no_more_once_trained(tmp_path):
+    """``model.weights=FILE``: eval, export and ``--resume`` build the architecture without reading
+    FILE (the checkpoint overwrites every weight); on main eval read FILE, importance-sorted it and
+    overwrote it, and failed once FILE had moved."""
+    from conftest import TINY_EVAL
+    from sortedcli.models.mobilenet import tiny_mobilenet
+
+    torch.manual_seed(0)
+    weights = tmp_path / "init.pth"
+    torch.save(tiny_mobilenet().state_dict(), weights)
+    args = ["model=mobilenet_tiny", f"model.weights={weights}", "data=digits", "trainer.epochs=1",
+            "trainer.batch_size=64", "data.train_subset=128", "data.test_subset=32", *TINY_EVAL,
+            "dims.width.levels=[0.5,1.0]", "trainer.epoch_eval=false", "hydra.run.dir=runs/r"]
+    p = cli(["train", *args], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    weights.rename(tmp_path / "moved.pth")
+    p = cli(["eval", "--ckpt", "runs/r", *TINY_EVAL], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    p = cli(["export", "--budget", "0.6", "--ckpt", "runs/r", *TINY_EVAL], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert (tmp_path / "runs/r/export/budget-0.6/model.pt2").is_file()
+    p = cli(["train", "--resume", "runs/r", "trainer.epochs=2"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+
+
+def test_a_missing_weights_file_is_named_as_missing(tmp_path):
+    from sortedcli.errors import UsageError
+    from sortedcli.models import weights as pretrained
+
+    with pytest.raises(UsageError, match="no such file"):
+        pretrained.read_state_dict(tmp_path / "gone.pth", "model.weights")

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .. import runs
+from .. import models, runs
 from ..build import build_data, build_device, build_grid, build_model, check_settings, plain
 from ..errors import UsageError
 from ..nest import Grid
@@ -57,7 +57,10 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     data, tokenizer = build_data(source, data_cfg)
     if n is not None and n < len(data.test):
         data.test = torch.utils.data.Subset(data.test, range(n))
-    model = build_model(source, data.model_args)
+    # the checkpoint holds every weight: the architecture is built without the initial ones (model.weights,
+    # read, importance-sorted, then overwritten; its file may have moved since training)
+    architecture, _ = models.architecture(plain(source.model))
+    model = build_model(OmegaConf.create({"model": architecture}), data.model_args)
     check_fits(ckpt, weights, model, run_cfg.model.name)
     model.load_state_dict(weights)
     grid = build_grid(run_cfg, model)

@@ -158,7 +158,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     source = runs.self_contained(cfg, run_dir) if resuming else cfg  # a resumed run reads its own copy
     data, tokenizer = build_data(source)
     task = data.task
-    model = build_model(source, data.model_args)
+    # resumed: the checkpoint holds every weight, so the initial ones (model.weights, a file that may
+    # have moved) are not read
+    architecture = models.architecture(OmegaConf.to_container(source.model, resolve=True))[0]
+    model = build_model(OmegaConf.create({"model": architecture}) if resuming else source, data.model_args)
     entry = models.entry(cfg.model.name)
     if not resuming and d.main and cfg.model.get("pretrained"):
         entry.snapshot(model, tokenizer, run_dir / runs.PRETRAINED_DIR, str(cfg.model.pretrained))

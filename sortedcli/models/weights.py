@@ -50,6 +50,8 @@ def read_state_dict(path: str | Path, label: str) -> dict[str, torch.Tensor]:
     """A state_dict from a file, or a one-line UsageError saying why it is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{label}={path}: no such file (a torch state_dict .pth)") from None
     except IsADirectoryError:
         raise UsageError(f"{label}={path} is a folder, not a weights file (a torch state_dict .pth)") from None
     except Exception:  # torch's unpickling errors are many lines long: say it in one
