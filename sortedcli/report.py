@@ -118,11 +118,45 @@ def _atomic(path: Path, mode="w"):
         raise
 
 
+def results_dir(run_dir, ckpt, partial: bool = False) -> Path:
+    """Where ``sortednet eval`` writes the results of checkpoint folder ``ckpt`` of ``run_dir`` (and
+    where ``export`` reads them): ``eval/`` for the run's latest checkpoint, ``eval/<its folder name>/``
+    (``eval/step-00000003/``) for any other, so that measuring an older checkpoint never replaces the
+    latest's results; a partial evaluation (largest and smallest only) in ``largest-smallest/`` below."""
+    from . import runs
+
+    run_dir, ckpt = Path(run_dir), Path(ckpt)
+    latest = runs.latest_checkpoint(run_dir)
+    out = run_dir / "eval"
+    if latest is None or ckpt.resolve() != latest.resolve():
+        out = out / ckpt.name
+    return out / "largest-smallest" if partial else out
+
+
+def check_out_dir(path, what: str) -> Path:
+    """Refuse at once, before any work, an output folder that cannot be made or written into: a file
+    standing where it or one of its parents should be, or a parent without write permission."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if not p.exists() and not p.is_symlink():
+            continue
+        if not p.is_dir():
+            raise UsageError(f"{what}: {p} is a file (or a broken link), not a folder, so {path}/ cannot be "
+                             "written: move it away, or write elsewhere")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UsageError(f"{what}: {p} is not writable (permission denied), so {path}/ cannot be written: "
+                             "fix its permissions, or write elsewhere")
+        return path
+    return path
+
+
 def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title=None,
-                  checkpoint: dict | None = None, draft: dict | None = None) -> dict[str, Path]:
+                  checkpoint: dict | None = None, draft: dict | None = None,
+                  measured: dict | None = None) -> dict[str, Path]:
     """Write results.csv, results.json and plot.png into ``out_dir`` (created); return their paths.
-    ``checkpoint`` (``{"step", "path", "sha256"}``: what was measured) goes into results.json;
-    ``draft``: a causal LM's chosen draft exit (:mod:`sortedcli.draft`), kept there too."""
+    ``checkpoint`` (``{"step", "path", "sha256"}``: what was measured) goes into results.json, and so
+    does ``measured`` (what it was measured on: test items, calibration, seed, device, precision: see
+    :func:`measured_differently`); ``draft``: a causal LM's chosen draft exit (:mod:`sortedcli.draft`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front(rows, metric, higher_is_better)
@@ -144,6 +178,7 @@ def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title
 
     doc = {"metric": metric, "higher_is_better": higher_is_better,
            **({"checkpoint": checkpoint} if checkpoint is not None else {}),
+           **({"measured": measured} if measured is not None else {}),
            "rows": [{**r, "pareto": p} for r, p in zip(rows, front)]}
     if draft is not None:
         doc["draft"] = draft
@@ -153,6 +188,32 @@ def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title
 
     plot_results(rows, paths["png"], metric, higher_is_better, title)
     return paths
+
+
+# what a result depends on besides the weights, as results.json's "measured" records it (the device and
+# the latency settings change only the latency, which compare does not set side by side)
+MEASURED_ALIKE = {"test_items": "test items", "val_items": "validation items", "calib_batches": "calibration batches",
+                  "calib_items": "calibration items", "seed": "seed", "precision": "precision"}
+
+
+def measured_differently(records: dict[str, dict | None]) -> str | None:
+    """One line saying how the results of several runs (``{label: the "measured" of its results.json, or
+    None}``) were measured differently (50 vs 297 test images), or None when alike; a results.json
+    written before sortednet recorded it is "not recorded"."""
+    known = {label: m for label, m in records.items() if isinstance(m, dict)}
+    unknown = [label for label, m in records.items() if not isinstance(m, dict)]
+    parts = []
+    for key, words in MEASURED_ALIKE.items():
+        values = {label: m.get(key) for label, m in known.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            parts.append(f"{words} " + " vs ".join(f"{'none' if v is None else v} ({label})"
+                                                   for label, v in values.items()))
+    if unknown:
+        parts.append("what " + ", ".join(unknown) + " measured on is not recorded (evaluated by an older sortednet)")
+    if not parts:
+        return None
+    return ("the runs' results may not be comparable: " + "; ".join(parts)
+            + ". Re-run `sortednet eval --all-submodels` on them with the same eval.* settings and seed")
 
 
 def load_results(path) -> tuple[str, list[dict]]:

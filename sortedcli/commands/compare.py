@@ -24,7 +24,7 @@ from rich.table import Table
 
 from .. import runs
 from ..errors import UsageError
-from ..report import STAR, _atomic, human, load_results, pareto_front, plot_compare
+from ..report import STAR, _atomic, check_out_dir, human, load_results, measured_differently, pareto_front, plot_compare
 
 
 def _label(paths: list[Path]) -> list[str]:
@@ -48,6 +48,15 @@ def load(run: str) -> tuple[Path, DictConfig, str, list[dict], bool]:
                          "first")
     metric, rows = load_results(results)
     return path, cfg, metric, rows, bool(json.loads(results.read_text()).get("higher_is_better", True))
+
+
+def _measured(run: Path) -> dict | None:
+    """What ``run``'s eval results were measured on (results.json's "measured"; None: not recorded)."""
+    try:
+        m = json.loads((run / "eval" / "results.json").read_text(encoding="utf-8")).get("measured")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return m if isinstance(m, dict) else None
 
 
 def _train_seconds(run: Path) -> float | None:
@@ -81,6 +90,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"compare: {out} already exists and is not an empty folder: pass out=NEW_DIR")
+    check_out_dir(out, "compare")  # a file where a parent folder should be, a read-only parent
     loaded = [load(str(r)) for r in given]
     first_path, first_cfg, metric, _, higher = loaded[0]
     for path, run_cfg, m, _, _ in loaded[1:]:
@@ -94,6 +104,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     for label, (path, run_cfg, _, rows, _) in zip(labels, loaded):
         # relative to the compare folder, so the runs and their comparison can move together
         series[label] = {"run": os.path.relpath(path.resolve(), out.resolve()), "sampler": run_cfg.sampler.name,
+                         "measured": _measured(path),
                          "rows": [{**r, "pareto": p} for r, p in zip(rows, pareto_front(rows, metric, higher))]}
 
     names = list(dict.fromkeys(r["name"] for s in series.values() for r in s["rows"]))
@@ -152,6 +163,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
             f"{e['run']} full {e['full_vs_plain']:+.2f}" + (" points" if higher else f" {metric}")
             + (f", {e['time_vs_plain']:.2f}x time" if e.get("time_vs_plain") else "") for e in summary))
     console.print(f"{STAR} = on that run's Pareto front ({metric} vs FLOPs); bold = the best run for that sub-model.")
+    differ = measured_differently({label: s["measured"] for label, s in series.items()})
+    if differ:  # 68.00 beside 58.92 for the same weights on 50 and 297 test images said nothing
+        console.print(f"[yellow]warning: {differ}[/]", soft_wrap=True)
 
     out.mkdir(parents=True, exist_ok=True)
     with _atomic(out / "compare.csv") as f:
@@ -160,7 +174,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
             vals = [by_name[lab].get(n, {}).get(metric) for lab in labels]
             f.write(",".join([n, str(flops[n]), *("" if v is None else f"{v}" for v in vals)]) + "\n")
     with _atomic(out / "compare.json") as f:
-        json.dump({"metric": metric, "higher_is_better": higher, "runs": series, "summary": summary}, f, indent=2)
+        json.dump({"metric": metric, "higher_is_better": higher, "runs": series, "summary": summary,
+                   "measured_differently": differ}, f, indent=2)
         f.write("\n")
     plot_compare({lab: s["rows"] for lab, s in series.items()}, out / "plot.png", metric, higher, title)
     console.print(f"wrote {out}/ (compare.csv, compare.json, plot.png)")

@@ -14,7 +14,7 @@ from .. import distributed, draft, models
 from ..engine import autocast, calibration_batches, evaluate, latency_ms, score, score_members
 from ..flops import measure
 from ..nest import COUNT, call, has_exits, nesting, trunk_groups, use
-from ..report import pareto_front, results_table, write_results
+from ..report import check_out_dir, pareto_front, results_dir, results_table, write_results
 from ..errors import UsageError
 from ..tasks import move
 from .loaded import load_run
@@ -29,6 +29,10 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
         r.model.to(r.device)
     if not d.main:
         console = Console(quiet=True)
+    # every path is checked before the work: results that cannot be written, or standalone runs that are
+    # not there, are said in one line at once rather than after evaluating the whole grid
+    out = check_out_dir(results_dir(r.run_dir, r.ckpt, partial=not cfg.all_submodels), "eval")
+    alone_runs = standalone_runs(cfg.standalone, r) if cfg.get("standalone") else None
     subs = r.grid.submodels() if cfg.all_submodels else list(dict.fromkeys([r.grid.smallest, r.grid.largest]))
     mine = subs[d.rank::d.world]
     e, data, task = cfg.eval, r.data, r.data.task
@@ -85,8 +89,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     for row in rows:  # relative to the full model: higher is better either way (perplexity: full / sub)
         row[f"rel_{metric}"] = (100.0 * row[metric] / full if higher else 100.0 * full / row[metric]) \
             if full and row[metric] else None
-    if cfg.get("standalone"):
-        alone = standalone_scores(cfg.standalone, r, calib, test, console)
+    if alone_runs is not None:
+        alone = standalone_scores(alone_runs, r, calib, test, console)
         for row in rows:
             value = alone.get(row["name"])
             row["standalone"] = value
@@ -99,9 +103,16 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
         chosen = measure_exits(r, rows, test, e, console)
     title = f"{r.cfg.model.name} on {data.name}: {len(rows)} sub-models, FLOPs per {data.unit}"
     console.print(results_table(rows, metric, title=title, higher_is_better=higher))
-    # The whole grid goes to eval/ (what export chooses from); a partial evaluation never replaces it.
-    out = r.run_dir / "eval" if cfg.all_submodels else r.run_dir / "eval" / "largest-smallest"
-    paths = write_results(rows, out, metric, higher, title=title, checkpoint=r.record, draft=chosen)
+    # The whole grid goes to eval/ (what export chooses from); a partial evaluation never replaces it, nor
+    # do the results of a checkpoint other than the latest (they go to eval/<its folder>/: see results_dir)
+    measured = {"test_items": len(data.test), "val_items": None if held is None else len(held),
+                "calib_batches": len(calib), "calib_items": sum(_items(batch) for batch in calib),
+                "calib_batch_size": int(e.calib_batch_size), "seed": int(cfg.seed), "device": r.device.type,
+                "precision": "fp32" if r.amp is None else str(r.amp).removeprefix("torch."),
+                "latency": {"batch_size": int(e.latency.batch_size), "warmup": int(e.latency.warmup),
+                            "reps": int(e.latency.reps)}, "processes": d.world}
+    paths = write_results(rows, out, metric, higher, title=title, checkpoint=r.record, draft=chosen,
+                          measured=measured)
     worst = (min if higher else max)(rows, key=lambda row: row[metric])
     rel = worst[f"rel_{metric}"]
     relative = f" = {rel:.1f}% of full" if rel is not None else ""
@@ -124,7 +135,19 @@ def run(cfg: DictConfig, console: Console | None = None) -> list[dict]:
     console.print(f"evaluated {len(rows)} sub-models in {seconds:.1f}s"
                   + (f" ({d.world} processes)" if d.enabled else ""))
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if results_dir(r.run_dir, r.ckpt) != r.run_dir / "eval":
+        console.print(f"{r.ckpt.name} is not the run's latest checkpoint: its results went to {out}/, "
+                      f"beside the latest's in {r.run_dir / 'eval'}/ (export --ckpt {r.ckpt} reads them)")
     return rows
+
+
+def _items(batch) -> int:
+    """How many examples a calibration batch (a tensor, or a dict / tuple of them) holds."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return int(batch.shape[0])
 
 
 def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None:
@@ -147,9 +170,17 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         a = draft.agreement(r.model, r.data.task, exits, test, r.device, r.amp, vocabs)
         c = draft.cost_ratios(stack, exits, e.latency.warmup, e.latency.reps, vocabs)
         v = draft.verify_ratios(stack)
+    full_dims = {d.name: d.largest for d in r.grid.dims if d.kind != COUNT}
+    full_flops = next((row["flops"] for row in rows if row["full"]), None)
+    ratios = {row["dims"][depth.name]: row["flops"] / full_flops for row in rows if full_flops
+              and row["dims"].get(depth.name) in exits and all(row["dims"].get(k) == x for k, x in full_dims.items())}
+    c, unreliable = checked_costs(c, ratios)
+    if unreliable:  # a busy machine's timings predicted a 22.71x speed-up from an exit costing 0.02x
+        console.print(f"[yellow]{unreliable}[/]", soft_wrap=True)
+        a = {key: x for key, x in a.items() if key in c}
+        vocabs = {}
     console.print("verifying T tokens costs " + ", ".join(f"{t}: {x:.2f}x" for t, x in v.items() if t > 1)
                   + " one token's step here; the predicted speed-ups include it")
-    full_dims = {d.name: d.largest for d in r.grid.dims if d.kind != COUNT}
     for row in rows:
         x = row["dims"].get(depth.name)
         if (x, None) in a and all(row["dims"].get(k) == v for k, v in full_dims.items()):
@@ -161,6 +192,7 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
     chosen = draft.choose(a, c, L, verify=v)
     if chosen is not None:
         chosen["verify"] = {str(t): x for t, x in v.items()}
+        chosen["cost_from"] = "flops" if unreliable else "timed"
         n = int(e.get("samples", 3))
         prompts = [sample_prompt(r.data.test[i]) for i in range(min(n, len(r.data.test)))]
         out = draft.samples(stack, prompts, [*exits, L], int(e.get("sample_tokens", 16)))
@@ -175,6 +207,23 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         for x in (chosen["exit"], L):
             console.print(f"  exit {x}: {chosen['samples'][str(x)][0]!r}")
     return chosen
+
+
+def checked_costs(c: dict, flops: dict, low: float = 0.25, high: float = 4.0) -> tuple[dict, str | None]:
+    """The timed cost ratios ``c`` (``{(exit, N): step time / the full model's}``, N None for the full
+    head) when each full-head one lies within ``[low, high]`` x that exit's FLOPs ratio (``{exit: FLOPs /
+    the full model's}``); else the timing is unreliable (a busy machine, a coarse timer): the FLOPs
+    ratios instead, full head only (the restricted heads were timed alike), and a line saying so."""
+    bad = [(x, c[x, None], f) for x, f in sorted(flops.items())
+           if (x, None) in c and f > 0 and not low * f <= c[x, None] <= high * f]
+    if not bad:
+        return c, None
+    x, timed, f = bad[0]
+    more = f" and {len(bad) - 1} other exit{'s' * (len(bad) > 2)}" if len(bad) > 1 else ""
+    return {(e, None): f for e, f in flops.items()}, (
+        f"the timed cost of a decoding step is unreliable (exit {x}: {timed:.2f}x the full model's, where its "
+        f"FLOPs are {f:.2f}x{more}; a busy machine?): the predicted speed-ups use the FLOPs ratios and the full "
+        "head instead; re-run eval on a quiet machine to time them")
 
 
 def sample_prompt(item: dict, plain: int = 8) -> list[int]:
@@ -208,14 +257,14 @@ def save_ranks(ranks: torch.Tensor, path) -> None:
         raise
 
 
-def standalone_scores(folder, r, calib: list, test, console: Console) -> dict[str, float]:
-    """``{name: metric}`` of each sub-model trained alone under ``folder/standalone/<name>/`` (by
-    ``sortednet train ... standalone=[...]``), evaluated here with the sorted run's calibration and
-    test examples; runs of another model or other data are refused."""
+def standalone_runs(folder, r) -> list:
+    """``[(run folder, its latest checkpoint)]`` of the sub-models trained alone under
+    ``folder/standalone/<name>/`` (by ``sortednet train ... standalone=[...]``), checked before any
+    work: none there, one without a checkpoint, or one of another model or other data is refused."""
     from pathlib import Path
 
     from .. import runs
-    from ..build import build_grid, build_model, plain
+    from ..build import plain
 
     root = Path(folder)
     found = sorted(p for p in (root / "standalone").glob("*") if (p / "config.yaml").is_file()) \
@@ -223,12 +272,30 @@ def standalone_scores(folder, r, calib: list, test, console: Console) -> dict[st
     if not found:
         raise UsageError(f"standalone={folder}: no {root / 'standalone'}/<name>/ runs there; make them with "
                          "`sortednet train ... 'standalone=[NAME,...]' hydra.run.dir=DIR`")
-    out = {}
+    out = []
     for run_dir in found:
         ckpt = runs.latest_checkpoint(run_dir)
         if ckpt is None:
             raise UsageError(f"standalone: {run_dir} has no checkpoint (its training did not finish: "
                              f"--resume {run_dir})")
+        cfg = runs.load_config(run_dir)
+        for key in ("model", "data"):
+            if plain(cfg.get(key) or {}) != plain(r.cfg[key]):
+                raise UsageError(f"standalone: {run_dir} was trained with another {key} than {r.run_dir} "
+                                 f"({plain(cfg.get(key) or {})} vs {plain(r.cfg[key])})")
+        out.append((run_dir, ckpt))
+    return out
+
+
+def standalone_scores(found: list, r, calib: list, test, console: Console) -> dict[str, float]:
+    """``{name: metric}`` of each sub-model trained alone (``found``: :func:`standalone_runs`),
+    evaluated here with the sorted run's calibration and test examples; runs of another model or
+    other data are refused."""
+    from .. import runs
+    from ..build import build_grid, build_model, plain
+
+    out = {}
+    for run_dir, ckpt in found:
         weights, cfg = runs.load_weights(ckpt)
         for key in ("model", "data"):
             if plain(cfg[key]) != plain(r.cfg[key]):

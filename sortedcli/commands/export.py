@@ -51,7 +51,7 @@ def run(cfg: DictConfig, console: Console | None = None):
     from ..engine import calibration_batches
     from ..flops import measure_all
     from ..nest import call, check_equal, extract, recalibrate, use
-    from ..report import load_results
+    from ..report import check_out_dir, human, load_results, results_dir
     from ..tasks import move
     from .loaded import load_run
 
@@ -59,9 +59,15 @@ def run(cfg: DictConfig, console: Console | None = None):
     budget = check_budget(cfg.budget)
     with console.status("loading the run"):
         r = load_run(cfg)
-    results = r.run_dir / "eval" / "results.json"
+    # the results of the checkpoint being cut (eval/ for the latest, eval/step-N/ for another); an older
+    # sortednet wrote every checkpoint's to eval/, which check_fresh accepts only if they measured this one
+    results = results_dir(r.run_dir, r.ckpt) / "results.json"
+    if not results.is_file():
+        results = r.run_dir / "eval" / "results.json"
     if results.is_file():  # before any work: results of another checkpoint would choose on stale numbers
         check_fresh(results, r)
+    target = check_out_dir(r.run_dir / "export" / f"budget-{budget:g}", "export")  # before any work too
+    before = _exported(target)
     entry, data, task = models.entry(r.cfg.model.name), r.data, r.data.task
     example = move(data.example(), r.device)
     with Progress(TextColumn(f"counting the FLOPs of {len(r.grid)} sub-models"), BarColumn(), MofNCompleteColumn(),
@@ -139,13 +145,38 @@ def run(cfg: DictConfig, console: Console | None = None):
             "checkpoint": {**r.record, "run": str(r.run_dir)},
         }
         status.update(f"writing {chosen.name} as {entry.exports}")
-        folder = export.write(r.run_dir / "export" / f"budget-{budget:g}",
-                              lambda tmp: entry.save(tmp, small, config, check_input, r.tokenizer))
-    console.print(f"[bold]sortednet export[/] budget {budget:g} x {full / 1e6:.1f} MFLOPs = "
-                  f"{budget * full / 1e6:.1f} MFLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
-    console.print(f"chose {chosen.name}{by}: {cost.flops / 1e6:.1f} MFLOPs ({cost.flops / full:.1%} of full), "
-                  f"{cost.params / 1e6:.2f} M params ({cost.params / config['full_params']:.1%}) - {why}.")
+        folder = export.write(target, lambda tmp: entry.save(tmp, small, config, check_input, r.tokenizer))
+    console.print(f"[bold]sortednet export[/] budget {budget:g} x {human(full)} FLOPs = "
+                  f"{human(budget * full)} FLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
+    console.print(f"chose {chosen.name}{by}: {human(cost.flops)} FLOPs ({cost.flops / full:.1%} of full), "
+                  f"{human(cost.params)} params ({cost.params / config['full_params']:.1%}) - {why}.")
     console.print(("BatchNorm recalibrated; " if calib else "")
                   + f"cut-out model equals the sub-model (max |diff| {diff:.1e}).")
     console.print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
+    if before is not None:  # an export of this budget was there: say what it held, above all when it changed
+        was = f"{before['name']} of step {before['step']}" if before.get("step") is not None else before["name"]
+        now = f"{chosen.name} of step {r.record['step']}"
+        other = before["name"] != chosen.name
+        console.print(("[yellow]" if other else "") + f"replaced the earlier export in {folder}/: it held {was}, "
+                      f"it now holds {now}" + (" (another sub-model)[/]" if other else ""))
     return folder
+
+
+def _exported(folder: Path) -> dict | None:
+    """``{"name", "step"}`` of the sub-model an existing export folder holds (its sortednet.json, or a
+    vision export's config.json), ``{"name": "an export sortednet cannot read"}`` for a folder that says
+    neither,
+    None when there is no folder."""
+    import json
+
+    if not folder.is_dir():
+        return None
+    for meta in ("sortednet.json", "config.json"):
+        try:
+            doc = json.loads((folder / meta).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("name"), str):
+            ckpt = doc.get("checkpoint")
+            return {"name": doc["name"], "step": ckpt.get("step") if isinstance(ckpt, dict) else None}
+    return {"name": "an export sortednet cannot read"}
