@@ -14,6 +14,7 @@ from a checkpoint sees exactly the batches, sub-models and random draws it would
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -361,10 +362,11 @@ def calibration_batches(model: nn.Module, task: Task, dataset: Dataset, batch_si
 def score(model: nn.Module, task: Task, sub: SubModel | None, loader: Iterable, device: torch.device,
           amp: torch.dtype | None, dist: Dist = Dist()) -> float:
     """The task's metric (accuracy, F1, perplexity) of ``sub`` (eval mode) over ``loader`` (with
-    ``dist``: over every rank's ``loader``, each rank holding a part of the test set)."""
+    ``dist``: over every rank's ``loader``, each rank holding a part of the test set). A plain model
+    (a sub-model cut out by :func:`~sortedcli.nest.extract`, ``sub=None``) is scored as it is."""
     model.eval()
     sums = None
-    with use(model, sub), autocast(device, amp):
+    with _selected(model, sub), autocast(device, amp):
         for batch in loader:
             batch = task.to_device(batch, device)
             part = task.sums(call(model, task.inputs(batch)), batch)
@@ -374,6 +376,13 @@ def score(model: nn.Module, task: Task, sub: SubModel | None, loader: Iterable, 
     if sums is None:
         raise ValueError("nothing to evaluate: the test set is empty")
     return task.finish(sums)  # one host sync per sub-model, not per batch
+
+
+def _selected(model: nn.Module, sub: SubModel | None):
+    """``use(model, sub)`` for a sorted model; nothing to select in a plain one (``sub`` None)."""
+    if sub is None and not hasattr(model, "sortednet"):
+        return contextlib.nullcontext(model)
+    return use(model, sub)
 
 
 @torch.no_grad()

@@ -141,3 +141,45 @@ def test_a_missing_weights_file_is_named_as_missing(tmp_path):
 
     with pytest.raises(UsageError, match="no such file"):
         pretrained.read_state_dict(tmp_path / "gone.pth", "model.weights")
+
+
+def test_export_recalibrates_as_eval_did_and_scores_the_cut_out_model(trained_run, tmp_path):
+    """eval calibrated BatchNorm with 2 batches of 64 (TINY_EVAL); an export given other calibration
+    settings on its command line still writes the weights eval measured (on main it recalibrated with
+    its own settings, in fp32, and the accuracy copied into config.json described other weights), and
+    scores the cut-out model itself: the same number as eval's for that sub-model, on as many items."""
+    import json
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import TINY_EVAL
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "export", ignore_errors=True)
+    p = cli(["eval", "--all-submodels", "--ckpt", run, *TINY_EVAL], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    calibrated = results["measured"]
+    assert (calibrated["calib_batches"], calibrated["calib_batch_size"], calibrated["seed"]) == (2, 64, 0)
+    other = shutil.copytree(run, tmp_path / "other")
+    jobs = [(run, TINY_EVAL), (other, ["eval.calib_batches=1", "eval.calib_batch_size=16", "eval.test_subset=64"])]
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda job: cli(["export", "--budget", "0.5", "--ckpt", job[0], *job[1]], cwd=tmp_path),
+                             jobs))
+    for p in done:
+        assert p.returncode == 0, explain(p)
+    configs = [json.loads((r / "export" / "budget-0.5" / "config.json").read_text()) for r, _ in jobs]
+    row = {r["name"]: r for r in results["rows"]}[configs[0]["name"]]
+    for config in configs:
+        m = config["measured"]
+        assert m["calibration_from"] == "eval"
+        assert (m["calib_batches"], m["calib_batch_size"], m["seed"], m["precision"]) == \
+            (calibrated["calib_batches"], calibrated["calib_batch_size"], calibrated["seed"], calibrated["precision"])
+        assert m["test_items"] == calibrated["test_items"] and m["val_items"] == calibrated["val_items"]
+        assert config["name"] == row["name"]
+        assert abs(config["accuracy"] - row["accuracy"]) <= 1e-6 and config["eval_accuracy"] == row["accuracy"]
+        assert abs(config["val_accuracy"] - row["val_accuracy"]) <= 1e-6
+    programs = [torch.export.load(str(r / "export" / "budget-0.5" / "model.pt2")).module() for r, _ in jobs]
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(programs[1](x), programs[0](x), atol=1e-6, rtol=1e-6)

@@ -48,7 +48,7 @@ def run(cfg: DictConfig, console: Console | None = None):
 
     from .. import export, models
     from ..build import plain
-    from ..engine import calibration_batches
+    from ..engine import autocast, calibration_batches
     from ..flops import measure_all
     from ..nest import call, check_equal, extract, recalibrate, use
     from ..report import check_out_dir, human, load_results, results_dir
@@ -121,10 +121,15 @@ def run(cfg: DictConfig, console: Console | None = None):
                f"(run `sortednet eval --all-submodels` first to choose by {metric})")
 
     with console.status(f"recalibrating and cutting out {chosen.name}") as status:
-        calib = calibration_batches(r.model, task, data.calib, cfg.eval.calib_batch_size, cfg.eval.calib_batches,
-                                    cfg.seed, r.device, data.collate)
-        if calib:  # on the run's device (fp32), then everything else on the CPU
-            recalibrate(r.model, chosen, calib)
+        # BatchNorm calibrated as eval did for the numbers export chooses by (results.json's "measured":
+        # batches, batch size, seed, precision), so that the weights written are those the numbers describe
+        how = calibration_of(results, cfg, r.amp)
+        amp = None if how["precision"] == "fp32" else getattr(torch, how["precision"])
+        calib = calibration_batches(r.model, task, data.calib, how["calib_batch_size"], how["calib_batches"],
+                                    how["seed"], r.device, data.collate)
+        if calib:  # on the run's device, then everything else on the CPU
+            with autocast(r.device, amp):
+                recalibrate(r.model, chosen, calib)
         # checked on a few held-out inputs (several tokens, with padding, for text), not the one-input example
         check_input = move(task.check_input(data.test, data.collate), "cpu")
         model, example = r.model.cpu(), move(example, "cpu")
@@ -134,14 +139,22 @@ def run(cfg: DictConfig, console: Console | None = None):
                                  "diverged; retrain the run (with a lower optim.lr) or pass --ckpt an earlier checkpoint")
         small = extract(model, chosen, example)
         diff = check_equal(model, chosen, small, check_input)
+        status.update(f"scoring the cut-out {chosen.name}")
+        scored = score_cut_out(small, data, cfg, r.device, amp)  # what the file written scores
         cost = costs[chosen]
         arch, init = models.architecture(plain(r.cfg.model))  # the folder needs no weights file but its own
         config = {
             "model": arch, "initial_weights": init, **data.describe(), "submodel": chosen.as_dict(),
             "name": chosen.name, "flops": cost.flops, "flops_per": data.unit, "params": cost.params,
             "full_flops": full, "full_params": costs[r.grid.largest].params, "budget": budget, "metric": metric,
-            metric: tested.get(chosen.name), f"full_{metric}": tested.get(r.grid.largest.name),  # test set
-            f"val_{metric}": validated.get(chosen.name), "chosen_on": split,  # "validation", "test" or None
+            # the cut-out model's own scores (test set, validation split), measured here; eval's beside them
+            metric: scored[metric], f"full_{metric}": tested.get(r.grid.largest.name),  # test set
+            f"val_{metric}": scored.get(f"val_{metric}"), "chosen_on": split,  # "validation", "test" or None
+            f"eval_{metric}": tested.get(chosen.name), f"eval_val_{metric}": validated.get(chosen.name),
+            "measured": {"test_items": scored["test_items"], "val_items": scored.get("val_items"),
+                         "calib_batches": len(calib), "calib_batch_size": int(how["calib_batch_size"]),
+                         "seed": int(how["seed"]), "device": r.device.type, "precision": how["precision"],
+                         "calibration_from": how["from"]},
             "checkpoint": {**r.record, "run": str(r.run_dir)},
         }
         status.update(f"writing {chosen.name} as {entry.exports}")
@@ -150,8 +163,18 @@ def run(cfg: DictConfig, console: Console | None = None):
                   f"{human(budget * full)} FLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
     console.print(f"chose {chosen.name}{by}: {human(cost.flops)} FLOPs ({cost.flops / full:.1%} of full), "
                   f"{human(cost.params)} params ({cost.params / config['full_params']:.1%}) - {why}.")
-    console.print(("BatchNorm recalibrated; " if calib else "")
-                  + f"cut-out model equals the sub-model (max |diff| {diff:.1e}).")
+    console.print((f"BatchNorm recalibrated as {how['from']} did ({len(calib)} batches of "
+                   f"{how['calib_batch_size']}, seed {how['seed']}, {how['precision']}); " if calib else "")
+                  + f"cut-out model equals the sub-model (max |diff| {diff:.1e}); it scores {metric} "
+                  f"{scored[metric]:.4g} on {scored['test_items']} test examples"
+                  + (f", {scored[f'val_{metric}']:.4g} on {scored['val_items']} validation examples"
+                     if scored.get("val_items") else "") + ".")
+    said = tested.get(chosen.name)
+    if said is not None and abs(said - scored[metric]) > 1e-4 * max(1.0, abs(said)):
+        console.print(f"[yellow]eval measured {metric} {said:.4g} for {chosen.name}, the cut-out model scores "
+                      f"{scored[metric]:.4g} on {scored['test_items']} test examples: measured on other data or "
+                      f"with another calibration (see config.json's \"measured\"); run sortednet eval "
+                      f"--all-submodels again to compare like with like[/]")
     console.print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if before is not None:  # an export of this budget was there: say what it held, above all when it changed
         was = f"{before['name']} of step {before['step']}" if before.get("step") is not None else before["name"]
@@ -180,3 +203,50 @@ def _exported(folder: Path) -> dict | None:
             ckpt = doc.get("checkpoint")
             return {"name": doc["name"], "step": ckpt.get("step") if isinstance(ckpt, dict) else None}
     return {"name": "an export sortednet cannot read"}
+
+
+def calibration_of(results: Path, cfg: DictConfig, amp) -> dict:
+    """How to recalibrate BatchNorm: as eval did for ``results`` (its ``measured`` record: batches,
+    batch size, seed, precision), or, without one (no results, or written by an older sortednet), with
+    this command's ``eval.calib_*`` settings, the seed and the precision of ``trainer.precision``."""
+    import json
+
+    measured = None
+    if results.is_file():
+        try:
+            measured = json.loads(results.read_text(encoding="utf-8")).get("measured")
+        except (OSError, ValueError, AttributeError):
+            measured = None
+    keys = ("calib_batches", "calib_batch_size", "seed", "precision")
+    if isinstance(measured, dict) and all(measured.get(k) is not None for k in keys):
+        return {"calib_batches": max(1, int(measured["calib_batches"])),
+                "calib_batch_size": int(measured["calib_batch_size"]), "seed": int(measured["seed"]),
+                "precision": str(measured["precision"]), "from": "eval"}
+    return {"calib_batches": cfg.eval.calib_batches, "calib_batch_size": cfg.eval.calib_batch_size,
+            "seed": cfg.seed, "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+            "from": "export"}
+
+
+def score_cut_out(small, data, cfg: DictConfig, device, amp) -> dict:
+    """The cut-out model's metric on the test set and, when the run has one, the validation split (as
+    eval loads them: ``eval.batch_size``, ``eval.test_subset``), on ``device`` in ``amp``, with the
+    number of examples of each."""
+    from torch.utils.data import DataLoader
+
+    from ..engine import score
+
+    task = data.task
+
+    def loader(items):
+        return DataLoader(items, batch_size=cfg.eval.batch_size, num_workers=cfg.trainer.get("num_workers", 0),
+                          collate_fn=data.collate)
+
+    small.to(device)
+    try:
+        out = {task.metric: score(small, task, None, loader(data.test), device, amp), "test_items": len(data.test)}
+        if data.val is not None:
+            out[f"val_{task.metric}"] = score(small, task, None, loader(data.val), device, amp)
+            out["val_items"] = len(data.val)
+    finally:
+        small.cpu()
+    return out
