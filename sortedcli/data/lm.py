@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from sortedcli.cache import cache_dir
+from sortedcli.cache import cache_dir, make_dir
 from sortedcli.data.validation import cap, hold_out, take
 from sortedcli.errors import UsageError
 
@@ -377,6 +377,14 @@ def llm_cache() -> Path:
     return Path(folder).expanduser().resolve() if folder else cache_dir("llm")
 
 
+def _cache_setting(cfg) -> str | None:
+    """The setting that chose :func:`default_tokenizer_dir`'s folder (None: the cache's own)."""
+    if cfg.get("cache_dir"):
+        return f"data.cache_dir={cfg.get('cache_dir')}"
+    folder = os.environ.get("SORTEDNET_LLM_DATA")
+    return f"SORTEDNET_LLM_DATA={folder}" if folder else None
+
+
 def default_tokenizer_dir(cfg) -> Path:
     return Path(cfg.get("cache_dir") or llm_cache()) / \
         f"tokenizer-{cfg.get('tokenizer_corpus') or 'news'}-bpe{int(cfg.get('vocab_size') or 4096)}"
@@ -398,6 +406,7 @@ def load_tokenizer(cfg, train_if_missing: bool = True):
         if not (folder / "tokenizer.json").is_file():
             if not train_if_missing:
                 raise UsageError(f"no tokenizer in {folder}: run `make llm-data`")
+            make_dir(folder.parent, _cache_setting(cfg))  # before the corpus is read and the tokenizer trained
             corpus = cfg.get("tokenizer_corpus") or "news"
             kind, items = read_source(corpus, cfg.get("tokenizer_path"), int(cfg.get("doc_chars") or 2000))
             train, _ = split(items, float(cfg.get("test_fraction") or 0.05), int(cfg.get("split_seed") or 0))
