@@ -35,7 +35,7 @@ def build_data(cfg: DictConfig, data_cfg=None):
     from .data import build_data as _build_data
 
     tokenizer = models.tokenizer(plain(cfg.model))
-    data = _build_data(cfg.data if data_cfg is None else data_cfg, tokenizer)
+    data = _build_data(cfg.data if data_cfg is None else data_cfg, tokenizer, models.entry(cfg.model.name).tasks)
     _check_task(cfg, data.task.name, data.name)
     return data, tokenizer
 
@@ -54,7 +54,7 @@ def build_inputs(cfg: DictConfig) -> tuple[dict, object, str]:
     from .data import input_spec, task_name
 
     tokenizer = models.tokenizer(plain(cfg.model))
-    model_args, example, unit = input_spec(cfg.data, tokenizer)
+    model_args, example, unit = input_spec(cfg.data, tokenizer, models.entry(cfg.model.name).tasks)
     _check_task(cfg, task_name(cfg.data), str(cfg.data.get("name")))
     return model_args, example, unit
 

@@ -30,7 +30,23 @@ def task_name(cfg) -> str:
     return "causal_lm" if name in LANGUAGE else "text_classification" if name in TEXT else "image_classification"
 
 
-def _check_reader(name: str, tokenizer) -> None:
+#: the data sets of each task (:mod:`sortedcli.tasks`), and what its items are
+DATA_OF = {"causal_lm": LANGUAGE, "text_classification": TEXT, "image_classification": tuple(VISION)}
+KIND = {"causal_lm": "text for a language model", "text_classification": "labelled text",
+        "image_classification": "images"}
+DOES = {"causal_lm": "causal language modelling", "text_classification": "text classification",
+        "image_classification": "image classification"}
+
+
+def _check_reader(name: str, tokenizer, tasks: tuple[str, ...] | None = None) -> None:
+    """Refuse data the model cannot read, advising the data sets of the tasks the model does (``tasks``,
+    when the caller knows them: a causal LM was advised classification data it then refused)."""
+    task = task_name({"name": name})
+    if tasks and task not in tasks:
+        does = " or ".join(DOES.get(t, t.replace("_", " ")) for t in tasks)
+        choices = ", ".join(d for t in tasks for d in DATA_OF.get(t, ()))
+        raise UsageError(f"data={name} is {KIND[task]}, but the model does {does}: choose a data set it reads "
+                         f"(data=NAME: {choices})")
     if name in LANGUAGE and tokenizer is None:
         raise UsageError(f"data={name} is text for a language model: choose model=llama")
     if tokenizer is not None and name in VISION:
@@ -38,10 +54,11 @@ def _check_reader(name: str, tokenizer) -> None:
                          f"({', '.join(TEXT)})")
 
 
-def build_data(cfg, tokenizer=None):
-    """The data the ``data`` config section names; text is tokenized with the model's ``tokenizer``."""
+def build_data(cfg, tokenizer=None, tasks: tuple[str, ...] | None = None):
+    """The data the ``data`` config section names; text is tokenized with the model's ``tokenizer``;
+    refused before it is read if it is not of one of the model's ``tasks``."""
     name = str(cfg.get("name") or "")
-    _check_reader(name, tokenizer)
+    _check_reader(name, tokenizer, tasks)
     if name in LANGUAGE:
         return build_lm_data(cfg, tokenizer)
     if name in TEXT:
@@ -49,13 +66,13 @@ def build_data(cfg, tokenizer=None):
     return build_vision_data(cfg)
 
 
-def input_spec(cfg, tokenizer=None) -> tuple[dict, object, str]:
+def input_spec(cfg, tokenizer=None, tasks: tuple[str, ...] | None = None) -> tuple[dict, object, str]:
     """``(model_args, example inputs, unit)`` from the ``data`` section (and the model's ``tokenizer``)
     alone, without reading any data: what ``sortednet submodels`` needs to build the model that
     ``train`` builds and count its FLOPs on the input shape that ``eval`` and ``export`` count them on."""
     name = str(cfg.get("name") or "")
-    if tokenizer is not None:
-        _check_reader(name, tokenizer)
+    if tokenizer is not None or tasks:
+        _check_reader(name, tokenizer, tasks)
     if name in LANGUAGE:  # the vocabulary is the tokenizer's (without one: the model config's); per token
         example = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
         return ({} if tokenizer is None else lm.model_args(tokenizer)), example, "token"
