@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -323,6 +324,18 @@ def _image(path: str, mode: str = "RGB"):
                          "replace it") from None
 
 
+def _empty_class_folders(split: Path) -> list[Path]:
+    """The class sub-folders of ``split`` with no image file anywhere in them (ImageFolder refused them
+    as "Found no valid file for the classes dog", which the CLI read as a missing train/ or val/)."""
+    def has_image(folder: Path) -> bool:
+        return any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(folder, followlinks=True)
+                   for f in files)
+
+    if not split.is_dir():
+        return []
+    return sorted(c for c in split.iterdir() if c.is_dir() and not c.name.startswith(".") and not has_image(c))
+
+
 def _imagefolder(cfg):
     root = Path(cfg.get("root") or ".")
     hint = f"data.root must hold train/ and val/ folders of class sub-folders (looked in {root})"
@@ -353,6 +366,12 @@ def _imagefolder(cfg):
             return torchvision.datasets.ImageFolder(str(path), transform=pipeline(augment),
                                                     loader=functools.partial(_image, mode=mode))
         except (FileNotFoundError, OSError) as e:
+            empty = _empty_class_folders(path)
+            if empty:
+                raise UsageError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} "
+                                 f"{'hold' if len(empty) > 1 else 'holds'} no images "
+                                 f"({', '.join(IMG_EXTENSIONS)}): put the class's "
+                                 "images there, or remove the folder from every split") from None
             raise UsageError(f"{hint}: {e}") from None
 
     train, calib = folder(root / "train", True), folder(root / "train", False)
