@@ -37,7 +37,7 @@ from rich.console import Console
 from .. import decoding as D
 from .. import models, runs
 from ..build import build_device, build_grid, build_model, plain
-from ..data import LANGUAGE, lm
+from ..data import LANGUAGE, lm, task_name
 from ..errors import UsageError
 from ..nest import COUNT
 
@@ -56,8 +56,43 @@ def _model_folder(ckpt) -> Path | None:
     return None
 
 
+CLASSIFIER = {"image_classification": "image classifier", "text_classification": "text classifier"}
+
+
+def _not_a_language_model(what, model: str, task: str, data: str | None = None) -> UsageError:
+    kind = CLASSIFIER.get(task, task.replace("_", " ") + " model")
+    on = f" (trained on {data})" if data else ""
+    return UsageError(f"generate needs a causal LM; {what} is a {model} {kind}{on}: pass --ckpt a model=causal_lm "
+                      "(or llama) run, its export, or a GGUF file")
+
+
+def _check_generates(folder: Path) -> None:
+    """A model folder that says it is a classifier (a vision export's config.json, a Hugging Face
+    config's ``...ForSequenceClassification``) is refused by name, before a tokenizer is looked for
+    in it (a ResNet export gave a tokenizer error)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a GGUF file or folder; or a config the loader reports on
+    if not isinstance(config, dict):
+        return
+    if str(config.get("format", "")).startswith("sortednet-export"):  # vision exports (models/vision.py)
+        model = config.get("model")
+        name = model.get("name") if isinstance(model, dict) else model
+        raise _not_a_language_model(folder, str(name), "image_classification", config.get("data"))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    classifiers = [a for a in architectures if "Classification" in a]
+    if classifiers and len(classifiers) == len(architectures):
+        task = "image_classification" if "Image" in classifiers[0] else "text_classification"
+        raise _not_a_language_model(folder, classifiers[0], task)
+
+
 def load_pretrained(cfg: DictConfig, folder: Path):
     """``(stack, tokenizer, None, folder)`` of a pretrained / exported model or GGUF file."""
+    if folder.is_dir():
+        _check_generates(folder)
     entry = models.entry(str(cfg.model))
     if not entry.can_generate:
         raise UsageError(f"model={entry.name} is not a causal language model: generate needs e.g. model=causal_lm")
@@ -79,8 +114,7 @@ def load_generator(cfg: DictConfig):
     weights, run_cfg = runs.load_weights(ckpt)
     entry = models.entry(run_cfg.model.name)
     if not entry.can_generate or run_cfg.data.name not in LANGUAGE:
-        raise UsageError(f"{run_dir} is a {run_cfg.model.name} run on {run_cfg.data.name}, not a causal language "
-                         "model: `sortednet generate` needs a model=causal_lm (or llama) run")
+        raise _not_a_language_model(run_dir, run_cfg.model.name, task_name(run_cfg.data), run_cfg.data.name)
     source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
     tokenizer = models.tokenizer(plain(source.model))
     model = build_model(source, lm.model_args(tokenizer))
