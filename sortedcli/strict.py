@@ -162,3 +162,20 @@ def check_group_types(cfg, group: str, choice: str | None, conf_dir: Path) -> No
         if not isinstance(value, bool):
             raise UsageError(f"{group}.{key} must be true or false (as its default in {group}/{choice}.yaml), "
                              f"got {value!r}")
+
+
+def check_dims(cfg) -> None:
+    """Raise :class:`UsageError` for ``dims.NAME.levels`` that is not a list (nor ``all``):
+    ``dims.width.levels=0.5`` died in the grid's builder with "'float' object is not iterable". The
+    values themselves are checked against the model where the grid is built."""
+    dims = cfg.get("dims") if hasattr(cfg, "get") else None
+    if dims is None or not hasattr(dims, "items"):
+        return
+    from omegaconf import ListConfig
+
+    for name, spec in dims.items():
+        levels = spec.get("levels") if hasattr(spec, "get") else spec
+        if isinstance(levels, (list, tuple, ListConfig)) or levels == "all" or levels is None:
+            continue
+        example = "[1,2]' (or all)" if name == "depth" else "[0.5,1.0]'"
+        raise UsageError(f"dims.{name}.levels must be a list, e.g. 'dims.{name}.levels={example}, got {levels!r}")
