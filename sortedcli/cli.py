@@ -373,10 +373,15 @@ def _early(verb: str, cfg) -> None:
         check_latency(cfg)
         if cfg.get("resume") is None:  # a resumed run's data is the run's own
             check_group_types(cfg, "data", HydraConfig.get().runtime.choices.get("data"), CONF_DIR)
+        run = cfg
+        if cfg.get("resume") is not None:  # the run's own model and data, with what the resume may change
+            from . import runs
+
+            run = runs.resumed_config(runs.run_of(Path(cfg.resume)), list(HydraConfig.get().overrides.task))
         if "RANK" not in os.environ:  # the only process, or the launcher; torchrun's ranks print later
             run_dir = cfg.get("resume") or HydraConfig.get().runtime.output_dir
             what = "resuming" if cfg.get("resume") else "training"
-            print(f"sortednet: {what} {cfg.model.name} on {cfg.data.name} -> {run_dir}", flush=True)
+            print(f"sortednet: {what} {run.model.name} on {run.data.name} -> {run_dir}", flush=True)
 
 
 def _run_verb(verb: str, cfg, argv: list[str]) -> None:

@@ -2,7 +2,8 @@
 
 A run folder (one per ``sortednet train``) holds::
 
-    config.yaml              the resolved config of the run
+    config.yaml              the resolved config of the run (a resume rewrites it with what it changed)
+    .lock                    pid, host and start time of the process training into the folder (while it does)
     metrics.jsonl            one JSON line per logged step / epoch
     checkpoints/latest       the name of the newest complete checkpoint
     checkpoints/step-00000120/
@@ -10,6 +11,7 @@ A run folder (one per ``sortednet train``) holds::
                              with the resolved config in the file's metadata
         state.pt             optimizer, LR schedule, sampler generator and RNG states, step, epoch:
                              tensors and plain values only, read back with weights_only=True
+    checkpoints/diverged/    checkpoints set aside after a non-finite loss: never resumed, evaluated or pruned
     pretrained/              a pretrained model's config and tokenizer, copied at train start
                              (``model.pretrained`` may move or be a GGUF: nothing reads it again)
     eval/                    results of ``sortednet eval`` (CSV, JSON, PNG)
@@ -25,18 +27,23 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
-import torch
+# torch (and safetensors.torch) are imported where tensors are read or written: the CLI reads a run's
+# config and lock before torch is imported, to refuse a mistake in a second
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import SafetensorError, safe_open
 
 from .errors import UsageError
 
 MODEL_FILE = "model.safetensors"
 PRETRAINED_DIR = "pretrained"
 STATE_FILE = "state.pt"
+LOCK_FILE = ".lock"
+DIVERGED_DIR = "diverged"
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -60,7 +67,69 @@ def load_config(run_dir: Path) -> DictConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no config.yaml: is it a sortednet run folder?")
-    return OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax, a bad interpolation, bytes that are not text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path} is not a readable run config ({first}): restore it (each checkpoint's "
+                         "model.safetensors carries a copy in its metadata) or retrain") from None
+    if not isinstance(cfg, DictConfig) or cfg.get("model") is None or cfg.get("data") is None:
+        raise UsageError(f"{path} is not a sortednet run config (no model and data sections): restore it (each "
+                         "checkpoint's model.safetensors carries a copy in its metadata) or retrain")
+    return cfg
+
+
+# What a resume may change: how the run goes on, never what it trains. The model, its grid and sampler,
+# the data, the optimizer's settings (its saved state would overwrite them: lr, momentum, ...), the
+# seed and distillation stay the run's own; a resume to another of those is a new run.
+RESUMABLE = ("trainer.", "eval.", "paths.", "plan.", "optim.warmup_steps", "optim.clip_grad_norm", "data.root",
+             "data.path", "data.download")
+NOT_RESUMABLE = ("trainer.batch_size",)  # what a step is: the saved position (epoch, batch) counts in it
+RESUMABLE_TEXT = ("trainer.* (but trainer.batch_size), eval.*, paths.*, optim.warmup_steps, optim.clip_grad_norm "
+                  "and data.root/data.path/data.download")
+
+
+def run_of(path: Path) -> Path:
+    """The run folder of ``path``: a run folder, one of its checkpoint folders or their weights file."""
+    path = Path(path)
+    if path.name == MODEL_FILE:
+        path = path.parent
+    return path.parent.parent if is_checkpoint(path) else path
+
+
+def resumed_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The saved config of ``run_dir`` with the ``key=value`` overrides of a resume applied: only keys the
+    run has and :data:`RESUMABLE` names may change (a value equal to the run's own is no change);
+    anything else is refused in one line that names what may change."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    cfg = load_config(run_dir)
+    parser = OverridesParser.create()
+    for item in overrides:
+        key = item.lstrip("+~").partition("=")[0]
+        if key in ("resume", "hydra.run.dir") or key.startswith("hydra"):
+            continue
+        try:
+            override = parser.parse_overrides([item])[0]
+            value = None if override.is_delete() else override.value()
+        except HydraException as e:
+            raise UsageError(f"{item}: {e}") from None
+        current = OmegaConf.select(cfg, key, default="<missing>")
+        missing = isinstance(current, str) and current == "<missing>"
+        plain_current = OmegaConf.to_container(current, resolve=True) if OmegaConf.is_config(current) else current
+        if not missing and not isinstance(current, DictConfig) and plain_current == value \
+                and not override.is_delete():
+            continue  # the run's own value: nothing changes
+        allowed = (key.startswith(RESUMABLE) or key in RESUMABLE) and not key.startswith(NOT_RESUMABLE)
+        if missing or isinstance(current, DictConfig) or not allowed or override.is_delete():
+            was = "the run has no such setting" if missing else "a whole section" if isinstance(current, DictConfig) \
+                else f"the run's is {plain_current!r}"
+            raise UsageError(f"cannot change {key!r} when resuming {run_dir} ({was}): a resume continues the same "
+                             f"model, grid, data and optimizer, and may change only {RESUMABLE_TEXT} (e.g. "
+                             "trainer.epochs=30); start a new run for anything else")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
 
 
 def self_contained(cfg: DictConfig, run_dir: Path) -> DictConfig:
@@ -77,6 +146,76 @@ def self_contained(cfg: DictConfig, run_dir: Path) -> DictConfig:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def lock_run(run_dir: Path, note=None) -> Path:
+    """Take ``run_dir``'s lock (``.lock``: this process's pid, host and start time) for as long as this
+    process trains into the folder, or refuse in one line when a live process holds it. A lock left by a
+    process that is gone (its pid is not alive on this host; a garbled lock file) is taken over and
+    ``note`` (a callable, e.g. ``print``) is told. The file appears complete or not at all: it is written
+    aside, then hard-linked into place, which fails when another process got there first."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    host = socket.gethostname()
+    record = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = run_dir / f".lock.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                pass
+            holder = _read_lock(path)
+            if holder is not None and holder["pid"] == os.getpid() and holder.get("host") == host:
+                return path  # this process holds it already (standalone runs, a second call)
+            if holder is not None and (holder.get("host") != host or _alive(holder["pid"])):
+                where = "" if holder.get("host") == host else f" on {holder.get('host')}"
+                raise UsageError(f"{run_dir} is being trained by process {holder['pid']}{where} (since "
+                                 f"{holder.get('started', '?')}): wait for it to end or stop it, then run this "
+                                 f"again (if that process is gone, remove {path})")
+            try:
+                os.replace(path, run_dir / f".lock.stale-{os.getpid()}")  # one taker wins the rename
+            except FileNotFoundError:
+                continue
+            (run_dir / f".lock.stale-{os.getpid()}").unlink(missing_ok=True)
+            if note is not None:
+                who = (f"process {holder['pid']} (since {holder.get('started', '?')})" if holder
+                       else "an unreadable lock")
+                note(f"{run_dir} was locked by {who}, which is no longer running: lock taken over")
+        raise UsageError(f"{run_dir}: could not take its lock {path} (another process keeps taking it)")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def unlock_run(run_dir: Path) -> None:
+    """Release ``run_dir``'s lock if this process holds it."""
+    path = Path(run_dir) / LOCK_FILE
+    holder = _read_lock(path)
+    if holder is not None and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
     with open(Path(run_dir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -86,6 +225,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict, sta
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` (``model``: the module, or its state_dict) atomically and keep only the
     newest ``keep`` of them."""
+    import torch
+    from safetensors.torch import save_file
+
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
@@ -103,8 +245,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict, sta
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_atomic(root / "latest", final.name)
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
+    # keep the newest `keep` by step number, `latest` (this one) always among them; checkpoints of
+    # higher steps (left by a resume from an earlier one) are another history: neither kept nor counted
+    done = [c for c in checkpoints(run_dir) if step_of(c) <= step and c != final]
+    for old in done[max(keep - 1, 0):] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -128,31 +272,75 @@ def _one_copy(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return kept, aliases
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def step_of(ckpt: Path) -> int:
+    """The step of a checkpoint folder ``step-N`` (-1 for another name)."""
+    digits = Path(ckpt).name.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
+
+
+def latest_checkpoint(run_dir: Path, note=None) -> Path | None:
+    """The checkpoint ``checkpoints/latest`` names. When that folder is gone or incomplete (or the
+    pointer is missing while complete checkpoints are there), the newest complete checkpoint, and
+    ``note`` (a callable) is told; None when there is none."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
+    named = None
+    if pointer.is_file():
+        try:
+            named = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = "?"
+        ckpt = pointer.parent / named
+        if named and "/" not in named and (ckpt / MODEL_FILE).is_file():
+            return ckpt
+    found = checkpoints(run_dir)
+    if not found:
         return None
-    ckpt = pointer.parent / pointer.read_text().strip()
-    return ckpt if (ckpt / MODEL_FILE).is_file() else None
+    if note is not None:
+        said = f"names {named}, which is not a complete checkpoint" if named is not None else "is missing"
+        note(f"{pointer} {said}: using {found[0].name}, the newest complete checkpoint")
+    return found[0]
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """The complete checkpoint folders of ``run_dir`` (``step-N`` holding the weights), newest first."""
+    """The complete checkpoint folders of ``run_dir`` (``step-N`` holding the weights), newest (highest
+    step) first; those set aside after a divergence are not among them."""
     root = Path(run_dir) / "checkpoints"
-    return sorted((p for p in root.glob("step-*") if (p / MODEL_FILE).is_file()), key=lambda p: p.name,
-                  reverse=True)
+    return sorted((p for p in root.glob("step-*") if step_of(p) >= 0 and (p / MODEL_FILE).is_file()),
+                  key=step_of, reverse=True)
 
 
 def roll_back(run_dir: Path, before: int) -> Path | None:
-    """Point ``checkpoints/latest`` at the newest checkpoint of a step below ``before`` (the later ones
-    stay on disk, no longer latest); with none, remove the pointer. Returns the new latest."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    earlier = [c for c in checkpoints(run_dir) if int(c.name.removeprefix("step-")) < before]
+    """Training diverged: the checkpoints of step ``before`` and later move to ``checkpoints/diverged/``
+    (kept to look at; never resumed, evaluated or counted again) and ``checkpoints/latest`` names the
+    newest checkpoint below ``before``; with none, the pointer is removed. Returns the new latest."""
+    root = Path(run_dir) / "checkpoints"
+    aside = root / DIVERGED_DIR
+    for c in checkpoints(run_dir):
+        if step_of(c) >= before:
+            aside.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(aside / c.name, ignore_errors=True)
+            os.replace(c, aside / c.name)
+    earlier = checkpoints(run_dir)
     if earlier:
-        write_atomic(pointer, earlier[0].name)
+        write_atomic(root / "latest", earlier[0].name)
         return earlier[0]
-    pointer.unlink(missing_ok=True)
+    (root / "latest").unlink(missing_ok=True)
     return None
+
+
+def no_checkpoint(run_dir: Path, what: str) -> str:
+    """The one line for a run folder with no complete checkpoint to ``what`` (evaluate, resume, ...)."""
+    run_dir = Path(run_dir)
+    diverged = run_dir / "checkpoints" / DIVERGED_DIR
+    if diverged.is_dir() and any(diverged.iterdir()):
+        return (f"{run_dir} holds no good checkpoint to {what}: its training diverged before the first one (set "
+                f"aside in {diverged}); train it again, with a lower optim.lr or optim.warmup_steps")
+    return (f"{run_dir} holds no complete checkpoint to {what} (it stopped before its first): train it again "
+            f"(remove the folder, or train into another one)")
+
+
+def _note(message: str) -> None:
+    print(f"sortednet: note: {message}", file=sys.stderr, flush=True)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -197,7 +385,7 @@ def resolve_checkpoint(ckpt: str | None, runs_root: str | Path) -> tuple[Path, P
     model.safetensors) or, when ``ckpt`` is None, the newest run under ``runs_root``."""
     if ckpt is None:
         run_dir = newest_run(Path(runs_root))
-        found = latest_checkpoint(run_dir)
+        found = latest_checkpoint(run_dir, note=_note)
     else:
         path = Path(ckpt)
         if not path.exists():
@@ -209,14 +397,16 @@ def resolve_checkpoint(ckpt: str | None, runs_root: str | Path) -> tuple[Path, P
         if (path / MODEL_FILE).is_file():
             found, run_dir = path, path.parent.parent
         else:
-            run_dir, found = path, latest_checkpoint(path)
+            run_dir, found = path, latest_checkpoint(path, note=_note)
     if found is None:
-        raise UsageError(f"{run_dir} holds no complete checkpoint (checkpoints/latest): train it first")
+        raise UsageError(no_checkpoint(run_dir, "use"))
     return run_dir, found
 
 
 def load_weights(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], DictConfig]:
     """The model state_dict and the run's resolved config stored with it."""
+    from safetensors.torch import load_file
+
     path = Path(ckpt_dir) / MODEL_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -233,6 +423,8 @@ def load_weights(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], DictConfig]:
 
 
 def load_state(ckpt_dir: Path) -> dict:
+    import torch
+
     path = Path(ckpt_dir) / STATE_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

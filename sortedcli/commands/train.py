@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,19 +23,40 @@ from ..tensorboard_log import TensorBoardLog
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The saved config of ``run_dir`` with the ``key=value`` overrides that name existing leaves
-    (``trainer.epochs=30``); choosing another model, data or grid is refused."""
-    cfg = runs.load_config(run_dir)
-    for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
-        if key in ("resume", "hydra.run.dir") or key.startswith("hydra"):
-            continue
-        current = OmegaConf.select(cfg, key, default="<missing>")
-        if isinstance(current, DictConfig) or current == "<missing>":
-            raise UsageError(f"cannot change {key!r} when resuming {run_dir}: only settings the run "
-                             "already has (e.g. trainer.epochs=30) can be changed; start a new run instead")
-        OmegaConf.update(cfg, key, _parse_value(item))
-    return cfg
+    """The saved config of ``run_dir`` with the ``key=value`` overrides of the resume (``trainer.epochs=30``):
+    only what does not change the model, its grid or data (:data:`runs.RESUMABLE`); the rest is refused."""
+    return runs.resumed_config(run_dir, overrides)
+
+
+_HELD: list[Path] = []  # run folders whose lock this process took, released when `run` returns or raises
+
+
+def _releasing_locks(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mark = len(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_HELD) > mark:
+                runs.unlock_run(_HELD.pop())
+    return wrapper
+
+
+def _lock(run_dir: Path, d, console: Console) -> None:
+    """Rank 0 takes ``run_dir``'s lock (one process trains into a run folder at a time); every rank
+    stops when it is refused."""
+    refused = None
+    if d.main:
+        try:
+            _HELD.append(runs.lock_run(run_dir, note=lambda m: console.print(f"[yellow]{m}[/]")).parent)
+        except UsageError as e:
+            refused = e
+    said = d.broadcast(None if refused is None else str(refused))
+    if refused is not None:
+        raise refused
+    if said is not None:
+        raise UsageError(said)
 
 
 def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
@@ -43,12 +65,12 @@ def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
     unreadable, the newest earlier one that reads, said on the console)."""
     if runs.is_checkpoint(path):
         run_dir, chosen = path.parent.parent, [path]
-    else:
-        run_dir, latest = path, runs.latest_checkpoint(path)
-        chosen = [latest, *(c for c in runs.checkpoints(path) if c.name < latest.name)] if latest is not None \
-            else runs.checkpoints(path)  # `latest` names a folder that is gone: the newest there is
+    else:  # `latest` naming a folder that is gone: the newest complete one, said on the console
+        run_dir, latest = path, runs.latest_checkpoint(path, note=lambda m: console.print(f"[yellow]{m}[/]"))
+        chosen = [] if latest is None else \
+            [latest, *(c for c in runs.checkpoints(path) if runs.step_of(c) < runs.step_of(latest))]
         if not chosen:
-            raise UsageError(f"--resume {path}: no complete checkpoint there to resume from")
+            raise UsageError(f"--resume {path}: {runs.no_checkpoint(path, 'resume from')}")
     failed = []
     for ckpt in chosen:
         try:
@@ -71,16 +93,9 @@ def _stopped(step: int, what: str, run_dir: Path, cfg: DictConfig, bad: int) -> 
     ``bad`` (the first whose weights are NaN or gave a non-finite loss), and the one line says so."""
     latest = runs.roll_back(run_dir, before=bad) if (run_dir / "checkpoints").is_dir() else None
     kept = (f"checkpoints/latest is {latest.name}, the newest whose weights still gave a finite loss"
-            if latest is not None else "no checkpoint from before it is kept")
+            if latest is not None else "no checkpoint from before it: nothing to resume")
     return UsageError(f"{what} at step {step}: training stopped ({kept}); lower optim.lr (now {cfg.optim.lr}) "
                       "or add optim.warmup_steps, and train again")
-
-
-def _parse_value(override: str):
-    """The typed value of a ``key=value`` override, as Hydra's grammar reads it (null, 2, [1,2], ...)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_overrides([override])[0].value()
 
 
 def standalone_config(cfg: DictConfig, sub) -> DictConfig:
@@ -122,6 +137,7 @@ def run_standalone(cfg: DictConfig, run_dir: Path, console: Console) -> list[Pat
     return finals
 
 
+@_releasing_locks
 def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, overrides: list[str] = ()) -> Path:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final checkpoint folder (with
     ``standalone=[...]``: the folder of the standalone runs)."""
@@ -141,6 +157,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
                          f"multiple of the {d.world} process(es) x trainer.accumulate={accumulate} micro-batches")
     if not resuming:
         run_dir = distributed.agree_on_run_dir(run_dir, d)
+    # one process trains into a run folder at a time: a second `--resume RUN` would interleave its steps
+    if not resuming or runs.run_of(Path(cfg.resume)).is_dir():  # (a resume of no folder is refused below)
+        _lock(runs.run_of(Path(cfg.resume)) if resuming else run_dir, d, console)
     if cfg.get("standalone"):
         run_standalone(cfg, run_dir, console)
         return run_dir / "standalone"
@@ -149,8 +168,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         cfg = resume_config(run_dir, list(overrides))
         check_settings(cfg)
     elif (run_dir / "config.yaml").exists():
+        resume = ", or --resume it" if (run_dir / "checkpoints" / "latest").is_file() else \
+            " (it holds no checkpoint to resume: remove it to train into it again)"
         raise UsageError(f"{run_dir} already holds a run (two runs started in the same second?): "
-                         "pass hydra.run.dir=NEW_DIR, or --resume it")
+                         f"pass hydra.run.dir=NEW_DIR{resume}")
     d.barrier()  # every rank has looked before rank 0 writes
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -219,7 +240,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             return ckpt
         console.print(f"resuming {run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})"
                       + (f" with {d.world} processes" if d.enabled else ""))
-    elif d.main:
+    if d.main:  # a resume records the settings it changed (trainer.max_steps, ...): what the run used
         runs.save_config(run_dir, cfg)
     if d.rank > 0 and not (resuming and own):  # rank 0 keeps the single-process random stream; the
         torch.manual_seed(cfg.seed + 7919 * d.rank + progress.step)  # others get their own (augmentation)
