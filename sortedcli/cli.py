@@ -295,6 +295,9 @@ def _check_new_run_dir(rest: list[str], hydra_args: list[str]) -> str | None:
         return None
     given = _run_dir_given(hydra_args)
     if given is not None and any((Path(given) / name).exists() for name in ("config.yaml", "checkpoints", ".hydra")):
+        if not (Path(given) / "checkpoints" / "latest").is_file():  # stopped before its first checkpoint
+            raise _Usage(f"hydra.run.dir={given} holds a run that stopped before its first checkpoint (nothing to "
+                         f"resume): remove that folder to train into it again, or pass a new folder")
         raise _Usage(f"hydra.run.dir={given} already holds a run: pass a new folder, or continue that one with "
                      f"sortednet train --resume {given}")
     return given
@@ -460,6 +463,62 @@ def _check_sampler(cfg) -> None:
         raise UsageError(f"sampler={name}: {e}") from None
 
 
+def _check_sweep(verb: str, hydra_args: list[str]) -> None:
+    """``train -m`` (a sweep): compose every job's config and check it as each job checks its own, before
+    the first job trains (``-m seed=0,abc`` trained job 0 to its end, then refused ``abc``); a mistake is
+    one line naming the job. Hydra's own errors (a sweep it cannot read) are left to Hydra."""
+    if verb != "train" or not any(a in ("-m", "--multirun") for a in hydra_args):
+        return
+    import contextlib
+    import io
+
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+
+    from .errors import UsageError
+    from .strict import check_additions, hydra_mistake
+
+    try:
+        args = get_args_parser().parse_args(hydra_args)
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    except (HydraException, SystemExit):
+        return
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    if len(jobs) < 2:
+        return
+    primary = Path(args.config_path or CONF_DIR).resolve()
+    extra = ([f"hydra.searchpath=[{_quote('file://' + str(Path(args.config_dir).resolve()))}]"]
+             if args.config_dir else [])
+    with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
+        for n, job in enumerate(jobs):
+            which = f"job #{n} of the sweep ({' '.join(o for o in job if o.partition('=')[0] in swept)})"
+            try:
+                full = compose(config_name=args.config_name or verb, overrides=[*job, *extra], return_hydra_config=True)
+            except Exception as e:  # what Hydra cannot compose: its one line, for this job
+                message = hydra_mistake(e, CONF_DIR)
+                if message is None:
+                    return  # left to Hydra, at the job that has it
+                raise _Usage(f"{which}: {message}; no job was run") from None
+            with open_dict(full):
+                full.hydra.runtime.output_dir = "."
+            HydraConfig.instance().set_config(full)
+            cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+            try:
+                check_additions(cfg, job, args.config_name or verb, CONF_DIR)
+                with contextlib.redirect_stdout(io.StringIO()):  # train's first line, said when the job runs
+                    _early(verb, cfg)
+                _check_sampler(cfg)
+                _devices(cfg)
+            except UsageError as e:
+                raise _Usage(f"{which}: {e}; no job was run") from None
+
+
 def _after_interrupt(verb: str, cfg) -> str:
     """What a Ctrl-C left behind, said for the verb that was interrupted."""
     if verb == "train":
@@ -471,7 +530,8 @@ def _after_interrupt(verb: str, cfg) -> str:
         if (run / "checkpoints" / "latest").is_file():
             latest = (run / "checkpoints" / "latest").read_text().strip()
             return f"{run} keeps its checkpoint {latest}: continue with sortednet train --resume {run}"
-        return f"{run} has no checkpoint yet (none is written before trainer.ckpt_every steps or an epoch's end)"
+        return (f"{run} has no checkpoint yet (none is written before trainer.ckpt_every steps or an epoch's end): "
+                f"nothing to resume; remove it, or train into a new folder")
     if verb == "eval":
         return "no results were written (eval writes them when every sub-model is measured)"
     if verb == "export":
@@ -562,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     given_new = False
     if verb == "train":
         try:
+            register_resolvers()
+            _check_sweep(verb, hydra_args)
             given = _check_new_run_dir(rest, hydra_args)
         except _Usage as e:
             print(f"sortednet: error: {e}", file=sys.stderr)

@@ -176,3 +176,22 @@ def test_a_garbled_run_config_is_one_line_for_eval_and_resume(trained_run, tmp_p
     for args in (["eval", "--ckpt", run], ["train", "--resume", run, "trainer.epochs=2"]):
         line = one_error_line(cli(args, cwd=tmp_path))
         assert f"{run / 'config.yaml'} is not a readable run config" in line, line
+
+
+def test_training_again_into_a_folder_left_before_its_first_checkpoint_does_not_advise_resume(tmp_path):
+    from sortedcli.cli import _after_interrupt
+
+    run = tmp_path / "stopped"
+    (run / ".hydra").mkdir(parents=True)  # what a Ctrl-C before the first checkpoint leaves
+    (run / "config.yaml").write_text("model: {name: resnet_tiny}\n")
+    line = one_error_line(cli(["train", *TINY, f"hydra.run.dir={run}"], cwd=tmp_path))
+    assert "before its first checkpoint" in line and "--resume" not in line, line
+    said = _after_interrupt("train", OmegaConf.create({"resume": str(run)}))
+    assert "nothing to resume" in said and "--resume" not in said
+
+
+def test_a_sweep_checks_every_job_before_training_any(tmp_path):
+    p = cli(["train", "-m", *TINY, "seed=0,abc", "paths.runs=sweep"], cwd=tmp_path)
+    line = one_error_line(p)
+    assert "job #1 of the sweep (seed=abc)" in line and "seed must be an integer" in line, line
+    assert not (tmp_path / "sweep").exists()  # job 0 was not trained first
