@@ -295,6 +295,12 @@ def _check_new_run_dir(rest: list[str], hydra_args: list[str]) -> str | None:
         return None
     given = _run_dir_given(hydra_args)
     if given is not None and any((Path(given) / name).exists() for name in ("config.yaml", "checkpoints", ".hydra")):
+        from .runs import lock_holder
+
+        holder = lock_holder(Path(given))
+        if holder is not None:  # a live process trains into it now
+            raise _Usage(f"hydra.run.dir={given} is being trained by process {holder['pid']} (since "
+                         f"{holder.get('started', '?')}): pass a new folder")
         if not (Path(given) / "checkpoints" / "latest").is_file():  # stopped before its first checkpoint
             raise _Usage(f"hydra.run.dir={given} holds a run that stopped before its first checkpoint (nothing to "
                          f"resume): remove that folder to train into it again, or pass a new folder")

@@ -166,6 +166,15 @@ def _read_lock(path: Path) -> dict | None:
     return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
 
 
+def lock_holder(run_dir: Path) -> dict | None:
+    """``{"pid", "host", "started"}`` of the live process that holds ``run_dir``'s lock (one on another
+    host counts as live: it cannot be checked from here); None when it is free or stale."""
+    holder = _read_lock(Path(run_dir) / LOCK_FILE)
+    if holder is None or (holder.get("host") == socket.gethostname() and not _alive(holder["pid"])):
+        return None
+    return holder
+
+
 def lock_run(run_dir: Path, note=None) -> Path:
     """Take ``run_dir``'s lock (``.lock``: this process's pid, host and start time) for as long as this
     process trains into the folder, or refuse in one line when a live process holds it. A lock left by a

@@ -54,6 +54,9 @@ def test_a_resume_of_a_run_another_live_process_trains_is_refused_naming_it(trai
         line = one_error_line(cli(["train", "--resume", run, "trainer.epochs=2"], cwd=tmp_path))
         assert f"is being trained by process {os.getpid()}" in line, line
         assert files(run) == before  # nothing written: no second "step 5" in metrics.jsonl
+        line = one_error_line(cli(["train", *TINY, f"hydra.run.dir={run}"], cwd=tmp_path))  # a new run into it
+        assert f"is being trained by process {os.getpid()}" in line, line
+        assert files(run) == before
     finally:
         runs.unlock_run(run)
     assert not (run / runs.LOCK_FILE).exists()
