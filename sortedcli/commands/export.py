@@ -140,7 +140,7 @@ def run(cfg: DictConfig, console: Console | None = None):
         small = extract(model, chosen, example)
         diff = check_equal(model, chosen, small, check_input)
         status.update(f"scoring the cut-out {chosen.name}")
-        scored = score_cut_out(small, data, cfg, r.device, amp)  # what the file written scores
+        scored = score_cut_out(small, data, cfg, r.device, amp, how)  # what the file written scores
         cost = costs[chosen]
         arch, init = models.architecture(plain(r.cfg.model))  # the folder needs no weights file but its own
         config = {
@@ -206,9 +206,10 @@ def _exported(folder: Path) -> dict | None:
 
 
 def calibration_of(results: Path, cfg: DictConfig, amp) -> dict:
-    """How to recalibrate BatchNorm: as eval did for ``results`` (its ``measured`` record: batches,
-    batch size, seed, precision), or, without one (no results, or written by an older sortednet), with
-    this command's ``eval.calib_*`` settings, the seed and the precision of ``trainer.precision``."""
+    """How to recalibrate BatchNorm and score: as eval did for ``results`` (its ``measured`` record:
+    batches, batch size, seed, precision, and how many test and validation items it scored), or,
+    without one (no results, or written by an older sortednet), with this command's ``eval.calib_*``
+    settings, the seed and the precision of ``trainer.precision``, on the items this command loads."""
     import json
 
     measured = None
@@ -221,32 +222,38 @@ def calibration_of(results: Path, cfg: DictConfig, amp) -> dict:
     if isinstance(measured, dict) and all(measured.get(k) is not None for k in keys):
         return {"calib_batches": max(1, int(measured["calib_batches"])),
                 "calib_batch_size": int(measured["calib_batch_size"]), "seed": int(measured["seed"]),
-                "precision": str(measured["precision"]), "from": "eval"}
+                "precision": str(measured["precision"]), "from": "eval",
+                "test_items": measured.get("test_items"), "val_items": measured.get("val_items")}
     return {"calib_batches": cfg.eval.calib_batches, "calib_batch_size": cfg.eval.calib_batch_size,
             "seed": cfg.seed, "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
             "from": "export"}
 
 
-def score_cut_out(small, data, cfg: DictConfig, device, amp) -> dict:
-    """The cut-out model's metric on the test set and, when the run has one, the validation split (as
-    eval loads them: ``eval.batch_size``, ``eval.test_subset``), on ``device`` in ``amp``, with the
-    number of examples of each."""
-    from torch.utils.data import DataLoader
+def score_cut_out(small, data, cfg: DictConfig, device, amp, how: dict) -> dict:
+    """The cut-out model's metric on the test set and, when the run has one, the validation split, on
+    ``device`` in ``amp``, with the number of examples of each: the first ``how["test_items"]`` and
+    ``how["val_items"]`` of them where eval scored no more (``eval.test_subset``, ``eval.val_subset``
+    take the first N), so that the numbers compare with eval's."""
+    from torch.utils.data import DataLoader, Subset
 
     from ..engine import score
 
     task = data.task
 
-    def loader(items):
+    def loader(items, n):
+        if isinstance(n, int) and 0 < n < len(items):
+            items = Subset(items, range(n))
         return DataLoader(items, batch_size=cfg.eval.batch_size, num_workers=cfg.trainer.get("num_workers", 0),
                           collate_fn=data.collate)
 
     small.to(device)
     try:
-        out = {task.metric: score(small, task, None, loader(data.test), device, amp), "test_items": len(data.test)}
+        test = loader(data.test, how.get("test_items"))
+        out = {task.metric: score(small, task, None, test, device, amp), "test_items": len(test.dataset)}
         if data.val is not None:
-            out[f"val_{task.metric}"] = score(small, task, None, loader(data.val), device, amp)
-            out["val_items"] = len(data.val)
+            val = loader(data.val, how.get("val_items"))
+            out[f"val_{task.metric}"] = score(small, task, None, val, device, amp)
+            out["val_items"] = len(val.dataset)
     finally:
         small.cpu()
     return out
