@@ -146,16 +146,27 @@ def self_contained(cfg: DictConfig, run_dir: Path) -> DictConfig:
     return out
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc; None elsewhere): a pid
+    reused by another process (a restarted container counts from 1 again) has another start."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """The process that wrote lock ``holder`` (on this host) is still running."""
+    pid = holder["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     except (OverflowError, ValueError):
         return False
-    return True
+    return holder.get("ticks") is None or _started(pid) in (None, holder["ticks"])
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -170,7 +181,7 @@ def lock_holder(run_dir: Path) -> dict | None:
     """``{"pid", "host", "started"}`` of the live process that holds ``run_dir``'s lock (one on another
     host counts as live: it cannot be checked from here); None when it is free or stale."""
     holder = _read_lock(Path(run_dir) / LOCK_FILE)
-    if holder is None or (holder.get("host") == socket.gethostname() and not _alive(holder["pid"])):
+    if holder is None or (holder.get("host") == socket.gethostname() and not _alive(holder)):
         return None
     return holder
 
@@ -185,7 +196,8 @@ def lock_run(run_dir: Path, note=None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     host = socket.gethostname()
-    record = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "ticks": _started(os.getpid())}
     tmp = run_dir / f".lock.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
     try:
@@ -198,7 +210,7 @@ def lock_run(run_dir: Path, note=None) -> Path:
             holder = _read_lock(path)
             if holder is not None and holder["pid"] == os.getpid() and holder.get("host") == host:
                 return path  # this process holds it already (standalone runs, a second call)
-            if holder is not None and (holder.get("host") != host or _alive(holder["pid"])):
+            if holder is not None and (holder.get("host") != host or _alive(holder)):
                 where = "" if holder.get("host") == host else f" on {holder.get('host')}"
                 raise UsageError(f"{run_dir} is being trained by process {holder['pid']}{where} (since "
                                  f"{holder.get('started', '?')}): wait for it to end or stop it, then run this "

@@ -84,12 +84,15 @@ def test_the_lock_is_exclusive_and_released_only_by_its_holder(tmp_path):
     runs.lock_run(run)  # the same process again (a standalone sub-run): fine
     holder = json.loads((run / runs.LOCK_FILE).read_text())
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname() and holder["started"]
-    other = {**holder, "pid": os.getppid()}  # a live process other than this one
+    other = {**holder, "pid": os.getppid(), "ticks": runs._started(os.getppid())}  # a live process, not this one
     (run / runs.LOCK_FILE).write_text(json.dumps(other))
     with pytest.raises(UsageError, match=f"process {os.getppid()}"):
         runs.lock_run(run)
     runs.unlock_run(run)  # not this process's lock: kept
     assert json.loads((run / runs.LOCK_FILE).read_text()) == other
+    if other["ticks"] is not None:  # Linux: the same pid, started at another time, is another process
+        (run / runs.LOCK_FILE).write_text(json.dumps({**other, "ticks": str(int(other["ticks"]) + 1)}))
+        assert runs.lock_holder(run) is None
     (run / runs.LOCK_FILE).write_text("garbled")  # a lock no process can be read from: stale
     notes = []
     runs.lock_run(run, note=notes.append)
