@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python benchmarks/mobilenet.py [--device auto|cpu|cuda] [--quick] [--out FILE.json]
                                              [--only export]
     make bench                       # benchmarks/run.py (ResNet-50), then this
+    .venv/bin/python benchmarks/mobilenet.py --quick --model mobilenet_tiny --out FILE.json   # smoke test
 
 Model: ``models.create("mobilenet_v2", 10, 1)`` (standard stem), inputs 1x64x64 (Fashion-MNIST
 upsampled, as the pretrained recipe does), batch 32 on the CPU (fp32) / 256 on CUDA (bf16), the same
@@ -158,16 +159,23 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--only", choices=["export"], help="measure only part 3 and update it in the results file")
+    ap.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "mobilenet_tiny"],
+                    help="mobilenet_tiny: a smoke test (needs --out), what tests/test_benchmarks.py runs")
     args = ap.parse_args(argv)
+    if args.model != "mobilenet_v2" and not args.out:
+        ap.error("--model mobilenet_tiny is a smoke test: pass --out FILE, so the results stay")
     device = pick_device(args.device)
     bench = Bench(device, args.quick)
+    if args.model != "mobilenet_v2":
+        bench.batch, bench.extend_s = 4, 0  # a smoke test: the code paths, not the timings (no noise retries)
     bench.example = torch.zeros(1, 1, SIZE, SIZE, device=device)
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if bench.cuda else (platform.processor() or platform.machine())
     print(f"MobileNetV2 {SIZE}x{SIZE}: device {device} ({name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {bench.batch}, amp {bench.amp}")
     torch.manual_seed(0)
-    model = models.create("mobilenet_v2", num_classes=10, in_channels=1).to(device).train()
+    tiny = {} if args.model == "mobilenet_v2" else {"small_stem": False}  # smoke test: the stride-2 stem, small maps
+    model = models.create(args.model, num_classes=10, in_channels=1, **tiny).to(device).train()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(bench.batch, 1, SIZE, SIZE, generator=g).to(device),
                 torch.randint(0, 10, (bench.batch,), generator=g).to(device)) for _ in range(4)]
@@ -236,7 +244,7 @@ def main(argv=None) -> int:
     exported_latency(bench, model, grid, costs, full, out, checks)
 
     print_checks(checks)
-    report = {"model": "mobilenet_v2", "input": [1, SIZE, SIZE], "device": str(device), "device_name": name,
+    report = {"model": args.model, "input": [1, SIZE, SIZE], "device": str(device), "device_name": name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": bench.batch,
               "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "elapsed_s": time.perf_counter() - started,

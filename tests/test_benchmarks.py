@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Every script in benchmarks/ and the test that runs it: a new benchmark needs a line here (and a test).
 RUN_BY = {
     "run.py": "tests/test_benchmarks.py::test_run_quick_mode_on_resnet_tiny_fills_every_check",
+    "mobilenet.py": "tests/test_benchmarks.py::test_mobilenet_quick_mode_on_mobilenet_tiny_fills_every_check",
     "encoders.py": "tests/test_benchmarks.py::test_encoders_tiny_quick_mode_fills_every_check",
     "distributed.py": "tests/test_benchmarks.py::test_distributed_smoke_mode_reads_the_cli_output_of_two_processes",
     "soft.py": "tests/test_benchmarks.py::test_soft_benchmark_on_a_tiny_llama_folder",
@@ -40,15 +41,11 @@ RUN_BY = {
     "short_run.py": "tests/test_short_run.py::test_the_defaults_and_plain_training_run_as_a_user_types_them_evaluated_and_tabled",
     "ablation.py": "tests/test_ablation_time.py::test_a_tiny_study_calibrates_trains_at_equal_time_evaluates_and_resumes",
 }
-# Not run by the suite, with the reason; each is a debt, not a rule.
-NOT_RUN = {
-    "mobilenet.py": "its --quick mode times the full MobileNetV2 (about 50 s on 2 cores); it has no tiny mode yet",
-}
 
 
 def test_every_benchmark_is_run_by_a_test():
     scripts = {p.name for p in BENCH.glob("*.py")}
-    assert scripts == set(RUN_BY) | set(NOT_RUN), "benchmarks/ changed: say in RUN_BY which test runs each script"
+    assert scripts == set(RUN_BY), "benchmarks/ changed: say in RUN_BY which test runs each script"
     for script, where in RUN_BY.items():
         path, name = where.split("::")
         assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), (script, where)
@@ -93,6 +90,18 @@ def test_run_quick_mode_on_resnet_tiny_fills_every_check(tmp_path, capsys):
     assert "what " in capsys.readouterr().out  # the table was printed
     with benchmark("run") as run, pytest.raises(SystemExit):  # a smoke run never overwrites the results
         run.main(["--quick", "--model", "resnet_tiny"])
+
+
+def test_mobilenet_quick_mode_on_mobilenet_tiny_fills_every_check(tmp_path):
+    out = tmp_path / "mobilenet.json"
+    with benchmark("mobilenet") as mobilenet:
+        assert mobilenet.main(["--quick", "--model", "mobilenet_tiny", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "mobilenet_tiny"
+    assert [c["what"][:2] for c in doc["checks"]] == ["1.", "2.", "3.", "3.", "3.", "3."]
+    for c in doc["checks"]:
+        assert math.isfinite(c["measured"]) and c["measured"] > 0, c
+    assert all(doc["exported_latency"]["batchnorm_folded"].values())  # the export's BatchNorm was folded
 
 
 def test_encoders_tiny_quick_mode_fills_every_check(tmp_path):
