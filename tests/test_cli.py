@@ -488,7 +488,9 @@ def test_export_without_eval_results_takes_the_largest_fitting_submodel(trained_
     assert p.returncode == 0, explain(p)
     assert "no eval results" in p.stdout and "largest one that fits" in p.stdout
     config = json.loads((run / "export" / "budget-0.5" / "config.json").read_text())
-    assert config["accuracy"] is None and config["full_accuracy"] is None
+    # no eval numbers, but the cut-out model's own, measured by export on the test set
+    assert config["eval_accuracy"] is None and config["full_accuracy"] is None
+    assert 0 <= config["accuracy"] <= 100 and config["measured"]["calibration_from"] == "export"
     # FLOPs as eval measured them on the same checkpoint
     flops = {r["name"]: r["flops"] for r in results(trained_run / "eval")}
     fitting = [f for f in flops.values() if f <= 0.5 * flops[FULL]]
