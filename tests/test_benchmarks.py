@@ -69,6 +69,8 @@ def benchmark(name: str):
         yield module
     finally:
         sys.path.remove(str(BENCH))
+        for name in [n for n, m in sys.modules.items() if str(getattr(m, "__file__", "")).startswith(str(BENCH))]:
+            del sys.modules[name]  # encoders.py and mobilenet.py import run.py as `run`
         torch.set_num_threads(threads)  # importance_llm.py sets its own
     assert _digests() == before, "a smoke run wrote into the committed results"
 
