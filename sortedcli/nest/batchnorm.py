@@ -50,9 +50,9 @@ def synchronize(model: nn.Module, on: bool = True) -> int:
 
 @torch.no_grad()
 def recalibrate(model: nn.Module, sub: SubModel | None, batches: Iterable) -> int:
-    """Recompute the BatchNorm statistics of ``model`` for sub-model ``sub`` from ``batches`` (input
-    inputs already on the model's device: tensors, or mappings of keyword arguments). Returns the number of batches used. The model is left
-    in eval mode."""
+    """Recompute the BatchNorm statistics of ``model`` for sub-model ``sub`` from ``batches`` (inputs
+    already on the model's device: tensors, or mappings of keyword arguments), only BatchNorm in train
+    mode. Returns the number of batches used. The model is left in eval mode."""
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
