@@ -111,9 +111,11 @@ def test_export_writes_the_model_with_batchnorm_folded(trained_run, tmp_path):
 
 
 def test_a_vision_run_needs_its_initial_weights_file_no_more_once_trained(tmp_path):
-    """``model.weights=FILE``: eval, export and ``--resume`` build the architecture without reading
-    FILE (the checkpoint overwrites every weight); on main eval read FILE, importance-sorted it and
-    overwrote it, and failed once FILE had moved."""
+    """``model.weights=FILE``: eval (with the sub-models trained alone too), export and ``--resume``
+    build the architecture without reading FILE (the checkpoint overwrites every weight); on main eval
+    read FILE, importance-sorted it and overwrote it, and failed once FILE had moved."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from conftest import TINY_EVAL
     from sortedcli.models.mobilenet import tiny_mobilenet
 
@@ -122,12 +124,16 @@ def test_a_vision_run_needs_its_initial_weights_file_no_more_once_trained(tmp_pa
     torch.save(tiny_mobilenet().state_dict(), weights)
     args = ["model=mobilenet_tiny", f"model.weights={weights}", "data=digits", "trainer.epochs=1",
             "trainer.batch_size=64", "data.train_subset=128", "data.test_subset=32", *TINY_EVAL,
-            "dims.width.levels=[0.5,1.0]", "trainer.epoch_eval=false", "hydra.run.dir=runs/r"]
-    p = cli(["train", *args], cwd=tmp_path)
-    assert p.returncode == 0, explain(p)
+            "dims.width.levels=[0.5,1.0]", "trainer.epoch_eval=false"]
+    with ThreadPoolExecutor(2) as pool:  # the sorted run, and one of its sub-models trained alone
+        done = list(pool.map(lambda extra: cli(["train", *args, *extra], cwd=tmp_path),
+                             [["hydra.run.dir=runs/r"], ["standalone=[width0.5-depth1]", "hydra.run.dir=alone"]]))
+    for p in done:
+        assert p.returncode == 0, explain(p)
     weights.rename(tmp_path / "moved.pth")
-    p = cli(["eval", "--ckpt", "runs/r", *TINY_EVAL], cwd=tmp_path)
+    p = cli(["eval", "--ckpt", "runs/r", "standalone=alone", *TINY_EVAL], cwd=tmp_path)
     assert p.returncode == 0, explain(p)
+    assert "standalone width0.5-depth1" in p.stdout
     p = cli(["export", "--budget", "0.6", "--ckpt", "runs/r", *TINY_EVAL], cwd=tmp_path)
     assert p.returncode == 0, explain(p)
     assert (tmp_path / "runs/r/export/budget-0.6/model.pt2").is_file()

@@ -291,6 +291,8 @@ def standalone_scores(found: list, r, calib: list, test, console: Console) -> di
     """``{name: metric}`` of each sub-model trained alone (``found``: :func:`standalone_runs`),
     evaluated here with the sorted run's calibration and test examples; runs of another model or
     other data are refused."""
+    from omegaconf import OmegaConf
+
     from .. import runs
     from ..build import build_grid, build_model, plain
 
@@ -301,7 +303,9 @@ def standalone_scores(found: list, r, calib: list, test, console: Console) -> di
             if plain(cfg[key]) != plain(r.cfg[key]):
                 raise UsageError(f"standalone: {run_dir} was trained with another {key} than {r.run_dir} "
                                  f"({plain(cfg[key])} vs {plain(r.cfg[key])})")
-        model = build_model(cfg, r.data.model_args)
+        # the architecture alone: the checkpoint overwrites every weight (model.weights may have moved)
+        arch = OmegaConf.create({"model": models.architecture(plain(cfg.model))[0]})
+        model = build_model(arch, r.data.model_args)
         model.load_state_dict(weights)
         model.to(r.device)
         sub = build_grid(cfg, model).largest
