@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler as IndexSampler
 
 from .distributed import Dist
-from .nest import SubModel, batchnorm_kept, call, has_batchnorm, recalibrate, run_exits, trunk_groups, use
+from .nest import (SubModel, batchnorm_kept, call, has_batchnorm, has_exits, nesting, recalibrate, run_exits,
+                   trunk_groups, use)
 from .sampling import Sampler
 from .tasks import Task
 
@@ -175,6 +176,24 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
         i = 0
         for trunk, members in groups:
             with use(model, trunk):
+                if keep is not None and not distill.enabled and not dist.sharded and has_exits(model):
+                    # every member's head at the counted places only, chunk by chunk (back-propagated
+                    # inside exit_losses): no logits of a place that does not count, none N x V at once.
+                    # Distillation and FSDP2 shards (whose hooks expect whole forward passes) keep the
+                    # logits path below.
+                    with autocast(device, amp):
+                        ones = exit_losses(model, task, piece, inputs, keep, trunk, members,
+                                           share / (len(subs) * len(micro)))
+                    for sub, one in zip(members, ones):
+                        one = one * share
+                        if len(order) < len(subs):
+                            order.append(sub)
+                            parts.append(one.float() / len(micro))
+                        else:
+                            parts[i] = parts[i] + one.float() / len(micro)
+                        i += 1
+                        total += one / len(micro)
+                    continue
                 with autocast(device, amp):
                     logits = forward_members(model, inputs, trunk, members, keep)
                     if distill.enabled and largest in members:
@@ -251,6 +270,71 @@ def checkpoint_activations(model: nn.Module) -> int:
         for unit in units:
             checkpoint(unit.module)
     return len(units)
+
+
+#: places whose logits one head readout computes at once in training (:func:`exit_losses`): 1024 x a
+#: 49k vocabulary is 200 MB of float32 logits, where a batch's every place would be gigabytes
+HEAD_CHUNK = 1024
+
+
+class _Reached(Exception):
+    """Raised by :func:`exit_states`' hook once the deepest hidden state is caught: the rest of the
+    forward pass (the final norm and the head at every place) is not needed."""
+
+
+def exit_states(model: nn.Module, inputs, depths: list[int], at: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{k: hidden state after depth unit k-1, at the places at marks}`` (rows in row-major order) for
+    every exit ``k`` in ``depths``, from one forward pass of the active sub-model (whose depth is the
+    deepest of them), stopped right after its deepest unit: no head runs at all."""
+    units, deepest, caught = nesting(model).units, max(depths), {}
+
+    def catch(k):
+        def hook(module, args, out):
+            caught[k] = (out[0] if isinstance(out, tuple) else out)[at]
+            if k == deepest:
+                raise _Reached
+        return hook
+
+    hooks = [units[k - 1].module.register_forward_hook(catch(k)) for k in set(depths)]
+    try:
+        call(model, inputs)
+    except _Reached:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return caught
+
+
+def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor, trunk: SubModel,
+                members: list[SubModel], scale: float, chunk: int | None = None) -> list[torch.Tensor]:
+    """Back-propagate ``scale`` x the sum of the members' losses (exits of the active ``trunk``) and
+    return each member's loss (detached). The trunk runs once to its deepest exit (:func:`exit_states`,
+    the hidden states gathered at ``keep``, the places whose loss counts); each exit's readout (the
+    model's own norm and head) runs on ``chunk`` places at a time (:data:`HEAD_CHUNK`) and is
+    back-propagated at once, into the head's weights and a leaf copy of the hidden state; then one
+    backward pass takes the leaves' gradients through the trunk. So no readout holds more than
+    ``chunk`` x vocabulary logits, and none is recomputed: the loss and gradients are those of the
+    whole readout at once (sums in another order)."""
+    nest = nesting(model)
+    top = trunk.get(nest.scope.depth_dim) or nest.depth
+    depths = [m.get(nest.scope.depth_dim) or top for m in members]
+    states = exit_states(model, inputs, depths, keep)
+    targets, count = task.kept_targets(batch), task.counted(batch)
+    leaves = {k: h.detach().requires_grad_() for k, h in states.items()}
+    chunk = chunk or HEAD_CHUNK
+    losses = []
+    for k in depths:
+        loss = torch.zeros((), device=targets.device)
+        for s in range(0, len(targets), chunk):
+            part = task.loss_sum(nest.readout(model, leaves[k][s:s + chunk]), targets[s:s + chunk]) / count
+            (part * scale).backward()
+            loss = loss + part.detach()
+        losses.append(loss)
+    done = [(states[k], leaves[k].grad) for k in states if leaves[k].grad is not None]
+    if done:
+        torch.autograd.backward([h for h, _ in done], [g for _, g in done])
+    return losses
 
 
 def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[SubModel],

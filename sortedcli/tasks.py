@@ -88,6 +88,16 @@ class Task(ABC):
         z, t = self.pairs(logits, batch)
         return F.cross_entropy(z.float(), t, ignore_index=IGNORE)
 
+    def kept_targets(self, batch) -> torch.Tensor:
+        """The targets of the places ``keep(batch)`` marks, in the same (row-major) order as logits
+        gathered there: what a loss computed from gathered hidden states, chunk by chunk, scores."""
+        return self.targets(batch)[self.keep(batch)]
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed loss of ``logits`` (N x C) against ``targets`` (N): :meth:`loss` is the sum over
+        every chunk of positions divided by :meth:`counted`."""
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+
     def distill(self, student: torch.Tensor, teacher: torch.Tensor, batch, temperature: float) -> torch.Tensor:
         """KL(teacher || student) at temperature T over the positions that count, times T^2 so its
         gradients match cross-entropy's magnitude (the fix for distillation losses orders of magnitude
@@ -228,6 +238,10 @@ class CausalLM(KeywordBatches):
 
     def counted(self, batch):
         return (batch["labels"][:, 1:] != IGNORE).sum()
+
+    def kept_targets(self, batch):
+        labels = batch["labels"][:, 1:]
+        return labels[labels != IGNORE]  # the order of keep(batch)'s places: row-major, shifted by one
 
     def sums(self, logits, batch):
         z, t = self.pairs(logits, batch)
