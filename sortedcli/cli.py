@@ -166,7 +166,8 @@ def translate(verb: str, args: list[str]) -> list[str]:
                 path = Path(value)
                 if path.name == "model.safetensors" and path.is_file():
                     path = path.parent
-                if (path / "model.safetensors").is_file() and path.parent.name == "checkpoints":
+                if ((path / "model.safetensors").is_file() or (path / "checkpoint.json").is_file()) \
+                        and path.parent.name == "checkpoints":  # (checkpoint.json: a sharded checkpoint)
                     run_dir = str(path.parent.parent)
                 elif (path / "checkpoints" / "latest").is_file():
                     run_dir = value

@@ -17,9 +17,11 @@ the blocks a shallow sub-model skipped, no hang.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -260,3 +262,113 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         state = {"state": {order[i]: v for i, v in state["state"].items()},
                  "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# --- sharded checkpoints: torch.distributed.checkpoint (DCP) ---------------------------------------
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(weights, optimizer state)`` as this rank's shards (DTensors, no gather), keyed by parameter name:
+    what :func:`save_sharded` writes. Plain tensors for a model that is not sharded."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+
+
+def local_values(state: dict) -> list[torch.Tensor]:
+    """The tensors of ``state`` this rank holds (a DTensor's local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return [v.to_local() if isinstance(v, DTensor) else v for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def save_sharded(weights: dict, optimizer_state: dict, folder) -> None:
+    """Write ``weights`` and ``optimizer_state`` (:func:`sharded_state`) into ``folder/model`` and
+    ``folder/optim`` with torch.distributed.checkpoint: a collective of every rank, each writing its own
+    shards (``__RANK_0.distcp``), rank 0 the metadata last."""
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+
+    from .runs import DCP_MODEL, DCP_OPTIM
+
+    dcp.save(weights, checkpoint_id=str(Path(folder) / DCP_MODEL))
+    dcp.save({"optim": optimizer_state}, checkpoint_id=str(Path(folder) / DCP_OPTIM))
+
+
+def _tensors(folder) -> dict:
+    """``{key: TensorStorageMetadata}`` of a DCP folder (global shapes and dtypes), or one line."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .errors import UsageError
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # missing, truncated or foreign
+        raise UsageError(f"sharded checkpoint {folder} is corrupt or unreadable ({type(e).__name__}): use an "
+                         "earlier checkpoint or retrain") from None
+    return {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+
+
+@contextlib.contextmanager
+def _one_process():
+    """Silence DCP's warning that it loads in a single process: that is what is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def consolidated(folder) -> dict[str, torch.Tensor]:
+    """The whole tensors of DCP folder ``folder`` (a sharded checkpoint's ``model/``), read in this one
+    process whatever the number that wrote it: what eval, export and generate load."""
+    import torch.distributed.checkpoint as dcp
+
+    from .errors import UsageError
+
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in _tensors(folder).items()}
+    try:
+        with _one_process():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    except Exception as e:  # a shard file missing or truncated
+        raise UsageError(f"sharded checkpoint {folder} is corrupt or unreadable ({type(e).__name__}): use an "
+                         "earlier checkpoint or retrain") from None
+    return state
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt) -> None:
+    """Load a sharded checkpoint's weights and optimizer state into ``model`` (sharded or not) and
+    ``optimizer``, resharded for this run's processes (a collective where several run). A checkpoint of
+    another model (other names or shapes) is refused in one line before anything is read."""
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    from .errors import UsageError
+    from .runs import DCP_MODEL, DCP_OPTIM
+
+    folder = Path(ckpt)
+    weights, optimizer_state = sharded_state(model, optimizer)  # (initializes the optimizer's state)
+    saved = _tensors(folder / DCP_MODEL)
+    ours = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    theirs = {k: tuple(m.size) for k, m in saved.items()}
+    if ours != theirs:
+        differ = sorted(set(ours) ^ set(theirs)) or sorted(k for k in ours if ours[k] != theirs[k])
+        key = differ[0]
+        said = (f"{key}: {theirs[key]} in the checkpoint, {ours[key]} in this model" if key in ours and key in theirs
+                else f"{key} only in {'this model' if key in ours else 'the checkpoint'}")
+        raise UsageError(f"sharded checkpoint {folder} holds another model than this run's ({len(differ)} "
+                         f"tensor(s) differ, e.g. {said}): resume it with the run (config) that wrote it, or start "
+                         "a new run")
+    with _one_process():  # (a single process reads every shard itself)
+        dcp.load(weights, checkpoint_id=str(folder / DCP_MODEL))
+        set_model_state_dict(model, weights)
+        # the optimizer's state as saved: parameters that had none (never stepped) get none again
+        stored = set(_tensors(folder / DCP_OPTIM))
+        box = {"optim": optimizer_state}
+        dcp.load(box, checkpoint_id=str(folder / DCP_OPTIM), planner=DefaultLoadPlanner(allow_partial_load=True))
+    state = box["optim"]
+    state["state"] = {name: values for name, values in state["state"].items()
+                      if any(f"optim.state.{name}." in key for key in stored)}
+    set_optimizer_state_dict(model, optimizer, state)

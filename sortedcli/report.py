@@ -154,7 +154,7 @@ def write_results(rows, out_dir, metric="accuracy", higher_is_better=True, title
                   checkpoint: dict | None = None, draft: dict | None = None,
                   measured: dict | None = None) -> dict[str, Path]:
     """Write results.csv, results.json and plot.png into ``out_dir`` (created); return their paths.
-    ``checkpoint`` (``{"step", "path", "sha256"}``: what was measured) goes into results.json, and so
+    ``checkpoint`` (``{"step", "path", "fingerprint"}``: what was measured) goes into results.json, and so
     does ``measured`` (what it was measured on: test items, calibration, seed, device, precision: see
     :func:`measured_differently`); ``draft``: a causal LM's chosen draft exit (:mod:`sortedcli.draft`)."""
     out = Path(out_dir)

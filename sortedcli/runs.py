@@ -11,6 +11,12 @@ A run folder (one per ``sortednet train``) holds::
                              with the resolved config in the file's metadata
         state.pt             optimizer, LR schedule, sampler generator and RNG states, step, epoch:
                              tensors and plain values only, read back with weights_only=True
+    checkpoints/step-00000120/   (a run sharded with trainer.strategy=fsdp: torch.distributed.checkpoint)
+        checkpoint.json      format, step, number of processes and the resolved config
+        model/  optim/       the weights and the optimizer state as DCP folders (``.metadata`` + one
+                             ``__RANK_0.distcp`` file of shards per process that wrote it): each rank writes
+                             its own shards, any number of processes reads them back (resharded)
+        state.pt             as above, less the optimizer: LR schedule, sampler, every rank's RNG, step
     checkpoints/diverged/    checkpoints set aside after a non-finite loss: never resumed, evaluated or pruned
     pretrained/              a pretrained model's config and tokenizer, copied at train start
                              (``model.pretrained`` may move or be a GGUF: nothing reads it again)
@@ -19,6 +25,10 @@ A run folder (one per ``sortednet train``) holds::
 
 A checkpoint is written into a temporary folder which is renamed into place once complete, then
 ``latest`` is replaced atomically: a run killed at any moment leaves its previous checkpoint intact.
+Single-process and DDP runs keep the one-file format (rank 0 holds the whole model anyway, and any
+tool reads safetensors); only sharded runs write DCP folders, which eval, export and generate read
+by consolidating them in one process. On several machines every rank writes its shards into the run
+folder: it must be on storage they all see (as torchrun's own checkpointing needs).
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from .errors import UsageError
 MODEL_FILE = "model.safetensors"
 PRETRAINED_DIR = "pretrained"
 STATE_FILE = "state.pt"
+META_FILE = "checkpoint.json"  # a sharded (DCP) checkpoint's own record; its folders:
+DCP_MODEL, DCP_OPTIM = "model", "optim"
 LOCK_FILE = ".lock"
 DIVERGED_DIR = "diverged"
 
@@ -246,23 +258,46 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict, sta
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` (``model``: the module, or its state_dict) atomically and keep only the
     newest ``keep`` of them."""
-    import torch
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = begin_checkpoint(run_dir, step)
     weights = model if isinstance(model, dict) else model.state_dict()
     weights, aliases = _one_copy({k: v.detach() for k, v in weights.items()})
     metadata = {"config": OmegaConf.to_yaml(cfg, resolve=True), "step": str(step)}
     if aliases:
         metadata["aliases"] = json.dumps(aliases)
     save_file(weights, str(tmp / MODEL_FILE), metadata=metadata)
+    return finish_checkpoint(run_dir, step, state, keep)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """The empty temporary folder that checkpoint ``step`` is written into (a leftover of a save that
+    was killed is removed first); :func:`finish_checkpoint` renames it into place."""
+    tmp = Path(run_dir) / "checkpoints" / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_sharded_record(run_dir: Path, step: int, cfg: DictConfig, world: int) -> None:
+    """The record of a sharded checkpoint (:data:`META_FILE`), into its temporary folder: written after
+    every rank's shards, so a folder that has it is complete."""
+    tmp = Path(run_dir) / "checkpoints" / f".step-{step:08d}.tmp"
+    write_atomic(tmp / META_FILE, json.dumps({"format": "torch.distributed.checkpoint", "step": step,
+                                              "world": world, "config": OmegaConf.to_yaml(cfg, resolve=True)}))
+
+
+def finish_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write ``state`` (state.pt) into checkpoint ``step``'s temporary folder, rename it into place,
+    point ``latest`` at it and keep only the newest ``keep`` checkpoints."""
+    import torch
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
     torch.save(state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        f.chmod(0o644)
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_atomic(root / "latest", final.name)
@@ -311,7 +346,7 @@ def latest_checkpoint(run_dir: Path, note=None) -> Path | None:
         except (OSError, UnicodeDecodeError):
             named = "?"
         ckpt = pointer.parent / named
-        if named and "/" not in named and (ckpt / MODEL_FILE).is_file():
+        if named and "/" not in named and complete(ckpt):
             return ckpt
     found = checkpoints(run_dir)
     if not found:
@@ -326,8 +361,18 @@ def checkpoints(run_dir: Path) -> list[Path]:
     """The complete checkpoint folders of ``run_dir`` (``step-N`` holding the weights), newest (highest
     step) first; those set aside after a divergence are not among them."""
     root = Path(run_dir) / "checkpoints"
-    return sorted((p for p in root.glob("step-*") if step_of(p) >= 0 and (p / MODEL_FILE).is_file()),
+    return sorted((p for p in root.glob("step-*") if step_of(p) >= 0 and complete(p)),
                   key=step_of, reverse=True)
+
+
+def complete(ckpt: Path) -> bool:
+    """``ckpt`` holds a checkpoint: its weights file, or a sharded checkpoint's record."""
+    return (Path(ckpt) / MODEL_FILE).is_file() or sharded(ckpt)
+
+
+def sharded(ckpt: Path) -> bool:
+    """``ckpt`` is a sharded checkpoint (torch.distributed.checkpoint folders, :data:`META_FILE`)."""
+    return (Path(ckpt) / META_FILE).is_file() and not (Path(ckpt) / MODEL_FILE).is_file()
 
 
 def roll_back(run_dir: Path, before: int) -> Path | None:
@@ -367,26 +412,71 @@ def _note(message: str) -> None:
 def is_checkpoint(path: Path) -> bool:
     """``path`` is a checkpoint folder of a run (``RUN/checkpoints/step-N/`` with its weights)."""
     path = Path(path)
-    return (path / MODEL_FILE).is_file() and path.parent.name == "checkpoints"
+    return complete(path) and path.parent.name == "checkpoints"
+
+
+SMALL = 1 << 20  # files up to this size are hashed whole in a fingerprint; larger ones are sampled
+SAMPLES, PIECE = 16, 4096  # pieces of a large file hashed, evenly spread (the first and last among them)
+
+
+def fingerprint(ckpt_dir: Path) -> str:
+    """A cheap identity of checkpoint ``ckpt_dir`` (sha256 of what follows, hex): for every file in it
+    (sharded checkpoints: every rank's shards and the metadata), its path in the folder, its size and its
+    modification time (ns); the small files (state of a tiny run, DCP ``.metadata``, checkpoint.json) whole;
+    of a large file its safetensors header (names, shapes, offsets, the config) and 16 pieces of 4 KiB.
+    A few hundred KiB read whatever the model's size, against minutes for a 26 GB sha256; a rewritten
+    file (a resume, a retrain: same size) has another time and other bytes. A copy that keeps times
+    (``cp -p``, ``shutil.copytree``, a move) keeps the fingerprint; one that does not (plain ``cp``) reads
+    as another checkpoint, whose results are measured again: stale-safe."""
+    folder = Path(ckpt_dir)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        with open(path, "rb") as f:
+            if st.st_size <= SMALL:
+                digest.update(f.read())
+                continue
+            if path.suffix == ".safetensors":
+                head = f.read(8)
+                digest.update(head + f.read(min(int.from_bytes(head, "little"), SMALL)))
+            for i in range(SAMPLES):
+                f.seek((st.st_size - PIECE) * i // (SAMPLES - 1))
+                digest.update(f.read(PIECE))
+    return digest.hexdigest()
 
 
 def checkpoint_record(run_dir: Path, ckpt_dir: Path) -> dict:
     """What identifies a checkpoint in results measured on it: its step, its folder relative to the run
-    folder and the sha256 of its weights file (read in 1 MiB pieces)."""
-    path = Path(ckpt_dir) / MODEL_FILE
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
+    folder and its :func:`fingerprint`."""
+    ckpt_dir = Path(ckpt_dir)
+    step = -1
     try:
-        with safe_open(str(path), framework="pt") as f:
-            step = int((f.metadata() or {}).get("step", -1))
-    except (SafetensorError, OSError, ValueError):
+        if sharded(ckpt_dir):
+            step = int(read_record(ckpt_dir).get("step", -1))
+        else:
+            with safe_open(str(ckpt_dir / MODEL_FILE), framework="pt") as f:
+                step = int((f.metadata() or {}).get("step", -1))
+    except (SafetensorError, OSError, ValueError, UsageError):
         step = -1
-    if step < 0 and Path(ckpt_dir).name.startswith("step-"):
-        step = int(Path(ckpt_dir).name.removeprefix("step-"))
-    return {"step": step, "path": os.path.relpath(Path(ckpt_dir).resolve(), Path(run_dir).resolve()),
-            "sha256": digest.hexdigest()}
+    if step < 0 and ckpt_dir.name.startswith("step-"):
+        step = int(ckpt_dir.name.removeprefix("step-"))
+    return {"step": step, "path": os.path.relpath(ckpt_dir.resolve(), Path(run_dir).resolve()),
+            "fingerprint": fingerprint(ckpt_dir)}
+
+
+def read_record(ckpt_dir: Path) -> dict:
+    """A sharded checkpoint's :data:`META_FILE` (format, step, world, config), or one line saying it is
+    unreadable."""
+    path = Path(ckpt_dir) / META_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"checkpoint record {path} is corrupt or unreadable ({type(e).__name__}): use an earlier "
+                         "checkpoint or retrain") from None
+    if not isinstance(record, dict) or "config" not in record:
+        raise UsageError(f"checkpoint record {path} carries no sortednet config: was it written by sortednet?")
+    return record
 
 
 def newest_run(runs_root: Path) -> Path:
@@ -415,7 +505,7 @@ def resolve_checkpoint(ckpt: str | None, runs_root: str | Path) -> tuple[Path, P
             raise UsageError(f"--ckpt {ckpt} is a file: pass a run folder or a checkpoint folder")
         if path.is_file():
             path = path.parent
-        if (path / MODEL_FILE).is_file():
+        if complete(path):
             found, run_dir = path, path.parent.parent
         else:
             run_dir, found = path, latest_checkpoint(path, note=_note)
@@ -425,9 +515,15 @@ def resolve_checkpoint(ckpt: str | None, runs_root: str | Path) -> tuple[Path, P
 
 
 def load_weights(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], DictConfig]:
-    """The model state_dict and the run's resolved config stored with it."""
+    """The model state_dict and the run's resolved config stored with it (a sharded checkpoint:
+    consolidated into whole tensors in this one process)."""
     from safetensors.torch import load_file
 
+    if sharded(ckpt_dir):
+        from .distributed import consolidated
+
+        record = read_record(ckpt_dir)
+        return consolidated(Path(ckpt_dir) / DCP_MODEL), OmegaConf.create(record["config"])
     path = Path(ckpt_dir) / MODEL_FILE
     try:
         with safe_open(str(path), framework="pt") as f:

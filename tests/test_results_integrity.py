@@ -58,8 +58,10 @@ def evaluated(trained_run, tmp_path_factory) -> Path:
 def test_eval_results_name_the_checkpoint_they_measured(evaluated):
     doc = json.loads((evaluated / "eval" / "results.json").read_text())
     ckpt = latest(evaluated)
+    from sortedcli.runs import fingerprint
+
     assert doc["checkpoint"] == {"step": TINY_STEPS, "path": f"checkpoints/step-{TINY_STEPS:08d}",
-                                 "sha256": sha256(ckpt / "model.safetensors")}
+                                 "fingerprint": fingerprint(ckpt)}
 
 
 def test_export_refuses_results_of_an_earlier_checkpoint_and_resume_counts_its_own_steps(evaluated, tmp_path):
@@ -70,10 +72,12 @@ def test_export_refuses_results_of_an_earlier_checkpoint_and_resume_counts_its_o
     assert f"trained {TINY_STEPS} steps (steps {TINY_STEPS + 1}-{2 * TINY_STEPS})" in p.stdout, p.stdout
     p = cli(["export", "--budget", "0.5", "--ckpt", run, *TINY_EVAL], cwd=tmp_path)
     line = one_error_line(p)
-    old = json.loads((run / "eval" / "results.json").read_text())["checkpoint"]["sha256"]
-    new = sha256(latest(run) / "model.safetensors")
-    assert (f"eval/results.json measured step {TINY_STEPS} (sha {old[:12]}), the checkpoint is step "
-            f"{2 * TINY_STEPS} (sha {new[:12]}): run sortednet eval --all-submodels --ckpt {run}") in line
+    from sortedcli.runs import fingerprint
+
+    old = json.loads((run / "eval" / "results.json").read_text())["checkpoint"]["fingerprint"]
+    new = fingerprint(latest(run))
+    assert (f"eval/results.json measured step {TINY_STEPS} (fingerprint {old[:12]}), the checkpoint is step "
+            f"{2 * TINY_STEPS} (fingerprint {new[:12]}): run sortednet eval --all-submodels --ckpt {run}") in line
     assert not (run / "export").exists()
 
 

@@ -33,13 +33,13 @@ def check_fresh(results: Path, r) -> None:
     except (ValueError, AttributeError):
         load_results(results)  # says in one line what is wrong with the file
         raise
-    if isinstance(measured, dict) and measured.get("sha256") == r.record["sha256"]:
+    if isinstance(measured, dict) and measured.get("fingerprint") == r.record["fingerprint"]:
         return
     again = r.run_dir if r.ckpt == runs.latest_checkpoint(r.run_dir) else r.ckpt
-    what = (f"measured step {measured.get('step')} (sha {str(measured.get('sha256'))[:12]})"
+    what = (f"measured step {measured.get('step')} (fingerprint {str(measured.get('fingerprint'))[:12]})"
             if isinstance(measured, dict) else "does not say which checkpoint it measured")
     raise UsageError(f"{results.parent.name}/{results.name} {what}, the checkpoint is step {r.record['step']} "
-                     f"(sha {r.record['sha256'][:12]}): run sortednet eval --all-submodels --ckpt {again}")
+                     f"(fingerprint {r.record['fingerprint'][:12]}): run sortednet eval --all-submodels --ckpt {again}")
 
 
 def run(cfg: DictConfig, console: Console | None = None):

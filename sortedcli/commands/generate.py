@@ -244,8 +244,10 @@ def check_max_ppl_increase(cfg) -> float | None:
 
 def _checkpoint_key(ckpt) -> dict:
     """What identifies the weights a choice was made on, cheaply (no hash): the file, its size and time."""
-    from ..runs import MODEL_FILE
+    from ..runs import MODEL_FILE, fingerprint, sharded
 
+    if Path(ckpt).is_dir() and sharded(ckpt):  # no one weights file: the checkpoint's cheap fingerprint
+        return {"path": str(Path(ckpt).resolve()), "fingerprint": fingerprint(ckpt)}
     path = Path(ckpt) / MODEL_FILE if Path(ckpt).is_dir() else Path(ckpt)
     try:
         st = path.stat()

@@ -31,7 +31,7 @@ class LoadedRun:
 
     @cached_property
     def record(self) -> dict:
-        """The checkpoint measured: ``{"step", "path" (relative to run_dir), "sha256"}`` (hashed once)."""
+        """The checkpoint measured: ``{"step", "path" (relative to run_dir), "fingerprint"}`` (read once)."""
         return runs.checkpoint_record(self.run_dir, self.ckpt)
 
 

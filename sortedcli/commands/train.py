@@ -62,7 +62,8 @@ def _lock(run_dir: Path, d, console: Console) -> None:
 def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
     """``(run_dir, checkpoint, weights, trainer state)`` to resume: ``path`` is a checkpoint folder
     (``RUN/checkpoints/step-N``: that one) or a run folder (its latest checkpoint; when that is
-    unreadable, the newest earlier one that reads, said on the console)."""
+    unreadable, the newest earlier one that reads, said on the console). ``weights`` is None for a
+    sharded checkpoint: it is read into the built (and sharded) model by ``distributed.load_sharded``."""
     if runs.is_checkpoint(path):
         run_dir, chosen = path.parent.parent, [path]
     else:  # `latest` naming a folder that is gone: the newest complete one, said on the console
@@ -74,7 +75,11 @@ def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
     failed = []
     for ckpt in chosen:
         try:
-            weights, _ = runs.load_weights(ckpt)
+            if runs.sharded(ckpt):
+                runs.read_record(ckpt)  # readable; its shards are read once the model is built
+                weights = None
+            else:
+                weights, _ = runs.load_weights(ckpt)
             state = runs.load_state(ckpt)
         except UsageError as e:
             if len(chosen) == 1:
@@ -190,7 +195,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     sampler = build_sampler(cfg, grid)
     for note in sampler.notes:  # a setting the schedule had to change (g above the grid's size)
         console.print(f"[yellow]{note}[/]")
-    if resuming:  # whole weights, before any sharding
+    if resuming and weights is not None:  # whole weights, before any sharding
         model.load_state_dict(weights)
     model.to(device)
     if device.type == "cuda":
@@ -217,7 +222,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
     own = False  # whether this rank resumes its own random stream
     if resuming:
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"], d)
+        if weights is None:  # a sharded checkpoint: weights and optimizer resharded for these processes
+            distributed.load_sharded(model, optimizer, ckpt)
+        else:
+            distributed.load_optimizer_state(model, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         # each rank its own random stream where the checkpoint has one (same number of processes or
@@ -274,16 +282,21 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size, collate_fn=data.collate)
 
     def checkpoint():
-        weights, optimizer_state = distributed.full_state(model, optimizer, d)  # sharded: all ranks gather
-        finite = [torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()]
+        if d.sharded:  # each rank its own shards, written by torch.distributed.checkpoint: no whole copy
+            weights, optimizer_state = distributed.sharded_state(model, optimizer)
+            values = distributed.local_values(weights)
+        else:  # the ranks hold the same weights: one copy, loadable by any number of processes
+            weights, optimizer_state = distributed.full_state(model, optimizer, d)
+            values = list(weights.values())
+        finite = [torch.isfinite(v).all() for v in values if v.is_floating_point()]
         bad = torch.tensor([0.0 if not finite or bool(torch.stack(finite).all()) else 1.0], device=device)
-        if d.sum(bad).item():  # every rank agrees (sharded: rank 0 holds the gathered weights)
+        if d.sum(bad).item():  # every rank agrees (sharded: each looked at its own shards)
             d.barrier()
             raise _stopped(progress.step, "the weights are NaN or infinite", run_dir, cfg, bad=progress.step) \
                 if d.main else UsageError("diverged")
         rngs = d.gather(torch.get_rng_state())  # every rank's stream: a data-parallel resume is exact too
         state = {
-            "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
             "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch},
         }
@@ -291,7 +304,14 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             state["cuda_rng_ranks"] = d.gather(torch.cuda.get_rng_state())
             state["cuda_rng"] = state["cuda_rng_ranks"][0]
         path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
-        if d.main:  # the ranks hold the same weights: one copy, loadable by any number of processes
+        if d.sharded:  # a temporary folder (rank 0 makes it), every rank's shards, then rank 0 the rest
+            tmp = d.broadcast(str(runs.begin_checkpoint(run_dir, progress.step)) if d.main else None)
+            distributed.save_sharded(weights, optimizer_state, tmp)
+            if d.main:
+                runs.save_sharded_record(run_dir, progress.step, cfg, d.world)
+                path = runs.finish_checkpoint(run_dir, progress.step, state, keep=t.keep_checkpoints)
+        elif d.main:
+            state["optimizer"] = optimizer_state
             path = runs.save_checkpoint(run_dir, progress.step, weights, state, cfg, keep=t.keep_checkpoints)
         d.barrier()
         return path
