@@ -122,6 +122,7 @@ def load_generator(cfg: DictConfig):
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise UsageError(f"checkpoint {ckpt} does not fit {run_cfg.model.name}: {str(e).splitlines()[0]}") from None
+    model = entry.for_inference(model)  # LoRA adapters merged
     device, _ = build_device(cfg)
     model.to(device).eval()
     return entry.stack(model), tokenizer, run_cfg, ckpt, run_dir, model

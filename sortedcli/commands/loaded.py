@@ -63,6 +63,7 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     model = build_model(OmegaConf.create({"model": architecture}), data.model_args)
     check_fits(ckpt, weights, model, run_cfg.model.name)
     model.load_state_dict(weights)
+    model = models.entry(run_cfg.model.name).for_inference(model)  # LoRA adapters merged
     grid = build_grid(run_cfg, model)
     device, amp = build_device(cfg)
     model.to(device).eval()

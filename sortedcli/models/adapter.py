@@ -20,7 +20,9 @@ A family answers, for the models it builds:
 - ``importance_groups(model)``: units that move together when a pretrained model is importance-sorted
   (:mod:`sortedcli.nest.importance`);
 - ``init_options``: model options that only say where initial weights come from, not the
-  architecture (an export rebuilds without them).
+  architecture (an export rebuilds without them);
+- ``for_inference(model)``: the loaded model as eval, export and generate run it (LoRA adapters
+  merged into their weights).
 
 Adding a family is one subclass in one module of this package (``Family = MyFamily`` at its end)
 and one ``register(...)`` line per name, plus a ``conf/model/NAME.yaml`` (see the README).
@@ -84,3 +86,8 @@ class Adapter(ABC):
 
     def importance_groups(self, model: nn.Module) -> list[Group]:
         return []
+
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        """The trained model (weights loaded) as eval, export and generate run it: what only training
+        needs folded away (a decoder merges its LoRA adapters into the weights they adapt)."""
+        return model

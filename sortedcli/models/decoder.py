@@ -29,6 +29,10 @@ Sorted model (the registry entries ``causal_lm``, ``llama``, ``llama_tiny``; Sor
   key/value groups, so the levels of a model with 2 key/value heads resolve to 1 or 2 groups
   (:meth:`~sortedcli.nest.space.Grid.distinct` merges levels that keep the same groups).
 - **ffn** (separate gate/up projections only): a prefix of the intermediate neurons.
+- **LoRA SoFT** (``model.lora.r=16``): peft's LoRA adapters on the chosen projections train, nothing
+  else does; depth nests as above, a width dim only where no adapter sits on a projection it slices
+  (heads: q/k/v/o_proj, ffn: gate/up/down_proj); eval, export and generate merge the adapters first
+  (see "LoRA SoFT" below).
 
 Every sub-model is a stock config of the same class (``head_dim`` is written explicitly), so
 ``export`` writes a folder the stock ``AutoModelForCausalLM`` reloads. A pretrained model is
@@ -252,11 +256,15 @@ def _config(config: dict, extra: dict):
 def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, config: dict | None = None,
                   tokenizer: str | None = None, attn_implementation: str = "sdpa",
                   special_tokens: dict | None = None, importance: str | None = None,
-                  require: str | None = None) -> nn.Module:
+                  require: str | None = None, lora: dict | None = None) -> nn.Module:
     """A transformers ``*ForCausalLM`` from ``pretrained`` (a folder, hub id or GGUF) or built from
     ``config`` (random init; its vocabulary is sized to the tokenizer's), importance-sorted when
-    pretrained, sorted in place. ``require``: a class name the model must be (``llama``'s entry)."""
+    pretrained, sorted in place. ``require``: a class name the model must be (``llama``'s entry).
+    ``lora`` (``model.lora``): peft's LoRA adapters on the named projections, after sorting
+    (:func:`add_lora`); every other weight is frozen."""
     from transformers import AutoModelForCausalLM
+
+    lora = lora_options(lora)  # a mistyped model.lora is refused before any weight is read
 
     if not pretrained and config is not None:
         config = dict(config)
@@ -275,7 +283,113 @@ def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, 
     method = importance_method(importance)
     if pretrained and method and not hf.is_snapshot(Path(pretrained).expanduser()):
         sort_by_importance(importance_groups(model), method)
-    return sortify_decoder(model)
+    return add_lora(sortify_decoder(model), lora)
+
+
+# --- LoRA SoFT (model.lora): peft's adapters on a sorted decoder -------------------------------------
+#
+# peft's ``inject_adapter_in_model`` wraps each target projection (already a prefix-sliced layer) in
+# its LoRA ``Linear`` in place: the model keeps its class, its sorting and its exits (the final norm
+# and LM head stay shared and frozen), and its state_dict holds the base weights under
+# ``...q_proj.base_layer.weight`` beside ``...lora_A.default.weight``/``lora_B``, so a checkpoint is
+# still one safetensors file that a build with the same ``model.lora`` loads and resumes.
+# Depth nests unchanged (a dropped layer drops its adapters). A width dim nests only where no target
+# is a projection it slices: peft's LoRA product runs at the full width, so heads (q/k/v/o_proj) or
+# ffn (gate/up/down_proj) with an adapter on one of their projections is refused in one line
+# (:func:`lora_why_not`). eval, export and generate merge the adapters into the weights first
+# (:func:`merge_lora`, peft's own merge), so sub-models, FLOPs and exports are those of plain layers.
+
+LORA_KEYS = ("r", "alpha", "dropout", "targets")
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                    "gate_up_proj")
+#: the projections a width dim slices (outputs or inputs)
+LORA_SLICED = {"heads": ("q_proj", "k_proj", "v_proj", "o_proj"), "ffn": ("gate_proj", "up_proj", "down_proj")}
+_LORA_EXAMPLE = "model.lora.r=16 (with model.lora.alpha, .dropout, .targets=[q_proj,v_proj]) or model.lora=null"
+
+
+def lora_options(lora) -> dict | None:
+    """``model.lora`` checked: None when off (``null`` or ``r: null``), else ``{r, alpha, dropout, targets}``."""
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise UsageError(f"model.lora must be null or a mapping ({_LORA_EXAMPLE}), got {lora!r}")
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise UsageError(f"model.lora has no key {unknown[0]!r}: its keys are {', '.join(LORA_KEYS)}")
+    r = lora.get("r")
+    if r is None:
+        return None
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UsageError(f"model.lora.r must be null (no adapters) or an integer >= 1 (the adapters' rank), got {r!r}")
+    alpha = lora.get("alpha", 2 * r)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise UsageError(f"model.lora.alpha must be a number > 0 (the adapters' scale is alpha / r), got {alpha!r}")
+    dropout = lora.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UsageError(f"model.lora.dropout must be a number in [0, 1), got {dropout!r}")
+    targets = lora.get("targets", ["q_proj", "v_proj"])
+    if isinstance(targets, str):
+        targets = [targets]
+    bad = [t for t in targets or [] if t not in LORA_PROJECTIONS] if isinstance(targets, (list, tuple)) else [targets]
+    if not targets or bad:
+        raise UsageError(f"model.lora.targets must be a list of the decoder layers' projections "
+                         f"({', '.join(LORA_PROJECTIONS)}), got {targets!r}: the final norm and LM head are shared "
+                         "by every exit and stay frozen")
+    return {"r": r, "alpha": alpha, "dropout": float(dropout), "targets": sorted(set(targets))}
+
+
+def add_lora(model: nn.Module, lora: dict | None) -> nn.Module:
+    """peft's LoRA adapters injected in place on ``lora["targets"]`` of every decoder layer (only the
+    adapters train); ``model`` itself when ``lora`` is None."""
+    if lora is None:
+        return model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UsageError("model.lora needs peft: pip install peft (or make setup)") from None
+    present = {name.rsplit(".", 1)[-1] for name, _ in _base(model).layers.named_modules()}
+    missing = [t for t in lora["targets"] if t not in present]
+    if missing:
+        have = [p for p in LORA_PROJECTIONS if p in present]
+        raise UsageError(f"model.lora.targets: {type(model).__name__} has no {', '.join(missing)} "
+                         f"(its projections: {', '.join(have)})")
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["targets"], bias="none")
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name  # peft marks the adapters trainable; nothing else trains
+    model.sortednet_lora = lora
+    return model
+
+
+def lora_why_not(model: nn.Module, dim: str) -> str | None:
+    """Why ``dim`` does not nest with ``model``'s LoRA adapters (None when it does, or without LoRA)."""
+    lora = getattr(model, "sortednet_lora", None)
+    hit = [t for t in (lora or {}).get("targets", ()) if t in LORA_SLICED.get(dim, ())]
+    if not hit:
+        return None
+    return (f"its LoRA adapters on {', '.join(hit)} run at full width, and {dim} slices "
+            f"{', '.join(LORA_SLICED[dim])}: sort along depth, or set model.lora.targets to projections {dim} "
+            "does not slice")
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """The adapters merged into the weights they adapt (peft's ``merge``: W += B A alpha / r) and each
+    peft layer replaced by its base layer, in place: a plain sorted model again (``merge_and_unload``)."""
+    if getattr(model, "sortednet_lora", None) is None:
+        return model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, m.get_base_layer())
+    model.__dict__.pop("peft_config", None)
+    del model.sortednet_lora
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _random(auto_class, cfg, attn_implementation: str | None) -> nn.Module:
@@ -494,10 +608,13 @@ class DecoderFamily(Adapter):
         return build_decoder(**self.options, **args)
 
     def dims_of(self, model: nn.Module) -> dict[str, str]:
-        return model.sortednet_layout.dims
+        return {d: k for d, k in model.sortednet_layout.dims.items() if lora_why_not(model, d) is None}
 
     def why_not(self, model: nn.Module, dim: str) -> str:
-        return model.sortednet_layout.why_not(dim)
+        return lora_why_not(model, dim) or model.sortednet_layout.why_not(dim)
+
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        return merge_lora(model)
 
     def tokenizer(self, options: dict):
         return tokenizer(options)
