@@ -119,6 +119,28 @@ def test_a_width_dim_nests_with_adapters_off_its_projections(home):
             create("llama_tiny", vocab_size=300, config=dict(TINY), lora=bad)
 
 
+def test_the_plan_holds_every_weight_and_trains_the_adapters(home):
+    """``sortednet plan`` with model.lora: the parameters row holds every weight (the frozen base too),
+    gradients and optimizer state only the adapters (it counted the adapters alone as the parameters)."""
+    from hydra import compose, initialize_config_dir
+
+    from sortedcli.cli import CONF_DIR
+    from sortedcli.commands.plan import estimate
+
+    overrides = ["model=llama_tiny", f"model.tokenizer={home / 'tok'}", "data=alpaca", "data.path=unused.json",
+                 "data.max_length=64", "dims=[depth]", "sampler=all", "optim=adamw", "trainer.batch_size=2",
+                 "trainer.precision=fp32", "model.config.hidden_size=32", "model.config.intermediate_size=64"]
+    with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+        full = compose(config_name="plan", overrides=overrides)
+        lora = compose(config_name="plan", overrides=[*overrides, "model.lora.r=4"])
+    base, _, _ = estimate(full)
+    plan, _, meta = estimate(lora)
+    adapters = 4 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))  # 4 layers x (q_proj 32 -> 32, v_proj 32 -> 16) at r = 4
+    assert plan.params == base.params + adapters and plan.trainable == adapters and base.trainable is None
+    assert plan.parameters == 4 * plan.params
+    assert plan.gradients == 4 * adapters and plan.optimizer == 2 * 4 * adapters
+
+
 @pytest.mark.slow
 def test_lora_soft_trains_evals_every_exit_resumes_generates_and_exports_a_merged_folder(home, tmp_path):
     from safetensors import safe_open

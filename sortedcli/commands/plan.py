@@ -4,14 +4,14 @@ It takes what ``train`` takes (``--recipe NAME``, ``key=value`` overrides such a
 ``trainer.strategy=fsdp``), builds the model on PyTorch's ``meta`` device (shapes, no storage: a
 13B LLaMA in seconds, no weights read, offline), and prints per rank:
 
-With ``P`` the trainable parameters (numel), ``N`` the ranks (``trainer.devices``), ``s = N`` under
-``trainer.strategy=fsdp`` with ``N > 1`` and ``s = 1`` otherwise (FSDP2 shards parameters, gradients
-and optimizer state; DDP replicates them), ``c`` the bytes of the compute dtype (2 for bf16, 4 for
-fp32):
+With ``P`` the parameters (numel; ``T`` of them train: all, but the adapters only with ``model.lora``),
+``N`` the ranks (``trainer.devices``), ``s = N`` under ``trainer.strategy=fsdp`` with ``N > 1`` and
+``s = 1`` otherwise (FSDP2 shards parameters, gradients and optimizer state; DDP replicates them), ``c``
+the bytes of the compute dtype (2 for bf16, 4 for fp32):
 
 - **parameters** ``4 P / s``: fp32 master weights (what ``train`` keeps, also with bf16 autocast);
-- **gradients** ``4 P / s``: fp32, the parameters' dtype;
-- **optimizer state** ``k x 4 P / s``: ``k = 2`` for AdamW (exp_avg, exp_avg_sq), ``k = 1`` for SGD with
+- **gradients** ``4 T / s``: fp32, the parameters' dtype;
+- **optimizer state** ``k x 4 T / s``: ``k = 2`` for AdamW (exp_avg, exp_avg_sq), ``k = 1`` for SGD with
   momentum, 0 without;
 - **working copies**: with bf16 autocast and no FSDP, the bf16 copy of every weight that the
   forward pass casts and keeps for the backward pass, ``2 P``; with FSDP, the parameters gathered at
@@ -85,7 +85,7 @@ class Activations:
 class Plan:
     """Per-rank bytes of a training run (see the module doc for the formulas)."""
 
-    params: int  # P, trainable parameters (numel)
+    params: int  # P, parameters held (numel)
     largest_unit: int  # parameters of the largest depth unit
     root: int  # parameters outside the depth units (FSDP2's root group)
     ranks: int
@@ -97,6 +97,11 @@ class Plan:
     compute_dtype: torch.dtype
     checkpointing: bool
     gpu_gb: float
+    trainable: int | None = None  # parameters that train (model.lora: the adapters only); None: all P
+
+    @property
+    def trained(self) -> int:
+        return self.params if self.trainable is None else self.trainable
 
     @property
     def shards(self) -> int:
@@ -108,11 +113,11 @@ class Plan:
 
     @property
     def gradients(self) -> float:
-        return FP32 * self.params / self.shards
+        return FP32 * self.trained / self.shards
 
     @property
     def optimizer(self) -> float:
-        return self.optimizer_states * FP32 * self.params / self.shards
+        return self.optimizer_states * FP32 * self.trained / self.shards
 
     @property
     def working(self) -> float:
@@ -334,13 +339,16 @@ def estimate(cfg: DictConfig) -> tuple[Plan, str, nn.Module]:
     readouts = len(set(members)) - 1 if has_exits(model) else 0
     with use(model, grid.largest):
         acts = saved_activations(model, inputs, readouts)
-    plan = Plan(params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    held = sum(p.numel() for p in model.parameters())  # frozen weights (model.lora's base) are held too
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = Plan(params=held,
                 largest_unit=max((sum(p.numel() for p in u.module.parameters()) for u in units), default=0),
                 root=sum(p.numel() for p in model.parameters() if id(p) not in in_units),
                 ranks=ranks, sharded=sharded, optimizer_states=_optimizer_states(cfg), activations=acts,
                 micro_batch=micro, length=length, compute_dtype=compute,
                 checkpointing=bool(t.get("activation_checkpointing", False)),
-                gpu_gb=float(OmegaConf.select(cfg, "plan.gpu_memory_gb", default=80)))
+                gpu_gb=float(OmegaConf.select(cfg, "plan.gpu_memory_gb", default=80)),
+                trainable=None if trainable == held else trainable)
     return plan, source, model
 
 
@@ -391,10 +399,11 @@ def table(plan: Plan, title: str) -> Table:
     tab.add_column("estimate")
     tab.add_column("memory", justify="right")
     k = plan.optimizer_states
+    n = "P" if plan.trainable is None else f"{plan.trainable:,} trained"
     rows = [
         ("parameters", f"fp32 master weights, 4 x {plan.params:,} {s}", plan.parameters),
-        ("gradients", f"fp32, 4 x P {s}", plan.gradients),
-        ("optimizer state", f"{k} fp32 state{'s' if k != 1 else ''} per parameter, {4 * k} x P {s}", plan.optimizer),
+        ("gradients", f"fp32, 4 x {n} {s}", plan.gradients),
+        ("optimizer state", f"{k} fp32 state{'s' if k != 1 else ''} per parameter, {4 * k} x {n} {s}", plan.optimizer),
         ("working copies", "gathered layers (2 x the largest unit + the root) and one unit's fp32 gradient"
          if plan.sharded else ("bf16 copies of the weights (autocast)" if plan.working else "none (fp32)"),
          plan.working),
