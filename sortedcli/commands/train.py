@@ -178,7 +178,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         raise UsageError(f"{run_dir} already holds a run (two runs started in the same second?): "
                          f"pass hydra.run.dir=NEW_DIR{resume}")
     d.barrier()  # every rank has looked before rank 0 writes
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.main:  # the only rank that writes there (another node may not share this disk, or may not write there)
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
     source = runs.self_contained(cfg, run_dir) if resuming else cfg  # a resumed run reads its own copy
@@ -373,7 +374,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             raise _stopped(e.step, f"the loss is {e.loss}", run_dir, cfg, bad=e.step - 1) from None
 
     board.close()
-    final = runs.latest_checkpoint(run_dir)
+    # rank 0 looks and every rank follows: a checkpoint is a collective, and on another node the run
+    # folder may be missing (no shared disk) or not show the newest step yet (a network filesystem)
+    final = d.broadcast(runs.latest_checkpoint(run_dir) if d.main else None)
     if final is None or final.name != f"step-{progress.step:08d}":
         final = checkpoint()
     done = progress.step - first_step
