@@ -5,6 +5,10 @@ every sorted layer is then replaced by a plain torch layer holding a copy of its
 depth unit gets its library class back, and every dropped one is replaced by its plain stand-in.
 The result has no sortedcli classes in it. ``check_equal`` verifies that it computes what the
 sub-model computes inside the full model.
+
+Nothing is copied that the sub-model does not keep: the structure is copied with empty stand-ins for
+the parameters, and only the parameters (or slices) that remain at the end are copied from the model,
+so cutting a sub-model out of a large model needs about the sub-model's memory, not the model's.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 
 from .convert import _DepthUnitMixin, call, nesting, plain_class, use
-from .layers import SortedLayer
+from .layers import SORTED_LAYERS, SortedLayer
 from .space import SubModel
 
 
@@ -51,10 +55,15 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def extract(model: nn.Module, sub: SubModel | None, example) -> nn.Module:
-    """A plain copy of sub-model ``sub`` (in eval mode) with physically sliced layers."""
+    """A plain copy of sub-model ``sub`` (in eval mode) with physically sliced layers.
+
+    Only what the sub-model keeps is copied: the model's structure is copied with every parameter
+    replaced by an empty (meta) stand-in, sliced layers are built from the original's slices, dropped
+    units are replaced, and only then are the parameters that remain copied from the original. The
+    extra memory is about the sub-model's size, not the full model's."""
     sizes = trace(model, sub, example)
     nest = nesting(model)
-    plain = copy.deepcopy(model)
+    plain, originals = _skeleton(model)
     del plain.sortednet
     scope = nest.scope
     depth = None if sub is None else sub.get(scope.depth_dim)
@@ -63,14 +72,16 @@ def extract(model: nn.Module, sub: SubModel | None, example) -> nn.Module:
         name for name, m in plain.named_modules()
         if isinstance(m, _DepthUnitMixin) and depth is not None and m.sorted_rank >= depth
     }
-    # Layers: the slices that ran become plain layers; layers inside dropped units go with them.
+    # Layers: the slices that ran become plain layers holding copies of the model's slices (a layer that
+    # ran whole, or never ran (an unused branch), gets its class back and its parameters are copied by
+    # _fill, tied ones once); layers inside dropped units go with them.
     for name, m in list(plain.named_modules()):
         if not isinstance(m, SortedLayer):
             continue
-        if name in sizes:
-            _set(plain, name, m.to_plain(*sizes[name]))
-        elif not any(name.startswith(d + ".") for d in dropped):
-            m.__class__ = plain_class(m)  # never ran (unused branch): keep it whole
+        if name in sizes and not _whole(model.get_submodule(name), sizes[name]):
+            _set(plain, name, model.get_submodule(name).to_plain(*sizes[name]))
+        elif name in sizes or not any(name.startswith(d + ".") for d in dropped):
+            m.__class__ = plain_class(m)
             _strip(m)
     for name, m in list(plain.named_modules()):
         if isinstance(m, _DepthUnitMixin):
@@ -82,7 +93,41 @@ def extract(model: nn.Module, sub: SubModel | None, example) -> nn.Module:
     _retie(plain, _shared(model))
     if nest.finish is not None:
         nest.finish(plain, sub)
+    _fill(plain, originals)
     return plain.eval()
+
+
+def _skeleton(model: nn.Module) -> tuple[nn.Module, dict[int, tuple[nn.Parameter, nn.Parameter]]]:
+    """A deep copy of ``model`` whose parameters are stand-ins on the meta device (no memory; tied
+    parameters share one stand-in), and ``{id(stand-in): (stand-in, original)}`` for :func:`_fill`."""
+    memo: dict[int, object] = {}
+    originals: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+    for p in model.parameters():  # each tensor once, tied ones included
+        stand_in = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+        memo[id(p)] = stand_in
+        originals[id(stand_in)] = (stand_in, p)
+    return copy.deepcopy(model, memo), originals
+
+
+def _fill(plain: nn.Module, originals: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Replace every stand-in left in ``plain`` by a copy of its original (one copy per tensor, so tied
+    parameters stay tied)."""
+    made: dict[int, nn.Parameter] = {}
+    for m in plain.modules():
+        for key, p in m._parameters.items():
+            if p is None or id(p) not in originals:
+                continue
+            if id(p) not in made:
+                source = originals[id(p)][1]
+                made[id(p)] = nn.Parameter(source.detach().clone(), requires_grad=source.requires_grad)
+            m._parameters[key] = made[id(p)]
+
+
+def _whole(layer: SortedLayer, size: tuple[int, int]) -> bool:
+    """Whether the slice of ``layer`` that ran is all of it, in a layer whose class is a torch layer's
+    sorted class (a subclass of one, such as a fused projection, is always cut by its ``to_plain``)."""
+    return type(layer) in SORTED_LAYERS.values() and all(
+        t is None or t is getattr(layer, name) for name, t in layer.sliced(*size).items())
 
 
 def _shared(model: nn.Module) -> list[list[str]]:
@@ -113,7 +158,7 @@ def _retie(plain: nn.Module, groups: list[list[str]]) -> None:
 
 
 def _strip(m: nn.Module) -> None:
-    for attr in ("sorted_scope", "sorted_dim", "sorted_unit", "sorted_rank", "sorted_skip"):
+    for attr in ("sorted_scope", "sorted_dim", "sorted_unit", "sorted_rank", "sorted_skip", "sync"):
         m.__dict__.pop(attr, None)
 
 

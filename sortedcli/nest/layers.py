@@ -118,7 +118,7 @@ class SortedConv2d(SortedLayer, nn.Conv2d):
         plain = nn.Conv2d(
             n_in, n_out, self.kernel_size, self.stride, self.padding, self.dilation,
             groups=n_in if self.depthwise else 1, bias=self.bias is not None,
-            device=self.weight.device, dtype=self.weight.dtype,
+            device="meta", dtype=self.weight.dtype,  # no memory: its parameters are the copies below
         )
         plain.weight = nn.Parameter(_copy(p["weight"]))
         if self.bias is not None:
@@ -144,7 +144,7 @@ class SortedLinear(SortedLayer, nn.Linear):
     def to_plain(self, n_in, n_out):
         p = self.sliced(n_in, n_out)
         plain = nn.Linear(n_in, n_out, bias=self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
+                          device="meta", dtype=self.weight.dtype)  # no memory: its parameters are the copies below
         plain.weight = nn.Parameter(_copy(p["weight"]))
         if self.bias is not None:
             plain.bias = nn.Parameter(_copy(p["bias"]))
