@@ -372,9 +372,10 @@ def _early(verb: str, cfg) -> None:
 
         check_dims(cfg)
     if verb == "export":
-        from .commands.export import check_budget
+        from .commands.export import check_budget, shard_size
 
         check_budget(cfg.budget)
+        shard_size(cfg.get("export", {}).get("max_shard_size"))
     elif verb == "train":
         from .build import check_settings
         from .strict import check_group_types, check_latency

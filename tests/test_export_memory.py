@@ -5,17 +5,22 @@ while it runs, counted at torch's dispatcher, frees not subtracted: an upper bou
 about the sub-model's parameter bytes, not the full model's, on a tiny LLaMA and on ResNet-18 at half
 depth, and at half depth with narrower widths. The cut-out model is still the sub-model
 (``check_equal``), owns its weights (no tensor shared with the trained model) and keeps tied
-embeddings tied.
+embeddings tied. A Hugging Face export writes sharded safetensors at ``export.max_shard_size`` with
+their index, which the stock ``AutoModelForCausalLM`` loads; a size that is not one is refused in one
+line before any work.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from sortedcli.models import create
-from sortedcli.nest import SubModel, check_equal, extract
+from conftest import cli
+from sortedcli.models import create, entry
+from sortedcli.nest import SubModel, check_equal, extract, use
 
 LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, vocab_size=256, pad_token_id=0, bos_token_id=1,
@@ -98,3 +103,68 @@ def test_extract_allocates_about_the_resnet18_submodels_size_not_the_full_models
     check_cut_out(resnet18, sub, example, small, allocated)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in small.modules()) > 0
     assert not any(type(m).__module__.startswith("sortedcli") for m in small.modules())
+
+
+def test_a_transformers_export_is_sharded_at_max_shard_size_and_the_stock_class_loads_it(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sub = SubModel.of(depth=4)
+    example = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    small = extract(llama, sub, example)
+    assert param_bytes(small) > 2_000_000
+    entry("causal_lm").save(tmp_path, small, {"name": sub.name}, example, max_shard_size=1_000_000)  # reload-checked
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 3 and not (tmp_path / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert all((tmp_path / s).stat().st_size <= 1_010_000 for s in shards)  # + each file's small header
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad(), use(llama, sub):
+        torch.testing.assert_close(back(IDS).logits, llama(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_shard_sizes_are_read_as_transformers_reads_them():
+    from sortedcli.commands.export import shard_size
+    from sortedcli.errors import UsageError
+
+    assert shard_size(None) is None
+    assert shard_size("50GB") == 50 * 10**9 and shard_size("2GiB") == 2 * 2**30 and shard_size(" 500 mb") == 5 * 10**8
+    assert shard_size(1234) == 1234 and shard_size("1.5KB") == 1500
+    for bad in ("abc", 0, "-5GB", "5 parsecs", True, "0.1B"):
+        with pytest.raises(UsageError, match="export.max_shard_size must be a size such as 5GB"):
+            shard_size(bad)
+
+
+def test_a_max_shard_size_that_is_not_a_size_is_one_line_before_any_work(tmp_path):
+    p = cli(["export", "--budget", "0.5", "export.max_shard_size=5 parsecs"], cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sortednet: error: export.max_shard_size must be a size"), p.stderr
+    assert "Traceback" not in p.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_export_passes_its_max_shard_size_to_the_familys_writer(trained_run, tmp_path, monkeypatch):
+    """``export.max_shard_size=2KiB`` reaches the family's ``save`` as bytes (a vision export ignores it:
+    torchvision models are one file)."""
+    import io
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from rich.console import Console
+
+    from conftest import TINY_EVAL
+    from sortedcli.cli import CONF_DIR
+    from sortedcli.commands import export
+    from sortedcli.models.vision import VisionFamily
+
+    run = shutil.copytree(trained_run, tmp_path / "runs" / trained_run.name,
+                          ignore=shutil.ignore_patterns("eval", "export"))
+    seen = []
+    save = VisionFamily.save
+    monkeypatch.setattr(VisionFamily, "save", lambda self, *a, max_shard_size=None, **k: (
+        seen.append(max_shard_size), save(self, *a, max_shard_size=max_shard_size, **k))[1])
+    with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+        cfg = compose(config_name="export", overrides=[f"ckpt={run}", "budget=1", "export.max_shard_size=2KiB",
+                                                       "trainer.device=cpu", *TINY_EVAL])
+    folder = export.run(cfg, Console(file=io.StringIO()))
+    assert seen == [2048] and (folder / "model.safetensors").is_file()

@@ -20,6 +20,25 @@ def check_budget(budget) -> float:
     return float(budget)
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_size(value) -> int | None:
+    """``export.max_shard_size`` in bytes (``5GB``, ``500MB``, ``2GiB`` or a number of bytes; None: the
+    format's own default): the largest weights file of a Hugging Face export (``save_pretrained``)."""
+    import re
+
+    if value is None:
+        return None
+    m = None if isinstance(value, bool) else re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(value), re.I)
+    size = int(float(m[1]) * _SIZE_UNITS[(m[2] or "").upper()]) if m else 0
+    if size < 1:
+        raise UsageError(f"export.max_shard_size must be a size such as 5GB, 500MB or 2GiB (or a number of "
+                         f"bytes), got {value!r}")
+    return size
+
+
 def check_fresh(results: Path, r) -> None:
     """Refuse eval results measured on another checkpoint than the one about to be cut (a run resumed
     since, or ``--ckpt`` naming an older one): they would choose on stale numbers."""
@@ -57,6 +76,7 @@ def run(cfg: DictConfig, console: Console | None = None):
 
     console = console or Console()
     budget = check_budget(cfg.budget)
+    max_shard = shard_size(cfg.get("export", {}).get("max_shard_size"))
     with console.status("loading the run"):
         r = load_run(cfg)
     # the results of the checkpoint being cut (eval/ for the latest, eval/step-N/ for another); an older
@@ -158,7 +178,8 @@ def run(cfg: DictConfig, console: Console | None = None):
             "checkpoint": {**r.record, "run": str(r.run_dir)},
         }
         status.update(f"writing {chosen.name} as {entry.exports}")
-        folder = export.write(target, lambda tmp: entry.save(tmp, small, config, check_input, r.tokenizer))
+        folder = export.write(target, lambda tmp: entry.save(tmp, small, config, check_input, r.tokenizer,
+                                                             max_shard_size=max_shard))
     console.print(f"[bold]sortednet export[/] budget {budget:g} x {human(full)} FLOPs = "
                   f"{human(budget * full)} FLOPs: {len(fits)} of {len(r.grid)} sub-models fit.")
     console.print(f"chose {chosen.name}{by}: {human(cost.flops)} FLOPs ({cost.flops / full:.1%} of full), "

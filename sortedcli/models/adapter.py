@@ -74,9 +74,11 @@ class Adapter(ABC):
         return True
 
     @abstractmethod
-    def save(self, folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
+    def save(self, folder, plain: nn.Module, meta: dict, example, tokenizer=None,
+             max_shard_size: int | None = None) -> None:
         """Write the plain sub-model ``plain`` into ``folder`` in the family's format, checked to
-        reproduce it on ``example``."""
+        reproduce it on ``example``; ``max_shard_size`` (bytes, ``export.max_shard_size``): the largest
+        weights file, where the format splits its weights into several (None: the format's default)."""
 
     def stack(self, model: nn.Module):
         raise ValueError(f"model={self.name} is not a causal language model: generate needs e.g. model=causal_lm")

@@ -431,17 +431,17 @@ def build_encoder(num_classes: int, pretrained: str | None = None, config: dict 
     return sortify_encoder(model)
 
 
-def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
+def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None, max_shard_size: int | None = None) -> None:
     """A Hugging Face folder that ``AutoModelForSequenceClassification.from_pretrained`` loads, checked
     to give ``plain``'s logits on ``example`` (the task's check input: several
-    sequences of different lengths, padded)."""
+    sequences of different lengths, padded); weights in safetensors files of at most ``max_shard_size``."""
     from transformers import AutoModelForSequenceClassification
 
     from ..nest import call
 
     with torch.no_grad():
         want = call(plain.eval(), example)
-    hf.save(folder, plain, meta, example, want, AutoModelForSequenceClassification, tokenizer)
+    hf.save(folder, plain, meta, example, want, AutoModelForSequenceClassification, tokenizer, max_shard_size)
 
 
 snapshot = hf.snapshot  # the registry's snapshot hook: the pretrained config + tokenizer into the run folder

@@ -427,17 +427,17 @@ def tokenizer(options: dict):
     return lm.load_tokenizer({})
 
 
-def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
+def save(folder, plain: nn.Module, meta: dict, example, tokenizer=None, max_shard_size: int | None = None) -> None:
     """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads, checked to give
     ``plain``'s logits on ``example`` (the task's check input: several sequences of different
-    lengths, padded)."""
+    lengths, padded); weights in safetensors files of at most ``max_shard_size`` bytes."""
     from transformers import AutoModelForCausalLM
 
     from ..nest import call
 
     with torch.no_grad():
         want = call(plain.eval(), example)
-    hf.save(folder, plain, meta, example, want, AutoModelForCausalLM, tokenizer)
+    hf.save(folder, plain, meta, example, want, AutoModelForCausalLM, tokenizer, max_shard_size)
 
 
 def _module_function(module: nn.Module, name: str):
@@ -619,8 +619,8 @@ class DecoderFamily(Adapter):
     def tokenizer(self, options: dict):
         return tokenizer(options)
 
-    def save(self, folder, plain, meta, example, tokenizer=None) -> None:
-        save(folder, plain, meta, example, tokenizer)
+    def save(self, folder, plain, meta, example, tokenizer=None, max_shard_size=None) -> None:
+        save(folder, plain, meta, example, tokenizer, max_shard_size)
 
     def stack(self, model: nn.Module) -> DecoderStack:
         return DecoderStack(model)

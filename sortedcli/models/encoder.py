@@ -32,8 +32,8 @@ class EncoderFamily(Adapter):
     def exportable(self, model: nn.Module, sub) -> bool:
         return bert.exportable(model, sub)
 
-    def save(self, folder, plain, meta, example, tokenizer=None) -> None:
-        bert.save(folder, plain, meta, example, tokenizer)
+    def save(self, folder, plain, meta, example, tokenizer=None, max_shard_size=None) -> None:
+        bert.save(folder, plain, meta, example, tokenizer, max_shard_size)
 
     def snapshot(self, model, tok, folder, source) -> None:
         hf.snapshot(model, tok, folder, source)

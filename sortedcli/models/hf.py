@@ -10,7 +10,8 @@
 - :func:`prefix_layers`: the first k layers of a ``ModuleList`` stack as depth units whose skip is the
   identity, and the ``finish`` that drops the skipped layers from a cut-out model;
 - :func:`save`: an export folder that the stock ``Auto*`` class loads (``save_pretrained``: the
-  reduced config and safetensors weights, plus the tokenizer), checked by loading it back.
+  reduced config and safetensors weights, sharded at ``max_shard_size`` with their index, plus the
+  tokenizer), checked by loading it back.
 """
 
 from __future__ import annotations
@@ -185,12 +186,15 @@ def prefix_layers(model: nn.Module, path: str, config_key: str = "num_hidden_lay
 
 @torch.no_grad()
 def save(folder: Path, plain: nn.Module, meta: dict, check_inputs, want: torch.Tensor, auto_class,
-         tok=None) -> None:
-    """Write ``plain`` as a Hugging Face folder (``save_pretrained``: config.json + model.safetensors),
-    its tokenizer and ``sortednet.json`` (what it was cut from and what it scores), then load it back
-    with the stock ``auto_class`` and check that it gives ``want`` on ``check_inputs``."""
+         tok=None, max_shard_size: int | str | None = None) -> None:
+    """Write ``plain`` as a Hugging Face folder (``save_pretrained``: config.json + model.safetensors,
+    or, above ``max_shard_size`` bytes (None: transformers' default), model-0000k-of-0000n.safetensors
+    files and their index model.safetensors.index.json, written one shard at a time), its tokenizer and
+    ``sortednet.json`` (what it was cut from and what it scores), then load it back with the stock
+    ``auto_class`` and check that it gives ``want`` on ``check_inputs``."""
     folder = Path(folder)
-    plain.save_pretrained(str(folder), safe_serialization=True)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    plain.save_pretrained(str(folder), safe_serialization=True, **shards)
     if tok is not None:
         tok.save_pretrained(str(folder))
     (folder / "sortednet.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -40,8 +40,8 @@ class VisionFamily(Adapter):
     tasks = ("image_classification",)
     exports = "safetensors + torch.export (model.pt2)"
 
-    def save(self, folder, plain: nn.Module, meta: dict, example, tokenizer=None) -> None:
-        save(folder, plain, meta, example)
+    def save(self, folder, plain: nn.Module, meta: dict, example, tokenizer=None, max_shard_size=None) -> None:
+        save(folder, plain, meta, example)  # one weights file: torchvision models are small
 
 
 def save(folder: Path, plain: nn.Module, config: dict, example: torch.Tensor) -> None:
