@@ -667,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         # torchrun's other ranks train in rank 0's run folder (train.py is told it); their own Hydra
         # gets a scratch folder instead of claiming a ${fresh:} name, and writes no .hydra/ or log
         hydra_args += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+        if not os.environ.get("SORTEDNET_LAUNCHER_PID"):  # torchrun: maybe another machine, whose disk
+            # may not hold (or let it make) the folder that hydra.run.dir names: rank 0 makes it
+            hydra_args = [a for a in hydra_args if not a.startswith("hydra.run.dir=")]
         if not any(a.startswith("hydra.run.dir=") for a in hydra_args):
             import tempfile
 

@@ -50,12 +50,12 @@ def _can_hide_folders() -> bool:
         return False
 
 
-def _start_node(root: Path, name: str, port: int, run_id: str, separate: bool) -> subprocess.Popen:
+def _start_node(root: Path, name: str, port: int, run_id: str, separate: bool, extra: list) -> subprocess.Popen:
     """One node: ``torchrun --nnodes 2 --nproc-per-node 1 ... -m sortedcli train TINY`` in ``root/name``."""
     here = root / name
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
-               "--max-restarts", "0", "-m", "sortedcli", "train", *TINY, "trainer.sync_batchnorm=true"]
+               "--max-restarts", "0", "-m", "sortedcli", "train", *TINY, "trainer.sync_batchnorm=true", *extra]
     if separate:  # the other node's folder: an empty disk this node cannot write to
         (other,) = (root / n for n in NODES if n != name)
         command = ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o ro none '{other}' && exec \"$@\"", "sh",
@@ -70,14 +70,18 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "checkpoints" / latest / "model.safetensors"))
 
 
-@pytest.mark.parametrize("disks", ["shared", "separate"])
-def test_two_nodes_through_a_c10d_rendezvous_train_the_one_process_run(disks, trained_run, tmp_path):
+@pytest.mark.parametrize("disks, given", [("shared", None), ("separate", None), ("separate", "runs/given")],
+                         ids=["shared", "separate", "separate-hydra.run.dir"])
+def test_two_nodes_through_a_c10d_rendezvous_train_the_one_process_run(disks, given, trained_run, tmp_path):
+    """``given``: the same ``hydra.run.dir`` on both nodes (relative: each node's own folder): rank 0's is
+    the run, the other node makes none."""
     if disks == "separate" and not _can_hide_folders():
         pytest.skip("this machine has no private mount namespaces (unshare --mount) to give each node its own disk")
     for folder in (*NODES, "tmp"):
         (tmp_path / folder).mkdir()
     port, run_id = _free_port(), f"sortednet-{uuid.uuid4().hex[:8]}"
-    nodes = [_start_node(tmp_path, name, port, run_id, separate=disks == "separate") for name in NODES]
+    extra = [] if given is None else [f"hydra.run.dir={given}"]
+    nodes = [_start_node(tmp_path, name, port, run_id, disks == "separate", extra) for name in NODES]
     try:
         codes = [node.wait(timeout=240) for node in nodes]
     finally:
@@ -93,6 +97,7 @@ def test_two_nodes_through_a_c10d_rendezvous_train_the_one_process_run(disks, tr
     (run,) = run_folders(tmp_path)  # one run folder, written by rank 0's node, in its own folder
     (first,) = [n for n in NODES if (tmp_path / n) in run.parents]
     (second,) = [n for n in NODES if n != first]
+    assert given is None or run == tmp_path / first / given
     assert not any((tmp_path / second).iterdir())  # the other node wrote nothing, not even a folder
     assert not list((tmp_path / "tmp").glob("sortednet-rank-*"))  # rank 1's Hydra scratch folder is gone
     assert "x 2 processes (global batch 64)" in words[first]
