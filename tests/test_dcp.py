@@ -100,11 +100,12 @@ def test_a_killed_save_leaves_the_previous_checkpoint_and_two_processes_continue
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(sharded, tmp_path):
+def test_a_two_process_checkpoint_resumes_in_one_process_and_back_on_two(sharded, tmp_path):
+    """2 -> 1 (from the step-2 checkpoint folder named on the command line): the same step 3 as the
+    2-process run; then 1 -> 2: the one-file checkpoint resumes sharded and writes shards again."""
     run = Path(shutil.copytree(sharded, tmp_path / "run", ignore=shutil.ignore_patterns("eval")))
-    _back_to(run, 2)
-    p = cli(["train", "--resume", run, f"trainer.max_steps={STEPS}", "trainer.devices=1", "trainer.strategy=ddp"],
-            cwd=tmp_path)
+    p = cli(["train", "--resume", _step(run, 2), f"trainer.max_steps={STEPS}", "trainer.devices=1",
+             "trainer.strategy=ddp"], cwd=tmp_path)
     assert p.returncode == 0, explain(p)
     assert "resuming" in p.stdout and "processes" not in p.stdout, p.stdout
     one = runs.latest_checkpoint(run)
@@ -113,6 +114,17 @@ def test_a_two_process_checkpoint_resumes_in_one_process(sharded, tmp_path):
     first, _ = runs.load_weights(_step(sharded, 3))
     worst = max((alone[k] - first[k]).abs().max().item() for k in first)
     assert alone.keys() == first.keys() and worst <= 1e-6, worst
+
+    p = cli(["train", "--resume", run, "trainer.epochs=2", f"trainer.max_steps={STEPS + 1}", "trainer.devices=2",
+             "trainer.strategy=fsdp"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert "resuming" in p.stdout and "with 2 processes" in p.stdout, p.stdout
+    assert runs.latest_checkpoint(run) == _step(run, STEPS + 1) and runs.sharded(_step(run, STEPS + 1))
+    after, _ = runs.load_weights(_step(run, STEPS + 1))
+    assert after.keys() == first.keys() and all(torch.isfinite(v).all() for v in after.values())
+    # the step ran at the learning rate saved at the end of the 3-step schedule, 0: the weights went through
+    # the sharded load, a step and the sharded save unchanged, bit for bit
+    assert "trained 1 step (steps 4-4)" in p.stdout and all(torch.equal(after[k], alone[k]) for k in first)
 
 
 def test_a_sharded_checkpoint_of_another_model_is_refused_in_one_line(sharded, trained_run, tmp_path):
