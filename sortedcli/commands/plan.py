@@ -24,9 +24,10 @@ the bytes of the compute dtype (2 for bf16, 4 for fp32):
   adding up the bytes of every tensor autograd saves for the backward pass (each storage once,
   parameters excluded), attributed to the depth unit that saved it or to the rest of the model
   (embeddings, head, loss). The loss is a cross-entropy over the logits (its fp32 log-softmax
-  counts). Exits (SoFT: every exit's loss from one trunk pass) add one readout (final norm, head,
-  loss) per extra exit of the deepest trunk, at every position (an upper bound: training reads the
-  extra exits out at the counted positions only). Without checkpointing:
+  counts; an upper bound where training reads the head out a chunk of positions at a time). Exits
+  (SoFT: every exit's loss from one trunk pass) add the hidden state each extra exit keeps for its
+  readout, at every position (an upper bound: training gathers the counted positions only); their
+  readouts run one chunk at a time and are back-propagated at once, so they never add up. Without checkpointing:
   ``A = sum_k A_k + A_rest``; with ``trainer.activation_checkpointing``:
   ``A_ckpt = sum_k I_k + A_rest + max_k A_k``, where ``I_k`` are the bytes of the inputs unit ``k``
   keeps (its hidden state) and ``max_k A_k`` is the one unit recomputed at a time in the backward pass.
@@ -70,7 +71,7 @@ class Activations:
     units: list[int] = field(default_factory=list)  # A_k: saved inside depth unit k
     inputs: list[int] = field(default_factory=list)  # I_k: unit k's inputs that need a gradient
     rest: int = 0  # saved outside the depth units (embeddings, final norm, head, loss, extra exits)
-    readouts: int = 0  # extra exits read out (SoFT), each at every position
+    readouts: int = 0  # extra exits read out (SoFT): each keeps its hidden state for a chunked readout
 
     @property
     def total(self) -> int:
@@ -163,8 +164,8 @@ def _tensors(obj):
 
 def saved_activations(model: nn.Module, inputs, readouts: int = 0) -> Activations:
     """The bytes autograd saves in ``model``'s forward pass on ``inputs`` plus a cross-entropy over the
-    logits, by depth unit (:class:`Activations`), and ``readouts`` more exits read out of the last
-    unit's hidden state through the model's own readout (each with its cross-entropy). Runs on any
+    logits, by depth unit (:class:`Activations`), and the hidden states of ``readouts`` more exits
+    (each read out a chunk at a time in training, so no two readouts are alive at once). Runs on any
     device; on ``meta`` nothing is computed or allocated."""
     from ..nest import call, nesting
 
@@ -207,9 +208,9 @@ def saved_activations(model: nn.Module, inputs, readouts: int = 0) -> Activation
             logits = call(model, inputs)
             _cross_entropy(logits)
             if readouts and nest.readout is not None and last:
-                hidden = torch.empty_like(last[0], requires_grad=True)
-                for _ in range(readouts):
-                    _cross_entropy(nest.readout(model, hidden))
+                # training reads each exit out a chunk at a time and back-propagates it at once
+                # (engine.exit_losses): what stays alive per extra exit is its hidden state, gathered
+                acts.rest += readouts * last[0].numel() * last[0].element_size()
     finally:
         for h in hooks:
             h.remove()
@@ -409,7 +410,7 @@ def table(plan: Plan, title: str) -> Table:
          plan.working),
         ("activations", f"saved for backward, micro-batch {plan.micro_batch}"
          + (f" x {plan.length} tokens" if plan.length else "")
-         + (f", {plan.activations.readouts} more exits read out at every position (at most)"
+         + (f", {plan.activations.readouts} more exits' hidden states (at most)"
             if plan.activations.readouts else ""), plan.activations.total),
         ("activations, checkpointed", "each layer's input + the rest + one layer recomputed",
          plan.activations.checkpointed),
