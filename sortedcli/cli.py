@@ -202,8 +202,18 @@ def translate(verb: str, args: list[str]) -> list[str]:
 def _is_run(word: str) -> bool:
     """``word`` names a run folder, one of its checkpoints or an export folder (what --ckpt takes)."""
     path = Path(word)
-    return path.is_dir() and any((path / name).exists() for name in ("config.yaml", "checkpoints", "config.json",
-                                                                         "model.safetensors"))
+    try:
+        return path.is_dir() and any((path / name).exists() for name in ("config.yaml", "checkpoints", "config.json",
+                                                                             "model.safetensors"))
+    except OSError:  # a prompt longer than a file name can be (ENAMETOOLONG) is no folder
+        return False
+
+
+def _is_dir(word: str) -> bool:
+    try:
+        return Path(word).is_dir()
+    except OSError:  # a name too long for the file system
+        return False
 
 
 def _stray_word(verb: str, word: str) -> str:
@@ -211,7 +221,7 @@ def _stray_word(verb: str, word: str) -> str:
     override", with a quoting hint): the flag it was meant for where that is plain."""
     if verb == "export" and re.fullmatch(r"[0-9]*\.?[0-9]+(e-?[0-9]+)?", word):
         return f"stray word {word!r}: did you mean --budget {word}?"
-    if verb in ("eval", "export") and Path(word).is_dir():
+    if verb in ("eval", "export") and _is_dir(word):
         return f"stray word {word!r}: did you mean --ckpt {word}?"
     if verb == "train" and _is_run(word):
         return f"stray word {word!r}: did you mean --resume {word}?"
