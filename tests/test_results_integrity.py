@@ -226,12 +226,15 @@ def test_compare_refuses_a_run_given_twice_and_stores_paths_relative_to_its_fold
 def test_ctrl_c_during_eval_says_that_nothing_was_written(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "-m", "sortedcli.cli", "eval", "--all-submodels", "--ckpt", str(run),
-                             *TINY_EVAL, "eval.latency.reps=5000"], cwd=tmp_path, env=CLI_ENV,
+                             *TINY_EVAL, "eval.latency.reps=5000"], cwd=tmp_path, env={**CLI_ENV, "COLUMNS": "1000"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
     try:
-        for out in proc.stdout:
+        for out in proc.stdout:  # one wide line each: a wrapped header must not hide the start of the work
+            seen.append(out)
             if "sortednet eval" in out:
                 break
+        assert proc.poll() is None, f"eval ended before it was interrupted: {''.join(seen)}"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
