@@ -178,7 +178,17 @@ def _alive(holder: dict) -> bool:
         pass
     except (OverflowError, ValueError):
         return False
+    if _zombie(pid):  # killed, not yet reaped (a container's pid 1 may never reap it): gone
+        return False
     return holder.get("ticks") is None or _started(pid) in (None, holder["ticks"])
+
+
+def _zombie(pid: int) -> bool:
+    """Process ``pid`` has ended and only waits to be reaped (state Z or X in Linux's /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _read_lock(path: Path) -> dict | None:
