@@ -52,6 +52,16 @@ def explain(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
 
 
+def selected_cases(request, module: str, cases: dict) -> tuple[list[str], Path | None]:
+    """The ``case`` parameters of the tests of ``module`` selected in this session, and the trained run
+    when one of them needs it (its home kind starting with "run"): for table-driven CLI cases that a
+    module-scoped fixture runs concurrently."""
+    wanted = [item.callspec.params["case"] for item in request.session.items
+              if item.module.__name__ == module and "case" in getattr(getattr(item, "callspec", None), "params", {})]
+    needs_run = any(str(cases[c][1]).startswith("run") for c in wanted)
+    return wanted, (request.getfixturevalue("trained_run") if needs_run else None)
+
+
 def run_folders(runs_root: Path) -> list[Path]:
     """The run folders under ``runs_root`` that hold a complete checkpoint."""
     return sorted(p.parent.parent for p in Path(runs_root).glob("**/checkpoints/latest"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, TINY, TINY_EVAL, cli, explain
+from conftest import CLI_ENV, TINY, TINY_EVAL, cli, explain, selected_cases
 
 OFFLINE = {**CLI_ENV, "HF_HUB_OFFLINE": "1"}
 PROBE = {k: v for k, v in CLI_ENV.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": "http://127.0.0.1:9"}
@@ -145,9 +145,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory):
     """Every selected case, run concurrently: ``{case: (process, files before, files after)}``."""
-    wanted = [item.callspec.params["case"] for item in request.session.items
-              if item.module.__name__ == __name__ and "case" in getattr(getattr(item, "callspec", None), "params", {})]
-    run = request.getfixturevalue("trained_run") if any(CASES[c][1].startswith("run") for c in wanted) else None
+    wanted, run = selected_cases(request, __name__, CASES)
 
     def one(case):
         home = tmp_path_factory.mktemp(case)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, TINY, TINY_EVAL, TINY_GRID, cli, explain, run_folders
+from conftest import CLI_ENV, TINY, TINY_EVAL, TINY_GRID, cli, explain, run_folders, selected_cases
 from test_mistakes import lm_home, snapshot  # noqa: F401  (lm_home: a fixture, one tiny LLaMA run)
 
 OFFLINE = {**CLI_ENV, "HF_HUB_OFFLINE": "1"}
@@ -71,9 +71,7 @@ def _cli(args, cwd, env=OFFLINE):
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory):
     """Every selected case, run concurrently: ``{case: (process, files before, files after)}``."""
-    wanted = [item.callspec.params["case"] for item in request.session.items
-              if item.module.__name__ == __name__ and "case" in getattr(getattr(item, "callspec", None), "params", {})]
-    run = request.getfixturevalue("trained_run") if any(CASES[c][1] == "run" for c in wanted) else None
+    wanted, run = selected_cases(request, __name__, CASES)
 
     def one(case):
         home = tmp_path_factory.mktemp(case)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, TINY, TINY_EVAL, cli, explain
+from conftest import CLI_ENV, TINY, TINY_EVAL, cli, explain, selected_cases
 from test_mistakes import IMAGES, _cli, png, snapshot
 
 OFFLINE = {**CLI_ENV, "HF_HUB_OFFLINE": "1"}
@@ -106,9 +106,7 @@ def prepare(case: str, home: Path, run: Path | None) -> tuple[list[str], dict, s
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory):
     """Every selected case, run concurrently: ``{case: (process, files before, files after, fragment)}``."""
-    wanted = [item.callspec.params["case"] for item in request.session.items
-              if item.module.__name__ == __name__ and "case" in getattr(getattr(item, "callspec", None), "params", {})]
-    run = request.getfixturevalue("trained_run") if any(CASES[c][1].startswith("run") for c in wanted) else None
+    wanted, run = selected_cases(request, __name__, CASES)
 
     def one(case):
         home = tmp_path_factory.mktemp(case)
