@@ -167,6 +167,14 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
         groups.sort(key=lambda g: largest not in g[1])  # the teacher runs first when it is sampled
     total = torch.zeros((), device=device)
     order, parts = [], []  # each sub-model's detached label loss, gathered for one host sync
+
+    def note(i: int, sub: SubModel, one: torch.Tensor) -> None:  # the i-th loss of a piece: add it up
+        if len(order) < len(subs):
+            order.append(sub)
+            parts.append(one.detach().float() / len(micro))
+        else:
+            parts[i] = parts[i] + one.detach().float() / len(micro)
+
     for piece, share in zip(micro, shares):
         inputs, keep = task.inputs(piece), task.keep(piece)
         teacher = None
@@ -185,14 +193,9 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                         ones = exit_losses(model, task, piece, inputs, keep, trunk, members,
                                            share / (len(subs) * len(micro)))
                     for sub, one in zip(members, ones):
-                        one = one * share
-                        if len(order) < len(subs):
-                            order.append(sub)
-                            parts.append(one.float() / len(micro))
-                        else:
-                            parts[i] = parts[i] + one.float() / len(micro)
+                        note(i, sub, one * share)
                         i += 1
-                        total += one / len(micro)
+                        total += one * share / len(micro)
                     continue
                 with autocast(device, amp):
                     logits = forward_members(model, inputs, trunk, members, keep)
@@ -201,11 +204,7 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                     loss = torch.zeros((), device=device)
                     for sub in members:
                         one = task.loss(logits[sub], piece) * share
-                        if len(order) < len(subs):
-                            order.append(sub)
-                            parts.append(one.detach().float() / len(micro))
-                        else:
-                            parts[i] = parts[i] + one.detach().float() / len(micro)
+                        note(i, sub, one)
                         i += 1
                         if teacher is not None and sub != largest:
                             kd = task.distill(logits[sub], teacher, piece, distill.temperature) * share
