@@ -158,13 +158,19 @@ def self_contained(cfg: DictConfig, run_dir: Path) -> DictConfig:
     return out
 
 
-def _started(pid: int) -> str | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux's /proc; None elsewhere): a pid
-    reused by another process (a restarted container counts from 1 again) has another start."""
+def _stat(pid: int) -> list[str]:
+    """The fields of Linux's ``/proc/PID/stat`` after the command name (state first); [] elsewhere."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return None
+        return []
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (None without /proc): a pid reused by
+    another process (a restarted container counts from 1 again) has another start."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None
 
 
 def _alive(holder: dict) -> bool:
@@ -185,10 +191,7 @@ def _alive(holder: dict) -> bool:
 
 def _zombie(pid: int) -> bool:
     """Process ``pid`` has ended and only waits to be reaped (state Z or X in Linux's /proc)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    return _stat(pid)[:1] in (["Z"], ["X"])
 
 
 def _read_lock(path: Path) -> dict | None:
