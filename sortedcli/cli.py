@@ -714,5 +714,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``sortednet`` command and ``python -m sortedcli`` (what torchrun starts): :func:`main`, then exit.
+
+    A rank of a multi-process run (``trainer.devices=N`` or the user's own ``torchrun``) leaves with
+    ``os._exit`` once its work is done, its files written and its process group destroyed: the interpreter's
+    teardown of torch.distributed's native threads can still abort ("terminate called without an active
+    exception": one run in three on 2 gloo ranks, and on the node whose rendezvous host had already gone),
+    which would fail a finished run.
+    """
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
