@@ -24,9 +24,17 @@ in :mod:`sortedcli.models` provides for a model family; nothing here names an ar
   rejected round costs greedy's step plus the drafts (``k x c``), not a (k+1)-token verify pass.
   Drafting never makes decoding slower than greedy for long: the decoder times its own greedy steps
   and its speculative rounds (seconds per emitted token, on this device, for this prompt), and while a
-  round costs more per token than a greedy step it decodes greedily instead, probing with one
-  speculative round after 8 greedy tokens, then 16, 32, ... up to 128 while probes keep losing (back to
-  8 when one wins). Output is unchanged: a greedy step is the full model's own step.
+  round costs more per token than a greedy step it decodes greedily instead, probing again after 8
+  greedy tokens, then 16, 32, ... up to 128 while probes keep losing (back to 8 when a round wins).
+  A probe drafts one token: rejected, it costs greedy's step plus one draft step (the draft's own
+  layers are the full model's first ones, so only the draft's readout is extra), which is what keeps
+  a model whose exits never agree (the untouched SmolLM2: a = 0.03-0.10) near greedy's speed; accepted,
+  the next round drafts 2 tokens (at most ``k``) and is timed as any other, growing as ``adaptive``
+  says. A probe always checks its draft's position alone (that check is greedy's own step). A
+  rejected probe is followed by another until the running estimate of first-draft acceptance
+  ((hits + 2) / (tries + 4)) is below 0.4, so one unlucky draft of a model that agrees does not cost it
+  8 greedy tokens. The first round after the opening greedy steps is such a probe too.
+  Output is unchanged: a greedy step is the full model's own step.
 - :func:`early_exit`: per token, run the exits from the smallest up and stop at the first whose top
   probability reaches its threshold (Sorted LLaMA's "instance-aware dynamic inference"); the
   deepest layer always answers. The layers the token skipped get keys/values computed from the
@@ -246,12 +254,13 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
     ``k`` is the first draft length; with ``adaptive`` it grows by 2 (up to ``max_k``) after a round
     whose drafts were all accepted and shrinks by 1 (down to 1) after a rejection. ``draft_vocab``
     (token ids) restricts the draft's readout to those rows of the head. ``check_first``: while the
-    first draft of a round has been accepted less often than this (a running estimate, starting at
-    1/2), the full model checks that position alone before verifying the rest in one pass (cheap
+    first draft of a round has been accepted less often than this (a running estimate, (hits + 1) /
+    (tries + 3): one accepted probe is not yet evidence enough to verify k + 1 positions at once), the
+    full model checks that position alone before verifying the rest in one pass (cheap
     rejections where verifying several tokens costs more than one, as on a CPU; 0 never splits,
     the choice for a device where k+1 tokens cost one token's time). ``fallback``: decode greedily
-    while speculative rounds are measured (``clock``) to cost more per token than greedy steps (see
-    the module doc); False drafts every round."""
+    while speculative rounds are measured (``clock``) to cost more per token than greedy steps, probing
+    with one-token drafts (see the module doc); False drafts ``k`` tokens every round."""
     L = stack.num_layers
     if not 1 <= draft_exit < L:
         raise ValueError(f"draft_exit must be in 1..{L - 1} (below the full model's {L} layers), got {draft_exit}")
@@ -269,11 +278,14 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         stack, prompt, sampling, max_new_tokens, eos, on_token,
         lambda cache, x, pos: stack.head(stack.layers(x, 0, L, cache, pos)[:, -1])[0])
     first_hits, first_tries = 0, 0
-    # seconds per emitted token of a greedy step and of a speculative round (running means), and how
-    # many greedy tokens to decode before the next speculative probe (fallback)
+    # seconds per emitted token of a greedy step (a running mean) and of the speculative rounds since
+    # the last probe (their seconds over their tokens, older rounds decayed: a long round that was
+    # rejected early weighs what it cost, not as much as a whole round), and how many greedy tokens to
+    # decode before the next probe (fallback)
     step_cost: float | None = None
-    round_cost: float | None = None
+    round_time = round_tokens = 0.0
     greedy_left, backoff = (2 if fallback else 0), 8  # 2 greedy steps first: what a round must beat
+    probing = fallback  # the next round drafts one token: is the first draft accepted at all?
     # Invariant at the top of a round: every layer caches positions [0, n); `token` sits at n, uncached.
     while not emitter.done:
         if greedy_left > 0:  # the full model's own step: what greedy decoding does
@@ -290,7 +302,7 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
             emitter.emit(token)
             continue
         t0 = clock()
-        kk = min(k, emitter.left - 1)  # a round yields at most kk + 1 tokens
+        kk = min(1 if probing else k, emitter.left - 1)  # a round yields at most kk + 1 tokens
         drafts: list[int] = []
         draft_probs: list[torch.Tensor] = []  # over the draft's vocabulary
         saved: list[torch.Tensor] = []  # layer-E hidden states of positions n .. n + kk - 1
@@ -325,7 +337,7 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
                 out.layer_passes += E + (kk + 1 - start) * (L - E)
             return rows[m]
 
-        if kk and (first_hits + 1) / (first_tries + 2) < check_first:  # check position n alone
+        if kk and (probing or (first_hits + 1) / (first_tries + 3) < check_first):  # check position n alone
             rows.append(stack.head(stack.layers(saved[0], E, L, cache, _positions(n, 1, dev)))[0, -1])
             out.layer_passes += L - E
         if sampling.greedy:
@@ -360,11 +372,17 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         n += m + 1
         stack.crop(cache, n)
         token = new[-1]
+        if probing:  # accepted: draft k from the next round on (timed); rejected: greedy for a while
+            probing = m < kk  # once the first drafts are seldom accepted (a running estimate, prior 1/2)
+            k = k if probing else min(k, 2)  # accepted: grow from 2 (adaptive) rather than risk k at once
+            if probing and (first_hits + 2) / (first_tries + 4) < 0.4:
+                greedy_left, backoff = backoff, min(2 * backoff, 128)
+            continue
         if fallback and step_cost is not None:
-            cost = (clock() - t0) / len(new)
-            round_cost = cost if round_cost is None else 0.7 * round_cost + 0.3 * cost
-            if round_cost > step_cost:  # drafting loses here: greedy for a while, then probe again
-                greedy_left, backoff, round_cost = backoff, min(2 * backoff, 128), None
+            round_time, round_tokens = 0.7 * round_time + clock() - t0, 0.7 * round_tokens + len(new)
+            if round_time / round_tokens > step_cost:  # drafting loses here: greedy for a while, then probe
+                greedy_left, backoff, probing = backoff, min(2 * backoff, 128), True
+                round_time = round_tokens = 0.0
             else:
                 backoff = 8
         if adaptive:
