@@ -17,6 +17,8 @@ from . import models
 from .errors import UsageError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from torch import nn
 
@@ -117,10 +119,67 @@ def build_sampler(cfg: DictConfig, grid: Grid) -> Sampler:
         raise UsageError(f"sampler={name}: {e}") from None
 
 
-def build_distill(cfg: DictConfig) -> Distill:
+def build_distill(cfg: DictConfig, teacher: nn.Module | None = None) -> Distill:
+    """``cfg.distill`` as the engine's :class:`~sortedcli.engine.Distill`; ``teacher``: the frozen
+    starting model of ``distill.teacher=initial`` (:func:`build_teacher`)."""
     from .engine import Distill
 
-    return Distill(**plain(cfg.get("distill") or {}))
+    return Distill(**plain(cfg.get("distill") or {}), model=teacher)
+
+
+#: the run's starting weights, kept in its pretrained/ folder by a run whose distillation teacher is
+#: the starting model (``distill.teacher=initial``): a resume rebuilds that teacher from them, and
+#: ``eval`` measures every exit's agreement with them
+INITIAL_FILE = "initial.safetensors"
+
+#: model options that give a model starting weights (a random init has none of them set)
+STARTING_WEIGHTS = ("pretrained", "weights")
+
+
+def initial_weights(run_dir) -> Path:
+    from pathlib import Path
+
+    from .runs import PRETRAINED_DIR
+
+    return Path(run_dir) / PRETRAINED_DIR / INITIAL_FILE
+
+
+def build_teacher(cfg: DictConfig, model: nn.Module, run_dir, resuming: bool, write: bool,
+                  dtype: torch.dtype | None = None) -> nn.Module | None:
+    """The frozen teacher of ``distill.teacher=initial`` (None for any other setting): a copy of the
+    starting model (:func:`~sortedcli.engine.frozen_copy`: eval mode, no gradients, on ``model``'s
+    device, in ``dtype`` when the run computes in it). A new run copies ``model`` as built, before any
+    step, and (``write``: the rank that writes) keeps its weights in :func:`initial_weights`; a resumed
+    run copies the architecture and loads those weights into it, never the trained ones."""
+    import os
+
+    from safetensors.torch import load_model, save_model
+
+    from .engine import frozen_copy
+
+    d = plain(cfg.get("distill") or {})
+    if not (d.get("enabled") and d.get("teacher") == "initial"):
+        return None
+    path = initial_weights(run_dir)
+    if resuming and not path.is_file():
+        raise UsageError(f"distill.teacher=initial: {path}, the run's starting weights that its frozen teacher is "
+                         "rebuilt from, is missing; the run cannot go on with the same teacher: start a new run")
+    teacher = frozen_copy(model)
+    if resuming:
+        from safetensors import SafetensorError
+
+        try:
+            load_model(teacher, str(path), strict=True, device=str(next(teacher.parameters()).device))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UsageError(f"distill.teacher=initial: {path} does not hold this run's starting weights ({first}): "
+                             "start a new run") from None
+    elif write:  # through a temporary file and a rename: a killed write leaves no half file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_model(teacher, str(tmp))
+        os.replace(tmp, path)
+    return teacher.to(dtype) if dtype is not None else teacher
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -203,6 +262,9 @@ SETTINGS = {
         "enabled": ("true or false", lambda v: isinstance(v, bool)),
         "temperature": ("a number > 0", lambda v: _is_number(v) and v > 0),
         "alpha": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+        "teacher": ("self (the same step's full model) or initial (a frozen copy of the starting model)",
+                    lambda v: v in ("self", "initial")),
+        "anchor": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
     },
     "plan": {"gpu_memory_gb": ("a number > 0 (GB of one GPU)", lambda v: _is_number(v) and v > 0)},
     "": {"seed": ("an integer", _is_int)},
@@ -218,3 +280,27 @@ def check_settings(cfg: DictConfig) -> None:
             if key in values and not ok(values[key]):
                 name = f"{section}.{key}" if section else key
                 raise UsageError(f"{name} must be {want}, got {values[key]!r}")
+    check_distill(cfg)
+
+
+def check_distill(cfg: DictConfig) -> None:
+    """Distillation settings that contradict each other or the model, refused before anything is written:
+    an anchor without the frozen teacher, a teacher or anchor without distillation, and the starting
+    model as teacher when there is none (a random init)."""
+    d = plain(cfg.get("distill") or {})
+    teacher, anchor = d.get("teacher", "self"), d.get("anchor", 0)
+    if anchor and teacher != "initial":
+        raise UsageError(f"distill.anchor={anchor} holds the full model to the starting model: it needs "
+                         "distill.teacher=initial")
+    if (teacher != "self" or anchor) and not d.get("enabled"):
+        raise UsageError(f"distill.teacher={teacher} distill.anchor={anchor} act only with distillation on: add "
+                         "distill.enabled=true")
+    if teacher == "initial" and (cfg.get("trainer") or {}).get("strategy") == "fsdp":
+        raise UsageError("distill.teacher=initial keeps a whole frozen copy of the model on every process, which "
+                         "trainer.strategy=fsdp does not build: use trainer.strategy=ddp, or distill.teacher=self")
+    model = plain(cfg.get("model") or {})
+    if teacher == "initial" and cfg.get("resume") is None and model \
+            and not any(model.get(k) for k in STARTING_WEIGHTS):
+        raise UsageError(f"distill.teacher=initial distils from the starting model, and model={model.get('name')} "
+                         "starts from a random init: pass model.pretrained=DIR (or model.weights=...), or use "
+                         "distill.teacher=self")

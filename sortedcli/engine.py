@@ -4,9 +4,10 @@ One optimizer step: the sampler names the sub-models; each runs forward and back
 batch with its loss divided by their number (gradients accumulate in the shared weights); then one
 optimizer step and one LR-schedule step. Sub-models that are exits of one stack and differ only in
 depth share one trunk pass (``trunk_groups``/``run_exits``): SoFT's every-exit loss costs one forward
-and one backward. With in-place distillation, the largest sub-model's (detached) output is the soft
-target of the others. How a batch becomes inputs, a loss and a metric is the data's
-:class:`~sortedcli.tasks.Task`; nothing here knows the architecture.
+and one backward. With distillation, the soft target of the others is the largest sub-model's
+(detached) output, or a frozen copy of the starting model's (``distill.teacher=initial``), which can
+also anchor the full model itself (``distill.anchor``). How a batch becomes inputs, a loss and a
+metric is the data's :class:`~sortedcli.tasks.Task`; nothing here knows the architecture.
 
 Data order is a seeded permutation per epoch and the step is the only position, so a run resumed
 from a checkpoint sees exactly the batches, sub-models and random draws it would have seen.
@@ -15,10 +16,11 @@ from a checkpoint sees exactly the batches, sub-models and random draws it would
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -125,13 +127,68 @@ def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
 
 # --- one optimizer step --------------------------------------------------------------------------
 
+#: where distillation's soft targets come from (``distill.teacher``)
+TEACHERS = ("self", "initial")
+
+
 @dataclass
 class Distill:
-    """In-place distillation from the largest sub-model (off unless ``enabled``)."""
+    """Distillation (off unless ``enabled``): every sub-model but the largest scores ``alpha`` x
+    KL(teacher || it) at temperature T (times T^2) + (1 - alpha) x its cross-entropy, at the places
+    that count. The teacher is ``self``, the largest sub-model of the same step, detached (in-place
+    distillation), or ``initial``, ``model``: a frozen copy of the starting weights
+    (:func:`frozen_copy`). ``anchor`` > 0 (``initial`` only) adds anchor x KL(teacher || largest) to
+    the largest's own loss, so that training changes what the full model says as little as it can."""
 
     enabled: bool = False
     temperature: float = 1.0
     alpha: float = 1.0  # weight of the KL term for the smaller sub-models; 1 - alpha on the labels
+    teacher: str = "self"
+    anchor: float = 0.0
+    model: nn.Module | None = field(default=None, repr=False)  # the frozen teacher of teacher=initial
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"distill.teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
+        if self.anchor < 0 or (self.anchor and self.teacher != "initial"):
+            raise ValueError(f"distill.anchor={self.anchor} needs distill.teacher=initial and a value >= 0")
+        if self.enabled and self.teacher == "initial" and self.model is None:
+            raise ValueError("distill.teacher=initial needs the frozen starting model (Distill.model)")
+
+    @property
+    def frozen(self) -> nn.Module | None:
+        """The frozen teacher when distillation is on and learns from it, else None."""
+        return self.model if self.enabled and self.teacher == "initial" else None
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` that never trains: eval mode (no dropout, BatchNorm's running statistics), no
+    gradients, its floating-point weights in ``dtype`` when given (bf16 when the run computes in bf16)."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    return teacher.to(dtype) if dtype is not None else teacher
+
+
+@dataclass
+class Reference:
+    """A teacher for a chunked readout (:func:`exit_losses`): its hidden states at the counted places
+    (``N x hidden``, no gradient) and the model, as the sub-model ``sub``, that reads them out."""
+
+    model: nn.Module
+    sub: SubModel | None
+    states: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module, sub: SubModel | None, inputs, at: torch.Tensor) -> "Reference":
+        nest = nesting(model)
+        depth = (sub.get(nest.scope.depth_dim) if sub is not None else None) or nest.depth
+        with _selected(model, sub):
+            return cls(model, sub, exit_states(model, inputs, [depth], at)[depth].detach())
+
+    @torch.no_grad()
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        with _selected(self.model, self.sub):
+            return nesting(self.model).readout(self.model, self.states[start:stop])
 
 
 def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimizer: torch.optim.Optimizer,
@@ -165,6 +222,7 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
     groups = trunk_groups(model, subs)
     if distill.enabled:
         groups.sort(key=lambda g: largest not in g[1])  # the teacher runs first when it is sampled
+    frozen = distill.frozen  # teacher=initial: the starting model, else the same step's largest
     total = torch.zeros((), device=device)
     order, parts = [], []  # each sub-model's detached label loss, gathered for one host sync
 
@@ -177,29 +235,37 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
 
     for piece, share in zip(micro, shares):
         inputs, keep = task.inputs(piece), task.keep(piece)
-        teacher = None
-        if distill.enabled and not any(largest in members for _, members in groups):
-            with torch.no_grad(), use(model, largest), autocast(device, amp):
-                teacher = call(model, inputs).detach()
+        # every member's head at the counted places only, chunk by chunk (back-propagated inside
+        # exit_losses): no logits of a place that does not count, none N x V at once. FSDP2 shards
+        # (whose hooks expect whole forward passes) keep the logits path below.
+        chunked = keep is not None and not dist.sharded and has_exits(model)
+        teacher = None  # chunked: a Reference (hidden states at the counted places); else the logits
+        if distill.enabled and (frozen is not None or not any(largest in members for _, members in groups)):
+            source, sub = (frozen, None) if frozen is not None else (model, largest)
+            with torch.no_grad(), autocast(device, amp):
+                if chunked:
+                    teacher = Reference.of(source, sub, inputs, keep)
+                else:
+                    with _selected(source, sub):
+                        teacher = call(source, inputs).detach()
         i = 0
         for trunk, members in groups:
             with use(model, trunk):
-                if keep is not None and not distill.enabled and not dist.sharded and has_exits(model):
-                    # every member's head at the counted places only, chunk by chunk (back-propagated
-                    # inside exit_losses): no logits of a place that does not count, none N x V at once.
-                    # Distillation and FSDP2 shards (whose hooks expect whole forward passes) keep the
-                    # logits path below.
+                if chunked:
                     with autocast(device, amp):
-                        ones = exit_losses(model, task, piece, inputs, keep, trunk, members,
-                                           share / (len(subs) * len(micro)))
-                    for sub, one in zip(members, ones):
-                        note(i, sub, one * share)
+                        ones, labels, top = exit_losses(
+                            model, task, piece, inputs, keep, trunk, members, share / (len(subs) * len(micro)),
+                            distill=distill if distill.enabled else None, teacher=teacher, largest=largest)
+                    if distill.enabled and teacher is None and largest in members:  # the other trunks' teacher
+                        teacher = Reference(model, largest, top)
+                    for sub, one, label in zip(members, ones, labels):
+                        note(i, sub, label * share)
                         i += 1
                         total += one * share / len(micro)
                     continue
                 with autocast(device, amp):
                     logits = forward_members(model, inputs, trunk, members, keep)
-                    if distill.enabled and largest in members:
+                    if distill.enabled and teacher is None and largest in members:
                         teacher = logits[largest].detach()
                     loss = torch.zeros((), device=device)
                     for sub in members:
@@ -209,6 +275,9 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                         if teacher is not None and sub != largest:
                             kd = task.distill(logits[sub], teacher, piece, distill.temperature) * share
                             one = distill.alpha * kd + (1 - distill.alpha) * one
+                        elif teacher is not None and distill.anchor:  # the largest, held to the frozen teacher
+                            one = one + distill.anchor * task.distill(logits[sub], teacher, piece,
+                                                                      distill.temperature) * share
                         loss = loss + one
                 (loss / (len(subs) * len(micro))).backward()
             total += loss.detach() / len(micro)
@@ -306,15 +375,25 @@ def exit_states(model: nn.Module, inputs, depths: list[int], at: torch.Tensor) -
 
 
 def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor, trunk: SubModel,
-                members: list[SubModel], scale: float, chunk: int | None = None) -> list[torch.Tensor]:
+                members: list[SubModel], scale: float, chunk: int | None = None, distill: Distill | None = None,
+                teacher: Reference | None = None,
+                largest: SubModel | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Back-propagate ``scale`` x the sum of the members' losses (exits of the active ``trunk``) and
-    return each member's loss (detached). The trunk runs once to its deepest exit (:func:`exit_states`,
-    the hidden states gathered at ``keep``, the places whose loss counts); each exit's readout (the
-    model's own norm and head) runs on ``chunk`` places at a time (:data:`HEAD_CHUNK`) and is
-    back-propagated at once, into the head's weights and a leaf copy of the hidden state; then one
-    backward pass takes the leaves' gradients through the trunk. So no readout holds more than
-    ``chunk`` x vocabulary logits, and none is recomputed: the loss and gradients are those of the
-    whole readout at once (sums in another order)."""
+    return ``(losses, labels, top)``: each member's loss and its cross-entropy alone (detached; the same
+    without ``distill``), and the trunk's deepest hidden states at ``keep`` (detached). The trunk runs
+    once to its deepest exit (:func:`exit_states`, the hidden states gathered at ``keep``, the places
+    whose loss counts); each exit's readout (the model's own norm and head) runs on ``chunk`` places at
+    a time (:data:`HEAD_CHUNK`) and is back-propagated at once, into the head's weights and a leaf copy
+    of the hidden state; then one backward pass takes the leaves' gradients through the trunk. So no
+    readout holds more than ``chunk`` x vocabulary logits, and none is recomputed: the loss and
+    gradients are those of the whole readout at once (sums in another order).
+
+    With ``distill`` (enabled), each chunk's teacher logits are computed once: ``teacher``'s (a frozen
+    starting model's, or the full model's read in another trunk) or, when ``largest`` is a member, its
+    own logits, detached (it is read out first). Every other member scores ``alpha`` x KL(teacher ||
+    it) x T^2 + (1 - alpha) x its cross-entropy; ``largest`` scores its cross-entropy, + ``anchor`` x
+    KL(teacher || it) x T^2 against a frozen teacher. The KL is summed chunk by chunk, as the
+    cross-entropy is: no positions x vocabulary logits of the teacher either."""
     nest = nesting(model)
     top = trunk.get(nest.scope.depth_dim) or nest.depth
     depths = [m.get(nest.scope.depth_dim) or top for m in members]
@@ -322,18 +401,31 @@ def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor,
     targets, count = task.kept_targets(batch), task.counted(batch)
     leaves = {k: h.detach().requires_grad_() for k, h in states.items()}
     chunk = chunk or HEAD_CHUNK
-    losses = []
-    for k in depths:
-        loss = torch.zeros((), device=targets.device)
-        for s in range(0, len(targets), chunk):
-            part = task.loss_sum(nest.readout(model, leaves[k][s:s + chunk]), targets[s:s + chunk]) / count
+    losses = [torch.zeros((), device=targets.device) for _ in members]
+    labels = [torch.zeros((), device=targets.device) for _ in members]
+    first = sorted(range(len(members)), key=lambda j: members[j] != largest)  # the in-place teacher first
+    for s in range(0, len(targets), chunk):
+        t = targets[s:s + chunk]
+        ref = teacher.logits(s, s + chunk) if distill is not None and teacher is not None else None
+        for j in first if distill is not None else range(len(members)):
+            z = nest.readout(model, leaves[depths[j]][s:s + chunk])
+            label = task.loss_sum(z, t) / count
+            part = label
+            if distill is not None and members[j] == largest:
+                if ref is None:
+                    ref = z.detach()  # in-place distillation: the full model's logits teach this chunk
+                elif distill.anchor:
+                    part = part + distill.anchor * task.distill_sum(z, ref, t, distill.temperature) / count
+            elif distill is not None:
+                kd = task.distill_sum(z, ref, t, distill.temperature) / count
+                part = distill.alpha * kd + (1 - distill.alpha) * label
             (part * scale).backward()
-            loss = loss + part.detach()
-        losses.append(loss)
+            losses[j] = losses[j] + part.detach()
+            labels[j] = labels[j] + label.detach()
     done = [(states[k], leaves[k].grad) for k in states if leaves[k].grad is not None]
     if done:
         torch.autograd.backward([h for h, _ in done], [g for _, g in done])
-    return losses
+    return losses, labels, states[max(states)].detach()
 
 
 def forward_members(model: nn.Module, inputs, trunk: SubModel, members: list[SubModel],

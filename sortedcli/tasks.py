@@ -108,6 +108,16 @@ class Task(ABC):
         return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(q / T, -1), reduction="batchmean",
                         log_target=True) * T * T
 
+    def distill_sum(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+        """The summed KL(teacher || student) x T^2 of rows (``N x C`` logits of the same places, e.g. one
+        chunk of the places ``keep(batch)`` marks) whose ``targets`` count: :meth:`distill` is the sum
+        over every chunk of places divided by :meth:`counted`. The teacher carries no gradient."""
+        T = temperature
+        rows = F.kl_div(F.log_softmax(student.float() / T, -1), F.log_softmax(teacher.detach().float() / T, -1),
+                        reduction="none", log_target=True).sum(-1)
+        return rows.masked_fill(targets == IGNORE, 0).sum() * T * T
+
     # --- metric ----------------------------------------------------------------------------------
     def sums(self, logits: torch.Tensor, batch) -> torch.Tensor:
         """This batch's contribution to the metric (summed over batches)."""

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import distributed, draft, models
 from ..engine import autocast, calibration_batches, evaluate, latency_ms, score, score_members
 from ..flops import measure
-from ..nest import COUNT, call, has_exits, nesting, trunk_groups, use
+from ..nest import COUNT, call, has_exits, nesting, run_exits, trunk_groups, use
 from ..report import check_out_dir, pareto_front, results_dir, results_table, write_results
 from ..errors import UsageError
 from ..tasks import move
@@ -189,6 +189,17 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
             for n in vocabs:
                 row[f"vocab{n}"] = {"agreement": a[x, n], "cost_ratio": c[x, n],
                                     "speedup": draft.best_k(a[x, n], c[x, n], verify=v)[1]}
+    base = untouched_model(r)
+    if base is not None:  # the run's starting weights: how far training moved each exit and the full model
+        with console.status(f"measuring {len(exits) + 1} exits' agreement with the untouched model ({base[1]})"):
+            u = untouched_agreement(r, base[0], [*exits, L], test)
+        del base
+        for row in rows:
+            x = row["dims"].get(depth.name)
+            if x in u and all(row["dims"].get(k) == v for k, v in full_dims.items()):
+                row["agreement_initial"] = u[x]
+        console.print(f"top-1 agreement with the untouched model (the run's starting weights): full model {u[L]:.3f}, "
+                      + ", ".join(f"exit {x} {u[x]:.3f}" for x in exits))
     chosen = draft.choose(a, c, L, verify=v)
     if chosen is not None:
         chosen["verify"] = {str(t): x for t, x in v.items()}
@@ -207,6 +218,59 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         for x in (chosen["exit"], L):
             console.print(f"  exit {x}: {chosen['samples'][str(x)][0]!r}")
     return chosen
+
+
+def untouched_model(r) -> tuple[torch.nn.Module, str] | None:
+    """``(the run's starting model, where it came from)``, ready for inference on the run's device: the
+    weights a run whose teacher was the starting model kept (``RUN/pretrained/initial.safetensors``), else
+    those of ``model.pretrained`` while it is still a local folder or file; None for a random init, or
+    when neither is there any more."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_model
+
+    from .. import runs
+    from ..build import build_model, initial_weights, plain
+    from ..models.hf import is_snapshot
+
+    path = initial_weights(r.run_dir)
+    if path.is_file():
+        source = runs.self_contained(r.cfg, r.run_dir)
+        model = build_model(OmegaConf.create({"model": models.architecture(plain(source.model))[0]}),
+                            r.data.model_args)
+        load_model(model, str(path))
+        where = str(path)
+    else:
+        pretrained = r.cfg.model.get("pretrained")
+        local = Path(str(pretrained)).expanduser() if pretrained else None
+        if local is None or not local.exists() or is_snapshot(local):
+            return None
+        model, where = build_model(r.cfg, r.data.model_args), f"model.pretrained={pretrained}"
+    return models.entry(r.cfg.model.name).for_inference(model).to(r.device).eval(), where
+
+
+@torch.no_grad()
+def untouched_agreement(r, base: torch.nn.Module, depths: list[int], test) -> dict[int, float]:
+    """``{exit: fraction of the counted held-out positions where the run's exit (the deepest: its full
+    model) predicts the token that ``base``, the untouched model, predicts}``: one trunk pass of each per
+    batch, read out at the counted positions only."""
+    task, full = r.data.task, nesting(base).depth
+    sums = {x: torch.zeros(2) for x in depths}
+    with autocast(r.device, r.amp):
+        for batch in test:
+            batch = task.to_device(batch, r.device)
+            inputs, at = task.inputs(batch), task.keep(batch)
+            with use(base, None):
+                want = run_exits(base, inputs, [full], at=at)[full]
+            with use(r.model, None):
+                got = run_exits(r.model, inputs, depths, at=at)
+            for x in depths:
+                if at is None:  # every position's logits: the task says which count
+                    sums[x] += task.agreement(got[x], want, batch).float().cpu()
+                else:  # gathered at the counted positions: all of them count
+                    sums[x] += torch.tensor([float((got[x].argmax(-1) == want.argmax(-1)).sum()), float(len(want))])
+    return {x: float(s[0] / s[1]) if s[1] else float("nan") for x, s in sums.items()}
 
 
 def checked_costs(c: dict, flops: dict, low: float = 0.25, high: float = 4.0) -> tuple[dict, str | None]:

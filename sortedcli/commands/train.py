@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 
 from .. import distributed, models, runs
 from ..build import (build_data, build_device, build_distill, build_grid, build_model, build_optimizer,
-                     build_sampler, check_settings)
+                     build_sampler, build_teacher, check_settings)
 from ..engine import (NonFiniteLoss, Progress, calibration_batches, checkpoint_activations, cosine_schedule,
                       evaluate, fit, precision_label, steps_per_epoch)
 from ..errors import UsageError
@@ -112,7 +112,7 @@ def standalone_config(cfg: DictConfig, sub) -> DictConfig:
     OmegaConf.update(one, "sampler", {"name": "full"}, merge=False)
     OmegaConf.update(one, "standalone", None)
     if one.get("distill") is not None:
-        OmegaConf.update(one, "distill.enabled", False)
+        OmegaConf.update(one, "distill", {"enabled": False, "teacher": "self", "anchor": 0.0}, merge=True)
     return one
 
 
@@ -202,6 +202,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     d.broadcast_module(model)
+    teacher = build_teacher(cfg, model, run_dir, resuming, d.main, amp)  # distill.teacher=initial, else None
     if d.enabled and cfg.trainer.get("sync_batchnorm", False):
         synchronize(model)
     if cfg.trainer.get("activation_checkpointing", False):
@@ -363,7 +364,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
 
         try:
             fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
-                seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg), progress=progress,
+                seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg, teacher), progress=progress,
                 steps=steps, max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
                 accumulate=accumulate, clip_grad_norm=clip, stats=stats, on_step=on_step,
                 on_epoch_end=on_epoch_end)
