@@ -59,6 +59,17 @@ def verify_cost(verify: dict[int, float] | None, T: int) -> float:
     return ratio[sizes[-1]] * T / sizes[-1]  # beyond the largest measured: proportional
 
 
+def check_first(verify: dict[int, float] | None, k: int) -> float:
+    """The ``check_first`` of :func:`sortedcli.decoding.speculative` that measured verification costs
+    call for: checking the first draft's position alone costs v(1) = 1 and, when that draft is accepted
+    (probability p), v(k) more for the others; verifying all k + 1 positions at once costs v(k + 1). So
+    checking first is cheaper while p < (v(k + 1) - 1) / v(k): about 0.3 on a CPU (v(5) ~ 1.5), 0 on a
+    GPU where k + 1 tokens cost one token's time. None (nothing measured): 0.5."""
+    if not verify:
+        return 0.5
+    return min(1.0, max(0.0, (verify_cost(verify, k + 1) - 1) / verify_cost(verify, k)))
+
+
 def speedup(a: float, c: float, k: int, verify: dict[int, float] | None = None) -> float:
     """Predicted speed-up over greedy decoding of k drafts per round at acceptance a, cost ratio c
     and verification costs ``verify`` (see :func:`verify_cost`; None: verifying costs one step)."""

@@ -48,6 +48,9 @@ CASES = {
     "generate-exit-and-early-exit": (["generate", "--exit", "2", "--early-exit", "hello"], "empty",
                                      "--exit and --early-exit"),
     "generate-draft-exit-alone": (["generate", "--draft-exit", "2", "hello"], "empty", "add --speculative"),
+    "generate-check-first-alone": (["generate", "check_first=0.3", "hello"], "empty", "add --speculative"),
+    "generate-check-first-above-one": (["generate", "--speculative", "check_first=2", "hello"], "empty",
+                                       "check_first must be a first-draft acceptance rate in [0, 1]"),
     # --- noisy before: the right exit status, but many lines, a traceback or another subject
     "misspelled-model": (["train", *TINY, "model=resnet_tin"], "empty", "did you mean resnet_tiny?"),
     "misspelled-data": (["train", *TINY, "data=digit"], "empty", "did you mean digits?"),

@@ -192,6 +192,23 @@ def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: 
                      "--draft-exit E, or train with 'dims=[depth]'")
 
 
+def choose_check_first(cfg, run_dir, k: int, console: Console) -> float:
+    """``check_first`` if given, else the one the verification costs ``sortednet eval`` measured call
+    for (:func:`sortedcli.draft.check_first`), else 0.5."""
+    if cfg.get("check_first") is not None:
+        return float(cfg.check_first)
+    from ..draft import check_first, verify_cost
+
+    verify = (eval_draft(run_dir) or {}).get("verify")
+    if not verify:
+        return 0.5
+    value = check_first(verify, k)
+    console.print(f"[dim]check_first={value:.2f}: the first draft is checked alone while under {value:.0%} of "
+                  f"them are accepted (verifying {k + 1} tokens at once was measured at "
+                  f"{float(verify_cost(verify, k + 1)):.2f}x a step)[/]")
+    return value
+
+
 def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]:
     given = cfg.get("thresholds")
     if given is None:
@@ -393,6 +410,7 @@ NUMBERS = {
     "max_tokens": ("--max-tokens", "a number of tokens >= 1, e.g. --max-tokens 64", True, 1),
     "k": ("k", "a draft length >= 1, e.g. k=4", True, 1),
     "draft_vocab": ("draft_vocab", "a number of tokens >= 0 (0: the full head)", True, 0),
+    "check_first": ("check_first", "a first-draft acceptance rate in [0, 1] (0: never check alone)", False, 0),
     "seed": ("seed", "an integer", True, None),
     "temperature": ("--temperature", "a number >= 0 (0: greedy)", False, None),
     "top_p": ("--top-p", "a number in (0, 1]", False, None),
@@ -412,7 +430,7 @@ def check_numbers(cfg: DictConfig) -> None:
             number = int(str(value).strip()) if whole else float(value)
         except (TypeError, ValueError):
             raise UsageError(f"{flag} must be {want}, got {value!r}") from None
-        if lowest is not None and number < lowest:
+        if (lowest is not None and number < lowest) or (key == "check_first" and number > 1):
             raise UsageError(f"{flag} must be {want}, got {value!r}")
 
 
@@ -448,6 +466,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
                          "--speculative: the full model drafted by --draft-exit E; --early-exit: each token's own exit)")
     if cfg.draft_exit is not None and not cfg.speculative:
         raise UsageError("--draft-exit is the draft of --speculative: add --speculative (or drop --draft-exit)")
+    if cfg.get("check_first") is not None and not cfg.speculative:
+        raise UsageError("check_first tunes the verification of --speculative: add --speculative (or drop check_first)")
     if cfg.get("thresholds") is not None and not cfg.early_exit:
         raise UsageError("thresholds are the exits of --early-exit: add --early-exit (or drop thresholds)")
     check_max_ppl_increase(cfg)
@@ -495,8 +515,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     try:
         if cfg.speculative:
             draft, k, vocab = choose_draft(cfg, run_dir, trained, L, console)
+            first = choose_check_first(cfg, run_dir, k, console)
             mode = f"self-speculative, draft exit {draft} of {L}" + ("" if vocab is None else f", draft vocab {len(vocab)}")
-            out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, **common)
+            out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, check_first=first, **common)
         elif cfg.early_exit:
             thresholds, vocab, chosen_note = early_exit_settings(cfg, L, stack, run_cfg, run_dir, ckpt, trained,
                                                                   console)
