@@ -163,8 +163,8 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     p = cli(["train", "model=llama_tiny", f"model.tokenizer={tmp_path / 'tok'}", "data=corpus",
              f"data.path={tmp_path / 'text.txt'}", "data.block_size=32", "data.doc_chars=120",
              "data.test_fraction=0.3", "dims=[depth]", "dims.depth.levels=[1,3,4]",
-             "sampler=all", "optim=adamw", "trainer.batch_size=4", "trainer.max_steps=2", "eval.batch_size=8"],
-            cwd=tmp_path)
+             "sampler=all", "optim=adamw", "trainer.batch_size=4", "trainer.max_steps=2", "trainer.ckpt_every=1",
+             "eval.batch_size=8"], cwd=tmp_path)
     assert p.returncode == 0, explain(p)
     run = run_folders(tmp_path / "runs")[0]
     g = cli(["generate", "--speculative", "--max-tokens", "6", "The cat"], cwd=tmp_path)
@@ -197,6 +197,10 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     assert f"draft exit {chosen['exit']}, k={chosen['k']}: chosen by `sortednet eval`" in g.stderr
     plain = cli(["generate", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert plain.stdout == g.stdout
+    # an older checkpoint drafts by its own measurements (none here), not by the latest's
+    old = cli(["generate", "--speculative", "--ckpt", str(run / "checkpoints" / "step-00000001"), "--max-tokens", "6",
+               "The cat"], cwd=tmp_path)
+    assert old.returncode == 0 and "the shallowest exit the run trained" in old.stderr, explain(old)
     v = cli(["generate", "--speculative", "draft_vocab=40", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert v.returncode == 0 and v.stdout == plain.stdout and "draft vocab 40" in v.stderr, explain(v)
     # export refuses a sub-model far below the full model unless forced

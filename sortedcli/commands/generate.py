@@ -138,11 +138,14 @@ def trained_exits(run_cfg, model, layers: int) -> list[int] | None:
     return None if depth is None else [x for x in depth.levels if x < layers]
 
 
-def eval_draft(run_dir) -> dict | None:
-    """The draft ``sortednet eval`` chose from measurements (``eval/results.json``), if any."""
+def eval_draft(run_dir, ckpt=None) -> dict | None:
+    """The draft ``sortednet eval`` chose from measurements of checkpoint ``ckpt`` (default: the
+    latest; ``eval/results.json``, or ``eval/step-N/results.json`` for an older one), if any."""
     if run_dir is None:
         return None
-    path = Path(run_dir) / "eval" / "results.json"
+    from ..report import results_dir
+
+    path = (Path(run_dir) / "eval" if ckpt is None else results_dir(run_dir, ckpt)) / "results.json"
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("draft")
     except (OSError, ValueError, AttributeError):
@@ -164,14 +167,14 @@ def draft_vocab(run_dir, n) -> torch.Tensor | None:
     return load_file(str(path))["ids"][:int(n)]
 
 
-def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: Console) -> tuple:
+def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: Console, ckpt=None) -> tuple:
     """``(draft exit, k, draft vocabulary or None)``: ``--draft-exit`` if given, else the eval's
     measured choice, else the shallowest trained exit (with a note); ``k`` if given, else the eval's,
     else 4; ``draft_vocab`` (N) if given (0: the full head), else the eval's choice."""
     k, n = cfg.get("k"), cfg.get("draft_vocab")
     if cfg.draft_exit is not None:
         return int(cfg.draft_exit), int(k or 4), draft_vocab(run_dir, n)
-    chosen = eval_draft(run_dir)
+    chosen = eval_draft(run_dir, ckpt)
     if chosen and 1 <= int(chosen["exit"]) < layers:
         n = chosen.get("vocab") if n is None else n
         console.print(f"[dim]draft exit {chosen['exit']}, k={k or chosen['k']}"
@@ -192,14 +195,14 @@ def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: 
                      "--draft-exit E, or train with 'dims=[depth]'")
 
 
-def choose_check_first(cfg, run_dir, k: int, console: Console) -> float:
+def choose_check_first(cfg, run_dir, k: int, console: Console, ckpt=None) -> float:
     """``check_first`` if given, else the one the verification costs ``sortednet eval`` measured call
     for (:func:`sortedcli.draft.check_first`), else 0.5."""
     if cfg.get("check_first") is not None:
         return float(cfg.check_first)
     from ..draft import check_first, verify_cost
 
-    verify = (eval_draft(run_dir) or {}).get("verify")
+    verify = (eval_draft(run_dir, ckpt) or {}).get("verify")
     if not verify:
         return 0.5
     value = check_first(verify, k)
@@ -514,8 +517,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     chosen_note = ""
     try:
         if cfg.speculative:
-            draft, k, vocab = choose_draft(cfg, run_dir, trained, L, console)
-            first = choose_check_first(cfg, run_dir, k, console)
+            at = ckpt if run_dir is not None else None  # the measurements of the checkpoint decoding
+            draft, k, vocab = choose_draft(cfg, run_dir, trained, L, console, at)
+            first = choose_check_first(cfg, run_dir, k, console, at)
             mode = f"self-speculative, draft exit {draft} of {L}" + ("" if vocab is None else f", draft vocab {len(vocab)}")
             out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, check_first=first, **common)
         elif cfg.early_exit:
