@@ -314,7 +314,6 @@ def test_teacher_forced_early_exit_nll_matches_the_model_and_the_exit_it_takes(m
     assert layers == [2] * len(nll)
 
 
-@pytest.mark.slow
 def decoding_benchmark_on_a_tiny_folder(tmp_path):
     """``(benchmarks/decoding.py as a module, a folder holding a tiny LLaMA + its tokenizer)``."""
     import importlib.util
