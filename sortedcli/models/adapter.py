@@ -22,7 +22,11 @@ A family answers, for the models it builds:
 - ``init_options``: model options that only say where initial weights come from, not the
   architecture (an export rebuilds without them);
 - ``for_inference(model)``: the loaded model as eval, export and generate run it (LoRA adapters
-  merged into their weights).
+  merged into their weights);
+- ``build_empty(**args)`` / ``init_buffers(model)``: for a sharded run (FSDP2), the model ``build``
+  makes on the meta device (no weight read, nothing allocated) and the safetensors files its weights
+  are then read from, and the buffers no checkpoint holds, recomputed once the shards exist
+  (:func:`sortedcli.distributed.load_pretrained`); a family without them builds eagerly.
 
 Adding a family is one subclass in one module of this package (``Family = MyFamily`` at its end)
 and one ``register(...)`` line per name, plus a ``conf/model/NAME.yaml`` (see the README).
@@ -34,6 +38,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import nn
 
     from ..nest import SubModel
@@ -93,3 +99,16 @@ class Adapter(ABC):
         """The trained model (weights loaded) as eval, export and generate run it: what only training
         needs folded away (a decoder merges its LoRA adapters into the weights they adapt)."""
         return model
+
+    def build_empty(self, **args) -> tuple[nn.Module, list[Path]] | None:
+        """What :meth:`build` makes, built on the meta device without reading a weight (shapes only), and
+        the safetensors files that hold its initial weights under its own state-dict keys ([] where
+        ``build`` reads none: a random init, or a run's snapshot whose weights are its checkpoint's).
+        None where that cannot be done exactly (a format read another way, weights that are changed
+        as they load, buffers :meth:`init_buffers` cannot recompute): the run then builds eagerly."""
+        return None
+
+    def init_buffers(self, model: nn.Module) -> None:
+        """Recompute in place the buffers of a model from :meth:`build_empty`, once its storage exists
+        (``to_empty``), that no checkpoint holds (non-persistent: a decoder's rotary frequencies)."""
+        return None

@@ -256,12 +256,13 @@ def _config(config: dict, extra: dict):
 def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, config: dict | None = None,
                   tokenizer: str | None = None, attn_implementation: str = "sdpa",
                   special_tokens: dict | None = None, importance: str | None = None,
-                  require: str | None = None, lora: dict | None = None) -> nn.Module:
+                  require: str | None = None, lora: dict | None = None, weights: bool = True) -> nn.Module:
     """A transformers ``*ForCausalLM`` from ``pretrained`` (a folder, hub id or GGUF) or built from
     ``config`` (random init; its vocabulary is sized to the tokenizer's), importance-sorted when
     pretrained, sorted in place. ``require``: a class name the model must be (``llama``'s entry).
     ``lora`` (``model.lora``): peft's LoRA adapters on the named projections, after sorting
-    (:func:`add_lora`); every other weight is frozen."""
+    (:func:`add_lora`); every other weight is frozen. ``weights=False``: a local ``pretrained`` folder's
+    architecture only (:meth:`DecoderFamily.build_empty`)."""
     from transformers import AutoModelForCausalLM
 
     lora = lora_options(lora)  # a mistyped model.lora is refused before any weight is read
@@ -272,7 +273,8 @@ def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, 
             config["vocab_size"] = vocab_size
         model = _random(AutoModelForCausalLM, _config(config, special_tokens or {}), attn_implementation)
     else:
-        model = hf.load(AutoModelForCausalLM, pretrained, config, None, attn_implementation=attn_implementation)
+        model = hf.load(AutoModelForCausalLM, pretrained, config, None, weights=weights,
+                        attn_implementation=attn_implementation)
     if require and type(model).__name__ != require:
         raise UsageError(f"model.pretrained={pretrained} is a {type(model).__name__}, not a {require}: "
                          "use model=causal_lm for any decoder LLM")
@@ -281,7 +283,7 @@ def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, 
                          f"{model.config.vocab_size}: use the model's own tokenizer (model.tokenizer=DIR)")
     layout(model)  # refuse what does not fit before anything is permuted
     method = importance_method(importance)
-    if pretrained and method and not hf.is_snapshot(Path(pretrained).expanduser()):
+    if pretrained and method and weights and not hf.is_snapshot(Path(pretrained).expanduser()):
         sort_by_importance(importance_groups(model), method)
     return add_lora(sortify_decoder(model), lora)
 
@@ -596,6 +598,75 @@ def truncated(model: nn.Module, layers: int) -> nn.Module:
     return small.eval()
 
 
+def weight_files(pretrained: str) -> list[Path] | None:
+    """The safetensors files of the local Hugging Face folder ``pretrained`` (its index's files, or its one
+    ``model.safetensors``; [] for a run's snapshot, which holds no weights); None for what is read another
+    way (a hub id, a GGUF file, PyTorch ``.bin`` weights)."""
+    import json
+
+    folder = Path(pretrained).expanduser()
+    if not folder.is_dir():
+        return None
+    if hf.is_snapshot(folder):
+        return []
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else None
+
+
+def build_empty(options: dict) -> tuple[nn.Module, list[Path]] | None:
+    """:func:`build_decoder` on the meta device, reading no weight, and the files that hold its weights
+    (:meth:`Adapter.build_empty`). None for a pretrained model whose weights are not safetensors in a
+    local folder, or that ``model.importance`` permutes as it loads (the permutation is computed from
+    every weight of a layer: that run builds eagerly)."""
+    pretrained = options.get("pretrained")
+    files: list[Path] = []
+    if pretrained:
+        files = weight_files(str(pretrained))
+        if files is None:
+            return None
+        if files and importance_method(options.get("importance")):
+            return None
+    import copy
+
+    with torch.device("meta"):
+        model = build_decoder(**options, weights=False)
+    try:  # a rehearsal on copies: every such buffer is one init_buffers can recompute
+        _init_buffers(model, [copy.deepcopy(m).to_empty(device="cpu") for m in _buffer_modules(model)])
+    except ValueError:
+        return None
+    return model, files
+
+
+def _buffer_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if m._non_persistent_buffers_set]
+
+
+def _init_buffers(model: nn.Module, modules: list[nn.Module]) -> None:
+    """``modules``' non-persistent buffers recomputed by transformers' own ``_init_weights``, which must
+    write every one of them (each is NaN before); a ValueError where it cannot (a module that also holds a
+    weight, which it would re-initialize; a buffer it leaves alone)."""
+    for m in modules:
+        if next(m.parameters(recurse=False), None) is not None:
+            raise ValueError(f"{type(m).__name__} holds weights beside its non-persistent buffers")
+        buffers = [b for name, b in m.named_buffers(recurse=False) if name in m._non_persistent_buffers_set]
+        if not all(b.is_floating_point() for b in buffers):
+            raise ValueError(f"{type(m).__name__} has a non-persistent buffer that is not floating-point")
+        for b in buffers:
+            b.fill_(float("nan"))
+        with torch.device(buffers[0].device):
+            model._init_weights(m)
+        if any(b.isnan().any() for b in buffers):
+            raise ValueError(f"{type(model).__name__}._init_weights leaves a buffer of {type(m).__name__} unset")
+
+
+def init_buffers(model: nn.Module) -> None:
+    """The non-persistent buffers (rotary ``inv_freq``), which no checkpoint holds, recomputed once their
+    storage exists (:meth:`DecoderFamily.build_empty` checked that this can be done)."""
+    _init_buffers(model, _buffer_modules(model))
+
+
 class DecoderFamily(Adapter):
     """The registry's adapter for Hugging Face decoder LLMs (see the module doc)."""
 
@@ -615,6 +686,12 @@ class DecoderFamily(Adapter):
 
     def for_inference(self, model: nn.Module) -> nn.Module:
         return merge_lora(model)
+
+    def build_empty(self, **args) -> tuple[nn.Module, list[Path]] | None:
+        return build_empty({**self.options, **args})
+
+    def init_buffers(self, model: nn.Module) -> None:
+        init_buffers(model)
 
     def tokenizer(self, options: dict):
         return tokenizer(options)

@@ -66,11 +66,13 @@ def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(auto_class, pretrained: str | None, config: dict | None, config_class, **kwargs) -> nn.Module:
+def load(auto_class, pretrained: str | None, config: dict | None, config_class, weights: bool = True,
+         **kwargs) -> nn.Module:
     """``auto_class.from_pretrained(pretrained, **kwargs)`` (a folder, a hub id, or a GGUF file / a
     folder holding one), a model of a run's :func:`snapshot` config (its weights come from the run's
     checkpoint), or a random-init model of ``config_class(**config)``. Offline, a hub id fails with one
-    line that says so."""
+    line that says so. ``weights=False``: a local folder's model is built from its config (and generation
+    config) alone, its weights not read (a sharded run builds it on the meta device and streams them)."""
     from . import gguf
 
     _quiet()
@@ -78,12 +80,15 @@ def load(auto_class, pretrained: str | None, config: dict | None, config_class, 
         local = Path(pretrained).expanduser()
         if not local.exists() and pretrained.startswith(("/", ".", "~", "<")):
             raise UsageError(f"model.pretrained={pretrained}: no such folder")
-        if local.exists() and is_snapshot(local):
-            from transformers import AutoConfig
+        if local.exists() and (is_snapshot(local) or not weights):
+            from transformers import AutoConfig, GenerationConfig
 
             cfg = AutoConfig.from_pretrained(str(local))
-            return auto_class.from_config(cfg, dtype=torch.float32,
-                                          **{k: v for k, v in kwargs.items() if k == "attn_implementation"})
+            model = auto_class.from_config(cfg, dtype=torch.float32,
+                                           **{k: v for k, v in kwargs.items() if k == "attn_implementation"})
+            if not weights and (local / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(str(local))
+            return model
         found = gguf.find(local) if local.exists() else None
         if found is not None:
             return gguf.load(auto_class, found, attn_implementation=kwargs.get("attn_implementation"))
