@@ -372,3 +372,135 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt) -> No
     state["state"] = {name: values for name, values in state["state"].items()
                       if any(f"optim.state.{name}." in key for key in stored)}
     set_optimizer_state_dict(model, optimizer, state)
+
+
+# --- construction without copies: the meta device, then each rank's shards only --------------------
+#
+# Under trainer.strategy=fsdp a model whose family can build it on the meta device (Adapter.build_empty)
+# is sharded before any weight exists: fully_shard per depth unit then the root, on meta tensors; each
+# rank then allocates its own shards only (to_empty), recomputes the buffers no checkpoint holds
+# (Adapter.init_buffers: rotary frequencies), and the pretrained weights arrive from rank 0, which reads
+# the safetensors files one at a time and broadcasts each (set_model_state_dict with
+# broadcast_from_rank0): every rank keeps the slices of its shards. Why rank 0 reads and the others
+# receive, rather than each rank reading its own slices: a machine that is not rank 0's may not have the
+# files (another node without the shared disk), and one reader means one pass over the files; the cost,
+# a broadcast of each tensor, is what the old path paid for the whole model. Host memory per rank: its
+# shards plus, on rank 0, one file, on the others one tensor at a time.
+
+def tied(model: nn.Module) -> list[tuple[str, ...]]:
+    """The names that share one parameter (tied input and output embeddings), a tuple per shared one."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [tuple(group) for group in names.values() if len(group) > 1]
+
+
+def uncovered(model: nn.Module, files) -> list[str]:
+    """The state-dict keys of ``model`` that ``files`` (safetensors; their headers only are read) hold
+    under no name tied to them or with another shape: what a streamed load could not fill."""
+    from safetensors import safe_open
+
+    held: dict[str, tuple[int, ...]] = {}
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as reader:
+                held.update({k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys()})
+    except Exception:  # noqa: BLE001 - unreadable: the eager load says why, in its own words
+        return list(model.state_dict())
+    alias = {n: group for group in tied(model) for n in group}
+    return [k for k, v in model.state_dict().items()
+            if not any(held.get(n) == tuple(v.shape) for n in alias.get(k, (k,)))]
+
+
+def host_memory(peak: bool = True) -> int | None:
+    """This process's peak (``VmHWM``) or present (``VmRSS``) resident memory in bytes; None without /proc."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Start ``VmHWM`` again from the present resident memory (Linux's ``clear_refs``); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def materialize(model: nn.Module, device: torch.device, init_buffers, ties: list[tuple[str, ...]]) -> None:
+    """Give a model built on the meta device (and sharded) storage on ``device``: each rank its own shards,
+    uninitialized (the weights are loaded next), the buffers no checkpoint holds recomputed by
+    ``init_buffers`` (the family's). ``ties`` (:func:`tied`, taken before sharding) must still be tied."""
+    model.to_empty(device=device)
+    init_buffers(model)
+    check_tied(model, ties)
+
+
+def check_tied(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
+    for group in ties:
+        first = model.get_parameter(group[0])
+        if any(model.get_parameter(n) is not first for n in group[1:]):
+            raise RuntimeError(f"{', '.join(group)} were one parameter and are no longer: the sharded model "
+                               "would train two copies of it")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s parameters and buffers, whole (a DTensor counts its global shape), once each."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_pretrained` did: the files rank 0 read, the largest of them (bytes), and how much
+    each rank's resident memory grew by at its peak, from before its shards were allocated to the end of
+    the load (None: not measured, e.g. without Linux's /proc)."""
+
+    files: int
+    largest: int
+    growths: tuple[int | None, ...]
+
+    @property
+    def growth(self) -> int | None:
+        """The most any rank grew by."""
+        return None if None in self.growths else max(self.growths)
+
+
+def load_pretrained(model: nn.Module, files, device: torch.device, init_buffers, ties: list[tuple[str, ...]],
+                    d: Dist) -> Loaded:
+    """Materialize the sharded meta ``model`` (:func:`materialize`) and load the pretrained weights of the
+    safetensors ``files``: rank 0 reads one file at a time and broadcasts it (``set_model_state_dict``,
+    full state dict, ``broadcast_from_rank0``); each rank keeps its slices. A collective of every rank;
+    only rank 0's ``files`` are read (the others may not have them)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    files = [str(f) for f in files]
+    before = host_memory(peak=False)
+    measured = reset_peak_memory() and before is not None
+    materialize(model, device, init_buffers, ties)
+    count = d.broadcast(len(files) if d.main else None)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for i in range(count):
+        state = load_file(files[i]) if d.main else {}
+        set_model_state_dict(model, state, options=options)
+        del state
+    check_tied(model, ties)
+    grown = host_memory() - before if measured else None
+    growths = d.gather(grown)
+    largest = max((os.path.getsize(f) for f in files), default=0) if d.main else 0
+    return Loaded(count, d.broadcast(largest), tuple(growths))
+
+
+def load_whole(model: nn.Module, weights: dict) -> None:
+    """Whole ``weights`` that every rank holds (a one-file checkpoint) into the sharded ``model``: each rank
+    keeps its shards' slices."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))

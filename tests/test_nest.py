@@ -293,3 +293,21 @@ def test_submodel_on_cuda_with_bf16_autocast_matches_extracted(device):
     with torch.no_grad():
         full = model(x).float()
     assert (full - exact).abs().max().item() > 0.1 * scale
+
+
+def test_plain_class_of_a_subclass_of_a_sorted_layer_is_the_torch_layer():
+    """A family's own subclass of a sorted layer (the encoders' fused q/k/v projection) cuts back to
+    the torch layer it was converted from; it raised StopIteration."""
+    from torch import nn
+
+    from sortedcli.nest.convert import plain_class
+    from sortedcli.nest.layers import SortedLinear
+
+    class Fused(SortedLinear):
+        pass
+
+    layer = nn.Linear(4, 6)
+    layer.__class__ = Fused
+    assert plain_class(layer) is nn.Linear
+    layer.__class__ = SortedLinear
+    assert plain_class(layer) is nn.Linear

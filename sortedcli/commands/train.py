@@ -142,6 +142,60 @@ def run_standalone(cfg: DictConfig, run_dir: Path, console: Console) -> list[Pat
     return finals
 
 
+def _empty(entry, cfg: DictConfig, model_cfg: DictConfig, model_args: dict, resuming: bool, d, console: Console):
+    """``(model on the meta device, its safetensors files)`` for a sharded run that can build without
+    copies: resumed (the checkpoint holds every weight) or pretrained from a local folder of safetensors
+    whose keys are the model's; None where every rank builds the whole model (a random init: the same
+    weights as one process, rank 0's broadcast; a format, or a permutation, read whole; distill.teacher=
+    initial, whose frozen copy of the starting model every rank holds anyway), said on the console for a
+    pretrained model. Every rank agrees (rank 0 reads the files' headers)."""
+    from ..build import plain
+
+    options = plain(model_cfg.model)
+    options.pop("name")
+    pretrained = None if resuming else options.get("pretrained")
+    distill = plain(cfg.get("distill") or {})
+    if (not resuming and not pretrained) or (distill.get("enabled") and distill.get("teacher") == "initial"):
+        return None
+    built = entry.build_empty(**model_args, **options)
+    if built is not None and (resuming or not built[1]):  # resumed: the checkpoint, not the files, fills it
+        built = (built[0], []) if resuming else None
+    why = None if all(d.gather(built is not None)) else "it is not a local folder of safetensors weights that " \
+        "load as they are (a hub id, GGUF, .bin, or model.importance permuting them)"
+    if why is None and pretrained:
+        missing = distributed.uncovered(built[0], built[1]) if d.main else None
+        why = d.broadcast(None if not missing else f"its safetensors hold {len(missing)} of the model's weights under "
+                          f"no key of its own (e.g. {missing[0]})")
+    if why is None:
+        return built
+    if pretrained:
+        console.print(f"[yellow]model.pretrained={pretrained}: {why}; every rank builds the whole model before "
+                      "sharding it (to build each rank's shards only: a local folder, e.g. huggingface-cli download "
+                      "ID --local-dir DIR)[/]")
+    return None
+
+
+def _shard(model, empty, weights: dict | None, entry, device: torch.device, amp, d, console: Console) -> None:
+    """FSDP2 on ``model``; where it was built on the meta device (``empty``: :func:`_empty`), each rank's
+    shards then made and filled: from ``weights`` (a resumed one-file checkpoint; a sharded checkpoint is
+    read later with the optimizer) or, not resuming, from the pretrained files, rank 0 reading one at a time."""
+    ties = distributed.tied(model)  # (before sharding: the same parameter under two names stays one)
+    distributed.shard(model, param_dtype=amp)
+    if empty is None:
+        return
+    if not empty[1]:  # resumed: the checkpoint's weights fill the shards
+        distributed.materialize(model, device, entry.init_buffers, ties)
+        if weights is not None:  # a one-file checkpoint, held whole by every rank
+            distributed.load_whole(model, weights)
+            weights.clear()  # (the dict stays: `run` reads the optimizer state from the same checkpoint)
+        return
+    loaded = distributed.load_pretrained(model, empty[1], device, entry.init_buffers, ties, d)
+    grown = "" if loaded.growth is None else f": host memory grew by at most {loaded.growth / 2**20:.1f} MiB on a rank"
+    console.print(f"built on the meta device and sharded before any weight existed; rank 0 read {loaded.files} "
+                  f"safetensors file(s) one at a time (largest {loaded.largest / 2**20:.1f} MiB) and broadcast "
+                  f"them{grown} (the whole model: {distributed.weight_bytes(model) / 2**20:.1f} MiB)")
+
+
 @_releasing_locks
 def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, overrides: list[str] = ()) -> Path:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final checkpoint folder (with
@@ -156,6 +210,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     if not d.main:
         console = Console(quiet=True)  # rank 0 prints and writes; the others train
     strategy = cfg.trainer.get("strategy", "ddp")
+    if strategy == "fsdp" and not d.enabled and not resuming:  # (a sharded run resumes in one process)
+        raise UsageError("trainer.strategy=fsdp shards the model over several processes and this run has one: pass "
+                         "trainer.devices=N (N > 1) or launch it with torchrun --nproc-per-node N, or drop "
+                         "trainer.strategy=fsdp")
     accumulate = cfg.trainer.get("accumulate", 1)
     if cfg.trainer.batch_size % (d.world * accumulate):
         raise UsageError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch of a step and must be a "
@@ -188,20 +246,25 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     # resumed: the checkpoint holds every weight, so the initial ones (model.weights, a file that may
     # have moved) are not read
     architecture = models.architecture(OmegaConf.to_container(source.model, resolve=True))[0]
-    model = build_model(OmegaConf.create({"model": architecture}) if resuming else source, data.model_args)
+    model_cfg = OmegaConf.create({"model": architecture}) if resuming else source
     entry = models.entry(cfg.model.name)
+    # sharded: built on the meta device where the family can (no weight on any rank until each has its shards)
+    empty = _empty(entry, cfg, model_cfg, data.model_args, resuming, d, console) \
+        if d.enabled and strategy == "fsdp" else None
+    model = build_model(model_cfg, data.model_args) if empty is None else empty[0]
     if not resuming and d.main and cfg.model.get("pretrained"):
         entry.snapshot(model, tokenizer, run_dir / runs.PRETRAINED_DIR, str(cfg.model.pretrained))
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
     for note in sampler.notes:  # a setting the schedule had to change (g above the grid's size)
         console.print(f"[yellow]{note}[/]")
-    if resuming and weights is not None:  # whole weights, before any sharding
-        model.load_state_dict(weights)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    d.broadcast_module(model)
+    if empty is None:  # every rank holds the whole model; rank 0's weights become everyone's
+        if resuming and weights is not None:  # whole weights, before any sharding
+            model.load_state_dict(weights)
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        d.broadcast_module(model)
     teacher = build_teacher(cfg, model, run_dir, resuming, d.main, amp)  # distill.teacher=initial, else None
     if d.enabled and cfg.trainer.get("sync_batchnorm", False):
         synchronize(model)
@@ -209,7 +272,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         checkpoint_activations(model)  # before sharding: fully_shard then wraps the checkpointed units
     if d.enabled and strategy == "fsdp":
         d = replace(d, sharded=True)
-        distributed.shard(model, param_dtype=amp)
+        _shard(model, empty, weights if resuming else None, entry, device, amp, d, console)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
     per_epoch = steps_per_epoch(data.train, t.batch_size)

@@ -93,8 +93,9 @@ def plain_class(module: nn.Module) -> type:
     cls = type(module)
     if isinstance(module, _DepthUnitMixin):
         return cls.__mro__[2]
-    if isinstance(module, SortedLayer):
-        return next(base for base, sorted_cls in SORTED_LAYERS.items() if sorted_cls is cls)
+    if isinstance(module, SortedLayer):  # a family's own subclass of a sorted layer too (e.g. a fused one)
+        plain = {sorted_cls: base for base, sorted_cls in SORTED_LAYERS.items()}
+        return next(plain[c] for c in cls.__mro__ if c in plain)
     return cls
 
 
