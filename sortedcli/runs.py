@@ -459,6 +459,19 @@ def fingerprint(ckpt_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(ckpt_dir: Path) -> str | None:
+    """The sha256 of a one-file checkpoint's weights (read in 1 MiB pieces): what results written
+    before :func:`fingerprint` recorded; None for a sharded checkpoint or an unreadable file."""
+    digest = hashlib.sha256()
+    try:
+        with open(Path(ckpt_dir) / MODEL_FILE, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def checkpoint_record(run_dir: Path, ckpt_dir: Path) -> dict:
     """What identifies a checkpoint in results measured on it: its step, its folder relative to the run
     folder and its :func:`fingerprint`."""

@@ -181,3 +181,29 @@ def test_timed_draft_costs_far_from_the_flops_are_replaced_by_the_flops_ratios()
     assert "exit 3: 0.02x the full model's, where its FLOPs are 0.90x" in note and "unreliable" in note
     _, note = checked_costs({**busy, (1, None): 3.0}, flops)
     assert "exit 1: 3.00x" in note and "and 1 other exit;" in note
+
+
+def test_results_written_before_fingerprints_are_fresh_by_their_sha256(evaluated, tmp_path):
+    """results.json of an older sortednet recorded the weights file's sha256, not a fingerprint:
+    export accepts them when that sha256 is the checkpoint's (it asked for an evaluation again), and
+    still refuses them when it is not."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from sortedcli import runs
+    from sortedcli.commands.export import check_fresh
+    from sortedcli.errors import UsageError
+
+    ckpt = runs.latest_checkpoint(evaluated)
+    record = runs.checkpoint_record(evaluated, ckpt)
+    r = SimpleNamespace(record=record, ckpt=ckpt, run_dir=evaluated)
+    doc = json.loads((evaluated / "eval" / "results.json").read_text())
+    sha = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    for digest, fresh in ((sha, True), ("0" * 64, False)):
+        doc["checkpoint"] = {"step": record["step"], "path": record["path"], "sha256": digest}
+        (tmp_path / "results.json").write_text(json.dumps(doc))
+        if fresh:
+            check_fresh(tmp_path / "results.json", r)
+        else:
+            with pytest.raises(UsageError, match="run sortednet eval --all-submodels"):
+                check_fresh(tmp_path / "results.json", r)
