@@ -49,6 +49,14 @@ def test_trainer_steps_is_the_run_length_and_a_stopped_run_resumes_to_the_same_w
     assert again.returncode == 0, explain(again)
     assert "nothing to train" in again.stdout and f"trainer.steps={STEPS}" in again.stdout
     assert f"trainer.steps={2 * STEPS}" in again.stdout
+    # resumed with a longer schedule, its first new step learns (it took the saved learning rate: 0 at
+    # the end of the old cosine, so step 7 left every weight as step 6 had it)
+    longer = cli(["train", "--resume", ref, f"trainer.steps={2 * STEPS}", f"trainer.max_steps={STEPS + 1}"],
+                 cwd=tmp_path)
+    assert longer.returncode == 0, explain(longer)
+    before = load_file(str(ref / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
+    after = load_file(str(_latest(ref) / "model.safetensors"))
+    assert _latest(ref).name == f"step-{STEPS + 1:08d}" and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc"])

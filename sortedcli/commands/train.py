@@ -292,6 +292,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         else:
             distributed.load_optimizer_state(model, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
+        # the learning rate of the next step follows this run's schedule: a finished run resumed with more
+        # steps or epochs (a longer cosine) took the saved one, 0 at the end of the old schedule, for a step
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
         sampler.load_state_dict(state["sampler"])
         # each rank its own random stream where the checkpoint has one (same number of processes or
         # fewer); a rank the checkpoint had not is derived from the seed below
