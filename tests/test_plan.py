@@ -168,3 +168,8 @@ def test_plan_of_a_local_pretrained_folder(tiny, tmp_path):
     p = cli(["plan", "model=causal_lm", f"model.pretrained={folder}", "data=hamlet", "dims=[depth]"], cwd=tmp_path)
     assert p.returncode == 0, explain(p)
     assert f"4 x {params:,}" in p.stdout and "weights were read once" in p.stdout
+    # distill.teacher=initial holds a frozen copy of the starting model on every rank: in bf16, 2 x P
+    p = cli(["plan", "model=causal_lm", f"model.pretrained={folder}", "data=hamlet", "dims=[depth]",
+             "distill.enabled=true", "distill.teacher=initial"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert "frozen teacher" in p.stdout and f"the starting model, 2 x {params:,}" in " ".join(p.stdout.split())

@@ -99,6 +99,7 @@ class Plan:
     checkpointing: bool
     gpu_gb: float
     trainable: int | None = None  # parameters that train (model.lora: the adapters only); None: all P
+    teacher: int = 0  # parameters of a frozen copy of the starting model (distill.teacher=initial), whole per rank
 
     @property
     def trained(self) -> int:
@@ -128,8 +129,12 @@ class Plan:
         return 2 * self.params if self.compute_dtype == torch.bfloat16 else 0
 
     @property
+    def frozen_teacher(self) -> float:  # kept in the compute dtype, no gradients, no optimizer state
+        return torch.finfo(self.compute_dtype).bits // 8 * self.teacher
+
+    @property
     def states(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.working
+        return self.parameters + self.gradients + self.optimizer + self.working + self.frozen_teacher
 
     def total(self, checkpointing: bool) -> float:
         return self.states + (self.activations.checkpointed if checkpointing else self.activations.total)
@@ -349,7 +354,8 @@ def estimate(cfg: DictConfig) -> tuple[Plan, str, nn.Module]:
                 micro_batch=micro, length=length, compute_dtype=compute,
                 checkpointing=bool(t.get("activation_checkpointing", False)),
                 gpu_gb=float(OmegaConf.select(cfg, "plan.gpu_memory_gb", default=80)),
-                trainable=None if trainable == held else trainable)
+                trainable=None if trainable == held else trainable,
+                teacher=held if cfg.get("distill", {}).get("enabled") and cfg.distill.get("teacher") == "initial" else 0)
     return plan, source, model
 
 
@@ -408,6 +414,8 @@ def table(plan: Plan, title: str) -> Table:
         ("working copies", "gathered layers (2 x the largest unit + the root) and one unit's fp32 gradient"
          if plan.sharded else ("bf16 copies of the weights (autocast)" if plan.working else "none (fp32)"),
          plan.working),
+        *([("frozen teacher", f"distill.teacher=initial: the starting model, {plan.frozen_teacher // plan.teacher} x "
+            f"{plan.teacher:,}, no gradients", plan.frozen_teacher)] if plan.teacher else []),
         ("activations", f"saved for backward, micro-batch {plan.micro_batch}"
          + (f" x {plan.length} tokens" if plan.length else "")
          + (f", {plan.activations.readouts} more exits' hidden states (at most)"
