@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -196,12 +196,79 @@ def _shard(model, empty, weights: dict | None, entry, device: torch.device, amp,
                   f"them{grown} (the whole model: {distributed.weight_bytes(model) / 2**20:.1f} MiB)")
 
 
+@dataclass
+class Launch:
+    """Where this process trains: ``d`` its place among the processes, ``device`` and ``amp`` (the
+    autocast dtype or None), its ``console`` (quiet off rank 0), the run folder all ranks agreed on, and
+    ``strategy`` and ``accumulate`` as the command line gave them (a resume keeps them, not the saved ones)."""
+
+    run_dir: Path
+    console: Console
+    d: distributed.Dist
+    device: torch.device
+    amp: torch.dtype | None
+    strategy: str
+    accumulate: int
+
+
+@dataclass
+class Resumed:
+    """The checkpoint a resume starts from: ``weights`` None for a sharded one (read into the built model),
+    ``state`` the trainer state (optimizer, scheduler, sampler, random streams, progress)."""
+
+    checkpoint: Path
+    weights: dict | None
+    state: dict
+
+
+@dataclass
+class Recipe:
+    """Everything a run trains with, built by :func:`setup`; :func:`restore` brings a resumed one's
+    ``progress`` (and ``own``, whether this rank resumes its own random stream) back from its checkpoint."""
+
+    cfg: DictConfig
+    run_dir: Path
+    console: Console
+    d: distributed.Dist
+    device: torch.device
+    amp: torch.dtype | None
+    resuming: bool
+    accumulate: int  # micro-batches per optimizer step
+    data: object
+    model: torch.nn.Module
+    grid: object
+    sampler: object
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    per_epoch: int  # optimizer steps in an epoch
+    steps: int | None  # trainer.steps: the run's length in steps, when it is not trainer.epochs
+    total: int  # the steps this run ends at (trainer.max_steps may stop it early)
+    progress: Progress
+    own: bool = False
+
+
 @_releasing_locks
 def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, overrides: list[str] = ()) -> Path:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final checkpoint folder (with
     ``standalone=[...]``: the folder of the standalone runs)."""
-    console = console or Console()
-    run_dir = Path(run_dir)
+    where = launch(cfg, Path(run_dir), console or Console())
+    if cfg.get("standalone"):
+        run_standalone(cfg, where.run_dir, where.console)
+        return where.run_dir / "standalone"
+    cfg, run_dir, resumed = open_run(cfg, where, overrides)
+    r = setup(cfg, run_dir, where, resumed)
+    if resumed is not None and restore(r, resumed):  # already at its end: nothing to train
+        return resumed.checkpoint
+    begin(r)
+    first_step = r.progress.step  # steps run by this process are counted from here
+    started = train(r)
+    return save(r, first_step, started)
+
+
+def launch(cfg: DictConfig, run_dir: Path, console: Console) -> Launch:
+    """The process(es) and device of the run, its settings checked before anything is written, and the
+    run folder's lock taken (one process trains into a run folder at a time)."""
     resuming = cfg.get("resume") is not None
     check_settings(cfg)  # trainer sizes and counts, typed optimizer values: before anything is written
     device, amp = build_device(cfg)
@@ -223,13 +290,19 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     # one process trains into a run folder at a time: a second `--resume RUN` would interleave its steps
     if not resuming or runs.run_of(Path(cfg.resume)).is_dir():  # (a resume of no folder is refused below)
         _lock(runs.run_of(Path(cfg.resume)) if resuming else run_dir, d, console)
-    if cfg.get("standalone"):
-        run_standalone(cfg, run_dir, console)
-        return run_dir / "standalone"
-    if resuming:
-        run_dir, ckpt, weights, state = resume_from(Path(cfg.resume), console)
+    return Launch(run_dir, console, d, device, amp, strategy, accumulate)
+
+
+def open_run(cfg: DictConfig, where: Launch, overrides: list[str]) -> tuple[DictConfig, Path, Resumed | None]:
+    """``(config, run folder, checkpoint to resume or None)``: a resume reads its checkpoint and its saved
+    config with the resume's overrides; a new run refuses a folder that already holds one. Rank 0 makes
+    the folder."""
+    d, run_dir, resumed = where.d, where.run_dir, None
+    if cfg.get("resume") is not None:
+        run_dir, ckpt, weights, state = resume_from(Path(cfg.resume), where.console)
         cfg = resume_config(run_dir, list(overrides))
         check_settings(cfg)
+        resumed = Resumed(ckpt, weights, state)
     elif (run_dir / "config.yaml").exists():
         resume = ", or --resume it" if (run_dir / "checkpoints" / "latest").is_file() else \
             " (it holds no checkpoint to resume: remove it to train into it again)"
@@ -238,11 +311,19 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     d.barrier()  # every rank has looked before rank 0 writes
     if d.main:  # the only rank that writes there (another node may not share this disk, or may not write there)
         run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, run_dir, resumed
 
+
+def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None) -> Recipe:
+    """Data, model (on the device, the same on every rank, or sharded), grid, sampler, teacher, optimizer
+    and learning-rate schedule of the run, seeded by ``cfg.seed``."""
+    console, d, device, amp = where.console, where.d, where.device, where.amp
+    resuming = resumed is not None
+    weights = resumed.weights if resuming else None
+    strategy = where.strategy
     torch.manual_seed(cfg.seed)
     source = runs.self_contained(cfg, run_dir) if resuming else cfg  # a resumed run reads its own copy
     data, tokenizer = build_data(source)
-    task = data.task
     # resumed: the checkpoint holds every weight, so the initial ones (model.weights, a file that may
     # have moved) are not read
     architecture = models.architecture(OmegaConf.to_container(source.model, resolve=True))[0]
@@ -272,7 +353,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         checkpoint_activations(model)  # before sharding: fully_shard then wraps the checkpointed units
     if d.enabled and strategy == "fsdp":
         d = replace(d, sharded=True)
-        _shard(model, empty, weights if resuming else None, entry, device, amp, d, console)
+        _shard(model, empty, weights, entry, device, amp, d, console)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
     per_epoch = steps_per_epoch(data.train, t.batch_size)
@@ -283,55 +364,113 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
     length = per_epoch * t.epochs if steps is None else steps
     total = length if t.max_steps is None else min(length, t.max_steps)
     scheduler = cosine_schedule(optimizer, length, cfg.optim.get("warmup_steps", 0))
-    progress = Progress()
+    return Recipe(cfg, run_dir, console, d, device, amp, resuming, where.accumulate, data, model, grid, sampler,
+                  teacher, optimizer, scheduler, per_epoch, steps, total, Progress())
 
-    own = False  # whether this rank resumes its own random stream
-    if resuming:
-        if weights is None:  # a sharded checkpoint: weights and optimizer resharded for these processes
-            distributed.load_sharded(model, optimizer, ckpt)
-        else:
-            distributed.load_optimizer_state(model, optimizer, state["optimizer"], d)
-        scheduler.load_state_dict(state["scheduler"])
-        # the learning rate of the next step follows this run's schedule: a finished run resumed with more
-        # steps or epochs (a longer cosine) took the saved one, 0 at the end of the old schedule, for a step
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
-        sampler.load_state_dict(state["sampler"])
-        # each rank its own random stream where the checkpoint has one (same number of processes or
-        # fewer); a rank the checkpoint had not is derived from the seed below
-        own = d.rank < len(state.get("rng_ranks", [state["rng"]]))
-        torch.set_rng_state(state.get("rng_ranks", [state["rng"]])[d.rank] if own else state["rng"])
-        cuda_rngs = state.get("cuda_rng_ranks", [state["cuda_rng"]] if "cuda_rng" in state else [])
-        if device.type == "cuda" and d.rank < len(cuda_rngs):
-            torch.cuda.set_rng_state(cuda_rngs[d.rank])
-        progress = Progress(**state["progress"])
-        finished = progress.epoch >= t.epochs if steps is None else progress.step >= steps
-        if finished or (t.max_steps is not None and progress.step >= t.max_steps):
-            limit = "null" if t.max_steps is None else t.max_steps
-            more = (f"trainer.max_steps={2 * t.max_steps}" if t.max_steps is not None and progress.step >= t.max_steps
-                    else f"trainer.epochs={t.epochs + 1}" if steps is None else f"trainer.steps={2 * steps}")
-            length_is = f"trainer.epochs={t.epochs}" if steps is None else f"trainer.steps={steps}"
-            console.print(f"nothing to train: {run_dir} is at step {progress.step}, epoch {progress.epoch} "
-                          f"({length_is}, trainer.max_steps={limit}); to train further: "
-                          f"sortednet train --resume {run_dir} {more}")
-            return ckpt
-        console.print(f"resuming {run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})"
-                      + (f" with {d.world} processes" if d.enabled else ""))
+
+def restore(r: Recipe, resumed: Resumed) -> bool:
+    """The optimizer, schedule, sampler, random streams and progress of ``resumed`` put back into ``r``;
+    True (said on the console) when the run is already at its end and there is nothing to train."""
+    d, console, t, steps = r.d, r.console, r.cfg.trainer, r.steps
+    optimizer, scheduler, ckpt, state = r.optimizer, r.scheduler, resumed.checkpoint, resumed.state
+    if resumed.weights is None:  # a sharded checkpoint: weights and optimizer resharded for these processes
+        distributed.load_sharded(r.model, optimizer, ckpt)
+    else:
+        distributed.load_optimizer_state(r.model, optimizer, state["optimizer"], d)
+    scheduler.load_state_dict(state["scheduler"])
+    # the learning rate of the next step follows this run's schedule: a finished run resumed with more
+    # steps or epochs (a longer cosine) took the saved one, 0 at the end of the old schedule, for a step
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    r.sampler.load_state_dict(state["sampler"])
+    # each rank its own random stream where the checkpoint has one (same number of processes or
+    # fewer); a rank the checkpoint had not is derived from the seed below
+    r.own = d.rank < len(state.get("rng_ranks", [state["rng"]]))
+    torch.set_rng_state(state.get("rng_ranks", [state["rng"]])[d.rank] if r.own else state["rng"])
+    cuda_rngs = state.get("cuda_rng_ranks", [state["cuda_rng"]] if "cuda_rng" in state else [])
+    if r.device.type == "cuda" and d.rank < len(cuda_rngs):
+        torch.cuda.set_rng_state(cuda_rngs[d.rank])
+    progress = r.progress = Progress(**state["progress"])
+    finished = progress.epoch >= t.epochs if steps is None else progress.step >= steps
+    if finished or (t.max_steps is not None and progress.step >= t.max_steps):
+        limit = "null" if t.max_steps is None else t.max_steps
+        more = (f"trainer.max_steps={2 * t.max_steps}" if t.max_steps is not None and progress.step >= t.max_steps
+                else f"trainer.epochs={t.epochs + 1}" if steps is None else f"trainer.steps={2 * steps}")
+        length_is = f"trainer.epochs={t.epochs}" if steps is None else f"trainer.steps={steps}"
+        console.print(f"nothing to train: {r.run_dir} is at step {progress.step}, epoch {progress.epoch} "
+                      f"({length_is}, trainer.max_steps={limit}); to train further: "
+                      f"sortednet train --resume {r.run_dir} {more}")
+        return True
+    console.print(f"resuming {r.run_dir} from {ckpt.name} (epoch {progress.epoch}, step {progress.step})"
+                  + (f" with {d.world} processes" if d.enabled else ""))
+    return False
+
+
+def begin(r: Recipe) -> None:
+    """Rank 0 records the config the run uses; every other rank gets its own random stream (where it
+    resumes none); the console says what trains."""
+    cfg, d, t = r.cfg, r.d, r.cfg.trainer
     if d.main:  # a resume records the settings it changed (trainer.max_steps, ...): what the run used
-        runs.save_config(run_dir, cfg)
-    if d.rank > 0 and not (resuming and own):  # rank 0 keeps the single-process random stream; the
-        torch.manual_seed(cfg.seed + 7919 * d.rank + progress.step)  # others get their own (augmentation)
+        runs.save_config(r.run_dir, cfg)
+    if d.rank > 0 and not (r.resuming and r.own):  # rank 0 keeps the single-process random stream; the
+        torch.manual_seed(cfg.seed + 7919 * d.rank + r.progress.step)  # others get their own (augmentation)
+    r.console.print(f"[bold]sortednet train[/] {cfg.model.name} on {r.data.name} ({len(r.data.train)} examples), "
+                    f"{len(r.grid)} sub-models ({' x '.join(f'{dim.name} {len(dim.levels)}' for dim in r.grid.dims)}), "
+                    f"sampler={r.sampler.name}, device={r.device.type}, "
+                    f"precision {precision_label(r.device, cfg.trainer.precision, r.amp)}"
+                    + (f" x {d.world} processes{' (FSDP)' if d.sharded else ''} (global batch {t.batch_size})"
+                       if d.enabled else "")
+                    + f" -> {r.run_dir}")
+    r.console.print(f"augmentation: {r.data.augmentation}")
 
-    console.print(f"[bold]sortednet train[/] {cfg.model.name} on {data.name} ({len(data.train)} examples), "
-                  f"{len(grid)} sub-models ({' x '.join(f'{dim.name} {len(dim.levels)}' for dim in grid.dims)}), "
-                  f"sampler={sampler.name}, device={device.type}, "
-                  f"precision {precision_label(device, cfg.trainer.precision, amp)}"
-                  + (f" x {d.world} processes{' (FSDP)' if d.sharded else ''} (global batch {t.batch_size})"
-                     if d.enabled else "")
-                  + f" -> {run_dir}")
-    console.print(f"augmentation: {data.augmentation}")
+
+def checkpoint(r: Recipe) -> Path:
+    """A checkpoint of ``r`` at its step (weights, optimizer, schedule, sampler, every rank's random
+    stream, progress); training stops in one line where the weights are NaN or infinite."""
+    d, model, optimizer, progress, run_dir, cfg = r.d, r.model, r.optimizer, r.progress, r.run_dir, r.cfg
+    if d.sharded:  # each rank its own shards, written by torch.distributed.checkpoint: no whole copy
+        weights, optimizer_state = distributed.sharded_state(model, optimizer)
+        values = distributed.local_values(weights)
+    else:  # the ranks hold the same weights: one copy, loadable by any number of processes
+        weights, optimizer_state = distributed.full_state(model, optimizer, d)
+        values = list(weights.values())
+    finite = [torch.isfinite(v).all() for v in values if v.is_floating_point()]
+    bad = torch.tensor([0.0 if not finite or bool(torch.stack(finite).all()) else 1.0], device=r.device)
+    if d.sum(bad).item():  # every rank agrees (sharded: each looked at its own shards)
+        d.barrier()
+        raise _stopped(progress.step, "the weights are NaN or infinite", run_dir, cfg, bad=progress.step) \
+            if d.main else UsageError("diverged")
+    rngs = d.gather(torch.get_rng_state())  # every rank's stream: a data-parallel resume is exact too
+    state = {
+        "scheduler": r.scheduler.state_dict(),
+        "sampler": r.sampler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+        "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch},
+    }
+    if r.device.type == "cuda":
+        state["cuda_rng_ranks"] = d.gather(torch.cuda.get_rng_state())
+        state["cuda_rng"] = state["cuda_rng_ranks"][0]
+    path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
+    keep = cfg.trainer.keep_checkpoints
+    if d.sharded:  # a temporary folder (rank 0 makes it), every rank's shards, then rank 0 the rest
+        tmp = d.broadcast(str(runs.begin_checkpoint(run_dir, progress.step)) if d.main else None)
+        distributed.save_sharded(weights, optimizer_state, tmp)
+        if d.main:
+            runs.save_sharded_record(run_dir, progress.step, cfg, d.world)
+            path = runs.finish_checkpoint(run_dir, progress.step, state, keep=keep)
+    elif d.main:
+        state["optimizer"] = optimizer_state
+        path = runs.save_checkpoint(run_dir, progress.step, weights, state, cfg, keep=keep)
+    d.barrier()
+    return path
+
+
+def train(r: Recipe) -> float:
+    """The training loop of ``r`` with its progress bar, metrics (``metrics.jsonl``, TensorBoard),
+    evaluations at the end of each epoch and checkpoints; returns when it started (``time.perf_counter``)."""
+    cfg, d, data, model, grid, progress, scheduler = r.cfg, r.d, r.data, r.model, r.grid, r.progress, r.scheduler
+    task, t, device, amp, run_dir = data.task, cfg.trainer, r.device, r.amp, r.run_dir
     board = TensorBoardLog(run_dir, t.get("tensorboard", True) and d.main,
-                           purge_step=progress.step if resuming else None)
+                           purge_step=progress.step if r.resuming else None)
 
     def log(record: dict) -> None:
         if d.main:
@@ -350,52 +489,16 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
         test_dist = distributed.Dist() if d.sharded else d
         test = torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size, collate_fn=data.collate)
 
-    def checkpoint():
-        if d.sharded:  # each rank its own shards, written by torch.distributed.checkpoint: no whole copy
-            weights, optimizer_state = distributed.sharded_state(model, optimizer)
-            values = distributed.local_values(weights)
-        else:  # the ranks hold the same weights: one copy, loadable by any number of processes
-            weights, optimizer_state = distributed.full_state(model, optimizer, d)
-            values = list(weights.values())
-        finite = [torch.isfinite(v).all() for v in values if v.is_floating_point()]
-        bad = torch.tensor([0.0 if not finite or bool(torch.stack(finite).all()) else 1.0], device=device)
-        if d.sum(bad).item():  # every rank agrees (sharded: each looked at its own shards)
-            d.barrier()
-            raise _stopped(progress.step, "the weights are NaN or infinite", run_dir, cfg, bad=progress.step) \
-                if d.main else UsageError("diverged")
-        rngs = d.gather(torch.get_rng_state())  # every rank's stream: a data-parallel resume is exact too
-        state = {
-            "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
-            "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch},
-        }
-        if device.type == "cuda":
-            state["cuda_rng_ranks"] = d.gather(torch.cuda.get_rng_state())
-            state["cuda_rng"] = state["cuda_rng_ranks"][0]
-        path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
-        if d.sharded:  # a temporary folder (rank 0 makes it), every rank's shards, then rank 0 the rest
-            tmp = d.broadcast(str(runs.begin_checkpoint(run_dir, progress.step)) if d.main else None)
-            distributed.save_sharded(weights, optimizer_state, tmp)
-            if d.main:
-                runs.save_sharded_record(run_dir, progress.step, cfg, d.world)
-                path = runs.finish_checkpoint(run_dir, progress.step, state, keep=t.keep_checkpoints)
-        elif d.main:
-            state["optimizer"] = optimizer_state
-            path = runs.save_checkpoint(run_dir, progress.step, weights, state, cfg, keep=t.keep_checkpoints)
-        d.barrier()
-        return path
-
     started = time.perf_counter()
-    first_step = progress.step  # steps run by this process are counted from here
     losses: list[float] = []
     clip = cfg.optim.get("clip_grad_norm") or None
     stats: dict = {}  # the last step's gradient norm (before clipping), when clipping
     norms: list[float] = []
 
     with Bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-             TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
+             TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=r.console,
              transient=False, disable=not d.main) as bar:
-        job = bar.add_task("train", total=total, completed=progress.step, epoch=progress.epoch + 1, loss="-")
+        job = bar.add_task("train", total=r.total, completed=progress.step, epoch=progress.epoch + 1, loss="-")
 
         def on_step(p: Progress, loss: float) -> None:
             losses.append(loss)
@@ -411,7 +514,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
                 losses.clear()
                 norms.clear()
             if t.ckpt_every and p.step % t.ckpt_every == 0:
-                checkpoint()
+                checkpoint(r)
 
         def on_epoch_end(p: Progress) -> None:
             record = {"epoch": p.epoch, "step": p.step, "time": time.perf_counter() - started}
@@ -422,18 +525,19 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
                 for label, sub in (("largest", grid.largest), ("smallest", grid.smallest)):
                     record[f"{short}_{label}"] = evaluate(model, task, sub, calib, test, device, amp, test_dist,
                                                          keep_batchnorm=True)  # checkpointed next
-                when = f"epoch {p.epoch}" if not p.batch else f"end (epoch {p.epoch} + {p.batch}/{per_epoch} batches)"
+                when = (f"epoch {p.epoch}" if not p.batch
+                        else f"end (epoch {p.epoch} + {p.batch}/{r.per_epoch} batches)")
                 bar.console.print(f"{when}: {task.metric} largest {record[f'{short}_largest']:.2f}, "
                                   f"smallest {record[f'{short}_smallest']:.2f} (first "
                                   f"{min(len(data.test), t.epoch_eval_subset)} test examples)")
             log(record)
-            checkpoint()
+            checkpoint(r)
 
         try:
-            fit(model, task, sampler, optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
-                seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg, teacher), progress=progress,
-                steps=steps, max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
-                accumulate=accumulate, clip_grad_norm=clip, stats=stats, on_step=on_step,
+            fit(model, task, r.sampler, r.optimizer, scheduler, data.train, epochs=t.epochs, batch_size=t.batch_size,
+                seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg, r.teacher), progress=progress,
+                steps=r.steps, max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
+                accumulate=r.accumulate, clip_grad_norm=clip, stats=stats, on_step=on_step,
                 on_epoch_end=on_epoch_end)
         except NonFiniteLoss as e:
             board.close()
@@ -442,13 +546,19 @@ def run(cfg: DictConfig, run_dir: Path, console: Console | None = None, override
             raise _stopped(e.step, f"the loss is {e.loss}", run_dir, cfg, bad=e.step - 1) from None
 
     board.close()
+    return started
+
+
+def save(r: Recipe, first_step: int, started: float) -> Path:
+    """The final checkpoint (unless the last step already wrote one), said on the console with the steps
+    this process trained since ``first_step`` and the time since ``started``; returns its folder."""
     # rank 0 looks and every rank follows: a checkpoint is a collective, and on another node the run
     # folder may be missing (no shared disk) or not show the newest step yet (a network filesystem)
-    final = d.broadcast(runs.latest_checkpoint(run_dir) if d.main else None)
-    if final is None or final.name != f"step-{progress.step:08d}":
-        final = checkpoint()
-    done = progress.step - first_step
-    console.print(f"trained {done} step{'' if done == 1 else 's'}"
-                  + (f" (steps {first_step + 1}-{progress.step})" if first_step else "")
-                  + f" in {time.perf_counter() - started:.1f}s; checkpoint {final}")
+    final = r.d.broadcast(runs.latest_checkpoint(r.run_dir) if r.d.main else None)
+    if final is None or final.name != f"step-{r.progress.step:08d}":
+        final = checkpoint(r)
+    done = r.progress.step - first_step
+    r.console.print(f"trained {done} step{'' if done == 1 else 's'}"
+                    + (f" (steps {first_step + 1}-{r.progress.step})" if first_step else "")
+                    + f" in {time.perf_counter() - started:.1f}s; checkpoint {final}")
     return final
