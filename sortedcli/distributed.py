@@ -318,20 +318,32 @@ def _one_process():
         yield
 
 
-def consolidated(folder) -> dict[str, torch.Tensor]:
-    """The whole tensors of DCP folder ``folder`` (a sharded checkpoint's ``model/``), read in this one
-    process whatever the number that wrote it: what eval, export and generate load."""
+def dcp_shapes(folder) -> dict[str, tuple[int, ...]]:
+    """``{key: global shape}`` of a DCP folder's tensors, from its ``.metadata`` alone."""
+    return {k: tuple(m.size) for k, m in _tensors(folder).items()}
+
+
+def load_in_place(folder, state: dict[str, torch.Tensor]) -> None:
+    """Read DCP folder ``folder`` into ``state``'s own tensors (a model's state_dict: its parameters'
+    storage), in this one process whatever the number that wrote it, a shard at a time: no second copy."""
     import torch.distributed.checkpoint as dcp
 
     from .errors import UsageError
 
-    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in _tensors(folder).items()}
     try:
         with _one_process():
             dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     except Exception as e:  # a shard file missing or truncated
         raise UsageError(f"sharded checkpoint {folder} is corrupt or unreadable ({type(e).__name__}): use an "
                          "earlier checkpoint or retrain") from None
+
+
+def consolidated(folder) -> dict[str, torch.Tensor]:
+    """The whole tensors of DCP folder ``folder`` (a sharded checkpoint's ``model/``), read in this one
+    process whatever the number that wrote it (eval, export and generate read a checkpoint into the
+    model itself: :func:`load_in_place`)."""
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in _tensors(folder).items()}
+    load_in_place(folder, state)
     return state
 
 

@@ -565,6 +565,94 @@ def load_weights(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], DictConfig]:
     return state, OmegaConf.create(metadata["config"])
 
 
+def checkpoint_config(ckpt_dir: Path) -> DictConfig:
+    """The run's resolved config stored with a checkpoint, read from its header or record (no weight read)."""
+    if sharded(ckpt_dir):
+        return OmegaConf.create(read_record(ckpt_dir)["config"])
+    metadata = _header(ckpt_dir)[0]
+    if "config" not in metadata:
+        raise UsageError(f"checkpoint {Path(ckpt_dir) / MODEL_FILE} carries no sortednet config: was it written by "
+                         "sortednet?")
+    return OmegaConf.create(metadata["config"])
+
+
+def checkpoint_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of every tensor a checkpoint holds (a tied tensor under each of its names), read
+    from its headers: what a model is checked against before any weight is read."""
+    if sharded(ckpt_dir):
+        from .distributed import dcp_shapes
+
+        return dcp_shapes(Path(ckpt_dir) / DCP_MODEL)
+    metadata, shapes = _header(ckpt_dir)
+    for key, kept in json.loads(metadata.get("aliases") or "{}").items():
+        shapes[key] = shapes[kept]
+    return shapes
+
+
+def _header(ckpt_dir: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    path = Path(ckpt_dir) / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"checkpoint {path} is corrupt or unreadable ({e}): use an earlier checkpoint "
+                         "or retrain") from None
+
+
+def load_into(model: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Read a checkpoint's weights into ``model``'s own tensors (a sharded one: DCP reads each shard into
+    them), so loading holds the model once, not the model plus a state_dict of it (nor a memory map of
+    the file, whose pages count as resident memory while it is open). Check the names and shapes first
+    (:func:`checkpoint_shapes`)."""
+    state = model.state_dict()  # the parameters' and buffers' own storage
+    if sharded(ckpt_dir):
+        from .distributed import load_in_place
+
+        load_in_place(Path(ckpt_dir) / DCP_MODEL, state)
+        return
+    path = Path(ckpt_dir) / MODEL_FILE
+    try:
+        _read_into(path, state)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}): use an earlier "
+                         "checkpoint or retrain") from None
+
+
+def _read_into(path: Path, state: dict) -> None:
+    """Read safetensors file ``path`` straight into ``state``'s tensors with ``readinto`` (the format: an
+    8-byte little-endian header length, a JSON header of ``{name: {dtype, shape, data_offsets}}``, then
+    the data); a tensor of another dtype goes through one temporary tensor of its own size."""
+    import torch
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        aliases = json.loads((header.get("__metadata__") or {}).get("aliases") or "{}")
+        done: set[tuple[int, int]] = set()
+        for key, tensor in state.items():
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            if where in done:  # tied: one tensor under two names, read once
+                continue
+            entry = header[aliases.get(key, key)]
+            begin, end = entry["data_offsets"]
+            dtype = dtypes[entry["dtype"]]
+            direct = tensor.dtype == dtype and tensor.device.type == "cpu" and tensor.is_contiguous()
+            target = tensor if direct else torch.empty(entry["shape"], dtype=dtype)
+            raw = target.reshape(-1).view(torch.uint8)
+            if raw.numel() != end - begin or list(target.shape) != list(entry["shape"]):
+                raise ValueError(f"{key} holds {end - begin} bytes for shape {entry['shape']}")
+            f.seek(8 + size + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise ValueError(f"{key} is cut short")
+            if not direct:
+                with torch.no_grad():
+                    tensor.copy_(target)
+            done.add(where)
+
+
 def load_state(ckpt_dir: Path) -> dict:
     import torch
 

@@ -168,3 +168,114 @@ def test_export_passes_its_max_shard_size_to_the_familys_writer(trained_run, tmp
                                                        "trainer.device=cpu", *TINY_EVAL])
     folder = export.run(cfg, Console(file=io.StringIO()))
     assert seen == [2048] and (folder / "model.safetensors").is_file()
+
+
+# --- loading a checkpoint holds the model once -------------------------------------------------------
+#
+# eval, export and generate build the architecture and read the checkpoint into its own tensors, a
+# tensor (or a DCP shard) at a time (loaded.restore). Reading a whole state_dict and then copying it into
+# the model (runs.load_weights + load_state_dict, what they did before) holds the model twice. Each load
+# runs in a fresh process and reports how much its resident memory grew at its peak.
+
+BIG = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
+       "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": True}
+
+LOADER = r'''
+import gc, json, sys
+import torch
+from omegaconf import OmegaConf
+from sortedcli import distributed, runs
+from sortedcli.build import build_model
+from sortedcli.commands.loaded import restore
+
+torch.set_num_threads(1)
+how, ckpt, cfg_file, out = sys.argv[1:5]
+cfg = OmegaConf.load(cfg_file)
+args = {"vocab_size": 300}
+ids = torch.arange(1, 12).unsqueeze(0)
+# the imports and first-call costs (transformers' modules, DCP, safetensors) before measuring: a small
+# model of the same family built, run and read from nothing
+small = OmegaConf.merge(cfg, {"model": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2}}})
+with torch.no_grad():
+    build_model(small, args).eval()(input_ids=ids)
+import torch.distributed.checkpoint  # noqa: F401,E402
+runs.checkpoint_shapes(ckpt)
+del small
+gc.collect()
+distributed.reset_peak_memory()
+before = distributed.host_memory(peak=False)
+if how == "restore":
+    model = restore(ckpt, cfg, cfg, args)
+else:  # the whole state_dict first, then copied into a freshly built model
+    weights, _ = runs.load_weights(ckpt)
+    model = build_model(cfg, args)
+    model.load_state_dict(weights)
+grown = distributed.host_memory(peak=True) - before
+with torch.no_grad():
+    logits = model.eval()(input_ids=ids).logits
+json.dump({"grown": grown, "bytes": distributed.weight_bytes(model), "logits": logits[0, -1, :8].tolist()},
+          open(out, "w"))
+'''
+
+SAVER = r'''
+import sys
+import torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from sortedcli import distributed, runs
+from sortedcli.build import build_model
+
+cfg = OmegaConf.load(sys.argv[1])
+torch.manual_seed(0)
+model = build_model(cfg, {"vocab_size": 300}).eval()
+runs.save_checkpoint(sys.argv[2], 1, model, {}, cfg)  # one file (one process)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # DCP (trainer.strategy=fsdp)
+tmp = runs.begin_checkpoint(sys.argv[3], 1)
+weights, optimizer_state = distributed.sharded_state(model, torch.optim.AdamW(model.parameters()))
+distributed.save_sharded(weights, optimizer_state, tmp)
+runs.save_sharded_record(sys.argv[3], 1, cfg, 1)
+runs.finish_checkpoint(sys.argv[3], 1, {})
+dist.destroy_process_group()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.arange(1, 12).unsqueeze(0)).logits[0, -1, :8], sys.argv[4])
+'''
+
+
+def _python(script: Path, *args) -> None:
+    import subprocess
+    import sys
+
+    from conftest import CLI_ENV
+
+    p = subprocess.run([sys.executable, str(script), *map(str, args)], env=CLI_ENV, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_eval_export_and_generate_load_a_checkpoint_holding_the_model_once(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sortedcli import runs
+
+    cfg = OmegaConf.load("conf/model/llama_tiny.yaml")
+    cfg.config = {**cfg.config, **BIG}
+    (tmp_path / "cfg.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": cfg})))
+    (tmp_path / "loader.py").write_text(LOADER)
+    (tmp_path / "saver.py").write_text(SAVER)
+    _python(tmp_path / "saver.py", tmp_path / "cfg.yaml", tmp_path / "one", tmp_path / "dcp", tmp_path / "want.pt")
+    want = torch.load(tmp_path / "want.pt", weights_only=True).tolist()
+    one, dcp = runs.latest_checkpoint(tmp_path / "one"), runs.latest_checkpoint(tmp_path / "dcp")
+    assert (one / runs.MODEL_FILE).is_file() and runs.sharded(dcp)
+
+    grown = {}
+    for how, ckpt in (("restore", one), ("restore", dcp), ("state_dict", one)):
+        _python(tmp_path / "loader.py", how, ckpt, tmp_path / "cfg.yaml", tmp_path / "out.json")
+        r = json.loads((tmp_path / "out.json").read_text())
+        assert r["logits"] == pytest.approx(want, abs=1e-6), (how, ckpt.parent.parent.name)  # the same weights
+        grown[how, ckpt.parent.parent.name] = r["grown"] / r["bytes"]
+    size = r["bytes"]
+    assert size > 40 * 2**20  # large enough that a second copy stands out from the interpreter's noise
+    print(f"\nmodel {size / 2**20:.1f} MiB; peak host memory growth while loading, in model sizes: "
+          + ", ".join(f"{how} {fmt} {g:.2f}" for (how, fmt), g in grown.items()))
+    assert grown["restore", "one"] < 1.35 and grown["restore", "dcp"] < 1.35, grown
+    assert grown["state_dict", "one"] > 1.8, grown  # the whole state_dict beside the model

@@ -36,10 +36,11 @@ from rich.console import Console
 
 from .. import decoding as D
 from .. import models, runs
-from ..build import build_device, build_grid, build_model, plain
+from ..build import build_device, build_grid, plain
 from ..data import LANGUAGE, lm, task_name
 from ..errors import UsageError
 from ..nest import COUNT
+from .loaded import restore
 
 
 def _model_folder(ckpt) -> Path | None:
@@ -111,18 +112,13 @@ def load_generator(cfg: DictConfig):
     if folder is not None:
         return load_pretrained(cfg, folder)
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
-    weights, run_cfg = runs.load_weights(ckpt)
+    run_cfg = runs.checkpoint_config(ckpt)
     entry = models.entry(run_cfg.model.name)
     if not entry.can_generate or run_cfg.data.name not in LANGUAGE:
         raise _not_a_language_model(run_dir, run_cfg.model.name, task_name(run_cfg.data), run_cfg.data.name)
     source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
     tokenizer = models.tokenizer(plain(source.model))
-    model = build_model(source, lm.model_args(tokenizer))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise UsageError(f"checkpoint {ckpt} does not fit {run_cfg.model.name}: {str(e).splitlines()[0]}") from None
-    model = entry.for_inference(model)  # LoRA adapters merged
+    model = restore(ckpt, run_cfg, source, lm.model_args(tokenizer))  # LoRA adapters merged
     device, _ = build_device(cfg)
     model.to(device).eval()
     return entry.stack(model), tokenizer, run_cfg, ckpt, run_dir, model

@@ -40,7 +40,7 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     that ``cfg.trainer`` asks for."""
     check_settings(cfg)  # eval.batch_size=0 and the like, before anything is read
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
-    weights, run_cfg = runs.load_weights(ckpt)
+    run_cfg = runs.checkpoint_config(ckpt)
     if (run_dir / "config.yaml").is_file():
         check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
     with_run_eval_settings(cfg, run_cfg)
@@ -57,17 +57,24 @@ def load_run(cfg: DictConfig) -> LoadedRun:
     data, tokenizer = build_data(source, data_cfg)
     if n is not None and n < len(data.test):
         data.test = torch.utils.data.Subset(data.test, range(n))
-    # the checkpoint holds every weight: the architecture is built without the initial ones (model.weights,
-    # read, importance-sorted, then overwritten; its file may have moved since training)
-    architecture, _ = models.architecture(plain(source.model))
-    model = build_model(OmegaConf.create({"model": architecture}), data.model_args)
-    check_fits(ckpt, weights, model, run_cfg.model.name)
-    model.load_state_dict(weights)
-    model = models.entry(run_cfg.model.name).for_inference(model)  # LoRA adapters merged
+    model = restore(ckpt, run_cfg, source, data.model_args)
     grid = build_grid(run_cfg, model)
     device, amp = build_device(cfg)
     model.to(device).eval()
     return LoadedRun(run_dir, ckpt, run_cfg, data, tokenizer, model, grid, device, amp)
+
+
+def restore(ckpt: Path, run_cfg: DictConfig, source: DictConfig, model_args: dict) -> nn.Module:
+    """The model of ``source.model`` with checkpoint ``ckpt``'s weights, ready for inference (LoRA adapters
+    merged). The architecture is built without its initial weights (model.weights or pretrained ones:
+    read, importance-sorted, then overwritten; their file may have moved since training), checked
+    against the checkpoint's names and shapes, and the weights are read into it a tensor at a time (a
+    sharded checkpoint a shard at a time): the model is held once, never beside a state_dict of itself."""
+    architecture, _ = models.architecture(plain(source.model))
+    model = build_model(OmegaConf.create({"model": architecture}), model_args)
+    check_fits(ckpt, runs.checkpoint_shapes(ckpt), model, run_cfg.model.name)
+    runs.load_into(model, ckpt)
+    return models.entry(run_cfg.model.name).for_inference(model)
 
 
 def with_run_eval_settings(cfg: DictConfig, run_cfg: DictConfig) -> None:
@@ -105,10 +112,11 @@ def check_belongs(ckpt: Path, ckpt_cfg: DictConfig, run_dir: Path, run_cfg: Dict
                              "from")
 
 
-def check_fits(ckpt: Path, weights: dict, model: nn.Module, name: str) -> None:
-    """The checkpoint's tensor names and shapes are the model's, before anything is loaded or written."""
+def check_fits(ckpt: Path, shapes: dict[str, tuple[int, ...]], model: nn.Module, name: str) -> None:
+    """The checkpoint's tensor names and ``shapes`` (:func:`runs.checkpoint_shapes`) are the model's,
+    before anything is loaded or written."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in weights.items()}
+    have = {k: tuple(v) for k, v in shapes.items()}
     missing, extra = [k for k in want if k not in have], [k for k in have if k not in want]
     wrong = [k for k in want if k in have and want[k] != have[k]]
     if missing or extra or wrong:
