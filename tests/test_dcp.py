@@ -133,6 +133,40 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back_on_two(sharded
     assert worst <= 1e-6, worst
 
 
+def test_four_processes_continue_a_two_process_checkpoint_and_two_and_one_continue_theirs(sharded, tmp_path):
+    """2 -> 4 -> 2 and 4 -> 1: step 1 of the 2-process run resumed on 4 processes writes 4 ranks' shards
+    of the same step 2 as the 2-process run (the batch is split 4 ways, the step is the global batch's);
+    that 4-rank checkpoint resumes on 2 processes and on 1, each writing the 2-process run's step 3. The
+    schedule is the run's own (max_steps only stops it earlier), so every step is comparable."""
+    run = Path(shutil.copytree(sharded, tmp_path / "run", ignore=shutil.ignore_patterns("eval")))
+    _back_to(run, 1)
+    p = cli(["train", "--resume", run, "trainer.max_steps=2", "trainer.devices=4", "trainer.strategy=fsdp"],
+            cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert "resuming" in p.stdout and "with 4 processes" in p.stdout, p.stdout
+    four = _step(run, 2)
+    assert json.loads((four / runs.META_FILE).read_text())["world"] == 4
+    assert sorted(f.name for f in (four / runs.DCP_MODEL).glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+
+    def same(ckpt, step):
+        got, _ = runs.load_weights(ckpt)
+        want, _ = runs.load_weights(_step(sharded, step))
+        assert got.keys() == want.keys()
+        worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        assert worst <= 1e-6, (ckpt, worst)
+        assert any(not torch.equal(want[k], runs.load_weights(_step(sharded, step - 1))[0][k]) for k in want)
+
+    same(four, 2)
+    for devices, strategy in ((2, "fsdp"), (1, "ddp")):
+        again = Path(shutil.copytree(run, tmp_path / f"on{devices}"))
+        p = cli(["train", "--resume", again, f"trainer.max_steps={STEPS}", f"trainer.devices={devices}",
+                 f"trainer.strategy={strategy}"], cwd=tmp_path)
+        assert p.returncode == 0, explain(p)
+        assert "resuming" in p.stdout and "step 2" in p.stdout, p.stdout
+        assert runs.sharded(_step(again, STEPS)) == (devices > 1)
+        same(_step(again, STEPS), STEPS)
+
+
 def test_a_sharded_checkpoint_of_another_model_is_refused_in_one_line(sharded, trained_run, tmp_path):
     run = Path(shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "export")))
     shutil.copytree(_step(sharded, STEPS), _step(run, 99))
