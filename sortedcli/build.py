@@ -228,6 +228,8 @@ SETTINGS = {
         "steps": ("null or an integer >= 1 (the run's length in optimizer steps)",
                   lambda v: v is None or (_is_int(v) and v >= 1)),
         "max_steps": ("null or an integer >= 0", lambda v: v is None or (_is_int(v) and v >= 0)),
+        "max_minutes": ("null or a number of minutes > 0 (training time, over resumes too)",
+                        lambda v: v is None or (_is_number(v) and v > 0)),
         "log_every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
         "ckpt_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
         "keep_checkpoints": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),

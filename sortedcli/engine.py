@@ -456,6 +456,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch: int = 0  # batches of ``epoch`` already done
+    seconds: float = 0.0  # training time so far (the steps' wall time, over resumes): trainer.max_minutes
 
 
 def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.Optimizer,
@@ -463,7 +464,7 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
         batch_size: int, seed: int, device: torch.device, amp: torch.dtype | None,
         distill: Distill, progress: Progress, max_steps: int | None = None, num_workers: int = 0,
         collate: Callable | None = None, dist: Dist = Dist(), accumulate: int = 1, steps: int | None = None,
-        clip_grad_norm: float | None = None, stats: dict | None = None,
+        clip_grad_norm: float | None = None, stats: dict | None = None, stop: Callable[[], bool] | None = None,
         on_step: Callable[[Progress, float], None] = lambda p, loss: None,
         on_epoch_end: Callable[[Progress], None] = lambda p: None) -> Progress:
     """Train from ``progress`` to the end of ``epochs``, or of ``steps`` optimizer steps when given (the
@@ -473,7 +474,8 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
     epoch (``steps``) calls ``on_epoch_end`` there, its position left mid-epoch (a longer ``steps``
     resumes the same data order). A NaN or infinite loss raises :class:`NonFiniteLoss` before
     ``on_step`` sees that step (so no checkpoint is written from it). ``clip_grad_norm`` and ``stats``:
-    see :func:`train_step` (``stats`` holds the last step's values when ``on_step`` is called)."""
+    see :func:`train_step` (``stats`` holds the last step's values when ``on_step`` is called). ``stop``,
+    asked before each step (every rank must give the same answer), ends training there like ``max_steps``."""
     largest = sampler.grid.largest
     per_epoch = steps_per_epoch(dataset, batch_size)
     if per_epoch == 0:
@@ -487,7 +489,7 @@ def fit(model: nn.Module, task: Task, sampler: Sampler, optimizer: torch.optim.O
         loader = epoch_loader(dataset, batch_size, seed, progress.epoch, progress.batch, num_workers,
                               pin_memory=device.type == "cuda", collate=collate, dist=dist)
         for batch in loader:
-            if max_steps is not None and progress.step >= max_steps:
+            if (max_steps is not None and progress.step >= max_steps) or (stop is not None and stop()):
                 return progress
             batch = task.to_device(batch, device)
             loss = train_step(model, task, sampler.step(), batch, optimizer, largest, distill, device, amp,

@@ -34,7 +34,9 @@ def test_trainer_steps_is_the_run_length_and_a_stopped_run_resumes_to_the_same_w
     ends = [(r["epoch"], r["step"], r.get("batch")) for r in records if "acc_largest" in r]
     assert ends == [(1, TINY_STEPS, None), (1, STEPS, 2)]  # epoch 1's end, then the run's end mid-epoch 2
     state = torch.load(_latest(ref) / "state.pt", weights_only=True)
+    seconds = state["progress"].pop("seconds")
     assert state["progress"] == {"step": STEPS, "epoch": 1, "batch": 2} and state["sampler"]["steps"] == STEPS
+    assert 0 < seconds < 600
 
     stopped = cli(["train", *over, "trainer.max_steps=3", "paths.runs=stopped"], cwd=tmp_path)
     assert stopped.returncode == 0, explain(stopped)
@@ -44,6 +46,23 @@ def test_trainer_steps_is_the_run_length_and_a_stopped_run_resumes_to_the_same_w
     assert _latest(run).name == _latest(ref).name == f"step-{STEPS:08d}"
     a, b = load_file(str(_latest(run) / "model.safetensors")), load_file(str(_latest(ref) / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # trainer.max_minutes: a budget of 60 microseconds is spent by the first step, so the run stops after
+    # it (asked before each step) and checkpoints; resumed with the same budget there is nothing to train,
+    # without one it goes on to the weights of the run that went through
+    timed = cli(["train", *over, "trainer.max_minutes=1e-6", "paths.runs=timed"], cwd=tmp_path)
+    assert timed.returncode == 0, explain(timed)
+    (run,) = run_folders(tmp_path / "timed")
+    assert "trained 1 step " in timed.stdout and "stopped at trainer.max_minutes=1e-06" in timed.stdout, timed.stdout
+    assert _latest(run).name == "step-00000001"
+    spent = torch.load(_latest(run) / "state.pt", weights_only=True)["progress"]["seconds"]
+    same = cli(["train", "--resume", run], cwd=tmp_path)
+    assert same.returncode == 0 and "nothing to train" in same.stdout and "trainer.max_minutes=2e-06" in same.stdout
+    on = cli(["train", "--resume", run, "trainer.max_minutes=null"], cwd=tmp_path)
+    assert on.returncode == 0, explain(on)
+    a = load_file(str(_latest(run) / "model.safetensors"))
+    assert _latest(run).name == f"step-{STEPS:08d}" and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(_latest(run) / "state.pt", weights_only=True)["progress"]["seconds"] > spent  # added up
 
     again = cli(["train", "--resume", ref], cwd=tmp_path)  # finished: says which key to raise
     assert again.returncode == 0, explain(again)
@@ -59,10 +78,12 @@ def test_trainer_steps_is_the_run_length_and_a_stopped_run_resumes_to_the_same_w
     assert _latest(ref).name == f"step-{STEPS + 1:08d}" and any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "abc"])
-def test_a_nonsense_trainer_steps_is_one_line_and_writes_nothing(tmp_path, value):
-    p = cli(["train", *TINY, f"trainer.steps={value}"], cwd=tmp_path)
+@pytest.mark.parametrize("key,value", [("steps", "0"), ("steps", "-3"), ("steps", "abc"), ("max_minutes", "0"),
+                                       ("max_minutes", "soon")])
+def test_a_nonsense_trainer_steps_is_one_line_and_writes_nothing(tmp_path, key, value):
+    p = cli(["train", *TINY, f"trainer.{key}={value}"], cwd=tmp_path)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, explain(p)
-    assert "trainer.steps must be null or an integer >= 1" in lines[0], explain(p)
+    said = {"steps": "null or an integer >= 1", "max_minutes": "null or a number of minutes > 0"}[key]
+    assert f"trainer.{key} must be {said}" in lines[0], explain(p)
     assert not (tmp_path / "runs").exists()

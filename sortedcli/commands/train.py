@@ -392,6 +392,11 @@ def restore(r: Recipe, resumed: Resumed) -> bool:
         torch.cuda.set_rng_state(cuda_rngs[d.rank])
     progress = r.progress = Progress(**state["progress"])
     finished = progress.epoch >= t.epochs if steps is None else progress.step >= steps
+    if not finished and t.get("max_minutes") is not None and progress.seconds >= 60 * t.max_minutes:
+        console.print(f"nothing to train: {r.run_dir} has trained {progress.seconds / 60:.1f} minutes (trainer."
+                      f"max_minutes={t.max_minutes:g}); to train further: sortednet train --resume {r.run_dir} "
+                      f"trainer.max_minutes={2 * t.max_minutes:g}")
+        return True
     if finished or (t.max_steps is not None and progress.step >= t.max_steps):
         limit = "null" if t.max_steps is None else t.max_steps
         more = (f"trainer.max_steps={2 * t.max_steps}" if t.max_steps is not None and progress.step >= t.max_steps
@@ -444,7 +449,8 @@ def checkpoint(r: Recipe) -> Path:
     state = {
         "scheduler": r.scheduler.state_dict(),
         "sampler": r.sampler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
-        "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch},
+        "progress": {"step": progress.step, "epoch": progress.epoch, "batch": progress.batch,
+                     "seconds": progress.seconds},
     }
     if r.device.type == "cuda":
         state["cuda_rng_ranks"] = d.gather(torch.cuda.get_rng_state())
@@ -500,7 +506,16 @@ def train(r: Recipe) -> float:
              transient=False, disable=not d.main) as bar:
         job = bar.add_task("train", total=r.total, completed=progress.step, epoch=progress.epoch + 1, loss="-")
 
+        last = [time.perf_counter()]  # the end of the previous step: a step's time includes its checkpoint
+        budget = None if t.get("max_minutes") is None else 60.0 * t.max_minutes
+
+        def out_of_time() -> bool:  # rank 0's clock decides for every rank
+            return bool(d.broadcast(progress.seconds >= budget if d.main else None))
+
         def on_step(p: Progress, loss: float) -> None:
+            now = time.perf_counter()
+            p.seconds += now - last[0]
+            last[0] = now
             losses.append(loss)
             if "grad_norm" in stats:
                 norms.append(stats.pop("grad_norm"))
@@ -538,6 +553,7 @@ def train(r: Recipe) -> float:
                 seed=cfg.seed, device=device, amp=amp, distill=build_distill(cfg, r.teacher), progress=progress,
                 steps=r.steps, max_steps=t.max_steps, num_workers=t.num_workers, collate=data.collate, dist=d,
                 accumulate=r.accumulate, clip_grad_norm=clip, stats=stats, on_step=on_step,
+                stop=None if budget is None else out_of_time,
                 on_epoch_end=on_epoch_end)
         except NonFiniteLoss as e:
             board.close()
@@ -561,4 +577,8 @@ def save(r: Recipe, first_step: int, started: float) -> Path:
     r.console.print(f"trained {done} step{'' if done == 1 else 's'}"
                     + (f" (steps {first_step + 1}-{r.progress.step})" if first_step else "")
                     + f" in {time.perf_counter() - started:.1f}s; checkpoint {final}")
+    limit = r.cfg.trainer.get("max_minutes")
+    if limit is not None and r.progress.seconds >= 60 * limit:
+        r.console.print(f"stopped at trainer.max_minutes={limit:g}: {r.progress.seconds / 60:.1f} minutes of training "
+                        f"in all, step {r.progress.step}")
     return final
