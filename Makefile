@@ -156,12 +156,17 @@ ablation-tiny: setup data
 	  out=$(ABLATION_RUNS)/compare-$$(date +%s)
 
 # setup only: the suite's data is made by the tests (tests/test_install.py builds and installs the wheel
-# offline, with the setuptools that .[dev] brings)
+# offline, with the setuptools that .[dev] brings). Two pytest-xdist workers, each test file on one
+# worker (its module fixtures built once): most of a test is a CLI subprocess on one thread, so one
+# worker left the second core idle. TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup data
 	$(PY) benchmarks/run.py
