@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import CLI_ENV, cli, explain, run_folders
+from conftest import CLI_ENV, explain, run_folders
 from sortedcli.data import lm
 from sortedcli.data.self_answers import greedy
 from sortedcli.errors import UsageError

@@ -86,6 +86,7 @@ SOURCES = {
 }
 #: sources that `make llm-data` installs, not `make setup` (chitchat-dataset is 40 MB unpacked)
 ON_DEMAND = ("chitchat",)
+CHITCHAT_TURNS = 6  # data.turns when unset: three user turns and three answers of each conversation
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -307,7 +308,7 @@ def _chat_example(turns: list[tuple[str, str]]) -> Example:
     return Example(tuple(segments), tuple(turns))
 
 
-def read_chitchat(path, turns: int = 6) -> list[Example]:
+def read_chitchat(path, turns: int = CHITCHAT_TURNS) -> list[Example]:
     """chitchat-dataset's ``dataset.json`` ({id: {"messages": [[{"text", "sender", ...}, ...], ...]}}): one
     chat example per conversation, its first speaker the user and the other the assistant, a turn being
     one sender's consecutive messages joined by newlines, cut to its first ``turns`` turns and ended on
@@ -359,7 +360,7 @@ def read_gsm8k(path) -> list[Example]:
     return out
 
 
-def read_source(name: str, path=None, doc_chars: int = 2000, turns: int = 6) -> tuple[str, list]:
+def read_source(name: str, path=None, doc_chars: int = 2000, turns: int = CHITCHAT_TURNS) -> tuple[str, list]:
     """(kind, items) of a named source: ``("text", documents)`` or ``("instructions", examples)``."""
     if name in ("alpaca", "chat", "corpus"):
         if not path:
@@ -627,7 +628,8 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
 
     name = str(cfg.get("name") or "")
     turns = cfg.get("turns")
-    kind, items = read_source(name, cfg.get("path"), int(cfg.get("doc_chars") or 2000), 6 if turns is None else turns)
+    kind, items = read_source(name, cfg.get("path"), int(cfg.get("doc_chars") or 2000),
+                              CHITCHAT_TURNS if turns is None else turns)
     if cfg.get("kind") not in (None, kind):
         raise UsageError(f"data={name} is {kind} data, but data.kind says {cfg.get('kind')!r}")
     answers = self_answers.settings(cfg, name, kind)  # data.answers=self: checked before anything is written

@@ -53,6 +53,8 @@ from sortedcli.errors import UsageError
 
 ANSWERS = ("reference", "self")
 FORMAT = 1  # of the cache files: a change of what a file holds or how answers are made bumps it
+MAX_NEW_TOKENS = 256  # data.answers_max_tokens when unset: GSM8K's reference answers are ~120 tokens
+BATCH_SIZE = 8  # data.answers_batch_size when unset
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def settings(cfg, name: str, kind: str) -> Settings | None:
     if local.is_dir() and hf.is_snapshot(local):
         raise UsageError(f"data.answers_model={model} is a run's copy of a config and tokenizer without weights: "
                          "name the pretrained model itself (a folder with weights, a GGUF file or a hub id)")
-    return Settings(str(model), _positive(cfg, "answers_max_tokens", 256), _positive(cfg, "answers_batch_size", 8))
+    return Settings(str(model), _positive(cfg, "answers_max_tokens", MAX_NEW_TOKENS),
+                    _positive(cfg, "answers_batch_size", BATCH_SIZE))
 
 
 # ---------------------------------------------------------------- prompts and answers
