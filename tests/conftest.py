@@ -48,6 +48,17 @@ def wait_for_checkpoint(root: Path, pattern: str, proc: subprocess.Popen, timeou
         time.sleep(0.01)
 
 
+def pytest_configure(config):
+    """A pytest-xdist worker ignores SIGINT (its controller handles Ctrl-C), and an ignored signal is
+    inherited by the processes it starts: a ``sortednet`` started by a test would never see a Ctrl-C. A
+    user's terminal delivers it, so the worker takes Python's own handler back (children then start with
+    the default, as from a shell)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def explain(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
 

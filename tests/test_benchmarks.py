@@ -36,6 +36,8 @@ RUN_BY = {
     "soft.py": "tests/test_benchmarks.py::test_soft_benchmark_on_a_tiny_llama_folder",
     "importance_llm.py": "tests/test_benchmarks.py::test_importance_benchmark_keeps_the_full_model_in_every_order",
     "smollm2_report.py": "tests/test_benchmarks.py::test_smollm2_report_rebuilds_the_committed_table",
+    "self_answers.py": "tests/test_benchmarks.py::test_self_answers_benchmark_compares_reference_and_own_answers",
+    "smollm2_study.py": "tests/test_benchmarks.py::test_smollm2_study_trains_each_arm_for_its_minutes_and_resumes",
     "startup.py": "tests/test_mistakes_more.py::test_startup_benchmark_quick_mode_runs_against_the_real_cli",
     "decoding.py": "tests/test_decoding.py::test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs",
     "short_run.py": "tests/test_short_run.py::test_the_defaults_and_plain_training_run_as_a_user_types_them_evaluated_and_tabled",
@@ -186,3 +188,77 @@ def test_smollm2_report_rebuilds_the_committed_table(tmp_path):
         report.main(["--runs", str(tmp_path / "runs"), "--decoding", str(BENCH / "results-decoding-smollm2-soft-cpu.json"),
                      "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "table.md").read_text() == (study / "table.md").read_text()
+
+
+def test_smollm2_study_trains_each_arm_for_its_minutes_and_resumes(tmp_path):
+    """The study's recipes shrunk to a tiny pretrained LLaMA (``--set``): the untouched model's step-0
+    checkpoint and a SoFT arm trained for its minutes (trainer.max_minutes: one step's worth), both
+    evaluated and tabled;
+    run again, nothing is trained or evaluated again."""
+    from test_self_distill import QA
+
+    _tiny_pretrained(tmp_path)
+    (tmp_path / "qa.json").write_text(json.dumps(QA))
+    shrink = [f"model.pretrained={tmp_path / 'pretrained'}", "data=alpaca", f"data.path={tmp_path / 'qa.json'}",
+              "data.test_fraction=0.2", "dims.depth.levels=[2,4]", "trainer.batch_size=4", "trainer.epoch_eval=false",
+              "eval.batch_size=8", "eval.latency.reps=2", "trainer.log_every=1"]
+
+    def study():
+        return subprocess.run([sys.executable, str(BENCH / "smollm2_study.py"), "--minutes", "1e-5", "--arms",
+                               "soft_all", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                               "--set", *shrink], cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True,
+                              timeout=600)
+
+    p = study()
+    assert p.returncode == 0, explain(p)
+    doc = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert list(doc["arms"]) == ["untouched", "soft_all"] and doc["minutes"] == 1e-5
+    arm = doc["arms"]["soft_all"]  # 0.6 ms: spent by the first of its 3 steps an epoch
+    assert arm["steps"] == 1 and arm["minutes"] > 0 and "stopped at trainer.max_minutes=1e-05" in p.stdout
+    assert doc["arms"]["untouched"]["steps"] == 0
+    assert set(arm["summary"]["exits"]) == {"2"} and arm["summary"]["exits"]["2"]["agreement"] is not None
+    assert arm["summary"]["exits"]["2"]["agreement_initial"] is not None
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| SoFT, all 10 exits | " in table and "exit 2" in table
+
+    again = study()
+    assert again.returncode == 0, explain(again)
+    assert "nothing to train" in again.stdout and "$ sortednet eval" not in again.stdout
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["arms"]["soft_all"]["steps"] == arm["steps"]
+
+
+def _tiny_pretrained(folder: Path) -> Path:
+    """A random tiny LlamaForCausalLM saved with save_pretrained beside a tokenizer of its own."""
+    from test_self_distill import CORPUS, TINY as SMALL
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sortedcli.data import lm
+
+    lm.train_tokenizer(CORPUS, 300, folder / "tok")
+    tok = AutoTokenizer.from_pretrained(str(folder / "tok"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, **{**SMALL, "max_position_embeddings": 512})
+                     ).save_pretrained(str(folder / "pretrained"))
+    tok.save_pretrained(str(folder / "pretrained"))
+    return folder / "pretrained"
+
+
+def test_self_answers_benchmark_compares_reference_and_own_answers(tmp_path):
+    """On a tiny random LLaMA: 1 training and 4 validation GSM8K prompts answered (4 tokens each), the
+    full model scores its own answers better than GSM8K's (they are its greedy tokens) and every exit
+    has a perplexity and an agreement on both."""
+    model = _tiny_pretrained(tmp_path)
+    p = subprocess.run([sys.executable, str(BENCH / "self_answers.py"), "--model", str(model), "--exits", "2,4",
+                        "--max-tokens", "4", "--gen-batch", "4", "--items", "4", "--train-subset", "1", "--threads", "1",
+                        "--out", str(tmp_path / "out.json")], cwd=tmp_path,
+                       env={**CLI_ENV, "SORTEDNET_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, explain(p)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["validation_items"] == 4 and doc["answers_in_cache"] == 5
+    ref, own = doc["reference"], doc["self"]
+    for side in (ref, own):
+        assert {str(e) for e in side["exits"]} == {"2", "4"}
+        assert all(math.isfinite(x["perplexity"]) and 0 <= x["agreement"] <= 1 for x in side["exits"].values())
+    assert own["exits"]["4"]["perplexity"] < ref["exits"]["4"]["perplexity"]

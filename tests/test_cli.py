@@ -282,6 +282,7 @@ def test_train_writes_config_metrics_and_a_checkpoint(trained_run):
     # state.pt: plain tensors and values only
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     assert {"optimizer", "scheduler", "sampler", "rng", "progress"} <= set(state)
+    assert state["progress"].pop("seconds") > 0  # training time (trainer.max_minutes)
     assert state["progress"] == {"step": TINY_STEPS, "epoch": 1, "batch": 0}
     assert isinstance(state["rng"], torch.Tensor)
 
@@ -741,6 +742,7 @@ def test_resume_from_an_earlier_checkpoint_is_bitwise_exact(batch, request):
     assert_bitwise_equal(weights(cut), weights(whole))
     a = torch.load(latest(cut) / "state.pt", weights_only=True)
     b = torch.load(latest(whole) / "state.pt", weights_only=True)
+    a["progress"].pop("seconds"), b["progress"].pop("seconds")  # wall time: the one thing that differs
     assert a["progress"] == b["progress"] and torch.equal(a["rng"], b["rng"])
     assert torch.equal(a["sampler"]["generator"], b["sampler"]["generator"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):

@@ -1,0 +1,184 @@
+"""Issue 21's study: ways of training SmolLM2-135M-Instruct's exits, each given the same training time.
+
+Usage::
+
+    .venv/bin/python benchmarks/smollm2_study.py [--minutes 30] [--runs runs/smollm2-study]
+        [--arms sft,soft_all,...] [--out docs/results/smollm2/study] [--set KEY=VALUE ...]
+
+``make smollm2-study`` runs it (``STUDY_MINUTES=30``). Every arm is ``sortednet train`` of a recipe with
+``trainer.max_minutes=M`` (training time, added up over resumes) and no step limit, then ``sortednet eval
+--all-submodels``; the untouched model is measured the same way from its step-0 checkpoint. It is
+resumable: a run that exists is resumed (``nothing to train`` once its minutes are spent), an eval
+that measured the run's newest checkpoint is kept, so an interrupted study is started again with the
+same command; ``--set`` overrides go to every ``train`` (the tests shrink the recipes with them). After
+each arm the report is written again (``--out``):
+
+- ``table.md``: per arm, its steps and minutes, the machine's load while it trained, the full model's
+  perplexity and top-1 agreement with the untouched model; per exit, perplexity, agreement a with the
+  run's own full model (a greedy draft's acceptance), with the untouched model, the measured cost c of
+  a decoding step at that exit and eval's predicted speed-up; then eval's samples side by side;
+- ``study.json``: the same numbers, per arm.
+
+Equal wall time is fair only on a quiet machine: the load average is recorded for each arm so that a
+reader can tell. The learning-rate schedule is each recipe's own (cosine over one epoch), cut where the
+minutes end, the same for every arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_LIMIT = ["trainer.max_steps=null", "trainer.ckpt_every=10"]
+
+#: arm -> (title, recipe, overrides). SoFT trains every exit from one trunk pass; "sampled" the full
+#: model and 3 exits drawn per step; distillation adds KL(full || exit) (the same step's full model,
+#: detached) beside each exit's cross-entropy; "distill only" teaches the exits the untouched model's
+#: distributions alone and anchors the full model to it.
+ARMS = {
+    "sft": ("SFT (full model only)", "smollm2_sft", []),
+    "soft_all": ("SoFT, all 10 exits", "smollm2_soft", []),
+    "soft_sampled": ("SoFT, full + 3 sampled exits", "smollm2_soft",
+                     ["sampler=sortednet", "sampler.g=3", "sampler.largest=true"]),
+    "soft_distill": ("SoFT + self-distillation", "smollm2_soft",
+                     ["distill.enabled=true", "distill.teacher=self", "distill.alpha=0.5"]),
+    "distill_only": ("distillation only (frozen teacher, anchored full)", "smollm2_soft",
+                     ["distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0", "distill.anchor=1.0"]),
+    "soft_self": ("SoFT on the model's own answers", "smollm2_soft_self", []),
+}
+UNTOUCHED = ("untouched", "smollm2_soft", ["trainer.max_steps=0"])
+
+
+def sortednet(*args) -> None:
+    cmd = [sys.executable, "-m", "sortedcli.cli", *map(str, args)]
+    print("$ sortednet " + " ".join(map(str, args)), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+
+
+def latest(run: Path) -> Path | None:
+    pointer = run / "checkpoints" / "latest"
+    return run / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def train(run: Path, recipe: str, overrides: list[str], minutes: float | None, extra: list[str]) -> dict:
+    """Train (or resume) one arm; ``{"load": [1-min load averages before and after]}``."""
+    before = os.getloadavg()[0]
+    budget = [] if minutes is None else [f"trainer.max_minutes={minutes:g}", *NO_LIMIT]
+    if latest(run) is None:
+        sortednet("train", "--recipe", recipe, *overrides, *budget, *extra, f"hydra.run.dir={run}")
+    elif minutes is not None:
+        sortednet("train", "--resume", run, *budget)
+    return {"load": [round(before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def evaluate(run: Path) -> dict:
+    """eval --all-submodels of the run's newest checkpoint, unless its results already measured it."""
+    results = run / "eval" / "results.json"
+    ckpt = latest(run)
+    if not results.is_file() or json.loads(results.read_text()).get("checkpoint", {}).get("path", "") \
+            != str(ckpt.relative_to(run)):
+        sortednet("eval", "--all-submodels", "--ckpt", run)
+    return json.loads(results.read_text())
+
+
+def progress(run: Path) -> dict:
+    import torch
+
+    state = torch.load(latest(run) / "state.pt", map_location="cpu", weights_only=True)
+    return {"steps": state["progress"]["step"], "minutes": round(state["progress"].get("seconds", 0.0) / 60, 4)}
+
+
+def summary(doc: dict) -> dict:
+    """The study's numbers of one eval: the full model and each exit."""
+    rows = doc["rows"]
+    metric = doc.get("metric", "perplexity")
+    full = next(r for r in rows if r.get("full"))
+    exits = {}
+    for r in rows:
+        depth = r["dims"].get("depth")
+        if depth is None or r.get("full"):
+            continue
+        exits[str(depth)] = {k: r.get(k) for k in (metric, "agreement", "agreement_initial", "cost_ratio", "speedup")}
+    draft = doc.get("draft") or {}
+    return {"full": {metric: full.get(metric), "agreement_initial": full.get("agreement_initial")}, "exits": exits,
+            "metric": metric, "draft": {k: draft.get(k) for k in ("exit", "k", "vocab", "agreement", "speedup")},
+            "samples": draft.get("samples") or {}}
+
+
+def report(arms: dict, out: Path, minutes: float | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps({"minutes": minutes, "arms": arms}, indent=1))
+    lines = [f"# SmolLM2-135M-Instruct: exits trained {minutes:g} minutes each\n" if minutes else "",
+             "Written by `benchmarks/smollm2_study.py` (`make smollm2-study`); ppl: held-out perplexity, "
+             "a: top-1 agreement with the run's own full model (a greedy draft's acceptance), a0: with the "
+             "untouched model, c: a decoding step at the exit over the full model's, speed-up: eval's "
+             "prediction for self-speculative decoding from that exit.\n",
+             "| arm | steps | minutes | load (start, end) | full ppl | full a0 | draft (exit, k) | predicted speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, arm in arms.items():
+        s, d = arm["summary"], arm["summary"]["draft"]
+        m = s["metric"]
+        lines.append(f"| {arm['title']} | {arm.get('steps', 0)} | {arm.get('minutes', 0)} | {arm.get('load', '')} | "
+                     f"{_f(s['full'][m])} | {_f(s['full']['agreement_initial'])} | "
+                     f"{(d.get('exit'), d.get('k')) if d.get('exit') else '-'} | {_f(d.get('speedup'))} |")
+    depths = sorted({int(x) for arm in arms.values() for x in arm["summary"]["exits"]})
+    for what, key in (("perplexity", None), ("a (own full model)", "agreement"), ("a0 (untouched model)",
+                                                                                  "agreement_initial"),
+                      ("predicted speed-up", "speedup")):
+        lines += ["", f"## Per exit: {what}\n", "| arm | " + " | ".join(f"exit {x}" for x in depths) + " |",
+                  "|---|" + "---|" * len(depths)]
+        for arm in arms.values():
+            s = arm["summary"]
+            k = key or s["metric"]
+            lines.append(f"| {arm['title']} | " + " | ".join(_f(s["exits"].get(str(x), {}).get(k)) for x in depths)
+                         + " |")
+    lines += ["", "## Samples (the first held-out question, every exit)\n"]
+    for arm in arms.values():
+        samples = arm["summary"]["samples"]
+        if samples:
+            lines.append(f"**{arm['title']}**\n")
+            lines += [f"- exit {x}: `{' '.join(str(texts[0]).split())[-160:]}`" for x, texts in samples.items()]
+            lines.append("")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=30.0, help="training time of every arm (default 30)")
+    ap.add_argument("--runs", default="runs/smollm2-study")
+    ap.add_argument("--arms", default="sft,soft_all,soft_sampled,soft_distill,distill_only",
+                    help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--out", default="docs/results/smollm2/study")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every train")
+    args = ap.parse_args(argv)
+    chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in chosen if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm {unknown[0]!r}: choose among {', '.join(ARMS)}")
+    runs, out = (ROOT / args.runs).resolve(), (ROOT / args.out).resolve()
+    done = {}
+    for name, (title, recipe, overrides) in [("untouched", UNTOUCHED), *((a, ARMS[a]) for a in chosen)]:
+        run = runs / name
+        started = time.time()
+        info = train(run, recipe, overrides, None if name == "untouched" else args.minutes, args.set)
+        info.update(progress(run), title=title, recipe=recipe, overrides=overrides)
+        info["summary"] = summary(evaluate(run))
+        info["wall_minutes"] = round((time.time() - started) / 60, 1)
+        done[name] = info
+        report(done, out, args.minutes)
+        print(f"{name}: written into {out}/table.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()
