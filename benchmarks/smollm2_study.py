@@ -10,7 +10,8 @@ Usage::
 --all-submodels``; the untouched model is measured the same way from its step-0 checkpoint. It is
 resumable: a run that exists is resumed (``nothing to train`` once its minutes are spent), an eval
 that measured the run's newest checkpoint is kept, so an interrupted study is started again with the
-same command; ``--set`` overrides go to every ``train`` (the tests shrink the recipes with them). After
+same command; ``--set`` overrides go to every ``train`` (the tests shrink the recipes with them), ``--eval-set``
+to every ``eval`` (a shorter evaluation, the same for every arm). After
 each arm the report is written again (``--out``):
 
 - ``table.md``: per arm, its steps and minutes, the machine's load while it trained, the full model's
@@ -78,13 +79,13 @@ def train(run: Path, recipe: str, overrides: list[str], minutes: float | None, e
     return {"load": [round(before, 2), round(os.getloadavg()[0], 2)]}
 
 
-def evaluate(run: Path) -> dict:
+def evaluate(run: Path, extra: list[str]) -> dict:
     """eval --all-submodels of the run's newest checkpoint, unless its results already measured it."""
     results = run / "eval" / "results.json"
     ckpt = latest(run)
     if not results.is_file() or json.loads(results.read_text()).get("checkpoint", {}).get("path", "") \
             != str(ckpt.relative_to(run)):
-        sortednet("eval", "--all-submodels", "--ckpt", run)
+        sortednet("eval", "--all-submodels", "--ckpt", run, *extra)
     return json.loads(results.read_text())
 
 
@@ -161,6 +162,8 @@ def main(argv=None) -> None:
                     help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--out", default="docs/results/smollm2/study")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every train")
+    ap.add_argument("--eval-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for every eval (e.g. eval.test_subset=32: the same for every arm)")
     args = ap.parse_args(argv)
     chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in chosen if a not in ARMS]
@@ -173,7 +176,8 @@ def main(argv=None) -> None:
         started = time.time()
         info = train(run, recipe, overrides, None if name == "untouched" else args.minutes, args.set)
         info.update(progress(run), title=title, recipe=recipe, overrides=overrides)
-        info["summary"] = summary(evaluate(run))
+        info["summary"] = summary(evaluate(run, args.eval_set))
+        info["eval_settings"] = args.eval_set
         info["wall_minutes"] = round((time.time() - started) / 60, 1)
         done[name] = info
         report(done, out, args.minutes)
