@@ -209,6 +209,12 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     assert not (run / "export").exists()
     x = cli(["export", "--budget", "0.6", "min_relative=101", "force=true"], cwd=tmp_path)
     assert x.returncode == 0 and (run / "export" / "budget-0.6" / "config.json").is_file(), explain(x)
+    # eval.samples=0: the draft is chosen and no samples are written (it raised IndexError)
+    e = cli(["eval", "--all-submodels", "--ckpt", str(run / "checkpoints" / "step-00000001"), "eval.samples=0",
+             "eval.latency.reps=3"], cwd=tmp_path)
+    assert e.returncode == 0, explain(e)
+    doc = json.loads((run / "eval" / "step-00000001" / "results.json").read_text())
+    assert doc["draft"]["exit"] in (1, 3) and doc["draft"]["samples"] == {}
 
 
 def test_decoding_benchmark_prints_verify_costs_and_drafts_through_a_vocabulary_subset(tmp_path, capsys):

@@ -206,7 +206,7 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
         chosen["cost_from"] = "flops" if unreliable else "timed"
         n = int(e.get("samples", 3))
         prompts = [sample_prompt(r.data.test[i]) for i in range(min(n, len(r.data.test)))]
-        out = draft.samples(stack, prompts, [*exits, L], int(e.get("sample_tokens", 16)))
+        out = draft.samples(stack, prompts, [*exits, L], int(e.get("sample_tokens", 16))) if prompts else {}
         tok = r.tokenizer
         chosen["samples"] = {str(x): [tok.decode(p + t, skip_special_tokens=True) for p, t in zip(prompts, ts)]
                              for x, ts in out.items()}
@@ -215,7 +215,7 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
                       f"{chosen['agreement']:.3f}, cost ratio {chosen['cost_ratio']:.2f}, predicted speed-up "
                       f"{chosen['speedup']:.2f}x (with verifying {chosen['k'] + 1} tokens at "
                       f"{draft.verify_cost(v, chosen['k'] + 1):.2f}x a step)")
-        for x in (chosen["exit"], L):
+        for x in (chosen["exit"], L) if prompts else ():  # eval.samples=0: none written
             console.print(f"  exit {x}: {chosen['samples'][str(x)][0]!r}")
     return chosen
 
