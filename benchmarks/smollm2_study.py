@@ -151,7 +151,9 @@ def report(arms: dict, out: Path, minutes: float | None) -> None:
 
 
 def _f(x) -> str:
-    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) >= 1000 else f"{x:.3f}"
+    return "-" if x is None else str(x)
 
 
 def main(argv=None) -> None:
