@@ -173,11 +173,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown arm {unknown[0]!r}: choose among {', '.join(ARMS)}")
     runs, out = (ROOT / args.runs).resolve(), (ROOT / args.out).resolve()
     done = {}
+    earlier = json.loads((out / "study.json").read_text())["arms"] if (out / "study.json").is_file() else {}
     for name, (title, recipe, overrides) in [("untouched", UNTOUCHED), *((a, ARMS[a]) for a in chosen)]:
         run = runs / name
         started = time.time()
+        before = progress(run) if latest(run) is not None else None
         info = train(run, recipe, overrides, None if name == "untouched" else args.minutes, args.set)
         info.update(progress(run), title=title, recipe=recipe, overrides=overrides)
+        if before == progress(run) and name in earlier:  # nothing trained now: the load it trained at
+            info["load"] = earlier[name].get("load", info["load"])
         info["summary"] = summary(evaluate(run, args.eval_set))
         info["eval_settings"] = args.eval_set
         info["wall_minutes"] = round((time.time() - started) / 60, 1)

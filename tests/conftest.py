@@ -73,6 +73,20 @@ def selected_cases(request, module: str, cases: dict) -> tuple[list[str], Path |
     return wanted, (request.getfixturevalue("trained_run") if needs_run else None)
 
 
+def each_refused(cases: dict, run) -> None:
+    """``run(case) -> (CompletedProcess, its folder)`` for every case of ``cases`` (``{case: (args, the
+    words its one line must hold)}``), two at a time (most of a CLI call is importing torch): each is one
+    line, exit 2, no traceback, and wrote nothing into its folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(cases, pool.map(run, cases)))
+    for case, (p, folder) in done.items():
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and cases[case][1] in lines[0], (case, explain(p))
+        assert "Traceback" not in p.stderr and not any(folder.iterdir()), case
+
+
 def run_folders(runs_root: Path) -> list[Path]:
     """The run folders under ``runs_root`` that hold a complete checkpoint."""
     return sorted(p.parent.parent for p in Path(runs_root).glob("**/checkpoints/latest"))

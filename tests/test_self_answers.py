@@ -11,19 +11,14 @@ import json
 import pytest
 import torch
 
-from conftest import CLI_ENV, explain, run_folders
+from conftest import CLI_ENV, each_refused, explain, run_folders
+from test_smollm import CORPUS, chatml_tokenizer
 from sortedcli.data import lm
 from sortedcli.data.self_answers import greedy
 from sortedcli.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-CORPUS = ["The cat sat on the mat. The dog sat on the log. " * 4,
-          "Two plus three is five, and five plus five is ten. " * 4] * 4
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 1.0}
 QA = [{"instruction": f"What is {a} plus {b}?" + " Think." * a, "output": f"{a} plus {b} is {a + b}."}
@@ -33,14 +28,10 @@ QA = [{"instruction": f"What is {a} plus {b}?" + " Think." * a, "output": f"{a} 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A pretrained-style folder (a random tiny LlamaForCausalLM and a ChatML tokenizer) and an Alpaca file."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("selfanswers")
-    lm.train_tokenizer(CORPUS, 300, root / "bpe")
-    tok = AutoTokenizer.from_pretrained(str(root / "bpe"))
-    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
-    tok.bos_token, tok.eos_token, tok.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
-    tok.chat_template = CHATML
+    tok = chatml_tokenizer(root / "bpe")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **TINY)
@@ -234,8 +225,6 @@ BAD = {
 
 
 def test_bad_answer_settings_are_one_line_exit_2_and_write_nothing(home, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
     (home / "text.txt").write_text("\n\n".join(CORPUS * 8))
     names = {"model": home / "model", "qa": home / "qa.json", "text": home / "text.txt"}
 
@@ -245,12 +234,7 @@ def test_bad_answer_settings_are_one_line_exit_2_and_write_nothing(home, tmp_pat
         args = [a.format(**names) for a in BAD[case][0]]
         return _cli(["train", "dims=[depth]", *args], folder, tmp_path), folder
 
-    with ThreadPoolExecutor(2) as pool:
-        done = dict(zip(BAD, pool.map(one, BAD)))
-    for case, (p, folder) in done.items():
-        lines = [line for line in p.stderr.splitlines() if line.strip()]
-        assert p.returncode == 2 and len(lines) == 1 and BAD[case][1] in lines[0], (case, explain(p))
-        assert "Traceback" not in p.stderr and not any(folder.iterdir()), case
+    each_refused(BAD, one)
     assert not (tmp_path / "cache" / "llm" / "answers").exists()
 
 

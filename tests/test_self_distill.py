@@ -11,13 +11,12 @@ import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CLI_ENV, cli, explain, run_folders
+from conftest import CLI_ENV, cli, each_refused, explain, run_folders
 from sortedcli import engine
 from sortedcli.engine import Distill, frozen_copy, train_step
 from sortedcli.models import create
@@ -317,9 +316,4 @@ def test_bad_distillation_settings_are_one_line_exit_2_and_write_nothing(tmp_pat
         folder.mkdir()
         return cli(["train", "data=hamlet", "dims=[depth]", *BAD[case][0]], cwd=folder), folder
 
-    with ThreadPoolExecutor(2) as pool:
-        done = dict(zip(BAD, pool.map(one, BAD)))
-    for case, (p, folder) in done.items():
-        lines = [line for line in p.stderr.splitlines() if line.strip()]
-        assert p.returncode == 2 and len(lines) == 1 and BAD[case][1] in lines[0], (case, explain(p))
-        assert "Traceback" not in p.stderr and not any(folder.iterdir()), case
+    each_refused(BAD, one)

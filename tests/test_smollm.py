@@ -34,18 +34,27 @@ CHATS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
          for a in range(5) for b in range(4)]
 
 
+def chatml_tokenizer(folder):
+    """A byte-level BPE trained on CORPUS into ``folder``, with ChatML's special tokens and template: bos/eos
+    are <|im_start|>/<|im_end|>, the document separator <|endoftext|>."""
+    from transformers import AutoTokenizer
+
+    lm.train_tokenizer(CORPUS, 300, folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    tok.bos_token, tok.eos_token, tok.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
+    tok.chat_template = CHATML
+    return tok
+
+
 @pytest.fixture(scope="module")
 def tied_dir(tmp_path_factory):
     """A pretrained-style folder: a tied 9/3-head LlamaForCausalLM and a ChatML tokenizer whose
     bos/eos are the template's <|im_start|>/<|im_end|> and whose document separator is <|endoftext|>."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tied")
-    lm.train_tokenizer(CORPUS, 300, root / "bpe")
-    tok = AutoTokenizer.from_pretrained(str(root / "bpe"))
-    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
-    tok.bos_token, tok.eos_token, tok.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
-    tok.chat_template = CHATML
+    tok = chatml_tokenizer(root / "bpe")
     folder = root / "pretrained"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
