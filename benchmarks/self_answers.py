@@ -107,7 +107,7 @@ def main(argv=None) -> None:
 
     right = total = 0
     for ex in examples:
-        got = stored.get(_key(prompt_ids(tok, ex, True)))
+        got = stored.get(_key(prompt_ids(tok, ex, lm.has_chat_template(tok))))
         if got is None:
             continue
         total += 1

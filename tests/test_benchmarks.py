@@ -256,7 +256,7 @@ def test_self_answers_benchmark_compares_reference_and_own_answers(tmp_path):
                        timeout=600)
     assert p.returncode == 0, explain(p)
     doc = json.loads((tmp_path / "out.json").read_text())
-    assert doc["validation_items"] == 4 and doc["answers_in_cache"] == 5
+    assert doc["validation_items"] == 4 and doc["answers_in_cache"] == doc["answers_scored"] > 4  # train + val
     ref, own = doc["reference"], doc["self"]
     for side in (ref, own):
         assert {str(e) for e in side["exits"]} == {"2", "4"}
