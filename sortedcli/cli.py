@@ -599,7 +599,11 @@ def _launch(verb: str, cfg, argv: list[str]) -> int:
 
 def _fail(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # several processes make the same mistake: say it once
-        print(f"sortednet: error: {message}", file=sys.stderr)
+        print(f"sortednet: error: {message}", file=sys.stderr, flush=True)
+    else:  # rank 0 says it: the launcher stops every rank once one has failed, so the others let it go first
+        import time
+
+        time.sleep(3)
     raise SystemExit(2)
 
 
