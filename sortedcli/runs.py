@@ -548,28 +548,28 @@ def load_weights(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], DictConfig]:
     if sharded(ckpt_dir):
         from .distributed import consolidated
 
-        record = read_record(ckpt_dir)
-        return consolidated(Path(ckpt_dir) / DCP_MODEL), OmegaConf.create(record["config"])
+        return consolidated(Path(ckpt_dir) / DCP_MODEL), checkpoint_config(ckpt_dir)
+    metadata, _ = _header(ckpt_dir)  # readable and written by sortednet, before the weights are read
+    cfg = _config_of(metadata, ckpt_dir)
     path = Path(ckpt_dir) / MODEL_FILE
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"checkpoint {path} is corrupt or unreadable ({e}): use an earlier checkpoint "
                          "or retrain") from None
-    if "config" not in metadata:
-        raise UsageError(f"checkpoint {path} carries no sortednet config: was it written by sortednet?")
     for key, kept in json.loads(metadata.get("aliases") or "{}").items():
         state[key] = state[kept]  # a tied tensor, stored once: both keys load into the one parameter
-    return state, OmegaConf.create(metadata["config"])
+    return state, cfg
 
 
 def checkpoint_config(ckpt_dir: Path) -> DictConfig:
     """The run's resolved config stored with a checkpoint, read from its header or record (no weight read)."""
     if sharded(ckpt_dir):
         return OmegaConf.create(read_record(ckpt_dir)["config"])
-    metadata = _header(ckpt_dir)[0]
+    return _config_of(_header(ckpt_dir)[0], ckpt_dir)
+
+
+def _config_of(metadata: dict, ckpt_dir: Path) -> DictConfig:
     if "config" not in metadata:
         raise UsageError(f"checkpoint {Path(ckpt_dir) / MODEL_FILE} carries no sortednet config: was it written by "
                          "sortednet?")
