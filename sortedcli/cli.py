@@ -461,7 +461,7 @@ def _run_verb(verb: str, cfg, argv: list[str]) -> None:
         raise SystemExit(130)
     finally:
         if "sortedcli.distributed" in sys.modules:  # nothing to shut down where torch was never imported
-            sys.modules["sortedcli.distributed"].shutdown()
+            sys.modules["sortedcli.distributed"].shutdown(clean=sys.exc_info()[0] is None)
 
 
 def _check_sampler(cfg) -> None:

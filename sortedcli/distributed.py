@@ -167,8 +167,17 @@ def local_device(device: torch.device, d: Dist) -> torch.device:
     return torch.device("cuda", d.local_rank) if device.type == "cuda" and d.enabled else device
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean finish every rank first waits for the others: a rank that
+    tears its gloo connections down while a peer is still reading from them can abort that peer
+    ("terminate called without an active exception", seen once in CI). After an error there is no
+    waiting (the peers may be stuck or gone)."""
     if dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer already failed and left: its error is the one to report
+                pass
         dist.destroy_process_group()
 
 

@@ -163,6 +163,7 @@ def _fsdp_worker(rank: int, store: str, out: str) -> None:
         kinds = {type(p.grad).__name__ for p in model.parameters() if p.grad is not None}
         full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"norm": stats["grad_norm"], "loss": loss, "grads": full, "kinds": kinds}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 
@@ -231,6 +232,7 @@ def _bf16_worker(rank: int, store: str, out: str) -> None:
         dtypes = {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters() if p.grad is not None}
         full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"norm": stats["grad_norm"], "loss": loss, "grads": full, "dtypes": dtypes}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 

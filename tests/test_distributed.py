@@ -92,6 +92,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         draws: list = []
         model = _train(Dist(rank=rank, world=2), draws)
         torch.save({"state": model.state_dict(), "draws": draws}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 
