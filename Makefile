@@ -67,7 +67,7 @@ smollm: setup
 # decoding benchmark on the SoFT model from eval's draft exit, and docs/results/smollm2/table.md.
 SMOLLM_RUNS := $(RUNS)/smollm2
 smollm2-table: smollm
-	test -f $(SMOLLM_RUNS)/soft/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_soft hydra.run.dir=$(SMOLLM_RUNS)/soft
+	test -f $(SMOLLM_RUNS)/soft/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_soft sampler=all hydra.run.dir=$(SMOLLM_RUNS)/soft
 	test -f $(SMOLLM_RUNS)/sft/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_sft hydra.run.dir=$(SMOLLM_RUNS)/sft
 	test -f $(SMOLLM_RUNS)/pretrained/checkpoints/latest || $(VENV)/bin/sortednet train --recipe smollm2_soft \
 	  trainer.max_steps=0 hydra.run.dir=$(SMOLLM_RUNS)/pretrained

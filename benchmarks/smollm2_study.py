@@ -39,19 +39,21 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_LIMIT = ["trainer.max_steps=null", "trainer.ckpt_every=10"]
 
 #: arm -> (title, recipe, overrides). SoFT trains every exit from one trunk pass; "sampled" the full
-#: model and 3 exits drawn per step; distillation adds KL(full || exit) (the same step's full model,
+#: model and 3 exits drawn per step (smollm2_soft's default since the pilot; the other arms name
+#: sampler=all, as the pilot ran them); distillation adds KL(full || exit) (the same step's full model,
 #: detached) beside each exit's cross-entropy; "distill only" teaches the exits the untouched model's
 #: distributions alone and anchors the full model to it.
 ARMS = {
     "sft": ("SFT (full model only)", "smollm2_sft", []),
-    "soft_all": ("SoFT, all 10 exits", "smollm2_soft", []),
+    "soft_all": ("SoFT, all 10 exits", "smollm2_soft", ["sampler=all"]),
     "soft_sampled": ("SoFT, full + 3 sampled exits", "smollm2_soft",
                      ["sampler=sortednet", "sampler.g=3", "sampler.largest=true"]),
     "soft_distill": ("SoFT + self-distillation", "smollm2_soft",
-                     ["distill.enabled=true", "distill.teacher=self", "distill.alpha=0.5"]),
+                     ["sampler=all", "distill.enabled=true", "distill.teacher=self", "distill.alpha=0.5"]),
     "distill_only": ("distillation only (frozen teacher, anchored full)", "smollm2_soft",
-                     ["distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0", "distill.anchor=1.0"]),
-    "soft_self": ("SoFT on the model's own answers", "smollm2_soft_self", []),
+                     ["sampler=all", "distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0",
+                      "distill.anchor=1.0"]),
+    "soft_self": ("SoFT on the model's own answers", "smollm2_soft_self", ["sampler=all"]),
 }
 UNTOUCHED = ("untouched", "smollm2_soft", ["trainer.max_steps=0"])
 
