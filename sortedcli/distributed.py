@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -122,6 +123,7 @@ def env_world() -> int:
 
 
 LAUNCHER_PID = "SORTEDNET_LAUNCHER_PID"  # set by launch(): the process whose death ends every rank
+ERRORS = "SORTEDNET_ERRORS"  # set by launch(): a folder where a rank leaves its one-line error for the launcher
 
 
 def die_with_launcher() -> None:
@@ -196,7 +198,8 @@ def agree_on_run_dir(run_dir, d: Dist):
 def launch(nprocs: int, argv: list[str], cuda: bool) -> int:
     """Run ``python -m sortedcli ARGV`` as ``nprocs`` processes of one job on this machine, through
     torch's elastic launch API (torchrun's ``--standalone``: a local rendezvous on a free port, no
-    restarts). Returns the exit status: 0, or the first failed rank's."""
+    restarts). Returns the exit status: 0, 2 after a mistake (said here, once), or the first failed
+    rank's."""
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -207,8 +210,10 @@ def launch(nprocs: int, argv: list[str], cuda: bool) -> int:
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    # the processes print their own errors (one line for a mistake, the traceback for a bug); the
-    # agent's log lines about stopping the other ranks would only repeat them
+    errors = tempfile.mkdtemp(prefix="sortednet-errors-")
+    os.environ[ERRORS] = errors
+    # a rank's mistake is left in `errors` and said here once (leave_error), a bug's traceback is printed
+    # by its process; the agent's log lines about stopping the other ranks would only repeat them
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
@@ -216,9 +221,37 @@ def launch(nprocs: int, argv: list[str], cuda: bool) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "sortedcli", *argv)
     except ChildFailedError as e:
+        said = relay_errors(errors)
         codes = [f.exitcode for _, f in sorted(e.failures.items())]
-        return next((c for c in codes if c and c > 0), 1)
+        return 2 if said else next((c for c in codes if c and c > 0), 1)
+    finally:
+        del os.environ[ERRORS]
+        shutil.rmtree(errors, ignore_errors=True)
     return 0
+
+
+def leave_error(message: str) -> bool:
+    """A launched rank's one-line error, left for :func:`launch` to say (True), instead of printed: the
+    agent stops every rank once one has failed, so a rank that prints may be stopped before it does.
+    False where this process was not started by :func:`launch` (plain torchrun, one process)."""
+    folder = os.environ.get(ERRORS)
+    if not folder or not os.path.isdir(folder):
+        return False
+    rank = os.environ.get("RANK", "0")
+    tmp = os.path.join(folder, f".rank{rank}.tmp")
+    with open(tmp, "w") as f:
+        f.write(message)
+    os.replace(tmp, os.path.join(folder, f"rank{rank}"))
+    return True
+
+
+def relay_errors(folder: str) -> bool:
+    """Print the errors the ranks left (each different message once, in rank order); True if any."""
+    names = sorted((n for n in os.listdir(folder) if n.startswith("rank")), key=lambda n: int(n[4:]))
+    messages = list(dict.fromkeys(open(os.path.join(folder, n)).read() for n in names))
+    for message in messages:
+        print(f"sortednet: error: {message}", file=sys.stderr, flush=True)
+    return bool(messages)
 
 
 # --- FSDP2: sharded parameters, gradients and optimizer state --------------------------------------

@@ -56,6 +56,20 @@ def test_a_single_process_dist_is_a_no_op():
     assert d.sum(t) is t and d.mean(t) is t and d.gather(5) == [5] and d.broadcast("x") == "x"
 
 
+def test_launched_ranks_leave_their_mistake_to_the_launcher_which_says_each_once(tmp_path, monkeypatch, capsys):
+    from sortedcli import distributed
+
+    monkeypatch.delenv(distributed.ERRORS, raising=False)
+    assert not distributed.leave_error("x")  # not launched by us: the rank prints it itself
+    monkeypatch.setenv(distributed.ERRORS, str(tmp_path))
+    for rank, message in ((1, "data.root not found"), (0, "data.root not found"), (10, "another")):
+        monkeypatch.setenv("RANK", str(rank))
+        assert distributed.leave_error(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1", "rank10"]
+    assert distributed.relay_errors(str(tmp_path))
+    assert capsys.readouterr().err.splitlines() == ["sortednet: error: data.root not found", "sortednet: error: another"]
+
+
 def _data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(GLOBAL_BATCH * STEPS // 2, 3, 12, 12, generator=g)
