@@ -46,8 +46,7 @@ NO_LIMIT = ["trainer.max_steps=null", "trainer.ckpt_every=10"]
 ARMS = {
     "sft": ("SFT (full model only)", "smollm2_sft", []),
     "soft_all": ("SoFT, all 10 exits", "smollm2_soft", ["sampler=all"]),
-    "soft_sampled": ("SoFT, full + 3 sampled exits", "smollm2_soft",
-                     ["sampler=sortednet", "sampler.g=3", "sampler.largest=true"]),
+    "soft_sampled": ("SoFT, full + 3 sampled exits", "smollm2_soft", ["sampler=sortednet_g3_largest"]),
     "soft_distill": ("SoFT + self-distillation", "smollm2_soft",
                      ["sampler=all", "distill.enabled=true", "distill.teacher=self", "distill.alpha=0.5"]),
     "distill_only": ("distillation only (frozen teacher, anchored full)", "smollm2_soft",

@@ -600,11 +600,10 @@ def _launch(verb: str, cfg, argv: list[str]) -> int:
 def _fail(message: str) -> None:
     """A user's mistake: one line, exit 2. Ranks that ``trainer.devices=N`` started leave the line to
     their launcher, which says each different one once; under plain torchrun rank 0 says it."""
-    if "sortedcli.distributed" in sys.modules and sys.modules["sortedcli.distributed"].leave_error(message):
-        pass
-    elif int(os.environ.get("RANK", "0")) == 0:  # several processes make the same mistake: say it once
+    launched = "sortedcli.distributed" in sys.modules and sys.modules["sortedcli.distributed"].leave_error(message)
+    if not launched and int(os.environ.get("RANK", "0")) == 0:  # several processes make one mistake: say it once
         print(f"sortednet: error: {message}", file=sys.stderr, flush=True)
-    else:  # rank 0 says it: torchrun stops every rank once one has failed, so the others let it go first
+    elif not launched:  # rank 0 says it: torchrun stops every rank once one has failed, so the others let it go first
         import time
 
         time.sleep(3)

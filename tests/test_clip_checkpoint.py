@@ -4,6 +4,7 @@ unit (``trainer.activation_checkpointing``): one process, FSDP2 shards on 2 gloo
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import cli, explain
-from sortedcli.distributed import Dist, shard
+from sortedcli.distributed import Dist, shard, shutdown
 from sortedcli.engine import Distill, checkpoint_activations, clip_gradients, train_step
 from sortedcli.models import create
 from sortedcli.nest import COUNT, FRACTION, Dim, Grid, SubModel
@@ -163,9 +164,8 @@ def _fsdp_worker(rank: int, store: str, out: str) -> None:
         kinds = {type(p.grad).__name__ for p in model.parameters() if p.grad is not None}
         full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"norm": stats["grad_norm"], "loss": loss, "grads": full, "kinds": kinds}, f"{out}/rank{rank}.pt")
-        dist.barrier()  # no rank tears down its connections while the other still uses them
     finally:
-        dist.destroy_process_group()
+        shutdown(clean=sys.exc_info()[0] is None)  # the peers wait for each other after a clean finish
 
 
 def test_fsdp_clipping_uses_the_global_norm_over_the_shards(tmp_path):
@@ -232,9 +232,8 @@ def _bf16_worker(rank: int, store: str, out: str) -> None:
         dtypes = {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters() if p.grad is not None}
         full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"norm": stats["grad_norm"], "loss": loss, "grads": full, "dtypes": dtypes}, f"{out}/rank{rank}.pt")
-        dist.barrier()  # no rank tears down its connections while the other still uses them
     finally:
-        dist.destroy_process_group()
+        shutdown(clean=sys.exc_info()[0] is None)  # the peers wait for each other after a clean finish
 
 
 def test_fsdp_mixed_precision_keeps_fp32_shards_and_gradients(tmp_path):

@@ -235,8 +235,7 @@ weights, optimizer_state = distributed.sharded_state(model, torch.optim.AdamW(mo
 distributed.save_sharded(weights, optimizer_state, tmp)
 runs.save_sharded_record(sys.argv[3], 1, cfg, 1)
 runs.finish_checkpoint(sys.argv[3], 1, {})
-dist.barrier()  # no rank tears down its connections while the other still uses them
-dist.destroy_process_group()
+distributed.shutdown()
 with torch.no_grad():
     torch.save(model(input_ids=torch.arange(1, 12).unsqueeze(0)).logits[0, -1, :8], sys.argv[4])
 '''

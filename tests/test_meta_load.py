@@ -64,8 +64,7 @@ for folder in sys.argv[1].split(","):
     del model, logits
 if d.main:
     open(sys.argv[2], "w").write(json.dumps(report))
-dist.barrier()  # no rank tears down its connections while the other still uses them
-dist.destroy_process_group()
+distributed.shutdown()
 '''
 
 
