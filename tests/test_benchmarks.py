@@ -158,10 +158,11 @@ def test_soft_benchmark_on_a_tiny_llama_folder(tmp_path, llama_folder):
     out = tmp_path / "soft.json"
     with benchmark("soft") as soft:
         result = soft.main(["--model", str(llama_folder), "--steps", "1", "--batch", "1", "--device", "cpu",
-                            "--out", str(out)])
+                            "--sampled", "2", "--largest", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["exits"] == 4 and result["time_ratio"] > 0
-    assert set(result["peak_memory_mib"]) == {"all", "full"}  # each sampler measured in its own process
+    assert set(result["peak_memory_mib"]) == {"all", "full", "sampled"}  # each sampler in its own process
+    assert result["sampled"]["sampler"] == "sortednet g=2 largest=true" and result["sampled"]["time_ratio"] > 0
 
 
 def test_importance_benchmark_keeps_the_full_model_in_every_order(tmp_path, llama_folder):
