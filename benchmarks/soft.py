@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sortedcli.data import build_data, lm  # noqa: E402
+from sortedcli.data import build_data  # noqa: E402
 from sortedcli.engine import Distill, train_step  # noqa: E402
 from sortedcli.models import create, tokenizer as model_tokenizer  # noqa: E402
 from sortedcli.nest import COUNT, Dim, Grid, nesting  # noqa: E402

@@ -101,7 +101,7 @@ def test_a_rejected_round_costs_greedys_step_plus_the_drafts():
     k+1 tokens after every rejected round does not."""
     model = tiny_llama(seed=3)
     stack = DecoderStack(model)
-    L, E = stack.num_layers, 2
+    E = 2
     for prompt in prompts(4, seed=9):
         greedy = D.generate(stack, prompt, max_new_tokens=24)
         split = D.speculative(stack, prompt, draft_exit=E, max_new_tokens=24, k=4, check_first=1.0, fallback=False)

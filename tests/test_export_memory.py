@@ -13,6 +13,7 @@ line before any work.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ HF_ENDPOINT at a closed local port.
 
 from __future__ import annotations
 
-import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -48,7 +48,6 @@ locally or from the hub, else from ``model.config``. Nothing here knows a model 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch

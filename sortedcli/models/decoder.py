@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nest import COUNT, FRACTION, SubModel, sortify, sorted_size
+from ..nest import COUNT, FRACTION, sortify, sorted_size
 from ..nest.importance import Group, sort_by_importance
 from . import hf
 from .adapter import Adapter
