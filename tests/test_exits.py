@@ -145,6 +145,13 @@ def test_predicted_speedup_and_best_k_follow_the_bound():
     assert draft.choose({2: 0.9}, {2: 0.55}, full=4, verify=v)["speedup"] == pytest.approx(s := draft.best_k(0.9, 0.55, verify=v)[1]) and s > 0
 
 
+def test_verify_ratios_time_every_size_and_never_price_more_tokens_below_one():
+    """The measured verification prices (interleaved rounds, medians): one per size, 1 for a single
+    token, and no size priced below it (doing more work cannot be cheaper: that is noise)."""
+    v = draft.verify_ratios(DecoderStack(tiny_llama(seed=1)), sizes=(1, 2, 5), warmup=1, reps=3)
+    assert list(v) == [1, 2, 5] and v[1] == 1.0 and min(v[2], v[5]) >= 1.0
+
+
 def test_early_exit_thresholds_land_on_the_trained_exits():
     assert D.scaled_thresholds(30) == {9: 0.95, 12: 0.95, 15: 0.9, 18: 0.9, 21: 0.8, 24: 0.8, 27: 0.7}
     got = D.scaled_thresholds(30, exits=[8, 16, 24, 30])
