@@ -243,12 +243,17 @@ def generate(stack: Stack, prompt, *, exit: int | None = None, max_new_tokens: i
     return out
 
 
+#: with a predicted speed-up below 1 (:func:`speculative`'s ``expected``): greedy tokens before the first
+#: probe, and between probes until a round is measured to win
+DOUBT = 32
+
+
 @torch.inference_mode()
 def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 64, k: int = 4,
                 adaptive: bool = True, max_k: int = 16, sampling: Sampling | None = None,
                 eos: Iterable[int] | int | None = None, on_token: Callable[[int], None] | None = None,
                 draft_vocab=None, check_first: float = 0.5, fallback: bool = True,
-                clock: Callable[[], float] = time.perf_counter) -> Decoded:
+                expected: float | None = None, clock: Callable[[], float] = time.perf_counter) -> Decoded:
     """The full model's output, drafted by its own first ``draft_exit`` layers (see module doc).
 
     ``k`` is the first draft length; with ``adaptive`` it grows by 2 (up to ``max_k``) after a round
@@ -260,7 +265,13 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
     rejections where verifying several tokens costs more than one, as on a CPU; 0 never splits,
     the choice for a device where k+1 tokens cost one token's time). ``fallback``: decode greedily
     while speculative rounds are measured (``clock``) to cost more per token than greedy steps, probing
-    with one-token drafts (see the module doc); False drafts ``k`` tokens every round."""
+    with one-token drafts (see the module doc); False drafts ``k`` tokens every round. ``expected``:
+    the speed-up predicted for this draft beforehand (``sortednet eval``'s, from a, c and the measured
+    verification costs); below 1, with ``fallback``, decoding starts greedy and probes only every
+    :data:`DOUBT` tokens (then twice as far apart while drafting keeps losing): an exit that agrees
+    often enough to pass probes but too seldom to pay for its rounds (SmolLM2's untouched exit 27,
+    a = 0.57) otherwise loses a probe and a timed round every few tokens, until measured rounds
+    win."""
     L = stack.num_layers
     if not 1 <= draft_exit < L:
         raise ValueError(f"draft_exit must be in 1..{L - 1} (below the full model's {L} layers), got {draft_exit}")
@@ -285,6 +296,8 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
     step_cost: float | None = None
     round_time = round_tokens = 0.0
     greedy_left, backoff = (2 if fallback else 0), 8  # 2 greedy steps first: what a round must beat
+    if fallback and expected is not None and expected < 1:  # predicted to lose: greedy first, rare probes
+        greedy_left, backoff = DOUBT, 2 * DOUBT
     probing = fallback  # the next round drafts one token: is the first draft accepted at all?
     # Invariant at the top of a round: every layer caches positions [0, n); `token` sits at n, uncached.
     while not emitter.done:

@@ -126,6 +126,24 @@ def test_speculative_falls_back_to_greedy_while_drafting_costs_more_per_token_an
     assert kept.tokens == hf_greedy(agree, prompt, 40) and kept.greedy_tokens == 2 and kept.acceptance > 0.7
 
 
+def test_speculative_predicted_to_lose_starts_greedy_and_probes_rarely():
+    """eval's prediction below 1 (``expected``): the first DOUBT tokens are greedy, probes come at most
+    every DOUBT tokens after; a prediction above 1 decodes as without one. Output: greedy's."""
+    model = tiny_llama(seed=3)
+    prompt = prompts(1, seed=9)[0]
+    greedy = D.generate(DecoderStack(model), prompt, max_new_tokens=64)
+
+    def run(**kw):
+        timed = LayerClock(DecoderStack(model))
+        return D.speculative(timed, prompt, draft_exit=2, max_new_tokens=64, k=4, clock=timed.clock, **kw)
+
+    doubt, plain, sure = run(expected=0.7), run(), run(expected=1.3)
+    assert doubt.tokens == plain.tokens == sure.tokens == greedy.tokens
+    assert doubt.greedy_tokens >= D.DOUBT and doubt.rounds <= 2 < plain.rounds
+    assert (sure.rounds, sure.greedy_tokens, sure.drafted) == (plain.rounds, plain.greedy_tokens, plain.drafted)
+    assert doubt.layer_passes <= plain.layer_passes
+
+
 def test_speculative_is_also_transformers_assistant_early_exit_output(model):
     stack = DecoderStack(model)
     for prompt in prompts(3):

@@ -164,29 +164,32 @@ def draft_vocab(run_dir, n) -> torch.Tensor | None:
 
 
 def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: Console, ckpt=None) -> tuple:
-    """``(draft exit, k, draft vocabulary or None)``: ``--draft-exit`` if given, else the eval's
-    measured choice, else the shallowest trained exit (with a note); ``k`` if given, else the eval's,
-    else 4; ``draft_vocab`` (N) if given (0: the full head), else the eval's choice."""
+    """``(draft exit, k, draft vocabulary or None, predicted speed-up or None)``: ``--draft-exit`` if
+    given, else the eval's measured choice (with its predicted speed-up), else the shallowest trained
+    exit (with a note); ``k`` if given, else the eval's, else 4; ``draft_vocab`` (N) if given (0: the
+    full head), else the eval's choice."""
     k, n = cfg.get("k"), cfg.get("draft_vocab")
     if cfg.draft_exit is not None:
-        return int(cfg.draft_exit), int(k or 4), draft_vocab(run_dir, n)
+        return int(cfg.draft_exit), int(k or 4), draft_vocab(run_dir, n), None
     chosen = eval_draft(run_dir, ckpt)
     if chosen and 1 <= int(chosen["exit"]) < layers:
         n = chosen.get("vocab") if n is None else n
         console.print(f"[dim]draft exit {chosen['exit']}, k={k or chosen['k']}"
                       + (f", head over the {n} most frequent tokens" if n else "")
                       + f": chosen by `sortednet eval` (agreement {chosen['agreement']:.3f}, cost ratio "
-                      f"{chosen['cost_ratio']:.2f}, predicted {chosen['speedup']:.2f}x)[/]")
-        return int(chosen["exit"]), int(k or chosen["k"]), draft_vocab(run_dir, n)
+                      f"{chosen['cost_ratio']:.2f}, predicted {chosen['speedup']:.2f}x"
+                      + ("; below 1, so greedy first, probing now and then" if chosen["speedup"] < 1 else "")
+                      + ")[/]")
+        return int(chosen["exit"]), int(k or chosen["k"]), draft_vocab(run_dir, n), float(chosen["speedup"])
     if trained:
         console.print(f"[dim]draft exit {min(trained)}: the shallowest exit the run trained (no eval results; "
                       f"`sortednet eval` measures which exit drafts best)[/]")
-        return min(trained), int(k or 4), draft_vocab(run_dir, n)
+        return min(trained), int(k or 4), draft_vocab(run_dir, n), None
     if run_dir is None:
         draft = max(1, round(0.3 * layers))
         console.print(f"[dim]draft exit {draft} (0.3 x {layers} layers, as the paper's 12 of 40): a model "
                       f"outside a run has no measured or trained exits; --draft-exit E chooses[/]")
-        return draft, int(k or 4), draft_vocab(run_dir, n)
+        return draft, int(k or 4), draft_vocab(run_dir, n), None
     raise UsageError(f"{run_dir} trained no exit below its {layers} layers (dims has no depth levels): give "
                      "--draft-exit E, or train with 'dims=[depth]'")
 
@@ -514,10 +517,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     try:
         if cfg.speculative:
             at = ckpt if run_dir is not None else None  # the measurements of the checkpoint decoding
-            draft, k, vocab = choose_draft(cfg, run_dir, trained, L, console, at)
+            draft, k, vocab, expected = choose_draft(cfg, run_dir, trained, L, console, at)
             first = choose_check_first(cfg, run_dir, k, console, at)
             mode = f"self-speculative, draft exit {draft} of {L}" + ("" if vocab is None else f", draft vocab {len(vocab)}")
-            out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, check_first=first, **common)
+            out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, check_first=first,
+                                expected=expected, **common)
         elif cfg.early_exit:
             thresholds, vocab, chosen_note = early_exit_settings(cfg, L, stack, run_cfg, run_dir, ckpt, trained,
                                                                   console)
