@@ -82,14 +82,15 @@ smollm2-table: smollm
 # Issue 21's study (benchmarks/smollm2_study.py): SFT, SoFT with all exits, SoFT with sampled exits,
 # SoFT + self-distillation and distillation alone (frozen teacher, anchored full model), each trained
 # STUDY_MINUTES minutes (trainer.max_minutes), evaluated with every exit's perplexity, agreement with its
-# own full model and the untouched one, draft cost and predicted speed-up; resumable (run it again
-# after an interruption); writes docs/results/smollm2/study/ after each arm. 5 x 30 min + evals: ~3 h
+# own full model and the untouched one, draft cost and predicted speed-up, then measured decoding (--decode:
+# speculative and early exit on the full model); resumable (run it again
+# after an interruption); writes docs/results/smollm2/study/ after each arm. 5 x 30 min + evals: ~3 h 40 min
 # on 2 quiet CPU cores. STUDY_ARMS=...,soft_self adds SoFT on the model's own answers (an hour to
 # generate them once on the CPU).
 STUDY_MINUTES ?= 30
 STUDY_ARMS ?= sft,soft_all,soft_sampled,soft_distill,distill_only
 smollm2-study: smollm
-	$(PY) benchmarks/smollm2_study.py --minutes $(STUDY_MINUTES) --arms $(STUDY_ARMS) --runs $(RUNS)/smollm2-study
+	$(PY) benchmarks/smollm2_study.py --minutes $(STUDY_MINUTES) --arms $(STUDY_ARMS) --runs $(RUNS)/smollm2-study --decode
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.

@@ -202,6 +202,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--ppl-items", type=int, default=8, help="held-out sequences for the early-exit perplexity")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--k", type=int, default=4, help="first draft length of self-speculation (adapts)")
+    ap.add_argument("--expected", type=float, default=None,
+                    help="the speed-up predicted for the draft (sortednet eval's), as generate passes it: "
+                         "below 1, self-speculation starts greedy and probes rarely (decoding.speculative)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
@@ -265,11 +268,12 @@ def main(argv=None) -> dict:
     for E in drafts:
         methods[f"exit {E} alone, no EOS (ours)"] = lambda p, E=E: D.generate(stack, p, exit=E, max_new_tokens=N)
         methods[f"speculative, draft exit {E} (ours)"] = \
-            lambda p, E=E: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k, eos=eos)
+            lambda p, E=E: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k, eos=eos,
+                                         expected=args.expected)
         for n, vocab in vocabs.items():
             methods[f"speculative, draft exit {E}, vocab {n} (ours)"] = \
                 lambda p, E=E, vocab=vocab: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k,
-                                                          eos=eos, draft_vocab=vocab)
+                                                          eos=eos, draft_vocab=vocab, expected=args.expected)
         methods[f"assistant_early_exit={E} (transformers)"] = lambda p, E=E: hf(p, assistant_early_exit=E)
     methods["early exit (ours)"] = lambda p: D.early_exit(stack, p, thresholds=thresholds, max_new_tokens=N, eos=eos)
     chosen = None

@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/smollm2_study.py [--minutes 30] [--runs runs/smollm2-study]
-        [--arms sft,soft_all,...] [--out docs/results/smollm2/study] [--set KEY=VALUE ...]
+        [--arms sft,soft_all,...] [--out docs/results/smollm2/study] [--decode] [--set KEY=VALUE ...]
 
 ``make smollm2-study`` runs it (``STUDY_MINUTES=30``). Every arm is ``sortednet train`` of a recipe with
 ``trainer.max_minutes=M`` (training time, added up over resumes) and no step limit, then ``sortednet eval
@@ -19,6 +19,13 @@ each arm the report is written again (``--out``):
   run's own full model (a greedy draft's acceptance), with the untouched model, the measured cost c of
   a decoding step at that exit and eval's predicted speed-up; then eval's samples side by side;
 - ``study.json``: the same numbers, per arm.
+
+``--decode`` (``make smollm2-study`` passes it) also measures each arm's decoding: its full model is
+written as a plain transformers folder (:func:`full_model`) and ``benchmarks/decoding.py`` runs on it (3 held-out
+prompts, 32 new tokens, one repetition): greedy, self-speculative from eval's draft exit (full head
+and the 8192-token draft head), and early exit with thresholds chosen for +5% perplexity on 8 held-out
+answers; the table gives the best measured speculative ratio over greedy with its acceptance a, and
+early exit's ratio with its measured perplexity increase.
 
 Equal wall time is fair only on a quiet machine: the load average is recorded for each arm so that a
 reader can tell. The learning-rate schedule is each recipe's own (cosine over one epoch), cut where the
@@ -97,6 +104,69 @@ def progress(run: Path) -> dict:
     return {"steps": state["progress"]["step"], "minutes": round(state["progress"].get("seconds", 0.0) / 60, 4)}
 
 
+#: the measured decoding (``--decode``): few prompts and tokens, one repetition (a 135M model on 2 cores)
+DECODE = ["--prompts", "3", "--new-tokens", "32", "--reps", "1", "--ppl-items", "8", "--no-ppl",
+          "--max-ppl-increase", "0.05"]
+
+
+def decode(run: Path, draft: dict, measure: bool = True) -> dict | None:
+    """Measured decoding of the run's newest checkpoint (``benchmarks/decoding.py`` on its full model,
+    as a plain folder (:func:`full_model`): greedy, self-speculative from eval's draft exit, early exit with
+    thresholds chosen for +5% perplexity; eval's predicted speed-up passed on as ``generate`` does),
+    kept in ``run/decoding.json`` until a newer checkpoint.
+    Without ``measure``, only what is kept (None if nothing is, or it measured an older checkpoint)."""
+    out = run / "decoding.json"
+    ckpt = latest(run).name
+    if out.is_file() and json.loads(out.read_text()).get("checkpoint") == ckpt:
+        return json.loads(out.read_text())
+    if not measure:
+        return None
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decoding.py"), "--model", str(full_model(run)),
+           "--out", str(out), *DECODE, *(["--draft-exits", str(draft["exit"])] if draft.get("exit") else []),
+           *(["--expected", str(draft["speedup"])] if draft.get("speedup") else [])]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    doc = json.loads(out.read_text())
+    doc["checkpoint"] = ckpt
+    out.write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def full_model(run: Path) -> Path:
+    """The run's newest full model as a plain transformers folder, ``run/full-model/``: the pretrained
+    model's config and tokenizer files (``run/pretrained/``) beside a link to the checkpoint's
+    ``model.safetensors`` (transformers' own key names; a tied head is tied again on loading). Not
+    ``sortednet export --budget 1``, which writes the best sub-model within the budget, not
+    necessarily the full one."""
+    folder = run / "full-model"
+    folder.mkdir(exist_ok=True)
+    for f in (run / "pretrained").iterdir():
+        if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    weights = folder / "model.safetensors"
+    weights.unlink(missing_ok=True)
+    weights.symlink_to((latest(run) / "model.safetensors").resolve())
+    return folder
+
+
+def measured(doc: dict) -> dict:
+    """From a decoding result: the best self-speculative ratio over greedy (with its a, c and the draft
+    head it used), and early exit with thresholds chosen for +5% perplexity (ratio, perplexity increase,
+    share of layer passes)."""
+    methods = doc["methods"]
+    spec = [(name, m) for name, m in methods.items() if name.startswith("speculative")]
+    name, best = max(spec, key=lambda x: x[1]["ratio_vs_greedy_ours"]) if spec else (None, {})
+    chosen = next((m for n, m in methods.items() if n.startswith("early exit, chosen")), {})
+    increase = chosen["ppl_early_exit"] / chosen["ppl_full"] - 1 if chosen.get("ppl_full") else None
+    return {"speculative": best.get("ratio_vs_greedy_ours"), "speculative_method": name, "a": best.get("a"),
+            "c": best.get("c"), "identical": best.get("identical"), "prompts": doc.get("prompts"),
+            "early_exit": chosen.get("ratio_vs_greedy_ours"), "early_exit_ppl_increase": increase,
+            "early_exit_thresholds": chosen.get("chosen_thresholds"),
+            "early_exit_layers": chosen.get("layers_used"),
+            "verify_ratio": {T: ms / doc["verify_ms"]["1"] for T, ms in doc.get("verify_ms", {}).items()}}
+
+
 def summary(doc: dict) -> dict:
     """The study's numbers of one eval: the full model and each exit."""
     rows = doc["rows"]
@@ -122,14 +192,19 @@ def report(arms: dict, out: Path, minutes: float | None) -> None:
              "a: top-1 agreement with the run's own full model (a greedy draft's acceptance), a0: with the "
              "untouched model, c: a decoding step at the exit over the full model's, speed-up: eval's "
              "prediction for self-speculative decoding from that exit.\n",
-             "| arm | steps | minutes | load (start, end) | full ppl | full a0 | draft (exit, k) | predicted speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| arm | steps | minutes | load (start, end) | full ppl | full a0 | draft (exit, k) | predicted speed-up "
+             "| measured speculative | early exit at +5% ppl (speed-up, ppl increase) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
-        s, d = arm["summary"], arm["summary"]["draft"]
+        s, d, dec = arm["summary"], arm["summary"]["draft"], arm.get("decoding") or {}
         m = s["metric"]
+        early = (f"{_f(dec['early_exit'])}x, +{100 * dec['early_exit_ppl_increase']:.1f}%"
+                 if dec.get("early_exit") is not None and dec.get("early_exit_ppl_increase") is not None else "-")
         lines.append(f"| {arm['title']} | {arm.get('steps', 0)} | {arm.get('minutes', 0)} | {arm.get('load', '')} | "
                      f"{_f(s['full'][m])} | {_f(s['full']['agreement_initial'])} | "
-                     f"{(d.get('exit'), d.get('k')) if d.get('exit') else '-'} | {_f(d.get('speedup'))} |")
+                     f"{(d.get('exit'), d.get('k')) if d.get('exit') else '-'} | {_f(d.get('speedup'))} | "
+                     f"{_f(dec.get('speculative'))}{' (a ' + _f(dec['a']) + ')' if dec.get('a') is not None else ''} | "
+                     f"{early} |")
     depths = sorted({int(x) for arm in arms.values() for x in arm["summary"]["exits"]})
     for what, key in (("perplexity", None), ("a (own full model)", "agreement"), ("a0 (untouched model)",
                                                                                   "agreement_initial"),
@@ -164,6 +239,10 @@ def main(argv=None) -> None:
     ap.add_argument("--arms", default="sft,soft_all,soft_sampled,soft_distill,distill_only",
                     help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--out", default="docs/results/smollm2/study")
+    ap.add_argument("--decode", action="store_true",
+                    help="also measure decoding per arm (benchmarks/decoding.py on the run's full model: "
+                         "speculative from eval's draft exit, early exit chosen for +5%% perplexity); "
+                         "without it, measurements kept from an earlier --decode still go into the table")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every train")
     ap.add_argument("--eval-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for every eval (e.g. eval.test_subset=32: the same for every arm)")
@@ -184,6 +263,9 @@ def main(argv=None) -> None:
         if before == progress(run) and name in earlier:  # nothing trained now: the load it trained at
             info["load"] = earlier[name].get("load", info["load"])
         info["summary"] = summary(evaluate(run, args.eval_set))
+        kept = decode(run, info["summary"]["draft"], measure=args.decode)
+        if kept is not None:
+            info["decoding"] = measured(kept)
         info["eval_settings"] = args.eval_set
         info["wall_minutes"] = round((time.time() - started) / 60, 1)
         done[name] = info

@@ -194,8 +194,8 @@ def test_smollm2_report_rebuilds_the_committed_table(tmp_path):
 def test_smollm2_study_trains_each_arm_for_its_minutes_and_resumes(tmp_path):
     """The study's recipes shrunk to a tiny pretrained LLaMA (``--set``): the untouched model's step-0
     checkpoint and a SoFT arm trained for its minutes (trainer.max_minutes: one step's worth), both
-    evaluated and tabled;
-    run again, nothing is trained or evaluated again."""
+    evaluated, their decoding measured on their full models (``--decode``) and tabled;
+    run again, nothing is trained, evaluated or measured again."""
     from test_self_distill import QA
 
     _tiny_pretrained(tmp_path)
@@ -207,7 +207,7 @@ def test_smollm2_study_trains_each_arm_for_its_minutes_and_resumes(tmp_path):
     def study():
         return subprocess.run([sys.executable, str(BENCH / "smollm2_study.py"), "--minutes", "1e-5", "--arms",
                                "soft_all", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
-                               "--set", *shrink], cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True,
+                               "--decode", "--set", *shrink], cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True,
                               timeout=600)
 
     p = study()
@@ -221,10 +221,16 @@ def test_smollm2_study_trains_each_arm_for_its_minutes_and_resumes(tmp_path):
     assert arm["summary"]["exits"]["2"]["agreement_initial"] is not None
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| SoFT, all 10 exits | " in table and "exit 2" in table
+    decoding = arm["decoding"]  # measured on the full model: greedy output kept, a ratio each
+    assert decoding["identical"] == decoding["prompts"] and decoding["speculative"] > 0
+    assert decoding["early_exit"] > 0 and decoding["early_exit_ppl_increase"] <= 0.05 + 1e-9
+    assert json.loads((tmp_path / "runs" / "soft_all" / "full-model" / "config.json").read_text())[
+        "num_hidden_layers"] == 4  # the full model, whichever sub-model eval found best
 
     again = study()
     assert again.returncode == 0, explain(again)
     assert "nothing to train" in again.stdout and "$ sortednet eval" not in again.stdout
+    assert "decoding.py" not in again.stdout
     assert json.loads((tmp_path / "out" / "study.json").read_text())["arms"]["soft_all"]["steps"] == arm["steps"]
 
 
