@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -159,7 +160,9 @@ def measured(doc: dict) -> dict:
     name, best = max(spec, key=lambda x: x[1]["ratio_vs_greedy_ours"]) if spec else (None, {})
     chosen = next((m for n, m in methods.items() if n.startswith("early exit, chosen")), {})
     increase = chosen["ppl_early_exit"] / chosen["ppl_full"] - 1 if chosen.get("ppl_full") else None
-    return {"speculative": best.get("ratio_vs_greedy_ours"), "speculative_method": name, "a": best.get("a"),
+    a = best.get("a")
+    a = None if a is None or math.isnan(a) else a  # nothing drafted: every token was decoded greedily
+    return {"speculative": best.get("ratio_vs_greedy_ours"), "speculative_method": name, "a": a,
             "c": best.get("c"), "identical": best.get("identical"), "prompts": doc.get("prompts"),
             "early_exit": chosen.get("ratio_vs_greedy_ours"), "early_exit_ppl_increase": increase,
             "early_exit_thresholds": chosen.get("chosen_thresholds"),
