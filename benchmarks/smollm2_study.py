@@ -12,7 +12,8 @@ resumable: a run that exists is resumed (``nothing to train`` once its minutes a
 that measured the run's newest checkpoint is kept, so an interrupted study is started again with the
 same command; ``--set`` overrides go to every ``train`` (the tests shrink the recipes with them), ``--eval-set``
 to every ``eval`` (a shorter evaluation, the same for every arm). After
-each arm the report is written again (``--out``):
+each arm the report is written again (``--out``), with the arms that an earlier run wrote there and
+this one did not choose kept as they were (the study can run an arm or two at a time):
 
 - ``table.md``: per arm, its steps and minutes, the machine's load while it trained, the full model's
   perplexity and top-1 agreement with the untouched model; per exit, perplexity, agreement a with the
@@ -235,6 +236,16 @@ def _f(x) -> str:
     return "-" if x is None else str(x)
 
 
+def _with_earlier(done: dict, earlier: dict) -> dict:
+    """The arms measured now, and those of an earlier run of the study into the same ``--out`` that this
+    one did not choose (their numbers as they were written), in the study's order: running the arms
+    one or two at a time still writes one table of all of them."""
+    order = ["untouched", *ARMS]
+    kept = {k: v for k, v in earlier.items() if k not in done and k in order}
+    both = {**kept, **done}
+    return {k: both[k] for k in order if k in both}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="training time of every arm (default 30)")
@@ -272,7 +283,7 @@ def main(argv=None) -> None:
         info["eval_settings"] = args.eval_set
         info["wall_minutes"] = round((time.time() - started) / 60, 1)
         done[name] = info
-        report(done, out, args.minutes)
+        report(_with_earlier(done, earlier), out, args.minutes)
         print(f"{name}: written into {out}/table.md", flush=True)
 
 

@@ -234,6 +234,21 @@ def test_smollm2_study_trains_each_arm_for_its_minutes_and_resumes(tmp_path):
     assert json.loads((tmp_path / "out" / "study.json").read_text())["arms"]["soft_all"]["steps"] == arm["steps"]
 
 
+def test_smollm2_study_keeps_the_arms_an_earlier_run_wrote():
+    """Run an arm at a time into one --out: the table keeps the arms an earlier run measured and this
+    one did not choose, replaces those it measured again, in the study's order."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smollm2_study", BENCH / "smollm2_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    earlier = {"untouched": {"steps": 0}, "soft_sampled": {"steps": 208}, "sft": {"steps": 254}, "gone": {}}
+    now = {"untouched": {"steps": 0, "new": True}, "soft_all": {"steps": 150}}
+    merged = study._with_earlier(now, earlier)
+    assert list(merged) == ["untouched", "sft", "soft_all", "soft_sampled"]
+    assert merged["untouched"]["new"] and merged["sft"] == {"steps": 254} and merged["soft_all"]["steps"] == 150
+
+
 def _tiny_pretrained(folder: Path) -> Path:
     """A random tiny LlamaForCausalLM saved with save_pretrained beside a tokenizer of its own."""
     from test_self_distill import CORPUS, TINY as SMALL
