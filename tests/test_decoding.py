@@ -421,5 +421,9 @@ def test_float32_speculation_is_greedy_exactly_and_bf16_differs_only_at_near_tie
             # a near-tie: the token speculation chose is within bf16's rounding of the best (8 bits of
             # mantissa, accumulated over the layers), never a token further down the list
             assert margins[-1] <= 0.05 * max(1.0, abs(top)), (i, margins[-1], top)
-    # on this machine 6 of the 80 outputs part; none would mean bf16 was not exercised
-    assert margins, "bf16 speculation equalled bf16 greedy everywhere: the near-tie check saw nothing"
+    # whether any output parts depends on the CPU's bf16 kernels: 6 of the 80 on an AVX-512 machine,
+    # none on an AVX2 one (where one and several tokens round alike); either way the model ran in bf16
+    ids = prompts(1, seed=4)[0].view(1, -1)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits.float(), base(ids).logits), "bf16 was not exercised"
