@@ -51,7 +51,8 @@ NO_LIMIT = ["trainer.max_steps=null", "trainer.ckpt_every=10"]
 #: model and 3 exits drawn per step (smollm2_soft's default since the pilot; the other arms name
 #: sampler=all, as the pilot ran them); distillation adds KL(full || exit) (the same step's full model,
 #: detached) beside each exit's cross-entropy; "distill only" teaches the exits the untouched model's
-#: distributions alone and anchors the full model to it.
+#: distributions alone and anchors the full model to it; "anchored" is the same with the full model's
+#: cross-entropy off (``distill.anchor_only``): no sub-model learns from the reference answers.
 ARMS = {
     "sft": ("SFT (full model only)", "smollm2_sft", []),
     "soft_all": ("SoFT, all 10 exits", "smollm2_soft", ["sampler=all"]),
@@ -61,6 +62,9 @@ ARMS = {
     "distill_only": ("distillation only (frozen teacher, anchored full)", "smollm2_soft",
                      ["sampler=all", "distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0",
                       "distill.anchor=1.0"]),
+    "anchored": ("distillation only, full model on the anchor alone (no labels)", "smollm2_soft",
+                 ["sampler=all", "distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0",
+                  "distill.anchor=1.0", "distill.anchor_only=true"]),
     "soft_self": ("SoFT on the model's own answers", "smollm2_soft_self", ["sampler=all"]),
 }
 UNTOUCHED = ("untouched", "smollm2_soft", ["trainer.max_steps=0"])

@@ -267,6 +267,7 @@ SETTINGS = {
         "teacher": ("self (the same step's full model) or initial (a frozen copy of the starting model)",
                     lambda v: v in ("self", "initial")),
         "anchor": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+        "anchor_only": ("true or false", lambda v: isinstance(v, bool)),
     },
     "plan": {"gpu_memory_gb": ("a number > 0 (GB of one GPU)", lambda v: _is_number(v) and v > 0)},
     "": {"seed": ("an integer", _is_int)},
@@ -294,6 +295,9 @@ def check_distill(cfg: DictConfig) -> None:
     if anchor and teacher != "initial":
         raise UsageError(f"distill.anchor={anchor} holds the full model to the starting model: it needs "
                          "distill.teacher=initial")
+    if d.get("anchor_only") and not anchor:
+        raise UsageError("distill.anchor_only=true trains the full model on the anchor alone: it needs "
+                         "distill.anchor > 0 (and distill.teacher=initial)")
     if (teacher != "self" or anchor) and not d.get("enabled"):
         raise UsageError(f"distill.teacher={teacher} distill.anchor={anchor} act only with distillation on: add "
                          "distill.enabled=true")

@@ -138,13 +138,16 @@ class Distill:
     that count. The teacher is ``self``, the largest sub-model of the same step, detached (in-place
     distillation), or ``initial``, ``model``: a frozen copy of the starting weights
     (:func:`frozen_copy`). ``anchor`` > 0 (``initial`` only) adds anchor x KL(teacher || largest) to
-    the largest's own loss, so that training changes what the full model says as little as it can."""
+    the largest's own loss, so that training changes what the full model says as little as it can;
+    ``anchor_only`` drops the largest's cross-entropy, so that only the anchor trains it (with
+    ``alpha=1`` no sub-model learns from the labels: the data's answers only say which places count)."""
 
     enabled: bool = False
     temperature: float = 1.0
     alpha: float = 1.0  # weight of the KL term for the smaller sub-models; 1 - alpha on the labels
     teacher: str = "self"
     anchor: float = 0.0
+    anchor_only: bool = False  # the largest learns anchor x KL(teacher || it) alone, no cross-entropy
     model: nn.Module | None = field(default=None, repr=False)  # the frozen teacher of teacher=initial
 
     def __post_init__(self):
@@ -152,6 +155,8 @@ class Distill:
             raise ValueError(f"distill.teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
         if self.anchor < 0 or (self.anchor and self.teacher != "initial"):
             raise ValueError(f"distill.anchor={self.anchor} needs distill.teacher=initial and a value >= 0")
+        if self.anchor_only and not self.anchor:
+            raise ValueError("distill.anchor_only needs distill.anchor > 0 (else the full model learns nothing)")
         if self.enabled and self.teacher == "initial" and self.model is None:
             raise ValueError("distill.teacher=initial needs the frozen starting model (Distill.model)")
 
@@ -276,8 +281,9 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                             kd = task.distill(logits[sub], teacher, piece, distill.temperature) * share
                             one = distill.alpha * kd + (1 - distill.alpha) * one
                         elif teacher is not None and distill.anchor:  # the largest, held to the frozen teacher
-                            one = one + distill.anchor * task.distill(logits[sub], teacher, piece,
-                                                                      distill.temperature) * share
+                            held = distill.anchor * task.distill(logits[sub], teacher, piece,
+                                                                 distill.temperature) * share
+                            one = held if distill.anchor_only else one + held
                         loss = loss + one
                 (loss / (len(subs) * len(micro))).backward()
             total += loss.detach() / len(micro)
@@ -415,7 +421,8 @@ def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor,
                 if ref is None:
                     ref = z.detach()  # in-place distillation: the full model's logits teach this chunk
                 elif distill.anchor:
-                    part = part + distill.anchor * task.distill_sum(z, ref, t, distill.temperature) / count
+                    held = distill.anchor * task.distill_sum(z, ref, t, distill.temperature) / count
+                    part = held if distill.anchor_only else part + held
             elif distill is not None:
                 kd = task.distill_sum(z, ref, t, distill.temperature) / count
                 part = distill.alpha * kd + (1 - distill.alpha) * label
