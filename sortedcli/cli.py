@@ -275,10 +275,9 @@ FRESH: set[str] = set()  # folders that fresh_dir named: none existed, so this c
 def fresh_dir(path: str) -> str:
     """``path``, or ``path-2``, ``path-3``, ... if it exists: two runs started in the same second get
     folders of their own (``hydra.run.dir: ${fresh:...}``; cached, so it resolves once per run)."""
-    candidate, n = path, 1
-    while Path(candidate).exists():
-        n += 1
-        candidate = f"{path}-{n}"
+    from .report import unused_path
+
+    candidate = unused_path(path)
     FRESH.add(str(Path(candidate).resolve()))
     return candidate
 

@@ -133,6 +133,16 @@ def results_dir(run_dir, ckpt, partial: bool = False) -> Path:
     return out / "largest-smallest" if partial else out
 
 
+def unused_path(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... if it exists: the default folders named after the time
+    (a run, a comparison) stay apart when two commands start in the same second."""
+    candidate, n = path, 1
+    while Path(candidate).exists():
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
 def check_out_dir(path, what: str) -> Path:
     """Refuse at once, before any work, an output folder that cannot be made or written into: a file
     standing where it or one of its parents should be, or a parent without write permission."""

@@ -92,6 +92,21 @@ def test_compare_writes_one_table_and_one_plot(home):
     assert p.returncode == 0 and list((home / "runs/compare").iterdir()), explain(p)
 
 
+def test_two_compares_in_the_same_second_get_folders_of_their_own(home, monkeypatch):
+    """The default folder is named after the second (runs/compare/<time>): a second compare within that
+    second writes <time>-2 (it was refused: "already exists ... pass out=NEW_DIR", for a name the user
+    never chose)."""
+    from sortedcli.cli import main
+    from sortedcli.commands import compare
+
+    monkeypatch.chdir(home)
+    monkeypatch.setattr(compare.time, "strftime", lambda fmt, *when: "2030-01-01_12-00-00")
+    assert [main(["compare", "runs/sorted", "runs/full"]) for _ in range(2)] == [0, 0]
+    made = sorted(p.name for p in (home / "runs/compare").glob("2030-01-01_12-00-00*"))
+    assert made == ["2030-01-01_12-00-00", "2030-01-01_12-00-00-2"]
+    assert all((home / "runs/compare" / name / "compare.json").is_file() for name in made)
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["runs/sorted", "runs/noeval"], ["runs/noeval has no eval results",
                                       "sortednet eval --all-submodels --ckpt runs/noeval"]),

@@ -24,7 +24,8 @@ from rich.table import Table
 
 from .. import runs
 from ..errors import UsageError
-from ..report import STAR, _atomic, check_out_dir, human, load_results, measured_differently, pareto_front, plot_compare
+from ..report import (STAR, _atomic, check_out_dir, human, load_results, measured_differently, pareto_front, plot_compare,
+                      unused_path)
 
 
 def _label(paths: list[Path]) -> list[str]:
@@ -87,7 +88,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
             raise UsageError(f"compare: {r} is given twice (also as {seen[key]}): name each run once")
         seen[key] = r
     # checked before anything is read or printed: a refusal after the whole table is noise
-    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    # the default folder is named after the second: another compare in the same second gets <time>-2
+    out = Path(cfg.out) if cfg.get("out") else \
+        Path(unused_path(str(Path(cfg.paths.runs) / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S"))))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"compare: {out} already exists and is not an empty folder: pass out=NEW_DIR")
     check_out_dir(out, "compare")  # a file where a parent folder should be, a read-only parent
