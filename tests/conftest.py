@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 
 from sortedcli.cli import register_resolvers
@@ -32,10 +32,11 @@ CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMN
 CLI_ENV.pop("HYDRA_FULL_ERROR", None)
 
 
-def cli(args, cwd, timeout=300) -> subprocess.CompletedProcess:
-    """``sortednet ARGS`` in a fresh interpreter, run in ``cwd``; stdout/stderr captured as text."""
-    return subprocess.run([sys.executable, "-m", "sortedcli.cli", *map(str, args)], cwd=cwd, env=CLI_ENV,
-                          capture_output=True, text=True, timeout=timeout)
+def cli(args, cwd, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """``sortednet ARGS`` as a process of its own, run in ``cwd`` with ``env`` (``CLI_ENV``); stdout/stderr
+    captured as text. Forked from a server that has torch imported already (``forkrun.py``;
+    ``SORTEDNET_TEST_FORK=0``: a fresh interpreter each time)."""
+    return forkrun.run(args, cwd, CLI_ENV if env is None else env, timeout)
 
 
 def wait_for_checkpoint(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> None:

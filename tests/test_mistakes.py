@@ -161,11 +161,7 @@ def outcomes(request, tmp_path_factory):
 
 
 def _cli(args, cwd, env):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "sortedcli.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return cli(args, cwd, env=env)
 
 
 @pytest.mark.parametrize("case", CASES)

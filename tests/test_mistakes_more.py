@@ -64,8 +64,7 @@ CASES = {
 
 
 def _cli(args, cwd, env=OFFLINE):
-    return subprocess.run([sys.executable, "-m", "sortedcli.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return cli(args, cwd, env=env)
 
 
 @pytest.fixture(scope="module")

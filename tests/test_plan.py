@@ -101,12 +101,8 @@ def test_the_plan_is_within_15_percent_of_the_measured_peak_on_a_tiny_llama(tiny
 
 def test_plan_of_the_13b_recipe_on_8_gpus_with_fsdp_fits_and_says_so(tmp_path):
     """The paper's run: LLaMA-2 13B (the recipe's model.config; the hub is not asked), AdamW, 8 ranks."""
-    import subprocess
-    import sys
-
-    args = [sys.executable, "-m", "sortedcli.cli", "plan", "--recipe", "llama2_13b_soft", "trainer.devices=8",
-            "trainer.strategy=fsdp"]
-    p = subprocess.run(args, cwd=tmp_path, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    p = cli(["plan", "--recipe", "llama2_13b_soft", "trainer.devices=8", "trainer.strategy=fsdp"], tmp_path,
+            env=OFFLINE)
     assert p.returncode == 0, explain(p)
     assert "13.02B parameters" in p.stdout and "8 ranks, FSDP2" in p.stdout and "fits:" in p.stdout
     assert "4 x 512 tokens" in p.stdout  # 256 / (8 ranks x 8 micro-batches), data.max_length
@@ -114,11 +110,7 @@ def test_plan_of_the_13b_recipe_on_8_gpus_with_fsdp_fits_and_says_so(tmp_path):
 
 
 def test_plan_that_cannot_fit_exits_2_with_what_to_change(tmp_path):
-    import subprocess
-    import sys
-
-    args = [sys.executable, "-m", "sortedcli.cli", "plan", "--recipe", "llama2_13b_soft", "trainer.devices=8"]
-    p = subprocess.run(args, cwd=tmp_path, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    p = cli(["plan", "--recipe", "llama2_13b_soft", "trainer.devices=8"], tmp_path, env=OFFLINE)
     assert p.returncode == 2, explain(p)
     assert "does not fit" in p.stdout  # the table first
     line = p.stderr.strip()

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import CLI_ENV, each_refused, explain, run_folders
+from conftest import CLI_ENV, cli, each_refused, explain, run_folders
 from test_smollm import CORPUS, chatml_tokenizer
 from sortedcli.data import lm
 from sortedcli.data.self_answers import greedy
@@ -181,11 +181,7 @@ def _env(tmp_path) -> dict:
 
 
 def _cli(args, cwd, tmp_path):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "sortedcli.cli", *map(str, args)], cwd=cwd, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    return cli(args, cwd, env=_env(tmp_path))
 
 
 def test_cli_trains_on_the_models_own_answers_and_eval_reuses_them(home, tmp_path):
