@@ -59,8 +59,16 @@ def serve(path: str) -> None:
     os.rename(path + ".tmp", path)  # the client connects once the socket is there, and listening
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getppid()
+    server.settimeout(2.0)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            if os.getppid() != parent:  # the pytest process is gone (killed, crashed): so is its server
+                return
+            continue
+        conn.settimeout(None)
         try:
             msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
         except OSError:
