@@ -81,15 +81,15 @@ smollm2-table: smollm
 
 # Issue 21's study (benchmarks/smollm2_study.py): SFT, SoFT with all exits, SoFT with sampled exits,
 # SoFT + self-distillation, distillation alone (frozen teacher, anchored full model) and the same with the
-# full model on the anchor alone (distill.anchor_only: no labels), each trained
+# full model on the anchor alone (distill.anchor_only: no labels; anchor 1 and 10), each trained
 # STUDY_MINUTES minutes (trainer.max_minutes), evaluated with every exit's perplexity, agreement with its
 # own full model and the untouched one, draft cost and predicted speed-up, then measured decoding (--decode:
 # speculative and early exit on the full model); resumable (run it again
-# after an interruption); writes docs/results/smollm2/study/ after each arm. 6 x 30 min + evals: ~4 h 25 min
+# after an interruption); writes docs/results/smollm2/study/ after each arm. 7 x 30 min + evals: ~5 h
 # on 2 quiet CPU cores. STUDY_ARMS=...,soft_self adds SoFT on the model's own answers (an hour to
 # generate them once on the CPU).
 STUDY_MINUTES ?= 30
-STUDY_ARMS ?= sft,soft_all,soft_sampled,soft_distill,distill_only,anchored
+STUDY_ARMS ?= sft,soft_all,soft_sampled,soft_distill,distill_only,anchored,anchored_heavy
 smollm2-study: smollm
 	$(PY) benchmarks/smollm2_study.py --minutes $(STUDY_MINUTES) --arms $(STUDY_ARMS) --runs $(RUNS)/smollm2-study --decode
 

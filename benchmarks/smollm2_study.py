@@ -258,7 +258,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="training time of every arm (default 30)")
     ap.add_argument("--runs", default="runs/smollm2-study")
-    ap.add_argument("--arms", default="sft,soft_all,soft_sampled,soft_distill,distill_only,anchored",
+    ap.add_argument("--arms", default="sft,soft_all,soft_sampled,soft_distill,distill_only,anchored,anchored_heavy",
                     help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--out", default="docs/results/smollm2/study")
     ap.add_argument("--decode", action="store_true",
