@@ -380,6 +380,13 @@ def _early(verb: str, cfg) -> None:
         from .strict import check_dims
 
         check_dims(cfg)
+    if verb in ("eval", "export"):  # what loading the run checks first, from this command's own settings
+        from .build import check_settings
+        from .strict import check_latency, check_test_subset
+
+        check_settings(cfg)
+        check_latency(cfg)
+        check_test_subset(cfg)
     if verb == "export":
         from .commands.export import check_budget, shard_size
 

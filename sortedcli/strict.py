@@ -131,6 +131,14 @@ def check_latency(cfg) -> None:
             raise UsageError(f"eval.latency.{key} must be {want}, got {value!r}")
 
 
+def check_test_subset(cfg) -> None:
+    """Raise :class:`UsageError` unless ``eval.test_subset`` is a positive integer or null."""
+    eval_cfg = cfg.get("eval") if hasattr(cfg, "get") else None
+    n = eval_cfg.get("test_subset") if eval_cfg is not None and hasattr(eval_cfg, "get") else None
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UsageError(f"eval.test_subset must be a positive integer (the first N test examples) or null, got {n!r}")
+
+
 #: keys that take more than their default's type, checked where they are read: ``data.augment`` is
 #: false, true or a list of steps (``sortedcli.data.vision.augment_steps``)
 OWN_CHECK = {("data", "augment")}

@@ -36,6 +36,18 @@ def test_a_bad_trainer_setting_is_refused_before_torch_is_imported(tmp_path):
     assert "trainer.batch_size must be an integer >= 1, got -1" in out["stderr"]
 
 
+def test_bad_eval_settings_are_refused_before_torch_is_imported(tmp_path):
+    """eval's and export's own eval.* settings, checked before the run is looked for or torch loaded (a
+    run need not exist: the mistake is in the command)."""
+    cases = {("eval", "eval.batch_size=0"): "eval.batch_size must be an integer >= 1, got 0",
+             ("eval", "eval.test_subset=abc"): "eval.test_subset must be a positive integer",
+             ("export", "eval.latency.reps=0"): "eval.latency.reps must be"}
+    for args, words in cases.items():
+        out = imported_after(f"from sortedcli.cli import main\nout = {{'code': main({list(args)!r})}}", tmp_path)
+        assert out["code"] == 2 and out["loaded"] == [], (args, out)
+        assert words in out["stderr"] and len(out["stderr"].strip().splitlines()) == 1, (args, out["stderr"])
+
+
 def test_train_prints_its_run_folder_first_before_torch_is_imported(tmp_path):
     """The first line names the run folder; a hook on the import of torch shows it came before."""
     out = imported_after(

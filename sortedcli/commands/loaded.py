@@ -14,7 +14,7 @@ from .. import models, runs
 from ..build import build_data, build_device, build_grid, build_model, check_settings, plain
 from ..errors import UsageError
 from ..nest import Grid
-from ..strict import check_latency
+from ..strict import check_latency, check_test_subset
 
 
 @dataclass
@@ -45,9 +45,8 @@ def load_run(cfg: DictConfig) -> LoadedRun:
         check_belongs(ckpt, run_cfg, run_dir, runs.load_config(run_dir))
     with_run_eval_settings(cfg, run_cfg)
     check_latency(cfg)  # this command's and the run's own eval.latency, before any data is read
+    check_test_subset(cfg)
     n = cfg.eval.get("test_subset")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise UsageError(f"eval.test_subset must be a positive integer (the first N test examples) or null, got {n!r}")
     # eval.test_subset replaces the run's data.test_subset and counts examples as the model sees them
     # (images, sequences, blocks of tokens), whatever the data's own subset counts (documents)
     data_cfg = run_cfg.data if n is None else OmegaConf.merge(run_cfg.data, {"test_subset": None})
