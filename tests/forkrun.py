@@ -74,8 +74,9 @@ def serve(path: str) -> None:
         except OSError:
             conn.close()
             continue
-        if not msg:  # the client closed: shut down
-            return
+        if not msg:  # a client that connected and went away without asking anything
+            conn.close()
+            continue
         if os.fork() == 0:
             server.close()
             _wait(conn, json.loads(msg), fds)
@@ -170,8 +171,8 @@ _server: dict = {}
 _lock = threading.Lock()
 
 
-def _start(env: dict) -> str | None:
-    """This process's server (started on first use with ``env``); its socket path, or None if it is off."""
+def _start(env: dict) -> str:
+    """The socket path of this process's server, started on first use with ``env``."""
     with _lock:
         if "path" in _server:
             return _server["path"]
@@ -186,7 +187,7 @@ def _start(env: dict) -> str | None:
                 proc.kill()
                 raise RuntimeError(f"the CLI fork server did not start: see {log.name}")
             time.sleep(0.02)
-        _server.update(path=path, env=dict(env), proc=proc)
+        _server.update(path=path, sensitive=_sensitive(env), proc=proc)
         atexit.register(_stop)
         return path
 
@@ -205,7 +206,7 @@ def run(args: list[str], cwd, env: dict, timeout: float) -> subprocess.Completed
     if os.environ.get("SORTEDNET_TEST_FORK", "1") == "0" or os.name != "posix":
         return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     path = _start(env)
-    if _sensitive(env) != _sensitive(_server["env"]):
+    if _sensitive(env) != _server["sensitive"]:
         return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()

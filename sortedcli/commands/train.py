@@ -112,8 +112,8 @@ def standalone_config(cfg: DictConfig, sub) -> DictConfig:
     OmegaConf.update(one, "sampler", {"name": "full"}, merge=False)
     OmegaConf.update(one, "standalone", None)
     if one.get("distill") is not None:
-        OmegaConf.update(one, "distill", {"enabled": False, "teacher": "self", "anchor": 0.0,
-                                                   "anchor_only": False}, merge=True)
+        OmegaConf.update(one, "distill", {"enabled": False, "teacher": "self", "anchor": 0.0, "anchor_only": False},
+                         merge=True)
     return one
 
 
