@@ -201,3 +201,31 @@ def test_a_sweep_checks_every_job_before_training_any(tmp_path):
     line = one_error_line(p)
     assert "job #1 of the sweep (seed=abc)" in line and "seed must be an integer" in line, line
     assert not (tmp_path / "sweep").exists()  # job 0 was not trained first
+
+
+def test_a_resume_reads_the_weights_into_the_model_itself_tied_ones_once(tmp_path):
+    """A resumed one-file checkpoint is read into the built model's own tensors (no state_dict of it
+    held beside the model for the run's length); a tied weight stored once fills both of its names."""
+    from rich.console import Console
+    from torch import nn
+
+    from sortedcli.commands.train import load_resumed, resume_from
+
+    def tied():
+        m = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    torch.manual_seed(0)
+    saved = tied()
+    cfg = OmegaConf.create({"model": {"name": "m"}, "data": {"name": "d"}})
+    runs.save_checkpoint(tmp_path, 3, saved, {"step": 3}, cfg)
+    run_dir, ckpt, state = resume_from(tmp_path, Console(quiet=True))
+    assert (run_dir, ckpt.name, state) == (tmp_path, "step-00000003", {"step": 3})
+    model = tied()
+    where = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    load_resumed(model, ckpt, "m")
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == where  # its own storage
+    assert model[0].weight.equal(saved[0].weight) and model[1].weight is model[0].weight
+    with pytest.raises(UsageError, match="does not fit m: of its tensors 1 of another shape"):
+        load_resumed(nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 7, bias=False)), ckpt, "m")

@@ -20,6 +20,7 @@ from ..engine import (NonFiniteLoss, Progress, calibration_batches, checkpoint_a
 from ..errors import UsageError
 from ..nest import synchronize
 from ..tensorboard_log import TensorBoardLog
+from .loaded import check_fits
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -59,11 +60,12 @@ def _lock(run_dir: Path, d, console: Console) -> None:
         raise UsageError(said)
 
 
-def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
-    """``(run_dir, checkpoint, weights, trainer state)`` to resume: ``path`` is a checkpoint folder
+def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict]:
+    """``(run_dir, checkpoint, trainer state)`` to resume: ``path`` is a checkpoint folder
     (``RUN/checkpoints/step-N``: that one) or a run folder (its latest checkpoint; when that is
-    unreadable, the newest earlier one that reads, said on the console). ``weights`` is None for a
-    sharded checkpoint: it is read into the built (and sharded) model by ``distributed.load_sharded``."""
+    unreadable, the newest earlier one that reads, said on the console). Only the weights' headers are
+    read here (names, shapes, and that the data is all there): the weights themselves are read into the
+    built model (:func:`load_resumed`), so a resumed run never holds its model twice."""
     if runs.is_checkpoint(path):
         run_dir, chosen = path.parent.parent, [path]
     else:  # `latest` naming a folder that is gone: the newest complete one, said on the console
@@ -75,11 +77,7 @@ def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
     failed = []
     for ckpt in chosen:
         try:
-            if runs.sharded(ckpt):
-                runs.read_record(ckpt)  # readable; its shards are read once the model is built
-                weights = None
-            else:
-                weights, _ = runs.load_weights(ckpt)
+            runs.checkpoint_shapes(ckpt)  # readable and whole; the weights are read once the model is built
             state = runs.load_state(ckpt)
         except UsageError as e:
             if len(chosen) == 1:
@@ -89,7 +87,7 @@ def resume_from(path: Path, console: Console) -> tuple[Path, Path, dict, dict]:
         if failed:
             console.print(f"[yellow]{failed[0][1]}[/]\nresuming from {ckpt.name} instead, the newest readable "
                           "checkpoint (the steps after it are trained again)")
-        return run_dir, ckpt, weights, state
+        return run_dir, ckpt, state
     raise UsageError(f"--resume {path}: none of its {len(chosen)} checkpoints is readable ({failed[0][1]})")
 
 
@@ -176,9 +174,16 @@ def _empty(entry, cfg: DictConfig, model_cfg: DictConfig, model_args: dict, resu
     return None
 
 
-def _shard(model, empty, weights: dict | None, entry, device: torch.device, amp, d, console: Console) -> None:
+def load_resumed(model: torch.nn.Module, ckpt: Path, name: str) -> None:
+    """A resumed one-file checkpoint's weights read into ``model``'s own tensors, a tensor at a time
+    (checked against its names and shapes first): never a second copy of the model beside it."""
+    check_fits(ckpt, runs.checkpoint_shapes(ckpt), model, name)
+    runs.load_into(model, ckpt)
+
+
+def _shard(model, empty, ckpt: Path | None, entry, device: torch.device, amp, d, console: Console) -> None:
     """FSDP2 on ``model``; where it was built on the meta device (``empty``: :func:`_empty`), each rank's
-    shards then made and filled: from ``weights`` (a resumed one-file checkpoint; a sharded checkpoint is
+    shards then made and filled: from one-file checkpoint ``ckpt`` (resumed; a sharded checkpoint is
     read later with the optimizer) or, not resuming, from the pretrained files, rank 0 reading one at a time."""
     ties = distributed.tied(model)  # (before sharding: the same parameter under two names stays one)
     distributed.shard(model, param_dtype=amp)
@@ -186,9 +191,10 @@ def _shard(model, empty, weights: dict | None, entry, device: torch.device, amp,
         return
     if not empty[1]:  # resumed: the checkpoint's weights fill the shards
         distributed.materialize(model, device, entry.init_buffers, ties)
-        if weights is not None:  # a one-file checkpoint, held whole by every rank
+        if ckpt is not None:  # a one-file checkpoint, held whole by every rank while its shards are cut
+            weights, _ = runs.load_weights(ckpt)
             distributed.load_whole(model, weights)
-            weights.clear()  # (the dict stays: `run` reads the optimizer state from the same checkpoint)
+            del weights
         return
     loaded = distributed.load_pretrained(model, empty[1], device, entry.init_buffers, ties, d)
     grown = "" if loaded.growth is None else f": host memory grew by at most {loaded.growth / 2**20:.1f} MiB on a rank"
@@ -214,12 +220,15 @@ class Launch:
 
 @dataclass
 class Resumed:
-    """The checkpoint a resume starts from: ``weights`` None for a sharded one (read into the built model),
-    ``state`` the trainer state (optimizer, scheduler, sampler, random streams, progress)."""
+    """The checkpoint a resume starts from (its weights are read into the built model, a sharded one's
+    with the optimizer), ``state`` the trainer state (optimizer, scheduler, sampler, random streams, progress)."""
 
     checkpoint: Path
-    weights: dict | None
     state: dict
+
+    @property
+    def sharded(self) -> bool:
+        return runs.sharded(self.checkpoint)
 
 
 @dataclass
@@ -300,10 +309,10 @@ def open_run(cfg: DictConfig, where: Launch, overrides: list[str]) -> tuple[Dict
     the folder."""
     d, run_dir, resumed = where.d, where.run_dir, None
     if cfg.get("resume") is not None:
-        run_dir, ckpt, weights, state = resume_from(Path(cfg.resume), where.console)
+        run_dir, ckpt, state = resume_from(Path(cfg.resume), where.console)
         cfg = resume_config(run_dir, list(overrides))
         check_settings(cfg)
-        resumed = Resumed(ckpt, weights, state)
+        resumed = Resumed(ckpt, state)
     elif (run_dir / "config.yaml").exists():
         resume = ", or --resume it" if (run_dir / "checkpoints" / "latest").is_file() else \
             " (it holds no checkpoint to resume: remove it to train into it again)"
@@ -320,7 +329,8 @@ def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None
     and learning-rate schedule of the run, seeded by ``cfg.seed``."""
     console, d, device, amp = where.console, where.d, where.device, where.amp
     resuming = resumed is not None
-    weights = resumed.weights if resuming else None
+    # a resumed one-file checkpoint: read whole only where FSDP shards a model built on the meta device
+    whole = resuming and not resumed.sharded
     strategy = where.strategy
     torch.manual_seed(cfg.seed)
     source = runs.self_contained(cfg, run_dir) if resuming else cfg  # a resumed run reads its own copy
@@ -341,8 +351,8 @@ def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None
     for note in sampler.notes:  # a setting the schedule had to change (g above the grid's size)
         console.print(f"[yellow]{note}[/]")
     if empty is None:  # every rank holds the whole model; rank 0's weights become everyone's
-        if resuming and weights is not None:  # whole weights, before any sharding
-            model.load_state_dict(weights)
+        if whole:  # the checkpoint's weights read into the model's own tensors, before any sharding
+            load_resumed(model, resumed.checkpoint, cfg.model.name)
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -354,7 +364,7 @@ def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None
         checkpoint_activations(model)  # before sharding: fully_shard then wraps the checkpointed units
     if d.enabled and strategy == "fsdp":
         d = replace(d, sharded=True)
-        _shard(model, empty, weights, entry, device, amp, d, console)
+        _shard(model, empty, resumed.checkpoint if whole else None, entry, device, amp, d, console)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
     per_epoch = steps_per_epoch(data.train, t.batch_size)
@@ -374,7 +384,7 @@ def restore(r: Recipe, resumed: Resumed) -> bool:
     True (said on the console) when the run is already at its end and there is nothing to train."""
     d, console, t, steps = r.d, r.console, r.cfg.trainer, r.steps
     optimizer, scheduler, ckpt, state = r.optimizer, r.scheduler, resumed.checkpoint, resumed.state
-    if resumed.weights is None:  # a sharded checkpoint: weights and optimizer resharded for these processes
+    if resumed.sharded:  # a sharded checkpoint: weights and optimizer resharded for these processes
         distributed.load_sharded(r.model, optimizer, ckpt)
     else:
         distributed.load_optimizer_state(r.model, optimizer, state["optimizer"], d)
