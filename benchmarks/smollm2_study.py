@@ -53,7 +53,9 @@ NO_LIMIT = ["trainer.max_steps=null", "trainer.ckpt_every=10"]
 #: detached) beside each exit's cross-entropy; "distill only" teaches the exits the untouched model's
 #: distributions alone and anchors the full model to it; "anchored" is the same with the full model's
 #: cross-entropy off (``distill.anchor_only``): no sub-model learns from the reference answers; "anchored
-#: heavy" weighs the anchor 10, as much as the other nine sub-models' losses together.
+#: heavy" weighs the anchor 10, as much as the other nine sub-models' losses together; "anchored slow" is that
+#: at lr 1e-5 (AdamW's steps are about lr in size whatever the loss's scale: does a smaller step let the anchor
+#: hold the full model?).
 ARMS = {
     "sft": ("SFT (full model only)", "smollm2_sft", []),
     "soft_all": ("SoFT, all 10 exits", "smollm2_soft", ["sampler=all"]),
@@ -69,6 +71,9 @@ ARMS = {
     "anchored_heavy": ("the same, anchor 10 (as heavy as the exits together)", "smollm2_soft",
                        ["sampler=all", "distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0",
                         "distill.anchor=10.0", "distill.anchor_only=true"]),
+    "anchored_slow": ("the same at a fifth of the learning rate (1e-5)", "smollm2_soft",
+                      ["sampler=all", "distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0",
+                       "distill.anchor=10.0", "distill.anchor_only=true", "optim.lr=1e-5"]),
     "soft_self": ("SoFT on the model's own answers", "smollm2_soft_self", ["sampler=all"]),
 }
 UNTOUCHED = ("untouched", "smollm2_soft", ["trainer.max_steps=0"])
