@@ -85,11 +85,11 @@ smollm2-table: smollm
 # STUDY_MINUTES minutes (trainer.max_minutes), evaluated with every exit's perplexity, agreement with its
 # own full model and the untouched one, draft cost and predicted speed-up, then measured decoding (--decode:
 # speculative and early exit on the full model); resumable (run it again
-# after an interruption); writes docs/results/smollm2/study/ after each arm. 7 x 30 min + evals: ~5 h
-# on 2 quiet CPU cores. STUDY_ARMS=...,soft_self adds SoFT on the model's own answers (an hour to
-# generate them once on the CPU).
+# after an interruption); writes docs/results/smollm2/study/ after each arm. The last arm, SoFT on the
+# model's own answers (soft_self), first generates them once (about an hour on the CPU). 8 x 30 min +
+# evals: ~6 h on 2 quiet CPU cores. STUDY_ARMS=...,anchored_slow adds the anchor-10 arm at lr 1e-5.
 STUDY_MINUTES ?= 30
-STUDY_ARMS ?= sft,soft_all,soft_sampled,soft_distill,distill_only,anchored,anchored_heavy
+STUDY_ARMS ?= sft,soft_all,soft_sampled,soft_distill,distill_only,anchored,anchored_heavy,soft_self
 smollm2-study: smollm
 	$(PY) benchmarks/smollm2_study.py --minutes $(STUDY_MINUTES) --arms $(STUDY_ARMS) --runs $(RUNS)/smollm2-study --decode
 

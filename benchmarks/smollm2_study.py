@@ -156,8 +156,12 @@ def full_model(run: Path) -> Path:
     necessarily the full one."""
     folder = run / "full-model"
     folder.mkdir(exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from sortedcli.models.hf import SNAPSHOT_MARK
+
+    (folder / SNAPSHOT_MARK).unlink(missing_ok=True)  # a folder with its weights, not a run's copy of a config
     for f in (run / "pretrained").iterdir():
-        if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model"):
+        if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and f.name != SNAPSHOT_MARK:
             (folder / f.name).write_bytes(f.read_bytes())
     weights = folder / "model.safetensors"
     weights.unlink(missing_ok=True)
@@ -263,7 +267,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="training time of every arm (default 30)")
     ap.add_argument("--runs", default="runs/smollm2-study")
-    ap.add_argument("--arms", default="sft,soft_all,soft_sampled,soft_distill,distill_only,anchored,anchored_heavy",
+    ap.add_argument("--arms", default=",".join(a for a in ARMS if a != "anchored_slow"),
                     help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--out", default="docs/results/smollm2/study")
     ap.add_argument("--decode", action="store_true",
