@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 NO_LIMIT = ["trainer.max_steps=null", "trainer.ckpt_every=10"]
 
 #: arm -> (title, recipe, overrides). SoFT trains every exit from one trunk pass; "sampled" the full
@@ -156,7 +157,6 @@ def full_model(run: Path) -> Path:
     necessarily the full one."""
     folder = run / "full-model"
     folder.mkdir(exist_ok=True)
-    sys.path.insert(0, str(ROOT))
     from sortedcli.models.hf import SNAPSHOT_MARK
 
     (folder / SNAPSHOT_MARK).unlink(missing_ok=True)  # a folder with its weights, not a run's copy of a config
