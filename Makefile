@@ -85,13 +85,17 @@ smollm2-table: smollm
 # STUDY_MINUTES minutes (trainer.max_minutes), evaluated with every exit's perplexity, agreement with its
 # own full model and the untouched one, draft cost and predicted speed-up, then measured decoding (--decode:
 # speculative and early exit on the full model); resumable (run it again
-# after an interruption); writes docs/results/smollm2/study/ after each arm. The last arm, SoFT on the
-# model's own answers (soft_self), first generates them once (about an hour on the CPU). 8 x 30 min +
-# evals: ~6 h on 2 quiet CPU cores. STUDY_ARMS=...,anchored_slow adds the anchor-10 arm at lr 1e-5.
+# after an interruption); writes docs/results/smollm2/study-$(STUDY_MINUTES)min/ after each arm, evaluated
+# the published way (STUDY_EVAL: 24 held-out questions, 8 validation ones, 3 latency repetitions;
+# STUDY_EVAL= evaluates in full). The last arm, SoFT on the model's own answers (soft_self), first
+# generates them once (about an hour on the CPU). 8 x 30 min + evals: ~6 h on 2 quiet CPU cores.
+# STUDY_ARMS=...,anchored_slow adds the anchor-10 arm at lr 1e-5.
 STUDY_MINUTES ?= 30
 STUDY_ARMS ?= sft,soft_all,soft_sampled,soft_distill,distill_only,anchored,anchored_heavy,soft_self
+STUDY_EVAL ?= eval.test_subset=24 eval.val_subset=8 eval.latency.reps=3
 smollm2-study: smollm
-	$(PY) benchmarks/smollm2_study.py --minutes $(STUDY_MINUTES) --arms $(STUDY_ARMS) --runs $(RUNS)/smollm2-study --decode
+	$(PY) benchmarks/smollm2_study.py --minutes $(STUDY_MINUTES) --arms $(STUDY_ARMS) --runs $(RUNS)/smollm2-study \
+		--out docs/results/smollm2/study-$(STUDY_MINUTES)min --decode $(if $(strip $(STUDY_EVAL)),--eval-set $(STUDY_EVAL))
 
 # The embedded default: train ResNet-18's 80 width x depth sub-models on Fashion-MNIST, evaluate
 # every one of them (table + plot), and export the best one within half the FLOPs.

@@ -5,7 +5,8 @@ Usage::
     .venv/bin/python benchmarks/smollm2_study.py [--minutes 30] [--runs runs/smollm2-study]
         [--arms sft,soft_all,...] [--out docs/results/smollm2/study] [--decode] [--set KEY=VALUE ...]
 
-``make smollm2-study`` runs it (``STUDY_MINUTES=30``). Every arm is ``sortednet train`` of a recipe with
+``make smollm2-study`` runs it as published (``STUDY_MINUTES=30``, ``--out docs/results/smollm2/study-30min``,
+the shortened ``--eval-set`` of ``STUDY_EVAL``). Every arm is ``sortednet train`` of a recipe with
 ``trainer.max_minutes=M`` (training time, added up over resumes) and no step limit, then ``sortednet eval
 --all-submodels``; the untouched model is measured the same way from its step-0 checkpoint. It is
 resumable: a run that exists is resumed (``nothing to train`` once its minutes are spent), an eval

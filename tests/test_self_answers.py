@@ -246,3 +246,28 @@ def test_a_data_config_without_a_model_names_none(tmp_path):
             assert cfg.data.answers == "reference" and cfg.data.answers_model == "/x/y"
             cfg = compose(config_name="train", overrides=[f"data={name}", "model=llama_tiny"])
             assert cfg.data.answers_model is None
+
+
+def test_a_runs_config_copy_is_refused_and_the_same_folder_with_weights_is_read(home, tmp_path):
+    """A run's ``pretrained/`` (config and tokenizer, marked, no weights) has nothing to answer with: one
+    line. Put a model's weights beside it (as the study hands a checkpoint's full model to transformers)
+    and it is a model like any other, for the answers and for every ``hf.load``: its weights, not a
+    random init."""
+    from transformers import AutoModelForCausalLM
+
+    from sortedcli.data.self_answers import settings
+    from sortedcli.models import hf
+
+    model, tok = _model(home)
+    copy = tmp_path / "pretrained"
+    hf.snapshot(model, tok, copy, str(home / "model"))
+    assert hf.is_snapshot(copy)
+    with pytest.raises(UsageError, match="without weights") as e:
+        settings(_config(home, tmp_path, answers_model=str(copy)), "alpaca", "instructions")
+    assert "\n" not in str(e.value)
+    (copy / "model.safetensors").symlink_to(home / "model" / "model.safetensors")
+    assert not hf.is_snapshot(copy)
+    assert settings(_config(home, tmp_path, answers_model=str(copy)), "alpaca", "instructions").model == str(copy)
+    loaded = hf.load(AutoModelForCausalLM, str(copy), None, None)
+    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -38,8 +38,16 @@ def _quiet():
 SNAPSHOT_MARK = "sortednet-pretrained.json"  # in a run's copy of the pretrained config and tokenizer
 
 
+#: the files that make a folder a model with weights (transformers' single and sharded names, a GGUF)
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "*.gguf")
+
+
 def is_snapshot(folder) -> bool:
-    return (Path(folder) / SNAPSHOT_MARK).is_file()
+    """A run's copy of a pretrained model's config and tokenizer (:func:`snapshot`): marked, and without
+    weights. A marked folder that holds weights (a run's ``pretrained/`` with a checkpoint's weights put
+    beside it, as a full model is handed to transformers) is a model like any other: its weights are read."""
+    folder = Path(folder)
+    return (folder / SNAPSHOT_MARK).is_file() and not any(next(folder.glob(p), None) for p in WEIGHT_FILES)
 
 
 def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
