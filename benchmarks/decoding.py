@@ -229,8 +229,8 @@ def main(argv=None) -> dict:
     thresholds = ({int(a): float(b) for a, b in (p.split(":") for p in args.thresholds.split(",") if p)}
                   or D.scaled_thresholds(L))
     prompts, scored, prompt_source = make_prompts(args, tokenizer, model.config.vocab_size)
-    eos = None if tokenizer is None else lm.end_of_turn(tokenizer) if lm.has_chat_template(tokenizer) \
-        else tokenizer.eos_token_id  # a chat model ends its answer with the template's end of turn
+    # a chat model ends its answer with the template's end of turn, or its EOS (as generate stops)
+    eos = None if tokenizer is None else sorted(lm.stop_tokens(tokenizer, lm.has_chat_template(tokenizer)))
     N = args.new_tokens
     clock = Clock(device)
     started = time.perf_counter()

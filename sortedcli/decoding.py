@@ -60,6 +60,7 @@ tokens and counters (drafted/accepted, exits taken, forward passes) that the ben
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -289,11 +290,13 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         stack, prompt, sampling, max_new_tokens, eos, on_token,
         lambda cache, x, pos: stack.head(stack.layers(x, 0, L, cache, pos)[:, -1])[0])
     first_hits, first_tries = 0, 0
-    # seconds per emitted token of a greedy step (a running mean) and of the speculative rounds since
-    # the last probe (their seconds over their tokens, older rounds decayed: a long round that was
-    # rejected early weighs what it cost, not as much as a whole round), and how many greedy tokens to
-    # decode before the next probe (fallback)
+    # seconds per emitted token of a greedy step (the median of the last 5, never the decode's first
+    # one-token step, which pays for cold kernels and would let rounds slower than greedy pass as
+    # winners) and of the speculative rounds since the last probe (their seconds over their tokens,
+    # older rounds decayed: a long round that was rejected early weighs what it cost, not as much as a
+    # whole round), and how many greedy tokens to decode before the next probe (fallback)
     step_cost: float | None = None
+    step_costs: list[float] = []
     round_time = round_tokens = 0.0
     greedy_left, backoff = (2 if fallback else 0), 8  # 2 greedy steps first: what a round must beat
     if fallback and expected is not None and expected < 1:  # predicted to lose: greedy first, rare probes
@@ -306,8 +309,8 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
             x = torch.tensor([[token]], device=dev)
             hidden = stack.layers(stack.embed(x), 0, L, cache, _positions(n, 1, dev))
             token = sampling.pick(stack.head(hidden[:, -1])[0])
-            cost = clock() - t0
-            step_cost = cost if step_cost is None else 0.7 * step_cost + 0.3 * cost
+            step_costs.append(clock() - t0)
+            step_cost = statistics.median(step_costs[1:][-5:] or step_costs)
             out.layer_passes += L
             out.greedy_tokens += 1
             n += 1
@@ -373,6 +376,7 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
                 break
             if m == kk:
                 new.append(sampling.pick(row(kk)))
+        t1 = clock()  # the round's time is the decoder's: not what on_token does with its tokens
         if kk:
             first_tries += 1
             first_hits += m > 0
@@ -387,12 +391,12 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         token = new[-1]
         if probing:  # accepted: draft k from the next round on (timed); rejected: greedy for a while
             probing = m < kk  # once the first drafts are seldom accepted (a running estimate, prior 1/2)
-            k = k if probing else min(k, 2)  # accepted: grow from 2 (adaptive) rather than risk k at once
+            k = k if probing or not adaptive else min(k, 2)  # accepted: grow from 2 rather than risk k at once
             if probing and (first_hits + 2) / (first_tries + 4) < 0.4:
                 greedy_left, backoff = backoff, min(2 * backoff, 128)
             continue
         if fallback and step_cost is not None:
-            round_time, round_tokens = 0.7 * round_time + clock() - t0, 0.7 * round_tokens + len(new)
+            round_time, round_tokens = 0.7 * round_time + t1 - t0, 0.7 * round_tokens + len(new)
             if round_time / round_tokens > step_cost:  # drafting loses here: greedy for a while, then probe
                 greedy_left, backoff, probing = backoff, min(2 * backoff, 128), True
                 round_time = round_tokens = 0.0

@@ -126,6 +126,38 @@ def test_speculative_falls_back_to_greedy_while_drafting_costs_more_per_token_an
     assert kept.tokens == hf_greedy(agree, prompt, 40) and kept.greedy_tokens == 2 and kept.acceptance > 0.7
 
 
+class ColdClock(LayerClock):
+    """LayerClock whose first one-token step costs 100 layer passes more (cold kernels on a device)."""
+
+    cold = True
+
+    def layers(self, hidden, start, stop, cache, positions):
+        if hidden.shape[1] == 1 and self.cold:
+            self.cold, self.t = False, self.t + 100
+        return super().layers(hidden, start, stop, cache, positions)
+
+
+def test_speculative_fallback_times_greedy_and_rounds_alike():
+    """What a round must beat is a warm greedy step: a slow first one-token step (cold kernels) does not
+    make losing rounds pass as winners; the round's time is the decoder's, not what ``on_token`` does
+    with the tokens (the CLI writes them to the terminal); ``adaptive=False`` keeps its ``k`` after the
+    opening probe."""
+    model = tiny_llama(seed=3)
+    prompt = prompts(1, seed=9)[0]
+    greedy = D.generate(DecoderStack(model), prompt, max_new_tokens=64)
+    cold = ColdClock(DecoderStack(model))
+    fell = D.speculative(cold, prompt, draft_exit=2, max_new_tokens=64, k=4, clock=cold.clock)
+    assert fell.tokens == greedy.tokens and fell.greedy_tokens > 40 and fell.rounds <= 6
+    agree = tiny_llama(calm_depth=0.01)
+    timed = LayerClock(DecoderStack(agree))
+    slow_sink = D.speculative(timed, prompt, draft_exit=2, max_new_tokens=40, k=2, clock=timed.clock,
+                              on_token=lambda t: setattr(timed, "t", timed.t + 50))
+    assert slow_sink.tokens == hf_greedy(agree, prompt, 40) and slow_sink.greedy_tokens == 2
+    fixed = D.speculative(DecoderStack(agree), prompt, draft_exit=2, max_new_tokens=40, k=4, adaptive=False)
+    assert fixed.tokens == hf_greedy(agree, prompt, 40) and fixed.acceptance > 0.7
+    assert fixed.drafted >= 4 * (fixed.rounds - 2) + 1  # the probe drafts 1, the last round what is left
+
+
 def test_speculative_predicted_to_lose_starts_greedy_and_probes_rarely():
     """eval's prediction below 1 (``expected``): the first DOUBT tokens are greedy, probes come at most
     every DOUBT tokens after; a prediction above 1 decodes as without one. Output: greedy's."""

@@ -202,6 +202,27 @@ def test_cli_trains_on_the_models_own_answers_and_eval_reuses_them(home, tmp_pat
     assert files[0].stat().st_mtime_ns == before and "(0 generated in 0.0 s, 14 from the cache" in e.stdout
     rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
     assert {r["dims"]["depth"] for r in rows} == {2, 4}
+    # choosing early-exit thresholds reads the held-out reference answers only: with the answers' cache
+    # gone and the model that wrote them moved, nothing is generated again and nothing is missed
+    files[0].unlink()
+    (home / "model").rename(home / "moved")
+    try:
+        g = _cli(["generate", "--ckpt", run, "--early-exit", "--max-ppl-increase", "0.5", "--max-tokens", "3",
+                  "What is 1 plus 2?"], tmp_path, tmp_path)
+    finally:
+        (home / "moved").rename(home / "model")
+    assert g.returncode == 0, explain(g)
+    assert not list((tmp_path / "cache" / "llm" / "answers").glob("answers-*.json"))
+    assert json.loads((run / "eval" / "early-exit.json").read_text())["last"] == "0.5"
+    # the thresholds are chosen on the answers alone: each held-out chat ends with its <|im_end|>, not
+    # with the template's newline after it
+    from omegaconf import OmegaConf
+
+    from sortedcli.commands.generate import held_out
+
+    end = _model(home)[1].convert_tokens_to_ids("<|im_end|>")
+    items = held_out(OmegaConf.load(run / "config.yaml"), run, 3)
+    assert len(items) == 3 and all(ids[-1] == end and 1 <= first < len(ids) for ids, first in items)
 
 
 BAD = {

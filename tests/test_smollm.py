@@ -221,3 +221,32 @@ def test_the_real_smollm2_gguf_converts_to_a_plain_tied_fp32_folder(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(str(out))
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
     assert m.lm_head.weight.dtype == torch.float32
+
+
+def test_the_stream_writes_characters_cut_between_tokens_whole(tmp_path, capsys):
+    """``generate`` writes its answer as it comes: a character a byte-level BPE cuts into several tokens
+    (an accent, an emoji, CJK) is written once whole, never as U+FFFD; the text written is the answer."""
+    from sortedcli.commands.generate import Stream
+
+    tok = chatml_tokenizer(tmp_path / "bpe")
+    text = "Café 😀 日本語, naïve ok ."
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # some character is cut
+    stream = Stream(tok)
+    for t in ids:
+        stream(t)
+    stream.finish()
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_generation_stops_at_the_end_of_turn_and_at_eos():
+    """A chat model may end its answer with the template's end of turn or with its EOS (Qwen:
+    ``<|im_end|>`` and ``<|endoftext|>``): generation stops at either; plain text at EOS."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = chatml_tokenizer(d)
+    tok.eos_token = "<|endoftext|>"
+    end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert lm.end_of_turn(tok) == end != eos
+    assert lm.stop_tokens(tok, True) == {end, eos} and lm.stop_tokens(tok, False) == {eos}

@@ -26,6 +26,7 @@ generation stops at its end-of-turn token.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -294,7 +295,6 @@ def early_exit_choices(run_dir, ckpt) -> dict:
 
 
 def _save_choice(run_dir, ckpt, choice: dict) -> Path:
-    import os
     import tempfile
 
     folder = Path(run_dir) / "eval"
@@ -312,19 +312,31 @@ def _save_choice(run_dir, ckpt, choice: dict) -> Path:
 
 def held_out(run_cfg, run_dir, n: int) -> list[tuple[list[int], int]]:
     """The first ``n`` items of the run's test split (the data eval scores on) as ``(ids, score_from)``:
-    an instruction example is scored from its first counted token (the answer), plain text from its
-    second token."""
+    an instruction example is scored on its first answer (from its first counted token to the end of
+    that counted run, the sequence cut there), plain text from its second token. The test split keeps the reference answers whatever ``data.answers`` is, so a run
+    trained on the model's own answers does not generate them again (or need the model that wrote them)
+    to read it."""
+    from omegaconf import OmegaConf
+
     from ..build import build_data
 
-    data, _ = build_data(runs.self_contained(run_cfg, run_dir), run_cfg.data)
+    data_cfg = run_cfg.data
+    if data_cfg.get("answers", "reference") != "reference":
+        data_cfg = OmegaConf.merge(data_cfg, {"answers": "reference"})
+    data, _ = build_data(runs.self_contained(run_cfg, run_dir), data_cfg)
     out = []
     for i in range(len(data.test)):
         if len(out) >= n:
             break
         item = data.test[i]
         ids = [int(t) for t in item["input_ids"]]
-        labels = item.get("labels")
-        first = 1 if labels is None else next((j for j, lab in enumerate(map(int, labels)) if lab != -100), None)
+        labels = None if item.get("labels") is None else [int(lab) for lab in item["labels"]]
+        first = 1 if labels is None else next((j for j, lab in enumerate(labels) if lab != -100), None)
+        if labels is not None and first is not None:  # scored up to the end of that answer: what follows
+            end = first                                # (a template's newline, the next user turn) is not
+            while end < len(ids) and labels[end] != -100:  # what the run counts
+                end += 1
+            ids = ids[:end]
         first = None if first is None else max(first, 1)  # the first token has nothing before it
         if first is not None and first < len(ids):
             out.append((ids, first))
@@ -452,6 +464,38 @@ def fit_context(prompt: int, max_tokens: int, model, console: Console) -> int:
     return max_tokens
 
 
+
+class Stream:
+    """Writes an answer to stdout as it is decoded (``on_token``). The whole answer is decoded each time,
+    without clean-up of spaces, so that the text only grows as tokens come: byte-level pieces join up,
+    and a character still cut between tokens (a U+FFFD at the end: an accent, an emoji, a CJK character
+    in two or more byte tokens) waits for its other bytes instead of being written as the replacement
+    character. :meth:`finish` writes what is left and the final newline."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        self._write(self.text().rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        text = self.text()
+        if not text.startswith(self.shown):  # rewritten before it grew past: the rest after what agrees
+            self.shown = os.path.commonprefix([self.shown, text])
+        self._write(text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def _write(self, text: str) -> None:
+        if text.startswith(self.shown):  # else a decoder rewrote earlier text: wait until it grows past it
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
 def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     console = console or Console(stderr=True)
     check_numbers(cfg)
@@ -485,12 +529,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
             template = "alpaca" if run_cfg is not None and instructions else "none"
     if template not in ("chat", "alpaca", "none"):
         raise UsageError(f"template must be auto, chat, alpaca or none, got {template!r}")
-    eos = tokenizer.eos_token_id
+    eos = lm.stop_tokens(tokenizer, template == "chat")
     if template == "chat":
         if not lm.has_chat_template(tokenizer):
             raise UsageError("template=chat: this tokenizer has no chat template (use template=alpaca or --raw)")
         ids = lm.chat_prompt_ids(tokenizer, str(cfg.prompt))
-        eos = lm.end_of_turn(tokenizer)
     else:
         text = lm.alpaca_prompt(str(cfg.prompt)) if template == "alpaca" else str(cfg.prompt)
         ids = tokenizer(text).input_ids
@@ -500,16 +543,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    tokens: list[int] = []
-    shown = [""]
-
-    def stream(token: int) -> None:  # decode the whole answer each time: byte-level pieces join up
-        tokens.append(token)
-        now = tokenizer.decode(tokens, skip_special_tokens=True)
-        sys.stdout.write(now[len(shown[0]):])
-        sys.stdout.flush()
-        shown[0] = now
-
+    stream = Stream(tokenizer)
     max_tokens = fit_context(len(ids), int(cfg.max_tokens), model, console)
     common = dict(max_new_tokens=max_tokens, sampling=sampling, eos=eos, on_token=stream)
     started = time.perf_counter()
@@ -537,8 +571,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     except ValueError as e:
         raise UsageError(str(e)) from None
     seconds = time.perf_counter() - started
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    stream.finish()
     extra = ""
     if out.drafted:
         extra = f"; acceptance {out.acceptance:.2f} ({out.accepted}/{out.drafted} drafts, {out.rounds} rounds)"

@@ -141,6 +141,13 @@ def end_of_turn(tokenizer) -> int:
     return ids[0] if ids else tokenizer.eos_token_id
 
 
+def stop_tokens(tokenizer, chat: bool) -> set[int]:
+    """Where generation ends: the tokenizer's EOS and, for a chat prompt, the end of the assistant's
+    turn (a model may close an answer with either: Qwen's chat ends a turn with ``<|im_end|>`` and
+    a text with ``<|endoftext|>``)."""
+    return {t for t in (tokenizer.eos_token_id, end_of_turn(tokenizer) if chat else None) if t is not None}
+
+
 def templated(tokenizer, example: Example) -> Example:
     """``example`` written with the tokenizer's chat template: the text before each assistant turn is
     not trained on, the assistant's content and the end-of-turn token are. The template must render a

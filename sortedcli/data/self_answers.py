@@ -143,9 +143,9 @@ def prompt_ids(tokenizer, example, template: bool) -> list[int]:
 
 def stop_ids(tokenizer, template: bool) -> set[int]:
     """Where an answer ends: the end of the assistant's turn (template) and EOS."""
-    from sortedcli.data.lm import end_of_turn
+    from sortedcli.data.lm import stop_tokens
 
-    return {tokenizer.eos_token_id, *([end_of_turn(tokenizer)] if template else [])}
+    return stop_tokens(tokenizer, template)
 
 
 # ---------------------------------------------------------------- generation
