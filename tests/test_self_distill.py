@@ -302,6 +302,36 @@ def test_cli_trains_resumes_from_its_own_starting_weights_and_evals(home, tmp_pa
     assert f"full model {rows[4]['agreement_initial']:.3f}" in line
 
 
+def test_eval_reads_the_untouched_model_of_a_run_started_from_a_hub_id_in_the_cache(home, tmp_path):
+    """A run started from a hub id (here served offline by a Hugging Face cache laid out as the hub
+    writes it) keeps no copy of its starting weights: eval reads them again from the cache and reports
+    each exit's agreement with the untouched model; with the cache gone it skips that measure."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--tiny--llama" / "snapshots" / "0123abcd"
+    shutil.copytree(home / "pretrained", snap)
+    (cache / "models--tiny--llama" / "refs").mkdir()
+    (cache / "models--tiny--llama" / "refs" / "main").write_text("0123abcd")
+    env = {**CLI_ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    args = [a for a in _args(home, "tiny/llama", 1) if not a.startswith("distill.")]
+    p = cli(["train", *args], cwd=tmp_path, env=env)
+    assert p.returncode == 0, explain(p)
+    run = run_folders(tmp_path / "runs")[0]
+    assert not (run / "pretrained" / "initial.safetensors").exists()
+    evaluate = ["eval", "--all-submodels", "--ckpt", run, "eval.latency.reps=2", "eval.latency.warmup=1",
+                "eval.samples=1", "eval.sample_tokens=2"]
+    e = cli(evaluate, cwd=tmp_path, env=env)
+    assert e.returncode == 0, explain(e)
+    assert "agreement with the untouched model" in e.stdout
+    rows = {r["dims"]["depth"]: r for r in json.loads((run / "eval" / "results.json").read_text())["rows"]}
+    assert set(rows) == {1, 2, 3, 4} and all(0 <= rows[x]["agreement_initial"] <= 1 for x in rows)
+    shutil.rmtree(cache)
+    e = cli(evaluate, cwd=tmp_path, env=env)
+    assert e.returncode == 0, explain(e)
+    assert "agreement with the untouched model" not in e.stdout
+    rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
+    assert not any("agreement_initial" in r for r in rows)
+
+
 BAD = {
     "random-init": (["model=llama_tiny", "distill.enabled=true", "distill.teacher=initial"],
                     "starts from a random init: pass model.pretrained=DIR"),

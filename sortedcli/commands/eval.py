@@ -223,8 +223,8 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
 def untouched_model(r) -> tuple[torch.nn.Module, str] | None:
     """``(the run's starting model, where it came from)``, ready for inference on the run's device: the
     weights a run whose teacher was the starting model kept (``RUN/pretrained/initial.safetensors``), else
-    those of ``model.pretrained`` while it is still a local folder or file; None for a random init, or
-    when neither is there any more."""
+    those of ``model.pretrained`` while it is still a local folder or file, or a hub id the Hugging Face cache
+    (or the hub) still serves; None for a random init, or when neither is there any more."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -244,9 +244,15 @@ def untouched_model(r) -> tuple[torch.nn.Module, str] | None:
     else:
         pretrained = r.cfg.model.get("pretrained")
         local = Path(str(pretrained)).expanduser() if pretrained else None
-        if local is None or not local.exists() or is_snapshot(local):
+        if local is None or (local.exists() and is_snapshot(local)):
             return None
-        model, where = build_model(r.cfg, r.data.model_args), f"model.pretrained={pretrained}"
+        if not local.exists() and str(pretrained).startswith(("/", ".", "~", "<")):
+            return None  # a folder that has moved away
+        try:  # a local folder, or a hub id: the Hugging Face cache (offline), else the hub
+            model = build_model(r.cfg, r.data.model_args)
+        except UsageError:  # a hub id no longer in the cache and out of reach
+            return None
+        where = f"model.pretrained={pretrained}"
     return models.entry(r.cfg.model.name).for_inference(model).to(r.device).eval(), where
 
 
