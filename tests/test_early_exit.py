@@ -289,6 +289,8 @@ def test_generate_chooses_thresholds_caches_them_and_reuses_them(tmp_path):
     assert again.returncode == 0 and "cached in" in again.stderr and again.stdout == g.stdout, explain(again)
     bad = cli(["generate", "--early-exit", "thresholds={2: 0.9}", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "never trained" in bad.stderr, explain(bad)
+    bad = cli(["generate", "template=chat", "--max-tokens", "6", "The cat"], cwd=tmp_path)  # a tokenizer without one
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no chat template" in bad.stderr, explain(bad)
     # a run that trained no exit below the full model: one line, nothing written
     p = cli([*train, "dims.depth.levels=[4]", "paths.runs=flat"], cwd=tmp_path)
     assert p.returncode == 0, explain(p)

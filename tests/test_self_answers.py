@@ -283,6 +283,8 @@ def test_a_runs_config_copy_is_refused_and_the_same_folder_with_weights_is_read(
     copy = tmp_path / "pretrained"
     hf.snapshot(model, tok, copy, str(home / "model"))
     assert hf.is_snapshot(copy)
+    (copy / "initial.safetensors").write_bytes(b"")  # a teacher's starting weights: not transformers' weights
+    assert hf.is_snapshot(copy)
     with pytest.raises(UsageError, match="without weights") as e:
         settings(_config(home, tmp_path, answers_model=str(copy)), "alpaca", "instructions")
     assert "\n" not in str(e.value)

@@ -529,10 +529,10 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
             template = "alpaca" if run_cfg is not None and instructions else "none"
     if template not in ("chat", "alpaca", "none"):
         raise UsageError(f"template must be auto, chat, alpaca or none, got {template!r}")
+    if template == "chat" and not lm.has_chat_template(tokenizer):
+        raise UsageError("template=chat: this tokenizer has no chat template (use template=alpaca or --raw)")
     eos = lm.stop_tokens(tokenizer, template == "chat")
     if template == "chat":
-        if not lm.has_chat_template(tokenizer):
-            raise UsageError("template=chat: this tokenizer has no chat template (use template=alpaca or --raw)")
         ids = lm.chat_prompt_ids(tokenizer, str(cfg.prompt))
     else:
         text = lm.alpaca_prompt(str(cfg.prompt)) if template == "alpaca" else str(cfg.prompt)

@@ -38,8 +38,11 @@ def _quiet():
 SNAPSHOT_MARK = "sortednet-pretrained.json"  # in a run's copy of the pretrained config and tokenizer
 
 
-#: the files that make a folder a model with weights (transformers' single and sharded names, a GGUF)
-WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "*.gguf")
+#: the files that make a folder a model with weights (transformers' single and sharded names, a GGUF); not
+#: any ``*.safetensors``: a run's ``pretrained/`` keeps the starting weights a teacher needs
+#: (``initial.safetensors``) and is still only a config and tokenizer to transformers
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                "pytorch_model*.bin", "*.gguf")
 
 
 def is_snapshot(folder) -> bool:
