@@ -302,34 +302,46 @@ def test_cli_trains_resumes_from_its_own_starting_weights_and_evals(home, tmp_pa
     assert f"full model {rows[4]['agreement_initial']:.3f}" in line
 
 
-def test_eval_reads_the_untouched_model_of_a_run_started_from_a_hub_id_in_the_cache(home, tmp_path):
+def test_eval_reads_the_untouched_model_of_a_run_started_from_a_hub_id_at_its_commit(home, tmp_path):
     """A run started from a hub id (here served offline by a Hugging Face cache laid out as the hub
-    writes it) keeps no copy of its starting weights: eval reads them again from the cache and reports
-    each exit's agreement with the untouched model; with the cache gone it skips that measure."""
-    cache = tmp_path / "hub"
-    snap = cache / "models--tiny--llama" / "snapshots" / "0123abcd"
-    shutil.copytree(home / "pretrained", snap)
-    (cache / "models--tiny--llama" / "refs").mkdir()
-    (cache / "models--tiny--llama" / "refs" / "main").write_text("0123abcd")
-    env = {**CLI_ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    writes it) keeps no copy of its starting weights, only the commit it read: eval reads that commit
+    again from the cache and reports each exit's agreement with the untouched model, the same after the
+    hub's ``main`` has moved on to other weights; with the commit gone from the cache it skips the measure."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    repo = tmp_path / "hub" / "models--tiny--llama"
+    shutil.copytree(home / "pretrained", repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    env = {**CLI_ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     args = [a for a in _args(home, "tiny/llama", 1) if not a.startswith("distill.")]
     p = cli(["train", *args], cwd=tmp_path, env=env)
     assert p.returncode == 0, explain(p)
     run = run_folders(tmp_path / "runs")[0]
     assert not (run / "pretrained" / "initial.safetensors").exists()
+    assert json.loads((run / "pretrained" / "sortednet-pretrained.json").read_text()) == \
+        {"pretrained": "tiny/llama", "revision": "0123abcd"}
     evaluate = ["eval", "--all-submodels", "--ckpt", run, "eval.latency.reps=2", "eval.latency.warmup=1",
                 "eval.samples=1", "eval.sample_tokens=2"]
-    e = cli(evaluate, cwd=tmp_path, env=env)
-    assert e.returncode == 0, explain(e)
-    assert "agreement with the untouched model" in e.stdout
-    rows = {r["dims"]["depth"]: r for r in json.loads((run / "eval" / "results.json").read_text())["rows"]}
-    assert set(rows) == {1, 2, 3, 4} and all(0 <= rows[x]["agreement_initial"] <= 1 for x in rows)
-    shutil.rmtree(cache)
-    e = cli(evaluate, cwd=tmp_path, env=env)
-    assert e.returncode == 0, explain(e)
-    assert "agreement with the untouched model" not in e.stdout
-    rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
-    assert not any("agreement_initial" in r for r in rows)
+
+    def agreement_initial() -> dict[int, float] | None:
+        e = cli(evaluate, cwd=tmp_path, env=env)
+        assert e.returncode == 0, explain(e)
+        rows = {r["dims"]["depth"]: r for r in json.loads((run / "eval" / "results.json").read_text())["rows"]}
+        if "agreement with the untouched model" not in e.stdout:
+            assert not any("agreement_initial" in r for r in rows.values())
+            return None
+        return {x: r["agreement_initial"] for x, r in rows.items()}
+
+    first = agreement_initial()
+    assert first is not None and set(first) == {1, 2, 3, 4} and all(0 <= a <= 1 for a in first.values())
+    torch.manual_seed(7)  # the hub's main moves on to other weights
+    LlamaForCausalLM(AutoConfig.from_pretrained(str(home / "pretrained"))).save_pretrained(
+        str(repo / "snapshots" / "fedcba98"))
+    (repo / "refs" / "main").write_text("fedcba98")
+    assert agreement_initial() == first
+    shutil.rmtree(repo / "snapshots" / "0123abcd")
+    assert agreement_initial() is None
 
 
 BAD = {

@@ -223,8 +223,9 @@ def measure_exits(r, rows: list[dict], test, e, console: Console) -> dict | None
 def untouched_model(r) -> tuple[torch.nn.Module, str] | None:
     """``(the run's starting model, where it came from)``, ready for inference on the run's device: the
     weights a run whose teacher was the starting model kept (``RUN/pretrained/initial.safetensors``), else
-    those of ``model.pretrained`` while it is still a local folder or file, or a hub id the Hugging Face cache
-    (or the hub) still serves; None for a random init, or when neither is there any more."""
+    those of ``model.pretrained`` while it is still a local folder or file, or, for a hub id, the commit the
+    run started from while the Hugging Face cache holds it (never the hub's newer ``main``); None for a
+    random init, or when neither is there any more."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -232,7 +233,7 @@ def untouched_model(r) -> tuple[torch.nn.Module, str] | None:
 
     from .. import runs
     from ..build import build_model, initial_weights, plain
-    from ..models.hf import is_snapshot
+    from ..models.hf import hub_folder, is_snapshot, snapshot_mark
 
     path = initial_weights(r.run_dir)
     if path.is_file():
@@ -246,13 +247,18 @@ def untouched_model(r) -> tuple[torch.nn.Module, str] | None:
         local = Path(str(pretrained)).expanduser() if pretrained else None
         if local is None or (local.exists() and is_snapshot(local)):
             return None
-        if not local.exists() and str(pretrained).startswith(("/", ".", "~", "<")):
-            return None  # a folder that has moved away
-        try:  # a local folder, or a hub id: the Hugging Face cache (offline), else the hub
-            model = build_model(r.cfg, r.data.model_args)
-        except UsageError:  # a hub id no longer in the cache and out of reach
+        where, cfg = f"model.pretrained={pretrained}", r.cfg
+        if not local.exists():  # a hub id: the commit the run started from, from the Hugging Face cache only
+            revision = snapshot_mark(r.run_dir / runs.PRETRAINED_DIR).get("revision")
+            folder = hub_folder(str(pretrained), revision) if revision else None
+            if folder is None:  # a moved folder, a run from before revisions were kept, a cleared cache
+                return None
+            cfg = OmegaConf.merge(r.cfg, {"model": {"pretrained": str(folder)}})
+            where += f" at {revision[:12]}"
+        try:
+            model = build_model(cfg, r.data.model_args)
+        except UsageError:  # the cache's files no longer load
             return None
-        where = f"model.pretrained={pretrained}"
     return models.entry(r.cfg.model.name).for_inference(model).to(r.device).eval(), where
 
 

@@ -69,12 +69,46 @@ def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
             model.generation_config.save_pretrained(str(tmp))
         if tok is not None:
             tok.save_pretrained(str(tmp))
-        (tmp / SNAPSHOT_MARK).write_text(json.dumps({"pretrained": source}, indent=2) + "\n")
+        mark = {"pretrained": source, **({"revision": rev} if (rev := hub_revision(source)) else {})}
+        (tmp / SNAPSHOT_MARK).write_text(json.dumps(mark, indent=2) + "\n")
         tmp.chmod(0o755)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hub_revision(source: str) -> str | None:
+    """The commit of hub id ``source`` that the Hugging Face cache serves now (its ``main``: what loading
+    ``source`` just read); None for a local folder or file, or a hub id not in the cache."""
+    if Path(source).expanduser().exists():
+        return None
+    found = _cached(source, "config.json", None)
+    return Path(found).parent.name if found else None
+
+
+def hub_folder(source: str, revision: str) -> Path | None:
+    """The Hugging Face cache's folder of hub id ``source`` at commit ``revision``; None once it is gone."""
+    found = _cached(source, "config.json", revision)
+    return Path(found).parent if found else None
+
+
+def _cached(repo: str, filename: str, revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+    except ValueError:  # not a hub id at all (HFValidationError)
+        return None
+    return found if isinstance(found, str) else None
+
+
+def snapshot_mark(folder) -> dict:
+    """What :func:`snapshot` recorded of a run's pretrained model (``pretrained``, ``revision``); {} if none."""
+    try:
+        return json.loads((Path(folder) / SNAPSHOT_MARK).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def load(auto_class, pretrained: str | None, config: dict | None, config_class, weights: bool = True,
