@@ -287,6 +287,10 @@ def test_generate_chooses_thresholds_caches_them_and_reuses_them(tmp_path):
     assert f"{chosen['layer_passes']:.2f} of the layer passes" in said
     again = cli(["generate", "--early-exit", "--max-tokens", "6", "The cat"], cwd=tmp_path)  # no flags: reused
     assert again.returncode == 0 and "cached in" in again.stderr and again.stdout == g.stdout, explain(again)
+    doc["chosen"]["0.05"]["split"] = "test"  # a choice an earlier version made on whole items: chosen again
+    (run / "eval" / "early-exit.json").write_text(json.dumps(doc))
+    anew = cli(["generate", "--early-exit", "--max-ppl-increase", "0.05", "--max-tokens", "6", "The cat"], cwd=tmp_path)
+    assert anew.returncode == 0 and "chosen now" in " ".join(anew.stderr.split()), explain(anew)
     bad = cli(["generate", "--early-exit", "thresholds={2: 0.9}", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "never trained" in bad.stderr, explain(bad)
     bad = cli(["generate", "template=chat", "--max-tokens", "6", "The cat"], cwd=tmp_path)  # a tokenizer without one

@@ -236,6 +236,9 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
 
 EARLY_EXIT_FILE = "early-exit.json"  # in the run's eval/ folder: the choices, per --max-ppl-increase
 EARLY_EXIT_ITEMS = 8  # held-out test items the thresholds are chosen on (early_exit_items=N)
+#: what the thresholds are chosen on (:func:`held_out`), kept with each choice: a choice an earlier
+#: version made on other sequences (whole instruction items) is chosen again, not reused
+HELD_OUT = "test, reference answers, each item to the end of its first answer"
 
 
 def check_max_ppl_increase(cfg) -> float | None:
@@ -291,6 +294,9 @@ def early_exit_choices(run_dir, ckpt) -> dict:
         return {}
     if not isinstance(doc, dict) or doc.get("checkpoint") != _checkpoint_key(ckpt):
         return {}
+    chosen = doc.get("chosen")
+    doc["chosen"] = {k: c for k, c in chosen.items() if isinstance(c, dict) and c.get("split") == HELD_OUT} \
+        if isinstance(chosen, dict) else {}
     return doc
 
 
@@ -384,7 +390,7 @@ def choose_early_exit(cfg, x: float, stack, run_cfg, run_dir, ckpt, trained, con
         choice = D.tune_thresholds(stack, sequences, trained, x, vocab=vocab)
     choice["thresholds"] = {str(k): v for k, v in choice["thresholds"].items()}
     choice["exits"] = {str(k): v for k, v in choice["exits"].items()}
-    choice.update(vocab=vocab, candidates=sorted(trained), items=n, split="test")
+    choice.update(vocab=vocab, candidates=sorted(trained), items=n, split=HELD_OUT)
     path = _save_choice(run_dir, ckpt, choice)
     choice["source"] = f"chosen now, saved to {path}"
     return choice
