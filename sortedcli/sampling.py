@@ -44,6 +44,9 @@ class Sampler(ABC):
     ``draw``). The engine calls ``start(total_steps)`` once before training and ``observe(subs,
     losses)`` after every step; both are no-ops unless a schedule needs them."""
 
+    #: whether the schedule trains the full model alone (the baseline): no smaller sub-model is trained
+    only_largest = False
+
     name = "base"
 
     def __init__(self, grid: Grid, seed: int = 0):
@@ -156,6 +159,7 @@ class AllSampler(Sampler):
 
 class FullSampler(Sampler):
     name = "full"
+    only_largest = True
 
     def draw(self) -> list[SubModel]:
         return [self.grid.largest]

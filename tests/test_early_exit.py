@@ -295,6 +295,18 @@ def test_generate_chooses_thresholds_caches_them_and_reuses_them(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "never trained" in bad.stderr, explain(bad)
     bad = cli(["generate", "template=chat", "--max-tokens", "6", "The cat"], cwd=tmp_path)  # a tokenizer without one
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no chat template" in bad.stderr, explain(bad)
+    bad = cli(["generate", "--speculative", "--draft-exit", "2", "--max-tokens", "6", "The cat"], cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "never trained" in bad.stderr, explain(bad)
+    assert "it trained 1, 3 (of 4 layers)" in bad.stderr
+    raw = cli(["generate", "--exit", "2", "--max-tokens", "3", "The cat"], cwd=tmp_path)  # allowed, with a warning
+    assert raw.returncode == 0 and "never trained it" in raw.stderr, explain(raw)
+    # sampler=full trains the full model alone: its depth levels are not trained exits
+    p = cli([*train, "dims.depth.levels=[1,3,4]", "sampler=full", "paths.runs=full"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    full = run_folders(tmp_path / "full")[0]
+    for flags in (["--speculative"], ["--early-exit"], ["--early-exit", "--max-ppl-increase", "0.05"]):
+        bad = cli(["generate", "--ckpt", full, *flags, "--max-tokens", "3", "The cat"], cwd=tmp_path)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "sampler=full" in bad.stderr, explain(bad)
     # a run that trained no exit below the full model: one line, nothing written
     p = cli([*train, "dims.depth.levels=[4]", "paths.runs=flat"], cwd=tmp_path)
     assert p.returncode == 0, explain(p)

@@ -37,7 +37,7 @@ from rich.console import Console
 
 from .. import decoding as D
 from .. import models, runs
-from ..build import build_device, build_grid, plain
+from ..build import build_device, build_grid, build_sampler, plain
 from ..data import LANGUAGE, lm, task_name
 from ..errors import UsageError
 from ..nest import COUNT
@@ -126,13 +126,21 @@ def load_generator(cfg: DictConfig):
 
 
 def trained_exits(run_cfg, model, layers: int) -> list[int] | None:
-    """The exits the run trained (its depth levels below the full depth), or None when it sorted no
-    depth (every layer count is then untrained)."""
+    """The exits the run trained (its depth levels below the full depth; none when its sampler trained
+    the full model alone), or None when it sorted no depth (every layer count is then untrained)."""
     if run_cfg is None:  # a pretrained / exported model: which exits were trained is unknown
         return None
     grid = build_grid(run_cfg, model)
     depth = next((d for d in grid.dims if d.kind == COUNT), None)
-    return None if depth is None else [x for x in depth.levels if x < layers]
+    if depth is None:
+        return None
+    return [] if build_sampler(run_cfg, grid).only_largest else [x for x in depth.levels if x < layers]
+
+
+def never_trained(trained: list[int] | None, layers: int) -> str:
+    """The tail of a message about an exit the run never trained: what it did train."""
+    return (f"it trained {', '.join(map(str, trained))} (of {layers} layers)" if trained else
+            f"it trained no exit below its {layers} layers (no depth levels, or sampler=full)")
 
 
 def eval_draft(run_dir, ckpt=None) -> dict | None:
@@ -171,9 +179,12 @@ def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: 
     full head), else the eval's choice."""
     k, n = cfg.get("k"), cfg.get("draft_vocab")
     if cfg.draft_exit is not None:
+        if trained is not None and int(cfg.draft_exit) not in trained:
+            raise UsageError(f"--draft-exit {cfg.draft_exit}: the run never trained that exit, its drafts would be "
+                             f"noise; {never_trained(trained, layers)}")
         return int(cfg.draft_exit), int(k or 4), draft_vocab(run_dir, n), None
     chosen = eval_draft(run_dir, ckpt)
-    if chosen and 1 <= int(chosen["exit"]) < layers:
+    if chosen and 1 <= int(chosen["exit"]) < layers and (trained is None or int(chosen["exit"]) in trained):
         n = chosen.get("vocab") if n is None else n
         console.print(f"[dim]draft exit {chosen['exit']}, k={k or chosen['k']}"
                       + (f", head over the {n} most frequent tokens" if n else "")
@@ -191,8 +202,9 @@ def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: 
         console.print(f"[dim]draft exit {draft} (0.3 x {layers} layers, as the paper's 12 of 40): a model "
                       f"outside a run has no measured or trained exits; --draft-exit E chooses[/]")
         return draft, int(k or 4), draft_vocab(run_dir, n), None
-    raise UsageError(f"{run_dir} trained no exit below its {layers} layers (dims has no depth levels): give "
-                     "--draft-exit E, or train with 'dims=[depth]'")
+    raise UsageError(f"{run_dir} trained no exit below its {layers} layers (dims has no depth levels, or "
+                     "sampler=full trained the full model alone): --speculative drafts with a trained exit; train "
+                     "with 'dims=[depth]' and a sampler over the sub-models")
 
 
 def choose_check_first(cfg, run_dir, k: int, console: Console, ckpt=None) -> float:
@@ -216,8 +228,9 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
     given = cfg.get("thresholds")
     if given is None:
         if trained is not None and not trained:
-            raise UsageError("the run trained no exit below the full model: --early-exit needs "
-                             "'thresholds={LAYER: P, ...}' or a run trained with 'dims=[depth]'")
+            raise UsageError("the run trained no exit below the full model (no depth levels, or sampler=full): "
+                             "--early-exit needs "
+                             "'thresholds={LAYER: P, ...}' or a run trained with 'dims=[depth]' and a sampler over the sub-models")
         return D.scaled_thresholds(layers, exits=trained)
     try:
         thresholds = {int(k): float(v) for k, v in dict(given).items()}
@@ -227,8 +240,7 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
     untrained = sorted(e for e in thresholds if trained is not None and e not in trained and e != layers)
     if untrained:  # an exit the run never trained writes noise: checking it only costs time
         raise UsageError(f"thresholds name exit{'s' if len(untrained) > 1 else ''} "
-                         f"{', '.join(map(str, untrained))} that the run never trained; it trained "
-                         f"{', '.join(map(str, trained)) or 'none'} (of {layers} layers)")
+                         f"{', '.join(map(str, untrained))} that the run never trained; {never_trained(trained, layers)}")
     return thresholds
 
 
@@ -369,7 +381,7 @@ def choose_early_exit(cfg, x: float, stack, run_cfg, run_dir, ckpt, trained, con
                          f"trained; {ckpt} is not a run: give thresholds={{LAYER: P, ...}}")
     if not trained:
         raise UsageError(f"{run_dir} trained no exit below its {stack.num_layers} layers (dims has no depth "
-                         "levels): --max-ppl-increase has no exits to choose thresholds for")
+                         "levels, or sampler=full): --max-ppl-increase has no exits to choose thresholds for")
     cached = early_exit_choices(run_dir, ckpt).get("chosen", {}).get(_key(x))
     n = int(cfg.get("early_exit_items", EARLY_EXIT_ITEMS))
     if cached and cached.get("items") == n and cached.get("candidates") == sorted(trained):
@@ -572,6 +584,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
             out = D.early_exit(stack, ids, thresholds=thresholds, vocab=vocab, **common)
         else:
             exit = L if cfg.exit is None else int(cfg.exit)
+            if trained is not None and exit < L and exit not in trained:
+                console.print(f"[yellow]exit {exit}: the run never trained it, so expect noise; "
+                              f"{never_trained(trained, L)}[/]")
             mode = f"exit {exit} of {L} layers"
             out = D.generate(stack, ids, exit=exit, **common)
     except ValueError as e:
