@@ -97,7 +97,15 @@ class _Usage(Exception):
 
 
 def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """``value`` as a quoted Hydra override value that OmegaConf reads back as exactly ``value``: ``${``
+    stays text (OmegaConf would resolve it: a prompt "it costs ${price}" failed, "${oc.env:HOME}" was
+    replaced), and backslashes are doubled only where Hydra reads them as escapes (before a quote or
+    the closing quote), elsewhere kept as they are."""
+    import re
+
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)  # OmegaConf's escape of ${
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # Hydra's: before a quote or the end
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def translate(verb: str, args: list[str]) -> list[str]:

@@ -60,6 +60,7 @@ tokens and counters (drafted/accepted, exits taken, forward passes) that the ben
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -106,8 +107,8 @@ class Sampling:
     generator: torch.Generator | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -117,7 +118,9 @@ class Sampling:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution tokens are drawn from (last dim), after temperature and top-p."""
-        p = torch.softmax(logits.float() / self.temperature, dim=-1)
+        logits = logits.float()
+        # the top logit moved to 0 first: a tiny temperature sends the others to -inf, not inf - inf = nan
+        p = torch.softmax((logits - logits.amax(-1, keepdim=True)) / self.temperature, dim=-1)
         if self.top_p < 1:
             sorted_p, order = p.sort(dim=-1, descending=True)
             before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one

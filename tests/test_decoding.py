@@ -313,6 +313,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         D.Sampling(top_p=0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_a_temperature_that_is_not_a_number_at_least_0_is_refused(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        D.Sampling(temperature=bad)
+
+
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing_on_nan():
+    """logits / 1e-45 overflowed to inf and softmax gave nan (multinomial raised); the top logit is now
+    moved to 0 first, so the distribution is the argmax's, as the limit is."""
+    s = D.Sampling(temperature=1e-45, generator=torch.Generator().manual_seed(0))
+    p = s.probs(torch.tensor([[1.0, 3.0, 2.0, -5.0]]))
+    assert torch.equal(p, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    assert s.pick(torch.tensor([1.0, 3.0, 2.0, -5.0])) == 1
+
+
 def test_sampling_is_seeded_and_speculative_sampling_keeps_the_full_models_distribution():
     vocab, temperature, runs = 8, 1.0, 500
     model = tiny_llama(layers=4, vocab=vocab, calm_depth=0.5)

@@ -148,6 +148,21 @@ def test_raw_turns_the_chat_template_off():
     assert "template=none" in translate("generate", ["--raw", "What is 2 plus 2?"])
 
 
+@pytest.mark.parametrize("prompt", ["it costs ${price}", "home: ${oc.env:HOME}", "C:\\dir\\", "cat\\dog",
+                                    "it's \\'quoted\\'", "\\${x} and \\\\${y}", "a\\\\b", "''"])
+def test_a_prompt_reaches_generate_as_typed(prompt):
+    """The prompt travels as a Hydra override and is read through OmegaConf: ``${...}`` stays text (it
+    was resolved: a KeyError traceback, or $HOME's value in its place) and a backslash is not doubled."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from sortedcli.cli import translate
+
+    (override,) = [a for a in translate("generate", [prompt]) if a.startswith("prompt=")]
+    value = OverridesParser.create().parse_override(override).value()
+    assert OmegaConf.create({"prompt": value}).prompt == prompt
+
+
 def test_checkpoints_store_a_tied_tensor_once_and_load_it_into_both_keys(tmp_path):
     from omegaconf import OmegaConf
 
