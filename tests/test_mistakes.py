@@ -205,6 +205,18 @@ def lm_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.mark.parametrize("setting,says", [("data.test_fraction=0", "data.test_fraction must be in (0, 1)"),
+                                          ("data.block_size=0", "data.block_size must be >= 2"),
+                                          ("data.doc_chars=0", "data.doc_chars must be >= 1")])
+def test_a_zero_data_setting_is_refused_not_replaced_by_the_default(lm_home, tmp_path, setting, says):
+    """A 0 the user gave was read as unset: test_fraction=0 held out 5%, block_size=0 trained on 256."""
+    p = cli(["train", "model=llama_tiny", f"model.tokenizer={lm_home / 'tok'}", "data=corpus",
+             f"data.path={lm_home / 'corpus.txt'}", "dims=[depth]", "trainer.max_steps=1", setting,
+             *([] if "doc_chars" in setting else ["data.doc_chars=200"])], cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and says in p.stderr, explain(p)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_eval_test_subset_counts_the_examples_of_a_language_model(lm_home):
     """``eval.test_subset=N`` on a language-model run evaluates N blocks (it cut N documents, each of
     many blocks, so the number of examples did not follow it)."""

@@ -459,7 +459,7 @@ def _cache_setting(cfg) -> str | None:
 
 def default_tokenizer_dir(cfg) -> Path:
     return Path(cfg.get("cache_dir") or llm_cache()) / \
-        f"tokenizer-{cfg.get('tokenizer_corpus') or 'news'}-bpe{int(cfg.get('vocab_size') or 4096)}"
+        f"tokenizer-{cfg.get('tokenizer_corpus') or 'news'}-bpe{int(_given(cfg, 'vocab_size', 4096))}"
 
 
 def load_tokenizer(cfg, train_if_missing: bool = True):
@@ -480,10 +480,10 @@ def load_tokenizer(cfg, train_if_missing: bool = True):
                 raise UsageError(f"no tokenizer in {folder}: run `make llm-data`")
             make_dir(folder.parent, _cache_setting(cfg))  # before the corpus is read and the tokenizer trained
             corpus = cfg.get("tokenizer_corpus") or "news"
-            kind, items = read_source(corpus, cfg.get("tokenizer_path"), int(cfg.get("doc_chars") or 2000))
-            train, _ = split(items, float(cfg.get("test_fraction") or 0.05), int(cfg.get("split_seed") or 0))
+            kind, items = read_source(corpus, cfg.get("tokenizer_path"), doc_chars(cfg))
+            train, _ = split(items, float(_given(cfg, "test_fraction", 0.05)), int(_given(cfg, "split_seed", 0)))
             texts = train if kind == "text" else ["".join(s for s, _ in ex.segments) for ex in train]
-            train_tokenizer(texts, int(cfg.get("vocab_size") or 4096), folder)
+            train_tokenizer(texts, int(_given(cfg, "vocab_size", 4096)), folder)
         tok = AutoTokenizer.from_pretrained(str(folder))
     if tok.eos_token_id is None:
         raise UsageError(f"the tokenizer {spec or folder} has no EOS token")
@@ -629,18 +629,32 @@ def _subset(items, n, key):
     return items[:n]
 
 
+def _given(cfg, key: str, default):
+    """``cfg[key]``, or ``default`` when it is unset (None): a 0 the user gave stays 0, to be checked, not
+    replaced (``data.test_fraction=0`` held out 5% and ``data.block_size=0`` trained on 256 silently)."""
+    value = cfg.get(key)
+    return default if value is None else value
+
+
+def doc_chars(cfg) -> int:
+    n = int(_given(cfg, "doc_chars", 2000))
+    if n < 1:
+        raise UsageError(f"data.doc_chars must be >= 1 (characters per document, cut at blank lines), got {n}")
+    return n
+
+
 def build_lm_data(cfg, tokenizer=None) -> LMData:
     """Train and held-out datasets from the ``data`` config section (a dict or DictConfig)."""
     from sortedcli.data import self_answers
 
     name = str(cfg.get("name") or "")
     turns = cfg.get("turns")
-    kind, items = read_source(name, cfg.get("path"), int(cfg.get("doc_chars") or 2000),
+    kind, items = read_source(name, cfg.get("path"), doc_chars(cfg),
                               CHITCHAT_TURNS if turns is None else turns)
     if cfg.get("kind") not in (None, kind):
         raise UsageError(f"data={name} is {kind} data, but data.kind says {cfg.get('kind')!r}")
     answers = self_answers.settings(cfg, name, kind)  # data.answers=self: checked before anything is written
-    train, test = split(items, float(cfg.get("test_fraction") or 0.05), int(cfg.get("split_seed") or 0))
+    train, test = split(items, float(_given(cfg, "test_fraction", 0.05)), int(_given(cfg, "split_seed", 0)))
     keep, held = hold_out(len(train), cfg)  # documents / examples, before packing: no block spans both
     train, val = take(train, keep), take(train, held)
     train = _subset(train, cfg.get("train_subset"), "train_subset")
@@ -648,7 +662,7 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     info = {"train_items": len(train), "test_items": len(test), **({"val_items": len(val)} if val else {})}
     if kind == "text":
-        block = int(cfg.get("block_size") or 256)
+        block = int(_given(cfg, "block_size", 256))
         train_ds, test_ds = Blocks(pack(tokenizer, train, block)), Blocks(pack(tokenizer, test, block))
         val_ds = Blocks(pack(tokenizer, val, block)) if val else None
         if len(train_ds) == 0 or len(test_ds) == 0 or (val_ds is not None and len(val_ds) == 0):
@@ -656,7 +670,7 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
                              "lower data.block_size" + (" or raise data.val_fraction" if val else ""))
         info.update(train_tokens=train_ds.blocks.numel(), test_tokens=test_ds.blocks.numel())
     else:
-        max_length = int(cfg.get("max_length") or 512)
+        max_length = int(_given(cfg, "max_length", 512))
         template = has_chat_template(tokenizer) and not cfg.get("raw")
         if answers is not None:  # the training and validation answers become the starting model's own
             (train, val), more = self_answers.replace_answers(
