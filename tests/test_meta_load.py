@@ -181,8 +181,8 @@ def test_train_builds_a_pretrained_model_without_copies_and_its_checkpoint_holds
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     folder = tmp_path / "pretrained"
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **SMALL_TIED)).save_pretrained(str(folder),
-                                                                                   max_shard_size="40KB")
+    config = LlamaConfig(vocab_size=len(tok), **{**SMALL_TIED, "max_position_embeddings": 256})  # the chats' length
+    LlamaForCausalLM(config).save_pretrained(str(folder), max_shard_size="40KB")
     tok.save_pretrained(str(folder))
     (tmp_path / "qa.json").write_text(json.dumps(QA))
     p = cli(["train", "model=llama", f"model.pretrained={folder}", "data=alpaca", f"data.path={tmp_path / 'qa.json'}",

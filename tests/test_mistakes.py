@@ -217,6 +217,17 @@ def test_a_zero_data_setting_is_refused_not_replaced_by_the_default(lm_home, tmp
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_sequences_longer_than_the_models_context_are_refused(lm_home, tmp_path):
+    """Blocks of 32 tokens for a model of 16 positions trained silently; generate then refused prompts
+    past 16 and the export's config still said 16."""
+    p = cli(["train", "model=llama_tiny", f"model.tokenizer={lm_home / 'tok'}", "data=corpus",
+             f"data.path={lm_home / 'corpus.txt'}", "data.doc_chars=200", "data.block_size=32",
+             "model.config.max_position_embeddings=16", "dims=[depth]", "trainer.max_steps=1"], cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, explain(p)
+    assert "run to 32 tokens but the model's context is 16 positions" in p.stderr, explain(p)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_eval_test_subset_counts_the_examples_of_a_language_model(lm_home):
     """``eval.test_subset=N`` on a language-model run evaluates N blocks (it cut N documents, each of
     many blocks, so the number of examples did not follow it)."""

@@ -324,6 +324,17 @@ def open_run(cfg: DictConfig, where: Launch, overrides: list[str]) -> tuple[Dict
     return cfg, run_dir, resumed
 
 
+def check_context(data, model) -> None:
+    """Refuse data whose sequences are longer than the model's context (``max_position_embeddings``):
+    it trained silently, then generate refused prompts past the context and the export's config kept it."""
+    longest = (getattr(data, "info", None) or {}).get("longest")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(longest, int) and isinstance(context, int) and not isinstance(context, bool) and longest > context:
+        raise UsageError(f"the data's sequences run to {longest} tokens but the model's context is {context} "
+                         "positions (max_position_embeddings): lower data.block_size (text) or data.max_length "
+                         "(instructions), or use a model with a longer context")
+
+
 def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None) -> Recipe:
     """Data, model (on the device, the same on every rank, or sharded), grid, sampler, teacher, optimizer
     and learning-rate schedule of the run, seeded by ``cfg.seed``."""
@@ -344,6 +355,7 @@ def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None
     empty = _empty(entry, cfg, model_cfg, data.model_args, resuming, d, console) \
         if d.enabled and strategy == "fsdp" else None
     model = build_model(model_cfg, data.model_args) if empty is None else empty[0]
+    check_context(data, model)
     if not resuming and d.main and cfg.model.get("pretrained"):
         entry.snapshot(model, tokenizer, run_dir / runs.PRETRAINED_DIR, str(cfg.model.pretrained))
     grid = build_grid(cfg, model)

@@ -668,7 +668,7 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
         if len(train_ds) == 0 or len(test_ds) == 0 or (val_ds is not None and len(val_ds) == 0):
             raise UsageError(f"data={name}: too little text for one block of {block} tokens in each split; "
                              "lower data.block_size" + (" or raise data.val_fraction" if val else ""))
-        info.update(train_tokens=train_ds.blocks.numel(), test_tokens=test_ds.blocks.numel())
+        info.update(train_tokens=train_ds.blocks.numel(), test_tokens=test_ds.blocks.numel(), longest=block)
     else:
         max_length = int(_given(cfg, "max_length", 512))
         template = has_chat_template(tokenizer) and not cfg.get("raw")
@@ -693,7 +693,8 @@ def build_lm_data(cfg, tokenizer=None) -> LMData:
         train_ds, test_ds = Instructions(sides[0]), Instructions(sides[1])
         val_ds = Instructions(sides[2]) if val else None
         info.update(train_tokens=sum(len(i) for i, _ in sides[0]),
-                    response_tokens=sum(sum(lab != IGNORE for lab in labs) for _, labs in sides[0]))
+                    response_tokens=sum(sum(lab != IGNORE for lab in labs) for _, labs in sides[0]),
+                    longest=max(len(i) for side in sides for i, _ in side))
     return LMData(name, kind, train_ds, test_ds, tokenizer, collate(tokenizer), info, val=cap(val_ds, cfg))
 
 
