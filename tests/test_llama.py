@@ -267,6 +267,10 @@ def test_cli_trains_evaluates_exports_and_generates_with_a_tiny_llama(tokenizer_
         texts.append(g.stdout)
         assert "tokens/s" in g.stderr
     assert texts[0] == texts[1]
+    # the export answers in the format its run trained on (the Alpaca template; it fell back to the raw prompt)
+    same = [cli(["generate", *flags, "--max-tokens", "12", "What is 2 plus 2?"], cwd=tmp_path)
+            for flags in (["--exit", str(depth)], ["--ckpt", folder])]
+    assert all(g.returncode == 0 for g in same) and same[0].stdout == same[1].stdout, explain(same[1])
     bad = cli(["generate", "--exit", "9", "hello"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "exit must be in 1..4" in bad.stderr
 

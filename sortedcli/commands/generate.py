@@ -18,8 +18,8 @@ and ``seed`` apply). See :mod:`sortedcli.decoding`.
 ``--ckpt`` names a run folder (or one of its checkpoints), or any model the ``model`` entry loads:
 a pretrained Hugging Face folder, an export folder, a GGUF file (or a folder holding one).
 ``template=auto``: the tokenizer's chat template when it has one (a run trained on instructions, or
-a pretrained/exported model), the Alpaca template for a run trained on instructions without one,
-else the raw prompt; ``--raw`` (``template=none``) turns templates off. With the chat template,
+a pretrained model), the Alpaca template for a run trained on instructions without one, else the raw
+prompt; an export folder uses the format its run trained on (``sortednet.json``); ``--raw`` (``template=none``) turns templates off. With the chat template,
 generation stops at its end-of-turn token.
 """
 
@@ -104,6 +104,16 @@ def load_pretrained(cfg: DictConfig, folder: Path):
     device, _ = build_device(cfg)
     model.to(device).eval()
     return entry.stack(model), tokenizer, None, folder, None, model
+
+
+def export_record(folder) -> dict:
+    """What ``sortednet export`` recorded of a model folder's run (``sortednet.json``: its data, ``kind``,
+    chat ``template``); {} for any other model."""
+    try:
+        record = json.loads((Path(folder) / "sortednet.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def load_generator(cfg: DictConfig):
@@ -541,7 +551,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     template = cfg.template
     instructions = run_cfg is None or run_cfg.data.get("kind") == "instructions"
     if template == "auto":
-        if instructions and lm.has_chat_template(tokenizer) and (run_cfg is None or not run_cfg.data.get("raw")):
+        exported = export_record(ckpt) if run_cfg is None else {}
+        if exported.get("kind") in ("text", "instructions"):  # an export: the format its run trained on
+            chat = exported.get("template") == "chat" and lm.has_chat_template(tokenizer)
+            template = "none" if exported["kind"] == "text" else "chat" if chat else "alpaca"
+        elif instructions and lm.has_chat_template(tokenizer) and (run_cfg is None or not run_cfg.data.get("raw")):
             template = "chat"
         else:
             template = "alpaca" if run_cfg is not None and instructions else "none"
