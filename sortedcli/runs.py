@@ -410,6 +410,10 @@ def roll_back(run_dir: Path, before: int) -> Path | None:
 def no_checkpoint(run_dir: Path, what: str) -> str:
     """The one line for a run folder with no complete checkpoint to ``what`` (evaluate, resume, ...)."""
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoints").is_dir():
+        # not a run at all (a tokenizer folder, a run's eval/): "remove the folder" would be bad advice
+        return (f"{run_dir} is not a run folder (no config.yaml, no checkpoints/): pass a run folder, one of its "
+                "checkpoints, or a model folder with config.json and weights")
     diverged = run_dir / "checkpoints" / DIVERGED_DIR
     if diverged.is_dir() and any(diverged.iterdir()):
         return (f"{run_dir} holds no good checkpoint to {what}: its training diverged before the first one (set "

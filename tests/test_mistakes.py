@@ -228,6 +228,14 @@ def test_sequences_longer_than_the_models_context_are_refused(lm_home, tmp_path)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize("verb", ["eval", "generate"])
+def test_ckpt_of_a_folder_that_is_no_run_says_so_not_to_remove_it(lm_home, tmp_path, verb):
+    """--ckpt of a tokenizer folder was told to "train it again (remove the folder, ...)"."""
+    p = cli([verb, "--ckpt", lm_home / "tok", *(["hello"] if verb == "generate" else [])], cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is not a run folder" in p.stderr, explain(p)
+    assert (lm_home / "tok" / "tokenizer.json").is_file()
+
+
 def test_eval_test_subset_counts_the_examples_of_a_language_model(lm_home):
     """``eval.test_subset=N`` on a language-model run evaluates N blocks (it cut N documents, each of
     many blocks, so the number of examples did not follow it)."""
