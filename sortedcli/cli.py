@@ -200,6 +200,10 @@ def translate(verb: str, args: list[str]) -> list[str]:
         else:
             out.append(arg)
         i += 1
+    templates = {a.partition("=")[2].strip("'\"") for a in out if a.startswith("template=")}
+    if verb == "generate" and "--raw" in args and templates - {"none"}:  # the last one won, without a word
+        raise _Usage(f"--raw is template=none, but template={sorted(templates - {'none'})[0]} was given too: "
+                     "choose one")
     if prompt:
         out.append(f"prompt={_quote(' '.join(prompt))}")
     if positional:

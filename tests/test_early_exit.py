@@ -283,6 +283,8 @@ def test_generate_chooses_thresholds_caches_them_and_reuses_them(tmp_path):
     assert doc["last"] == "0.05" and chosen["ppl_increase"] <= 0.05 and set(chosen["thresholds"]) <= {"1", "3"}
     assert chosen["candidates"] == [1, 3] and chosen["vocab"] is None  # 300 tokens: no confidence vocabulary
     said = " ".join(g.stderr.split())  # rich wraps long lines
+    n = int(said.split(" tokens in ")[0].split()[-1])  # the first token comes from the prompt's own pass
+    assert f"exits of the {n - 1} tokens after the first" in said, said
     assert "chosen now" in said and f"(+{100 * chosen['ppl_increase']:.1f}%)" in said
     assert f"{chosen['layer_passes']:.2f} of the layer passes" in said
     again = cli(["generate", "--early-exit", "--max-tokens", "6", "The cat"], cwd=tmp_path)  # no flags: reused
@@ -293,6 +295,10 @@ def test_generate_chooses_thresholds_caches_them_and_reuses_them(tmp_path):
     assert anew.returncode == 0 and "chosen now" in " ".join(anew.stderr.split()), explain(anew)
     bad = cli(["generate", "--early-exit", "thresholds={2: 0.9}", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "never trained" in bad.stderr, explain(bad)
+    top = cli(["generate", "--top-p", "0.5", "--max-tokens", "3", "The cat"], cwd=tmp_path)
+    assert top.returncode == 0 and "no effect on greedy decoding" in top.stderr, explain(top)
+    bad = cli(["generate", "--raw", "template=alpaca", "The cat"], cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "choose one" in bad.stderr, explain(bad)
     bad = cli(["generate", "template=chat", "--max-tokens", "6", "The cat"], cwd=tmp_path)  # a tokenizer without one
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no chat template" in bad.stderr, explain(bad)
     bad = cli(["generate", "--speculative", "--draft-exit", "2", "--max-tokens", "6", "The cat"], cwd=tmp_path)

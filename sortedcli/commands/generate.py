@@ -574,6 +574,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
         sampling = D.Sampling(float(cfg.temperature), float(cfg.top_p), generator)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if sampling.greedy and sampling.top_p < 1:  # top-p restricts what is sampled: greedy samples nothing
+        console.print(f"[yellow]--top-p {sampling.top_p:g} has no effect on greedy decoding: add --temperature T "
+                      "(> 0) to sample[/]")
 
     stream = Stream(tokenizer)
     max_tokens = fit_context(len(ids), int(cfg.max_tokens), model, console)
@@ -613,7 +616,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     if cfg.speculative and out.greedy_tokens > 2:
         extra += f"; {out.greedy_tokens} tokens decoded greedily (drafting measured slower here)"
     if out.exits:
-        extra = "; exits " + ", ".join(f"{k}: {v}" for k, v in sorted(out.exits.items()))
+        extra = (f"; exits of the {sum(out.exits.values())} tokens after the first (which the prompt's pass gives) "
+                 + ", ".join(f"{k}: {v}" for k, v in sorted(out.exits.items())))
         used = sum(k * v for k, v in out.exits.items()) / sum(out.exits.values()) / L
         extra += f" ({used:.2f} of the layer passes){chosen_note}"
     console.print(f"[dim]{len(out.tokens)} tokens in {seconds:.2f}s ({len(out.tokens) / seconds:.1f} tokens/s), "
