@@ -218,7 +218,9 @@ def _exported(folder: Path) -> dict | None:
 
     if not folder.is_dir():
         return None
-    for meta in ("sortednet.json", "config.json"):
+    from ..models.hf import EXPORT_RECORD
+
+    for meta in (EXPORT_RECORD, "config.json"):
         try:
             doc = json.loads((folder / meta).read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -19,8 +19,9 @@ and ``seed`` apply). See :mod:`sortedcli.decoding`.
 a pretrained Hugging Face folder, an export folder, a GGUF file (or a folder holding one).
 ``template=auto``: the tokenizer's chat template when it has one (a run trained on instructions, or
 a pretrained model), the Alpaca template for a run trained on instructions without one, else the raw
-prompt; an export folder uses the format its run trained on (``sortednet.json``); ``--raw`` (``template=none``) turns templates off. With the chat template,
-generation stops at its end-of-turn token.
+prompt; an export folder uses the format its run trained on (its ``sortednet.json``); ``--raw``
+(``template=none``) turns templates off. With the chat template, generation stops at its end-of-turn
+token.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .. import models, runs
 from ..build import build_device, build_grid, build_sampler, plain
 from ..data import LANGUAGE, lm, task_name
 from ..errors import UsageError
+from ..models import hf
 from ..nest import COUNT
 from .loaded import restore
 
@@ -104,16 +106,6 @@ def load_pretrained(cfg: DictConfig, folder: Path):
     device, _ = build_device(cfg)
     model.to(device).eval()
     return entry.stack(model), tokenizer, None, folder, None, model
-
-
-def export_record(folder) -> dict:
-    """What ``sortednet export`` recorded of a model folder's run (``sortednet.json``: its data, ``kind``,
-    chat ``template``); {} for any other model."""
-    try:
-        record = json.loads((Path(folder) / "sortednet.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def load_generator(cfg: DictConfig):
@@ -239,8 +231,8 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
     if given is None:
         if trained is not None and not trained:
             raise UsageError("the run trained no exit below the full model (no depth levels, or sampler=full): "
-                             "--early-exit needs "
-                             "'thresholds={LAYER: P, ...}' or a run trained with 'dims=[depth]' and a sampler over the sub-models")
+                             "--early-exit needs 'thresholds={LAYER: P, ...}' or a run trained with "
+                             "'dims=[depth]' and a sampler over the sub-models")
         return D.scaled_thresholds(layers, exits=trained)
     try:
         thresholds = {int(k): float(v) for k, v in dict(given).items()}
@@ -250,7 +242,8 @@ def _thresholds(cfg, layers: int, trained: list[int] | None) -> dict[int, float]
     untrained = sorted(e for e in thresholds if trained is not None and e not in trained and e != layers)
     if untrained:  # an exit the run never trained writes noise: checking it only costs time
         raise UsageError(f"thresholds name exit{'s' if len(untrained) > 1 else ''} "
-                         f"{', '.join(map(str, untrained))} that the run never trained; {never_trained(trained, layers)}")
+                         f"{', '.join(map(str, untrained))} that the run never trained; "
+                         f"{never_trained(trained, layers)}")
     return thresholds
 
 
@@ -551,7 +544,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
     template = cfg.template
     instructions = run_cfg is None or run_cfg.data.get("kind") == "instructions"
     if template == "auto":
-        exported = export_record(ckpt) if run_cfg is None else {}
+        exported = hf.export_record(ckpt) if run_cfg is None else {}
         if exported.get("kind") in ("text", "instructions"):  # an export: the format its run trained on
             chat = exported.get("template") == "chat" and lm.has_chat_template(tokenizer)
             template = "none" if exported["kind"] == "text" else "chat" if chat else "alpaca"

@@ -36,6 +36,7 @@ def _quiet():
 
 
 SNAPSHOT_MARK = "sortednet-pretrained.json"  # in a run's copy of the pretrained config and tokenizer
+EXPORT_RECORD = "sortednet.json"  # in an export folder: what it was cut from and what it scores
 
 
 #: the files that make a folder a model with weights (transformers' single and sharded names, a GGUF); not
@@ -105,10 +106,21 @@ def _cached(repo: str, filename: str, revision: str | None) -> str | None:
 
 def snapshot_mark(folder) -> dict:
     """What :func:`snapshot` recorded of a run's pretrained model (``pretrained``, ``revision``); {} if none."""
+    return _record(Path(folder) / SNAPSHOT_MARK)
+
+
+def export_record(folder) -> dict:
+    """What :func:`save` recorded of an export folder's run (its data, ``kind``, chat ``template``, the
+    sub-model); {} for any other model folder or file."""
+    return _record(Path(folder) / EXPORT_RECORD)
+
+
+def _record(path: Path) -> dict:
     try:
-        return json.loads((Path(folder) / SNAPSHOT_MARK).read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def load(auto_class, pretrained: str | None, config: dict | None, config_class, weights: bool = True,
@@ -247,7 +259,7 @@ def save(folder: Path, plain: nn.Module, meta: dict, check_inputs, want: torch.T
     plain.save_pretrained(str(folder), safe_serialization=True, **shards)
     if tok is not None:
         tok.save_pretrained(str(folder))
-    (folder / "sortednet.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / EXPORT_RECORD).write_text(json.dumps(meta, indent=2) + "\n")
     _quiet()
     reloaded = auto_class.from_pretrained(str(folder), attn_implementation="eager").eval()
     got = call(reloaded, check_inputs)
