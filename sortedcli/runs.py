@@ -51,6 +51,7 @@ from .errors import UsageError
 
 MODEL_FILE = "model.safetensors"
 PRETRAINED_DIR = "pretrained"
+TOKENIZER_DIR = "tokenizer"  # a run's copy of model.tokenizer where it has no pretrained/ to keep it
 STATE_FILE = "state.pt"
 META_FILE = "checkpoint.json"  # a sharded (DCP) checkpoint's own record; its folders:
 DCP_MODEL, DCP_OPTIM = "model", "optim"
@@ -147,15 +148,22 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> DictConfig:
 def self_contained(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """``cfg`` with ``model.pretrained`` (and ``model.tokenizer``) pointing at the run's own copy of
     the pretrained config and tokenizer when it has one (``pretrained/``), so that a run keeps working
-    after the pretrained folder moves; the weights come from the run's checkpoint."""
-    folder = Path(run_dir) / PRETRAINED_DIR
-    if not folder.is_dir() or cfg.get("model") is None or not cfg.model.get("pretrained"):
+    after the pretrained folder moves; the weights come from the run's checkpoint. A run of a random
+    init with ``model.tokenizer=DIR`` reads its own copy of that tokenizer (``tokenizer/``) the same way."""
+    if cfg.get("model") is None:
         return cfg
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    out.model.pretrained = str(folder)
-    if "tokenizer" in out.model:
-        out.model.tokenizer = str(folder)
-    return out
+    folder, own_tokenizer = Path(run_dir) / PRETRAINED_DIR, Path(run_dir) / TOKENIZER_DIR
+    if folder.is_dir() and cfg.model.get("pretrained"):
+        out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        out.model.pretrained = str(folder)
+        if "tokenizer" in out.model:
+            out.model.tokenizer = str(folder)
+        return out
+    if own_tokenizer.is_dir() and cfg.model.get("tokenizer"):
+        out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        out.model.tokenizer = str(own_tokenizer)
+        return out
+    return cfg
 
 
 def _stat(pid: int) -> list[str]:

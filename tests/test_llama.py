@@ -363,3 +363,31 @@ def test_eval_scores_every_exit_from_one_trunk_pass_as_each_sub_model_alone(data
     got = score_members(model, data.task, trunk, members, loader, torch.device("cpu"), None)
     for sub in subs:
         assert got[sub] == pytest.approx(score(model, data.task, sub, loader, torch.device("cpu"), None), rel=1e-5)
+
+
+def test_a_run_keeps_its_own_copy_of_model_tokenizer_so_a_tokenizer_retrained_in_place_changes_nothing(
+        tokenizer_dir, tmp_path):
+    import shutil
+
+    mine = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, mine)
+    (tmp_path / "qa.json").write_text(json.dumps(QA))
+    tiny = ["model=llama_tiny", f"model.tokenizer={mine}", "data=alpaca", f"data.path={tmp_path / 'qa.json'}",
+            "data.test_fraction=0.2", "dims=[depth]", "sampler=all", "trainer.batch_size=4", "trainer.max_steps=1"]
+    p = cli(["train", *tiny], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    run = run_folders(tmp_path / "runs")[0]
+    assert (run / "tokenizer" / "tokenizer.json").read_text() == (mine / "tokenizer.json").read_text()
+
+    def results():  # each sub-model's perplexity and agreement, what the tokenizer's split decides
+        p = cli(["eval", "--all-submodels", "eval.latency.reps=1"], cwd=tmp_path)
+        assert p.returncode == 0, explain(p)
+        rows = json.loads((run / "eval" / "results.json").read_text())
+        return [(r["perplexity"], r.get("agreement")) for r in (rows["rows"] if isinstance(rows, dict) else rows)]
+
+    before = results()
+    shutil.rmtree(mine)  # the user trains another tokenizer under the same path: another vocabulary
+    lm.train_tokenizer([c.upper() for c in CORPUS], 280, mine)
+    assert results() == before
+    p = cli(["generate", "What is 1 plus 1?", "--max-tokens", "2"], cwd=tmp_path)
+    assert p.returncode == 0, explain(p)

@@ -18,6 +18,7 @@ from ..build import (build_data, build_device, build_distill, build_grid, build_
 from ..engine import (NonFiniteLoss, Progress, calibration_batches, checkpoint_activations, cosine_schedule,
                       evaluate, fit, precision_label, steps_per_epoch)
 from ..errors import UsageError
+from ..models import hf
 from ..nest import synchronize
 from ..tensorboard_log import TensorBoardLog
 from .loaded import check_fits
@@ -358,6 +359,8 @@ def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None
     check_context(data, model)
     if not resuming and d.main and cfg.model.get("pretrained"):
         entry.snapshot(model, tokenizer, run_dir / runs.PRETRAINED_DIR, str(cfg.model.pretrained))
+    elif not resuming and d.main and cfg.model.get("tokenizer") and tokenizer is not None:
+        hf.keep_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
     grid = build_grid(cfg, model)
     sampler = build_sampler(cfg, grid)
     for note in sampler.notes:  # a setting the schedule had to change (g above the grid's size)

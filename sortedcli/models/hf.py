@@ -58,13 +58,8 @@ def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
     """Write ``model``'s config (as built: after any GGUF conversion or new head) and ``tok`` into
     ``folder`` (through a temporary folder renamed into place): what :func:`load` and
     :func:`tokenizer` read back instead of ``source`` for a run's eval/export/generate/resume."""
-    import shutil
-    import tempfile
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(str(tmp))
@@ -72,6 +67,26 @@ def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
             tok.save_pretrained(str(tmp))
         mark = {"pretrained": source, **({"revision": rev} if (rev := hub_revision(source)) else {})}
         (tmp / SNAPSHOT_MARK).write_text(json.dumps(mark, indent=2) + "\n")
+
+    _write_folder(Path(folder), write)
+
+
+def keep_tokenizer(tok, folder: Path) -> None:
+    """A run's own copy of ``model.tokenizer`` (a model with no ``model.pretrained``, whose
+    :func:`snapshot` would keep it): a tokenizer trained again in place under the same path would
+    otherwise change what the run's eval and generate read without a word."""
+    _write_folder(Path(folder), lambda tmp: tok.save_pretrained(str(tmp)))
+
+
+def _write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a temporary folder beside ``folder``, then renamed into its place: never half a folder."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(tmp)
         tmp.chmod(0o755)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
