@@ -336,10 +336,14 @@ def _remove_unused_run_dir(out: Path, given_new: bool) -> None:
     created it (a ${fresh:} name, or a hydra.run.dir that did not exist) and it holds only Hydra's files."""
     import shutil
 
+    from .runs import PRETRAINED_DIR, TOKENIZER_DIR
+
     created = str(out.resolve()) in FRESH or given_new
     # a mistake found before the first logged step (a data file that is not an image) also leaves
-    # the run's config.yaml and an empty TensorBoard log: nothing to resume from either
-    if created and out.is_dir() and {p.name for p in out.iterdir()} <= HYDRA_FILES | {"config.yaml", "tensorboard"}:
+    # the run's config.yaml, an empty TensorBoard log and its copy of the pretrained config or the
+    # tokenizer: nothing to resume from either
+    unused = HYDRA_FILES | {"config.yaml", "tensorboard", PRETRAINED_DIR, TOKENIZER_DIR}
+    if created and out.is_dir() and {p.name for p in out.iterdir()} <= unused:
         shutil.rmtree(out, ignore_errors=True)
         try:
             out.parent.rmdir()  # paths.runs, when this run was all it held

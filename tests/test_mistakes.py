@@ -257,3 +257,13 @@ def test_generate_reads_an_export_folder_as_it_reads_the_run(lm_home):
         assert g.returncode == 0, explain(g)
         texts.append(g.stdout)
     assert texts[0] == texts[1] and texts[0].strip(), texts
+
+
+def test_a_mistake_found_after_the_run_copied_its_tokenizer_leaves_no_run_folder(lm_home, tmp_path):
+    """The grid is checked once the model is built, after the run keeps its copy of model.tokenizer:
+    that copy alone used to keep the failed run's folder."""
+    p = cli(["train", "model=llama_tiny", f"model.tokenizer={lm_home / 'tok'}", "data=corpus",
+             f"data.path={lm_home / 'corpus.txt'}", "data.doc_chars=200", "data.block_size=16",
+             "dims=[depth]", "dims.depth.levels=[1,9]", "trainer.max_steps=1"], cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "integers in 1..4" in p.stderr, explain(p)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
