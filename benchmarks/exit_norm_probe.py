@@ -1,0 +1,161 @@
+"""Would exits with weights of their own agree with the full model more? A probe on a frozen model.
+
+Usage::
+
+    .venv/bin/python benchmarks/exit_norm_probe.py [--model runs/smollm2-study/untouched/full-model]
+        [--exits 15,24] [--train-items 240] [--steps 300] [--out docs/results/smollm2/exit-norm-probe.json]
+
+SoFT's exits read their hidden state through the model's own final norm and LM head, so an exit can
+only improve by moving the trunk, which the full model shares (issue 21's anchored arms: the anchor and
+the exits pull on the same weights). This probe freezes the whole model (so the full model's answers
+cannot change: a0 = 1 by construction) and asks how far the exits get with weights only they own,
+trained by KL(full || exit) on the study's GSM8K chats (the counted answer tokens):
+
+- ``shared``: the model's own final norm (what SoFT's exits read today), nothing trained;
+- ``norm``: a final-norm weight per exit (576 numbers, started from the model's): it folds into an
+  exported depth-k model as that model's ``norm.weight``, so a plain transformers model keeps loading;
+- ``affine``: a 576 x 576 linear map per exit before the norm (the "tuned lens"), started at the
+  identity; it costs 0.7 MFLOP a token beside the head's 57, but does not fold into a plain model.
+
+It reports top-1 agreement with the full model on the held-out split's counted tokens (eval's a) and
+the mean KL there, before and after. The hidden states are computed once (the model is frozen), so the
+probe is minutes of CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def hidden_states(model, data, items, exits, batch_size=4):
+    """Per layer in ``exits``: the hidden states after that many layers at the counted positions of ``items``;
+    for the last layer, the state after the final norm (``last_hidden_state``, what the LM head reads)."""
+    from torch.utils.data import DataLoader
+
+    last = model.config.num_hidden_layers
+    keep = {k: [] for k in [*exits, last]}
+    with torch.no_grad():
+        for batch in DataLoader(items, batch_size=batch_size, collate_fn=data.collate):
+            out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=True)
+            counted = batch["labels"][:, 1:] != -100  # logits at t predict token t+1
+            for k in keep:
+                h = out.last_hidden_state if k == last else out.hidden_states[k]
+                keep[k].append(h[:, :-1][counted])
+    return {k: torch.cat(v) for k, v in keep.items()}
+
+
+class Exit(torch.nn.Module):
+    def __init__(self, model, kind):
+        super().__init__()
+        self.kind, self.base = kind, model
+        norm = model.model.norm
+        self.weight = torch.nn.Parameter(norm.weight.detach().clone(), requires_grad=kind != "shared")
+        self.eps = norm.variance_epsilon
+        if kind == "affine":
+            self.map = torch.nn.Linear(norm.weight.numel(), norm.weight.numel(), bias=True)
+            torch.nn.init.zeros_(self.map.weight)
+            torch.nn.init.zeros_(self.map.bias)
+
+    def forward(self, h):
+        if self.kind == "affine":
+            h = h + self.map(h)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.base.lm_head(h * self.weight)
+
+
+def teacher(model, h):
+    """The full model's logits from its last hidden state (``last_hidden_state``: already through the final norm)."""
+    with torch.no_grad():
+        return model.lm_head(h)
+
+
+def measure(model, exit, h, top, chunk=1024):
+    agree, kl, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(0, h.shape[0], chunk):
+            t = teacher(model, top[i:i + chunk]).log_softmax(-1)
+            s = exit(h[i:i + chunk]).log_softmax(-1)
+            agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+            kl += F.kl_div(s, t, log_target=True, reduction="sum").item()
+            n += s.shape[0]
+    return agree / n, kl / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="runs/smollm2-study/untouched/full-model")
+    ap.add_argument("--run-config", default="runs/smollm2-study/untouched/config.yaml")
+    ap.add_argument("--exits", default="15,24")
+    ap.add_argument("--train-items", type=int, default=240)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per step")
+    ap.add_argument("--lr", type=float, default=1e-2, help="Adam's for the norm weights")
+    ap.add_argument("--map-lr", type=float, default=1e-3, help="Adam's for the affine map")
+    ap.add_argument("--kinds", default="shared,norm,affine")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sortedcli.data.lm import build_lm_data
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    cfg = OmegaConf.to_container(OmegaConf.load(args.run_config).data, resolve=True)
+    cfg.update(answers="reference", val_fraction=0)
+    data = build_lm_data(cfg, AutoTokenizer.from_pretrained(args.model))
+    exits = [int(e) for e in args.exits.split(",")]
+    t0 = time.time()
+    from torch.utils.data import Subset
+
+    train = hidden_states(model, data, Subset(data.train, range(min(args.train_items, len(data.train)))), exits)
+    test = hidden_states(model, data, data.test, exits)
+    last = model.config.num_hidden_layers
+    print(f"hidden states: {train[last].shape[0]} train / {test[last].shape[0]} held-out tokens "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    results = {"model": args.model, "train_tokens": train[last].shape[0], "test_tokens": test[last].shape[0],
+               "steps": args.steps, "tokens_per_step": args.tokens, "lr": args.lr, "map_lr": args.map_lr,
+               "exits": {}}
+    for k in exits:
+        for kind in args.kinds.split(","):
+            exit = Exit(model, kind)
+            params = [p for n, p in exit.named_parameters() if p.requires_grad and not n.startswith("base.")]
+            t0 = time.time()
+            if params:
+                opt = torch.optim.Adam([{"params": [exit.weight], "lr": args.lr},
+                                        *([{"params": list(exit.map.parameters()), "lr": args.map_lr}]
+                                          if kind == "affine" else [])])
+                g = torch.Generator().manual_seed(k)
+                for step in range(args.steps):
+                    idx = torch.randint(0, train[k].shape[0], (args.tokens,), generator=g)
+                    t = teacher(model, train[last][idx]).log_softmax(-1)
+                    loss = F.kl_div(exit(train[k][idx]).log_softmax(-1), t, log_target=True, reduction="batchmean")
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            a, kl = measure(model, exit, test[k], test[last])
+            a_train, _ = measure(model, exit, train[k][:4096], train[last][:4096])
+            results["exits"].setdefault(str(k), {})[kind] = {"a": round(a, 4), "kl": round(kl, 3),
+                                                             "a_train": round(a_train, 4),
+                                                             "seconds": round(time.time() - t0, 1)}
+            print(f"exit {k} {kind:7s} a={a:.3f} (train {a_train:.3f}) KL={kl:.3f}  {time.time() - t0:.0f} s",
+                  flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
