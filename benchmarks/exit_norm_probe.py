@@ -38,20 +38,30 @@ sys.path.insert(0, str(ROOT))
 
 
 def hidden_states(model, data, items, exits, batch_size=4):
-    """Per layer in ``exits``: the hidden states after that many layers at the counted positions of ``items``;
-    for the last layer, the state after the final norm (``last_hidden_state``, what the LM head reads)."""
+    """Per layer count k in ``exits`` and the last: the hidden state after the first k layers (before
+    any norm) at the counted positions of ``items``."""
     from torch.utils.data import DataLoader
 
-    last = model.config.num_hidden_layers
-    keep = {k: [] for k in [*exits, last]}
-    with torch.no_grad():
-        for batch in DataLoader(items, batch_size=batch_size, collate_fn=data.collate):
-            out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              output_hidden_states=True)
-            counted = batch["labels"][:, 1:] != -100  # logits at t predict token t+1
-            for k in keep:
-                h = out.last_hidden_state if k == last else out.hidden_states[k]
-                keep[k].append(h[:, :-1][counted])
+    layers = model.model.layers
+    keep = {k: [] for k in {*exits, len(layers)}}
+    caught = {}
+
+    def catch(k):
+        def hook(module, args, out):
+            caught[k] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    hooks = [layers[k - 1].register_forward_hook(catch(k)) for k in keep]
+    try:
+        with torch.no_grad():
+            for batch in DataLoader(items, batch_size=batch_size, collate_fn=data.collate):
+                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                counted = batch["labels"][:, 1:] != -100  # logits at t predict token t+1
+                for k in keep:
+                    keep[k].append(caught[k][:, :-1][counted])
+    finally:
+        for h in hooks:
+            h.remove()
     return {k: torch.cat(v) for k, v in keep.items()}
 
 
@@ -75,9 +85,9 @@ class Exit(torch.nn.Module):
 
 
 def teacher(model, h):
-    """The full model's logits from its last hidden state (``last_hidden_state``: already through the final norm)."""
+    """The full model's logits from its last layer's hidden state: its own final norm and head."""
     with torch.no_grad():
-        return model.lm_head(h)
+        return model.lm_head(model.model.norm(h))
 
 
 def measure(model, exit, h, top, chunk=1024):
@@ -92,7 +102,7 @@ def measure(model, exit, h, top, chunk=1024):
     return agree / n, kl / n
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="runs/smollm2-study/untouched/full-model")
     ap.add_argument("--run-config", default="runs/smollm2-study/untouched/config.yaml")
@@ -104,7 +114,7 @@ def main() -> None:
     ap.add_argument("--map-lr", type=float, default=1e-3, help="Adam's for the affine map")
     ap.add_argument("--kinds", default="shared,norm,affine")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,6 +127,8 @@ def main() -> None:
     cfg.update(answers="reference", val_fraction=0)
     data = build_lm_data(cfg, AutoTokenizer.from_pretrained(args.model))
     exits = [int(e) for e in args.exits.split(",")]
+    if not all(1 <= k <= model.config.num_hidden_layers for k in exits):
+        raise SystemExit(f"--exits must be layer counts in 1..{model.config.num_hidden_layers}, got {args.exits}")
     t0 = time.time()
     from torch.utils.data import Subset
 
@@ -155,6 +167,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
 
 if __name__ == "__main__":

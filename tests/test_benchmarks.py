@@ -42,6 +42,7 @@ RUN_BY = {
     "decoding.py": "tests/test_decoding.py::test_decoding_benchmark_runs_on_a_model_folder_and_checks_identical_outputs",
     "short_run.py": "tests/test_short_run.py::test_the_defaults_and_plain_training_run_as_a_user_types_them_evaluated_and_tabled",
     "ablation.py": "tests/test_ablation_time.py::test_a_tiny_study_calibrates_trains_at_equal_time_evaluates_and_resumes",
+    "exit_norm_probe.py": "tests/test_benchmarks.py::test_exit_norm_probe_reads_the_last_layer_as_the_full_model_does",
 }
 
 
@@ -163,6 +164,36 @@ def test_soft_benchmark_on_a_tiny_llama_folder(tmp_path, llama_folder):
     assert result["exits"] == 4 and result["time_ratio"] > 0
     assert set(result["peak_memory_mib"]) == {"all", "full", "sampled"}  # each sampler in its own process
     assert result["sampled"]["sampler"] == "sortednet g=2 largest=true" and result["sampled"]["time_ratio"] > 0
+
+
+def test_exit_norm_probe_reads_the_last_layer_as_the_full_model_does(tmp_path, llama_folder):
+    """Untrained (no step), every kind of exit is the model's own readout: at the last layer it is the
+    full model (a = 1, KL 0), and a shallower exit's identity map and copied norm change nothing. (A
+    teacher read through the final norm twice once made every number of the probe wrong.)"""
+    qa = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+          for a in range(5) for b in range(4)]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama_folder))
+    with torch.no_grad():  # a final norm that is not the identity's: reading it twice would show
+        model.model.norm.weight.copy_(torch.linspace(0.2, 3.0, model.config.hidden_size))
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(str(llama_folder)).save_pretrained(tmp_path / "model")
+    (tmp_path / "qa.json").write_text(json.dumps(qa))
+    (tmp_path / "run.yaml").write_text(json.dumps({"data": {"name": "alpaca", "path": str(tmp_path / "qa.json"),
+                                                            "test_fraction": 0.25, "max_length": 400}}))
+    with benchmark("exit_norm_probe") as probe:
+        result = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
+                             "--exits", "2,4", "--train-items", "8", "--steps", "0", "--out", str(tmp_path / "p.json")])
+        trained = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
+                              "--exits", "2", "--train-items", "8", "--steps", "2", "--tokens", "8"])
+    assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(result))
+    last, mid = result["exits"]["4"], result["exits"]["2"]
+    for kind in ("shared", "norm", "affine"):
+        assert last[kind]["a"] == 1.0 and abs(last[kind]["kl"]) < 1e-3, (kind, last[kind])
+        assert mid[kind]["a"] == mid["shared"]["a"] and mid[kind]["kl"] == pytest.approx(mid["shared"]["kl"], abs=1e-3)
+    assert mid["shared"]["a"] < 1
+    assert set(trained["exits"]["2"]) == {"shared", "norm", "affine"}  # the training loop runs (2 steps)
 
 
 def test_importance_benchmark_keeps_the_full_model_in_every_order(tmp_path, llama_folder):
