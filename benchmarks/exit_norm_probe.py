@@ -18,7 +18,8 @@ trained by KL(full || exit) on the study's GSM8K chats (the counted answer token
   identity; it costs 0.7 MFLOP a token beside the head's 57, but does not fold into a plain model.
 
 It reports top-1 agreement with the full model on the held-out split's counted tokens (eval's a) and
-the mean KL there, before and after. The hidden states are computed once (the model is frozen), so the
+the mean KL there, before and after; ``--samples N``: each exit's greedy answer (40 tokens) to the
+first N held-out questions beside the full model's. The hidden states are computed once (the model is frozen), so the
 probe is minutes of CPU.
 """
 
@@ -102,6 +103,32 @@ def measure(model, exit, h, top, chunk=1024):
     return agree / n, kl / n
 
 
+@torch.no_grad()
+def greedy(model, exit, k, prompt: list[int], new_tokens: int, stop: int | None) -> list[int]:
+    """Greedy text from the first ``k`` layers read out by ``exit``, or from the model's own forward
+    (``exit`` None); no cache: a probe, not a decoder."""
+    layers, caught = model.model.layers, {}
+    hook = layers[k - 1].register_forward_hook(lambda m, a, out: caught.update(h=out[0] if isinstance(out, tuple) else out))
+    if exit is not None:
+        model.model.layers = layers[:k]  # the layers past the exit do not run
+    try:
+        ids = list(prompt)
+        for _ in range(new_tokens):
+            x = torch.tensor([ids])
+            if exit is None:
+                logits = model(input_ids=x, use_cache=False).logits[0, -1]
+            else:
+                model.model(input_ids=x, use_cache=False)
+                logits = exit(caught["h"][0, -1])
+            ids.append(int(logits.argmax()))
+            if ids[-1] == stop:
+                break
+    finally:
+        model.model.layers = layers
+        hook.remove()
+    return ids[len(prompt):]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="runs/smollm2-study/untouched/full-model")
@@ -113,6 +140,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-2, help="Adam's for the norm weights")
     ap.add_argument("--map-lr", type=float, default=1e-3, help="Adam's for the affine map")
     ap.add_argument("--kinds", default="shared,norm,affine")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="held-out questions answered greedily by each exit (and by the full model), 40 tokens")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from omegaconf import OmegaConf
@@ -140,6 +169,12 @@ def main(argv=None) -> dict:
     results = {"model": args.model, "train_tokens": train[last].shape[0], "test_tokens": test[last].shape[0],
                "steps": args.steps, "tokens_per_step": args.tokens, "lr": args.lr, "map_lr": args.map_lr,
                "exits": {}}
+    prompts = [[int(i) for i in it["input_ids"][:int((it["labels"] != -100).nonzero()[0])]]  # up to the answer
+               for it in (data.test[j] for j in range(min(args.samples, len(data.test))))]
+    stop, say = data.tokenizer.eos_token_id, data.tokenizer.decode
+    if prompts:
+        results["samples"] = {"prompts": [say(q) for q in prompts],
+                              "full": [say(greedy(model, None, last, q, 40, stop)) for q in prompts]}
     for k in exits:
         for kind in args.kinds.split(","):
             exit = Exit(model, kind)
@@ -164,6 +199,10 @@ def main(argv=None) -> dict:
                                                              "seconds": round(time.time() - t0, 1)}
             print(f"exit {k} {kind:7s} a={a:.3f} (train {a_train:.3f}) KL={kl:.3f}  {time.time() - t0:.0f} s",
                   flush=True)
+            if prompts:
+                texts = [say(greedy(model, exit, k, q, 40, stop)) for q in prompts]
+                results["samples"].setdefault(str(k), {})[kind] = texts
+                print(f"  {texts[0]!r}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

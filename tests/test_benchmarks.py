@@ -184,7 +184,8 @@ def test_exit_norm_probe_reads_the_last_layer_as_the_full_model_does(tmp_path, l
                                                             "test_fraction": 0.25, "max_length": 400}}))
     with benchmark("exit_norm_probe") as probe:
         result = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
-                             "--exits", "2,4", "--train-items", "8", "--steps", "0", "--out", str(tmp_path / "p.json")])
+                             "--exits", "2,4", "--train-items", "8", "--steps", "0", "--samples", "1",
+                             "--out", str(tmp_path / "p.json")])
         trained = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
                               "--exits", "2", "--train-items", "8", "--steps", "2", "--tokens", "8"])
     assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(result))
@@ -193,6 +194,8 @@ def test_exit_norm_probe_reads_the_last_layer_as_the_full_model_does(tmp_path, l
         assert last[kind]["a"] == 1.0 and abs(last[kind]["kl"]) < 1e-3, (kind, last[kind])
         assert mid[kind]["a"] == mid["shared"]["a"] and mid[kind]["kl"] == pytest.approx(mid["shared"]["kl"], abs=1e-3)
     assert mid["shared"]["a"] < 1
+    # greedy text from the last layer's exit is the full model's, from every kind of untrained exit
+    assert {kind: text for kind, text in result["samples"]["4"].items()} == dict.fromkeys(last, result["samples"]["full"])
     assert set(trained["exits"]["2"]) == {"shared", "norm", "affine"}  # the training loop runs (2 steps)
 
 
