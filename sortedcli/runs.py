@@ -152,18 +152,19 @@ def self_contained(cfg: DictConfig, run_dir: Path) -> DictConfig:
     init with ``model.tokenizer=DIR`` reads its own copy of that tokenizer (``tokenizer/``) the same way."""
     if cfg.get("model") is None:
         return cfg
-    folder, own_tokenizer = Path(run_dir) / PRETRAINED_DIR, Path(run_dir) / TOKENIZER_DIR
-    if folder.is_dir() and cfg.model.get("pretrained"):
-        out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        out.model.pretrained = str(folder)
-        if "tokenizer" in out.model:
-            out.model.tokenizer = str(folder)
-        return out
-    if own_tokenizer.is_dir() and cfg.model.get("tokenizer"):
-        out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        out.model.tokenizer = str(own_tokenizer)
-        return out
-    return cfg
+    pretrained, own_tokenizer = Path(run_dir) / PRETRAINED_DIR, Path(run_dir) / TOKENIZER_DIR
+    if pretrained.is_dir() and cfg.model.get("pretrained"):
+        tokenizer = pretrained
+    elif own_tokenizer.is_dir() and cfg.model.get("tokenizer"):
+        pretrained, tokenizer = None, own_tokenizer
+    else:
+        return cfg
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if pretrained is not None:
+        out.model.pretrained = str(pretrained)
+    if "tokenizer" in out.model:
+        out.model.tokenizer = str(tokenizer)
+    return out
 
 
 def _stat(pid: int) -> list[str]:

@@ -58,7 +58,6 @@ def snapshot(model: nn.Module, tok, folder: Path, source: str) -> None:
     """Write ``model``'s config (as built: after any GGUF conversion or new head) and ``tok`` into
     ``folder`` (through a temporary folder renamed into place): what :func:`load` and
     :func:`tokenizer` read back instead of ``source`` for a run's eval/export/generate/resume."""
-
     def write(tmp: Path) -> None:
         model.config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None and model.can_generate():
