@@ -18,14 +18,16 @@ trained by KL(full || exit) on the study's GSM8K chats (the counted answer token
   identity; it costs 0.7 MFLOP a token beside the head's 57, but does not fold into a plain model.
 
 It reports top-1 agreement with the full model on the held-out split's counted tokens (eval's a) and
-the mean KL there, before and after; ``--samples N``: each exit's greedy answer (40 tokens) to the
-first N held-out questions beside the full model's. The hidden states are computed once (the model is frozen), so the
+the mean KL there, before and after; ``--samples N``: each exit's greedy answer (40 tokens, the
+project's decoder with the exit's readout as its head) to the first N held-out questions beside the
+full model's. The hidden states are computed once (the model is frozen), so the
 probe is minutes of CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -67,22 +69,33 @@ def hidden_states(model, data, items, exits, batch_size=4):
 
 
 class Exit(torch.nn.Module):
+    """One exit's readout: a copy of the model's own final norm (trained for ``norm`` and ``affine``),
+    after the identity-started map for ``affine``, then the model's LM head (frozen)."""
+
     def __init__(self, model, kind):
         super().__init__()
-        self.kind, self.base = kind, model
-        norm = model.model.norm
-        self.weight = torch.nn.Parameter(norm.weight.detach().clone(), requires_grad=kind != "shared")
-        self.eps = norm.variance_epsilon
+        self.kind, self.head = kind, model.lm_head
+        self.norm = copy.deepcopy(model.model.norm).requires_grad_(kind != "shared")
         if kind == "affine":
-            self.map = torch.nn.Linear(norm.weight.numel(), norm.weight.numel(), bias=True)
+            width = self.norm.weight.numel()
+            self.map = torch.nn.Linear(width, width, bias=True)
             torch.nn.init.zeros_(self.map.weight)
             torch.nn.init.zeros_(self.map.bias)
 
     def forward(self, h):
         if self.kind == "affine":
             h = h + self.map(h)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.base.lm_head(h * self.weight)
+        return self.head(self.norm(h))
+
+
+class ReadBy:
+    """The model's decoding stack with its head replaced by an exit's readout (as draft.py's draft head)."""
+
+    def __init__(self, stack, exit: Exit):
+        self._stack, self.head = stack, exit
+
+    def __getattr__(self, name):
+        return getattr(self._stack, name)
 
 
 def teacher(model, h):
@@ -104,29 +117,13 @@ def measure(model, exit, h, top, chunk=1024):
 
 
 @torch.no_grad()
-def greedy(model, exit, k, prompt: list[int], new_tokens: int, stop: int | None) -> list[int]:
-    """Greedy text from the first ``k`` layers read out by ``exit``, or from the model's own forward
-    (``exit`` None); no cache: a probe, not a decoder."""
-    layers, caught = model.model.layers, {}
-    hook = layers[k - 1].register_forward_hook(lambda m, a, out: caught.update(h=out[0] if isinstance(out, tuple) else out))
-    if exit is not None:
-        model.model.layers = layers[:k]  # the layers past the exit do not run
-    try:
-        ids = list(prompt)
-        for _ in range(new_tokens):
-            x = torch.tensor([ids])
-            if exit is None:
-                logits = model(input_ids=x, use_cache=False).logits[0, -1]
-            else:
-                model.model(input_ids=x, use_cache=False)
-                logits = exit(caught["h"][0, -1])
-            ids.append(int(logits.argmax()))
-            if ids[-1] == stop:
-                break
-    finally:
-        model.model.layers = layers
-        hook.remove()
-    return ids[len(prompt):]
+def greedy(stack, exit, k, prompt: list[int], new_tokens: int, stop: int | None) -> list[int]:
+    """Greedy text from the first ``k`` layers read out by ``exit`` (None: the model's own head), by the
+    project's decoder (a cache of those layers only)."""
+    from sortedcli import decoding
+
+    reader = stack if exit is None else ReadBy(stack, exit)
+    return decoding.generate(reader, prompt, exit=k, max_new_tokens=new_tokens, eos=stop).tokens
 
 
 def main(argv=None) -> dict:
@@ -147,7 +144,10 @@ def main(argv=None) -> dict:
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from torch.utils.data import Subset
+
     from sortedcli.data.lm import build_lm_data
+    from sortedcli.models.decoder import DecoderStack
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -159,8 +159,6 @@ def main(argv=None) -> dict:
     if not all(1 <= k <= model.config.num_hidden_layers for k in exits):
         raise SystemExit(f"--exits must be layer counts in 1..{model.config.num_hidden_layers}, got {args.exits}")
     t0 = time.time()
-    from torch.utils.data import Subset
-
     train = hidden_states(model, data, Subset(data.train, range(min(args.train_items, len(data.train)))), exits)
     test = hidden_states(model, data, data.test, exits)
     last = model.config.num_hidden_layers
@@ -171,17 +169,17 @@ def main(argv=None) -> dict:
                "exits": {}}
     prompts = [[int(i) for i in it["input_ids"][:int((it["labels"] != -100).nonzero()[0])]]  # up to the answer
                for it in (data.test[j] for j in range(min(args.samples, len(data.test))))]
-    stop, say = data.tokenizer.eos_token_id, data.tokenizer.decode
+    stop, say, stack = data.tokenizer.eos_token_id, data.tokenizer.decode, DecoderStack(model)
     if prompts:
         results["samples"] = {"prompts": [say(q) for q in prompts],
-                              "full": [say(greedy(model, None, last, q, 40, stop)) for q in prompts]}
+                              "full": [say(greedy(stack, None, last, q, 40, stop)) for q in prompts]}
     for k in exits:
         for kind in args.kinds.split(","):
             exit = Exit(model, kind)
-            params = [p for n, p in exit.named_parameters() if p.requires_grad and not n.startswith("base.")]
+            params = [p for p in exit.parameters() if p.requires_grad]
             t0 = time.time()
             if params:
-                opt = torch.optim.Adam([{"params": [exit.weight], "lr": args.lr},
+                opt = torch.optim.Adam([{"params": list(exit.norm.parameters()), "lr": args.lr},
                                         *([{"params": list(exit.map.parameters()), "lr": args.map_lr}]
                                           if kind == "affine" else [])])
                 g = torch.Generator().manual_seed(k)
@@ -200,7 +198,7 @@ def main(argv=None) -> dict:
             print(f"exit {k} {kind:7s} a={a:.3f} (train {a_train:.3f}) KL={kl:.3f}  {time.time() - t0:.0f} s",
                   flush=True)
             if prompts:
-                texts = [say(greedy(model, exit, k, q, 40, stop)) for q in prompts]
+                texts = [say(greedy(stack, exit, k, q, 40, stop)) for q in prompts]
                 results["samples"].setdefault(str(k), {})[kind] = texts
                 print(f"  {texts[0]!r}", flush=True)
     if args.out:
