@@ -174,8 +174,8 @@ def _subset_step_ms(stack, exit: int, vocab, context: int = 32, reps: int = 10) 
         def __getattr__(self, name):
             return getattr(stack, name)
 
-        def head(self, hidden):
-            return head(hidden)
+        def head(self, hidden, layer=None):
+            return head(hidden, layer)
 
     return drafting.step_ms(Sub(), exit, context, 3, reps)
 

@@ -92,7 +92,10 @@ class ReadBy:
     """The model's decoding stack with its head replaced by an exit's readout (as draft.py's draft head)."""
 
     def __init__(self, stack, exit: Exit):
-        self._stack, self.head = stack, exit
+        self._stack, self._exit = stack, exit
+
+    def head(self, hidden, layer=None):  # the stack's head(hidden, layer): this exit's readout at any layer
+        return self._exit(hidden)
 
     def __getattr__(self, name):
         return getattr(self._stack, name)

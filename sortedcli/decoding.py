@@ -77,10 +77,11 @@ class Stack(Protocol):
 
     ``layers`` runs layers ``[start, stop)`` and appends their keys/values to ``cache``; all layers in
     that range hold the same number of cached tokens when it is called. ``fill`` appends keys/values
-    for layers ``[start, stop)`` computed from a hidden state without running them. ``head`` is the
-    final norm + LM head, applied to any layer's hidden state; ``vocab_head(vocab)`` is the same
-    readout restricted to the token ids ``vocab`` (its logits are ``head(h)[..., vocab]``, computed
-    from those rows of the head only).
+    for layers ``[start, stop)`` computed from a hidden state without running them. ``head(h, layer)``
+    is exit ``layer``'s readout (the final norm + LM head; the exit's own norm where the model has one)
+    of the hidden state after that many layers (default: all that run); ``vocab_head(vocab)`` is the
+    same readout restricted to the token ids ``vocab`` (its logits are ``head(h, layer)[..., vocab]``,
+    computed from those rows of the head only).
     """
 
     num_layers: int
@@ -89,8 +90,8 @@ class Stack(Protocol):
     def new_cache(self): ...
     def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
     def layers(self, hidden: torch.Tensor, start: int, stop: int, cache, positions: torch.Tensor) -> torch.Tensor: ...
-    def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
-    def vocab_head(self, vocab: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]: ...
+    def head(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor: ...
+    def vocab_head(self, vocab: torch.Tensor) -> Callable[..., torch.Tensor]: ...
     def fill(self, hidden: torch.Tensor, start: int, stop: int, cache, positions: torch.Tensor) -> None: ...
     def cached(self, cache, layer: int) -> int: ...
     def crop(self, cache, length: int) -> None: ...
@@ -236,13 +237,13 @@ def generate(stack: Stack, prompt, *, exit: int | None = None, max_new_tokens: i
     exit = _check_exit(stack, exit)
     sampling, out, emitter, cache, n, token = _prefill(
         stack, prompt, sampling, max_new_tokens, eos, on_token,
-        lambda cache, x, pos: stack.head(stack.layers(x, 0, exit, cache, pos)[:, -1])[0])
+        lambda cache, x, pos: stack.head(stack.layers(x, 0, exit, cache, pos)[:, -1], exit)[0])
     while not emitter.done:
         x = torch.tensor([[token]], device=stack.device)
         hidden = stack.layers(stack.embed(x), 0, exit, cache, _positions(n, 1, stack.device))
         out.layer_passes += exit
         n += 1
-        token = sampling.pick(stack.head(hidden[:, -1])[0])
+        token = sampling.pick(stack.head(hidden[:, -1], exit)[0])
         emitter.emit(token)
     return out
 
@@ -329,7 +330,7 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         for j in range(kk):
             h = stack.layers(stack.embed(torch.tensor([[x]], device=dev)), 0, E, cache, _positions(n + j, 1, dev))
             saved.append(h)
-            logits = draft_head(h[:, -1])[0]
+            logits = draft_head(h[:, -1], E)[0]
             if sampling.greedy:
                 i = int(logits.argmax(-1))
             else:
@@ -483,16 +484,16 @@ def _early_step(stack: Stack, exits, cache, hidden, pos, fill: bool, check=None)
         if chosen is None:
             last = hidden[:, -1]
             if layer == L or threshold <= 0:
-                chosen = (stack.head(last)[0], layer)
+                chosen = (stack.head(last, layer)[0], layer)
             elif check is None:
                 checks += 1
-                logits = stack.head(last)[0]
+                logits = stack.head(last, layer)[0]
                 if _top(logits) >= threshold:
                     chosen = (logits, layer)
             else:
                 checks += 1
-                if _top(check(last)[0]) >= threshold:
-                    chosen = (stack.head(last)[0], layer)
+                if _top(check(last, layer)[0]) >= threshold:
+                    chosen = (stack.head(last, layer)[0], layer)
             if chosen is not None and fill:
                 stack.fill(hidden, layer, L, cache, pos)
                 return (*chosen, checks)
@@ -642,10 +643,10 @@ def exit_profile(stack: Stack, sequences, exits: Iterable[int], vocab=None) -> t
             hidden = stack.layers(hidden, start, layer, cache, _positions(0, T, dev))
             start = layer
             h = hidden[0, first - 1:-1]
-            logp = torch.log_softmax(stack.head(h).float(), -1)
+            logp = torch.log_softmax(stack.head(h, layer).float(), -1)
             nll.append(-logp.gather(1, targets)[:, 0])
             if layer < L:
-                conf.append((logp.exp() if check is None else torch.softmax(check(h).float(), -1)).amax(-1))
+                conf.append((logp.exp() if check is None else torch.softmax(check(h, layer).float(), -1)).amax(-1))
             del logp
         confs.append(torch.stack(conf, 1) if conf else torch.zeros(T - first, 0))
         nlls.append(torch.stack(nll, 1))

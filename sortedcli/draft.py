@@ -137,7 +137,7 @@ def step_ms(stack, exit: int, context: int = 32, warmup: int = 3, reps: int = 10
     pos = torch.tensor([context], device=dev)
 
     def step():
-        stack.head(stack.layers(one, 0, exit, cache, pos)[:, -1])
+        stack.head(stack.layers(one, 0, exit, cache, pos)[:, -1], exit)
         stack.crop(cache, context)
 
     return latency_ms(step, dev, warmup, reps)

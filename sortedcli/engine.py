@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler as IndexSampler
 
 from .distributed import Dist
-from .nest import (SubModel, batchnorm_kept, call, has_batchnorm, has_exits, nesting, recalibrate, run_exits,
-                   trunk_groups, use)
+from .nest import (SubModel, batchnorm_kept, call, has_batchnorm, has_exits, nesting, read_exit, recalibrate,
+                   run_exits, trunk_groups, use)
 from .sampling import Sampler
 from .tasks import Task
 
@@ -285,7 +285,8 @@ def train_step(model: nn.Module, task: Task, subs: list[SubModel], batch, optimi
                                                                  distill.temperature) * share
                             one = held if distill.anchor_only else one + held
                         loss = loss + one
-                (loss / (len(subs) * len(micro))).backward()
+                if loss.requires_grad:  # not when nothing it depends on trains (a frozen trunk's full model)
+                    (loss / (len(subs) * len(micro))).backward()
             total += loss.detach() / len(micro)
     dist.average_gradients(model)
     if clip_grad_norm:
@@ -414,7 +415,7 @@ def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor,
         t = targets[s:s + chunk]
         ref = teacher.logits(s, s + chunk) if distill is not None and teacher is not None else None
         for j in first if distill is not None else range(len(members)):
-            z = nest.readout(model, leaves[depths[j]][s:s + chunk])
+            z = read_exit(model, leaves[depths[j]][s:s + chunk], depths[j])
             label = task.loss_sum(z, t) / count
             part = label
             if distill is not None and members[j] == largest:
@@ -429,7 +430,8 @@ def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor,
             (part * scale).backward()
             losses[j] = losses[j] + part.detach()
             labels[j] = labels[j] + label.detach()
-    done = [(states[k], leaves[k].grad) for k in states if leaves[k].grad is not None]
+    # (a frozen trunk, model.exits.trunk=frozen: only the readouts train, and nothing goes back through it)
+    done = [(states[k], leaves[k].grad) for k in states if leaves[k].grad is not None and states[k].requires_grad]
     if done:
         torch.autograd.backward([h for h, _ in done], [g for _, g in done])
     return losses, labels, states[max(states)].detach()

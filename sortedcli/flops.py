@@ -92,7 +92,9 @@ def _count(model: nn.Module, sub: SubModel | None, example) -> _Parts:
                 state["separable"] = False  # shared by two units, or by a unit and the rest
             return
         seen[m] = where
-        own = list(m.parameters(recurse=False))
+        # a module that handed its input to another (an exit's own readout, nest.add_exit_readouts) ran
+        # none of its own parameters
+        own = [] if getattr(m, "sorted_delegated", False) else list(m.parameters(recurse=False))
         shared = 0
         for p in own:
             if id(p) in owner:

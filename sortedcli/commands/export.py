@@ -106,11 +106,10 @@ def run(cfg: DictConfig, console: Console | None = None):
     savable = [sub for sub in fits if entry.exportable(r.model, sub)]
     if not savable:
         raise UsageError(f"none of the {len(fits)} sub-models within --budget {budget:g} can be written as "
-                         f"{entry.exports} (see `sortednet export --help`): raise the budget")
+                         f"{entry.exports} ({entry.unexportable}): raise the budget")
     if len(savable) < len(fits):
         console.print(f"{len(fits) - len(savable)} of the {len(fits)} sub-models within the budget cannot be "
-                      f"expressed by a stock {type(r.model).__name__} config (fewer heads at the same head size); "
-                      f"choosing among the other {len(savable)}.")
+                      f"written as {entry.exports} ({entry.unexportable}); choosing among the other {len(savable)}.")
     fits = savable
 
     rows, metric, higher = [], task.metric, task.higher_is_better

@@ -79,6 +79,9 @@ class Adapter(ABC):
     def exportable(self, model: nn.Module, sub: SubModel) -> bool:
         return True
 
+    #: what makes a sub-model not :meth:`exportable`, in words for the user
+    unexportable: str = ""
+
     @abstractmethod
     def save(self, folder, plain: nn.Module, meta: dict, example, tokenizer=None,
              max_shard_size: int | None = None) -> None:

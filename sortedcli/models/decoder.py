@@ -50,6 +50,7 @@ logits of the stock model. Decoding is batch size 1.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import sys
@@ -256,16 +257,19 @@ def _config(config: dict, extra: dict):
 def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, config: dict | None = None,
                   tokenizer: str | None = None, attn_implementation: str = "sdpa",
                   special_tokens: dict | None = None, importance: str | None = None,
-                  require: str | None = None, lora: dict | None = None, weights: bool = True) -> nn.Module:
+                  require: str | None = None, lora: dict | None = None, exits: dict | None = None,
+                  weights: bool = True) -> nn.Module:
     """A transformers ``*ForCausalLM`` from ``pretrained`` (a folder, hub id or GGUF) or built from
     ``config`` (random init; its vocabulary is sized to the tokenizer's), importance-sorted when
     pretrained, sorted in place. ``require``: a class name the model must be (``llama``'s entry).
     ``lora`` (``model.lora``): peft's LoRA adapters on the named projections, after sorting
-    (:func:`add_lora`); every other weight is frozen. ``weights=False``: a local ``pretrained`` folder's
-    architecture only (:meth:`DecoderFamily.build_empty`)."""
+    (:func:`add_lora`); every other weight is frozen. ``exits`` (``model.exits``): the exits' own
+    readouts (:func:`add_exits`). ``weights=False``: a local ``pretrained`` folder's architecture only
+    (:meth:`DecoderFamily.build_empty`)."""
     from transformers import AutoModelForCausalLM
 
     lora = lora_options(lora)  # a mistyped model.lora is refused before any weight is read
+    exits = exits_options(exits, lora)
 
     if not pretrained and config is not None:
         config = dict(config)
@@ -285,7 +289,103 @@ def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, 
     method = importance_method(importance)
     if pretrained and method and weights and not hf.is_snapshot(Path(pretrained).expanduser()):
         sort_by_importance(importance_groups(model), method)
-    return add_lora(sortify_decoder(model), lora)
+    return add_exits(add_lora(sortify_decoder(model), lora), exits)
+
+
+# --- the exits' own readouts (model.exits) ------------------------------------------------------------
+#
+# By default every exit reads out through the model's own final norm and LM head (SoFT's shared
+# head). A layer's hidden state is not the last layer's, though: on the untouched SmolLM2-135M the
+# shared readout of layer 24 agrees with the full model on 0.43 of held-out answer tokens, its own
+# copy of the final norm on 0.63, and an affine map before that norm (the "tuned lens") on 0.79; after
+# an epoch of SoFT, 0.80 / 0.81 / 0.86 (docs/results/smollm2/exit-norm-probe). ``model.exits.readout``
+# gives every exit 1..L-1 its own module in place of the final norm (nest.add_exit_readouts):
+#
+# - ``norm``: a copy of the final norm (H weights per exit). An exit cut out by export keeps it as
+#   its final norm: still a stock model;
+# - ``affine``: x + W x + b (W, b start at zero, so the exit starts as the shared readout, and weight
+#   decay pulls it back there), then a copy of the norm: H^2 + 2H weights and 2 H^2 FLOPs a token per
+#   exit. Read by eval, generate and speculative drafting; not a stock config, so export cuts out
+#   only the full model (or refuses).
+#
+# ``model.exits.trunk=frozen`` trains the exits' readouts alone (Kangaroo's adapter on a frozen
+# model): the full model computes exactly what it did, and each exit learns to read its layer; with
+# distill.enabled=true and distill.alpha=1 they imitate the full model (self-distillation).
+
+EXIT_READOUTS = ("shared", "norm", "affine")
+EXIT_TRUNKS = ("train", "frozen")
+EXIT_KEYS = ("readout", "trunk")
+
+
+def exits_options(exits, lora: dict | None = None) -> dict | None:
+    """``model.exits`` checked: None for the shared readout, else ``{readout, trunk}``."""
+    if exits is None:
+        return None
+    example = "model.exits.readout=norm|affine (and model.exits.trunk=frozen to train only them) or model.exits=null"
+    if not isinstance(exits, dict):
+        raise UsageError(f"model.exits must be null or a mapping ({example}), got {exits!r}")
+    unknown = sorted(set(exits) - set(EXIT_KEYS))
+    if unknown:
+        raise UsageError(f"model.exits has no key {unknown[0]!r}: its keys are {', '.join(EXIT_KEYS)}")
+    readout, trunk = exits.get("readout", "shared"), exits.get("trunk", "train")
+    if readout not in EXIT_READOUTS:
+        raise UsageError(f"model.exits.readout must be one of {', '.join(EXIT_READOUTS)}, got {readout!r}")
+    if trunk not in EXIT_TRUNKS:
+        raise UsageError(f"model.exits.trunk must be one of {', '.join(EXIT_TRUNKS)}, got {trunk!r}")
+    if trunk == "frozen" and readout == "shared":
+        raise UsageError("model.exits.trunk=frozen trains only the exits' own readouts, and the shared readout "
+                         "has none: set model.exits.readout=norm or affine")
+    if trunk == "frozen" and lora is not None:
+        raise UsageError("model.exits.trunk=frozen and model.lora both choose what trains: use one of them")
+    return None if readout == "shared" else {"readout": readout, "trunk": trunk}
+
+
+class ExitMap(nn.Module):
+    """An exit's affine map of its hidden state, ``x + delta(x)``, ``delta`` a linear layer that
+    starts at zero (the identity map: the exit starts as the shared readout)."""
+
+    def __init__(self, size: int, device=None, dtype=None):
+        super().__init__()
+        self.delta = nn.Linear(size, size, device=device, dtype=dtype)
+        nn.init.zeros_(self.delta.weight)
+        nn.init.zeros_(self.delta.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.delta(x)
+
+
+def add_exits(model: nn.Module, exits: dict | None) -> nn.Module:
+    """Every exit 1..L-1 of a sorted decoder with its own readout (see above), in place; ``model``
+    unchanged when ``exits`` is None. With ``trunk=frozen`` only those readouts train."""
+    if exits is None:
+        return model
+    import copy
+
+    from ..nest import EXITS, add_exit_readouts
+
+    norm = _base(model).norm
+    weight = model.get_output_embeddings().weight
+
+    def make(k: int) -> nn.Module:
+        own = copy.deepcopy(norm).requires_grad_(True)
+        if exits["readout"] == "norm":
+            return own
+        return nn.Sequential(ExitMap(model.config.hidden_size, weight.device, weight.dtype), own)
+
+    add_exit_readouts(model, norm, make, range(1, len(_base(model).layers)))
+    if exits["trunk"] == "frozen":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(EXITS + ".")
+    model.sortednet_exit_readout = exits
+    return model
+
+
+def exits_exportable(model: nn.Module, sub) -> bool:
+    """Whether ``sub``'s exit reads out through a stock model's own modules (the shared readout, or
+    its own copy of the final norm), so that a cut-out folder reloads as the stock class."""
+    exits = getattr(model, "sortednet_exit_readout", None)
+    depth = sub.get(model.sortednet.scope.depth_dim)
+    return exits is None or exits["readout"] == "norm" or depth is None or depth >= len(_base(model).layers)
 
 
 # --- LoRA SoFT (model.lora): peft's adapters on a sorted decoder -------------------------------------
@@ -508,18 +608,35 @@ class DecoderStack:
                 hidden = hidden[0]
         return hidden
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of any layer's hidden state: the model's final norm, its LM head, its soft-cap."""
-        return _softcap(self.lm_head(self.base.norm(hidden)), self.lay.softcap)
+    def _exit(self, layer: int | None):
+        """Where exit ``layer`` (default: ``num_layers``) is read: through its own readout when the model
+        gives it one (``model.exits``), else through the shared final norm."""
+        nest = getattr(self.model, "sortednet", None)
+        if nest is None or nest.exits is None:
+            return contextlib.nullcontext()
+        from ..nest import reading
+
+        return reading(self.model, self.num_layers if layer is None else int(layer))
+
+    def head(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Logits of the hidden state after ``layer`` layers (default: all that run): the exit's final
+        norm (its own, with ``model.exits``), the LM head, its soft-cap."""
+        with self._exit(layer):
+            return _softcap(self.lm_head(self.base.norm(hidden)), self.lay.softcap)
 
     def vocab_head(self, vocab: torch.Tensor):
-        """The readout restricted to the token ids ``vocab``: the final norm, then those rows of the
-        LM head (gathered once, contiguous, so a draft step multiplies by |vocab| rows, not all)."""
+        """The readout restricted to the token ids ``vocab``: the exit's final norm, then those rows of
+        the LM head (gathered once, contiguous, so a draft step multiplies by |vocab| rows, not all).
+        The function it returns takes ``(hidden, layer=None)`` as :meth:`head` does."""
         head = self.lm_head
         weight = head.weight.detach().index_select(0, vocab.to(head.weight.device))
         bias = None if head.bias is None else head.bias.detach().index_select(0, vocab.to(head.weight.device))
         norm, cap = self.base.norm, self.lay.softcap
-        return lambda hidden: _softcap(torch.nn.functional.linear(norm(hidden), weight, bias), cap)
+
+        def read(hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+            with self._exit(layer):
+                return _softcap(torch.nn.functional.linear(norm(hidden), weight, bias), cap)
+        return read
 
     def _key_value(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's keys and values (batch x kv heads x T x head_dim) of its normed input ``x``, as
@@ -673,6 +790,8 @@ class DecoderFamily(Adapter):
     dims = DIMS
     tasks = TASKS
     exports = "a Hugging Face folder (AutoModelForCausalLM)"
+    unexportable = ("an exit with its own affine readout (model.exits.readout=affine), which a stock model has no "
+                    "place for")
     can_generate = True
 
     def build(self, **args) -> nn.Module:
@@ -686,6 +805,9 @@ class DecoderFamily(Adapter):
 
     def for_inference(self, model: nn.Module) -> nn.Module:
         return merge_lora(model)
+
+    def exportable(self, model: nn.Module, sub) -> bool:
+        return exits_exportable(model, sub)
 
     def build_empty(self, **args) -> tuple[nn.Module, list[Path]] | None:
         return build_empty({**self.options, **args})

@@ -15,6 +15,7 @@ class EncoderFamily(Adapter):
     dims = bert.DIMS
     tasks = bert.TASKS
     exports = "a Hugging Face folder (AutoModelForSequenceClassification)"
+    unexportable = "fewer heads at the same head size, which a stock config cannot say"
 
     def build(self, **args) -> nn.Module:
         return bert.build_encoder(**self.options, **args)

@@ -54,12 +54,17 @@ class Nesting:
     the deepest exit yields every shallower exit (:func:`run_exits`). ``finish(plain, sub)`` lets the
     adapter tidy a model cut out by :func:`~sortedcli.nest.extract.extract` (drop the skipped layers,
     shrink the library config).
+
+    ``exits``, after :func:`add_exit_readouts`: the exits that read out through their own module
+    instead of the shared one (``exits[str(k)]`` for exit k), registered on the model as
+    :data:`EXITS` so that they train, move and checkpoint with it.
     """
 
     scope: Scope
     units: list[DepthUnit] = field(default_factory=list)  # in sorted order: units[k] is kept k-th
     readout: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     finish: Callable[[nn.Module, object], None] | None = None
+    exits: nn.ModuleDict | None = None
 
     @property
     def depth(self) -> int:
@@ -79,7 +84,22 @@ class _DepthUnitMixin:
         return self.sorted_skip(self, *args, **kwargs)
 
 
+class _ExitSwitchMixin:
+    """The shared module every exit reads out through (a decoder's final norm), when some exits have
+    their own (:func:`add_exit_readouts`): at such an exit, its own module runs instead."""
+
+    sorted_scope: Scope
+    sorted_exits: nn.ModuleDict  # held outside ``_modules``: the model registers it once, as EXITS
+
+    def forward(self, *args, **kwargs):
+        depth = self.sorted_scope.exit_depth()
+        own = self.sorted_exits[str(depth)] if depth is not None and str(depth) in self.sorted_exits else None
+        self.sorted_delegated = own is not None  # its own parameters did not run (FLOP counting)
+        return super().forward(*args, **kwargs) if own is None else own(*args, **kwargs)
+
+
 _UNIT_CLASSES: dict[type, type] = {}
+_SWITCH_CLASSES: dict[type, type] = {}
 
 
 def _unit_class(base: type) -> type:
@@ -88,10 +108,16 @@ def _unit_class(base: type) -> type:
     return _UNIT_CLASSES[base]
 
 
+def _switch_class(base: type) -> type:
+    if base not in _SWITCH_CLASSES:
+        _SWITCH_CLASSES[base] = type(f"ExitSwitched{base.__name__}", (_ExitSwitchMixin, base), {"__module__": __name__})
+    return _SWITCH_CLASSES[base]
+
+
 def plain_class(module: nn.Module) -> type:
     """The library class a sorted module was converted from."""
     cls = type(module)
-    if isinstance(module, _DepthUnitMixin):
+    if isinstance(module, (_DepthUnitMixin, _ExitSwitchMixin)):
         return cls.__mro__[2]
     if isinstance(module, SortedLayer):  # a family's own subclass of a sorted layer too (e.g. a fused one)
         plain = {sorted_cls: base for base, sorted_cls in SORTED_LAYERS.items()}
@@ -175,6 +201,55 @@ def call(model: nn.Module, inputs) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+#: the attribute (and state_dict prefix) of the exits' own readouts on a model (:func:`add_exit_readouts`)
+EXITS = "sortednet_exits"
+
+
+def add_exit_readouts(model: nn.Module, shared: nn.Module, make: Callable[[int], nn.Module],
+                      depths: Sequence[int]) -> nn.ModuleDict:
+    """Give each exit in ``depths`` its own readout module, ``make(k)`` for exit ``k``, which runs in
+    place of ``shared`` (the module every exit reads through, e.g. the final norm; its class is
+    swapped in place) whenever exit ``k`` is read out: by :func:`run_exits`, by :func:`read_exit`,
+    and by the model's own forward pass as a depth-``k`` sub-model. The full model keeps ``shared``.
+    The modules are registered on ``model`` as :data:`EXITS` (``state_dict`` keys
+    ``sortednet_exits.<k>.*``): they train, move and checkpoint with it, and a plain model cut out at
+    depth ``k`` (:func:`~sortedcli.nest.extract.extract`) has ``make(k)``'s trained copy where
+    ``shared`` was."""
+    nest = nesting(model)
+    if nest.readout is None:
+        raise ValueError("exit readouts need exits: this model's depth units are not exits of one stack")
+    if nest.exits is not None:
+        raise ValueError("this model's exits already have their own readouts")
+    bad = [k for k in depths if not 1 <= k < nest.depth]
+    if bad:
+        raise ValueError(f"exit readouts: depth {bad[0]} is outside 1..{nest.depth - 1} (the full model keeps its own)")
+    exits = nn.ModuleDict({str(k): make(k) for k in sorted(set(depths))})
+    model.add_module(EXITS, exits)
+    shared.__class__ = _switch_class(type(shared))
+    shared.sorted_scope = nest.scope
+    object.__setattr__(shared, "sorted_exits", exits)  # not a second registration of the same modules
+    nest.exits = exits
+    return exits
+
+
+@contextlib.contextmanager
+def reading(model: nn.Module, depth: int | None) -> Iterator[None]:
+    """Inside the block, a readout computes exit ``depth``'s logits (its own readout module, if it has
+    one) whatever sub-model is active; ``None``: the active sub-model's own exit."""
+    scope = nesting(model).scope
+    previous, scope.reading = scope.reading, depth
+    try:
+        yield
+    finally:
+        scope.reading = previous
+
+
+def read_exit(model: nn.Module, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+    """Exit ``depth``'s logits of ``hidden``, the hidden state after depth unit ``depth - 1``."""
+    with reading(model, depth):
+        return nesting(model).readout(model, hidden)
+
+
 def has_exits(model: nn.Module) -> bool:
     """Whether the depth sub-models of ``model`` are exits of one stack (see :class:`Nesting`)."""
     return nesting(model).readout is not None
@@ -212,7 +287,7 @@ def run_exits(model: nn.Module, inputs, depths: Sequence[int],
     finally:
         for h in hooks:
             h.remove()
-    logits = {k: nest.readout(model, h if at is None else h[at]) for k, h in caught.items()}
+    logits = {k: read_exit(model, h if at is None else h[at], k) for k, h in caught.items()}
     logits[deepest] = final if at is None else final[at]
     return logits
 

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from .convert import _DepthUnitMixin, call, nesting, plain_class, use
+from .convert import EXITS, _DepthUnitMixin, _ExitSwitchMixin, call, nesting, plain_class, use
 from .layers import SORTED_LAYERS, SortedLayer
 from .space import SubModel
 
@@ -90,6 +90,15 @@ def extract(model: nn.Module, sub: SubModel | None, example) -> nn.Module:
             _strip(m)
             if name in dropped:
                 _set(plain, name, nest.units[rank].plain_skip(m))
+    # Exits' own readouts: the cut-out depth's own (if it has one) takes the shared module's place;
+    # the others are not part of this sub-model.
+    own = plain._modules.pop(EXITS, None)
+    for name, m in list(plain.named_modules()):
+        if isinstance(m, _ExitSwitchMixin):
+            m.__class__ = plain_class(m)
+            _strip(m)
+            if own is not None and depth is not None and str(depth) in own:
+                _set(plain, name, own[str(depth)])
     _retie(plain, _shared(model))
     if nest.finish is not None:
         nest.finish(plain, sub)
@@ -158,7 +167,8 @@ def _retie(plain: nn.Module, groups: list[list[str]]) -> None:
 
 
 def _strip(m: nn.Module) -> None:
-    for attr in ("sorted_scope", "sorted_dim", "sorted_unit", "sorted_rank", "sorted_skip", "sync"):
+    for attr in ("sorted_scope", "sorted_dim", "sorted_unit", "sorted_rank", "sorted_skip", "sorted_exits",
+                 "sorted_delegated", "sync"):
         m.__dict__.pop(attr, None)
 
 

@@ -32,6 +32,14 @@ class Scope:
     def __init__(self, depth_dim: str = "depth"):
         self.sub = None
         self.depth_dim = depth_dim
+        self.reading: int | None = None  # the exit being read out, when not the active sub-model's own
+
+    def exit_depth(self) -> int | None:
+        """The depth whose exit the readout is computing: the one :func:`~sortedcli.nest.convert.reading`
+        names, else the active sub-model's depth (None: the full model)."""
+        if self.reading is not None:
+            return self.reading
+        return None if self.sub is None else self.sub.get(self.depth_dim)
 
     def size(self, dim: str, full: int, unit: int = 1) -> int:
         level = None if self.sub is None else self.sub.get(dim)
