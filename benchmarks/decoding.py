@@ -8,7 +8,8 @@ Usage::
     make bench-decoding [MODEL=DIR]
 
 ``--model DIR`` is a ``LlamaForCausalLM`` folder (``save_pretrained``; a tokenizer in it is used for the
-prompts). Without it the model is a random-init LLaMA sized so that the decoder layers, not the LM
+prompts), or a run folder (its newest checkpoint, built as ``sortednet generate`` builds it: exits with
+their own readouts, ``model.exits``, read through them). Without it the model is a random-init LLaMA sized so that the decoder layers, not the LM
 head, dominate the cost (12 layers, hidden 512, 8 query / 4 key-value heads, FFN 1376, vocab 4096):
 its speeds and the draft cost ``c`` are meaningful, its acceptance rate is not (a random model's
 shallow exits rarely agree with its last one), so a speed-up needs a trained model.
@@ -81,7 +82,19 @@ def pick_device(name: str) -> torch.device:
 def load_model(args, device, dtype):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if args.model:
+    if args.model and (Path(args.model) / "checkpoints" / "latest").is_file():
+        # a run folder: its sorted model as generate builds it, the exits' own readouts (model.exits) included
+        from sortedcli import models, runs
+        from sortedcli.build import plain
+        from sortedcli.commands.loaded import restore
+
+        run_dir, ckpt = runs.resolve_checkpoint(args.model, None)
+        run_cfg = runs.checkpoint_config(ckpt)
+        source = runs.self_contained(run_cfg, run_dir)
+        tokenizer = models.tokenizer(plain(source.model))
+        model = restore(ckpt, run_cfg, source, lm.model_args(tokenizer)).to(dtype)
+        what = f"{args.model} (the run's model, {ckpt.name})"
+    elif args.model:
         model = LlamaForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
         tokenizer = None
         if (Path(args.model) / "tokenizer_config.json").is_file() or (Path(args.model) / "tokenizer.json").is_file():
@@ -193,7 +206,7 @@ def _ranked_vocab(tokenizer, prompts, vocab_size: int) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="a LlamaForCausalLM folder (default: a random-init 12-layer LLaMA)")
+    ap.add_argument("--model", help="a LlamaForCausalLM folder or a run folder (default: a random-init 12-layer LLaMA)")
     ap.add_argument("--draft-exits", default="", help="comma-separated draft exits (default: L/4, L/3, L/2)")
     ap.add_argument("--thresholds", default="",
                     help="early exit 'layer:threshold,...' (default: the paper's, scaled to the model's depth)")

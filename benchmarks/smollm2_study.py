@@ -77,6 +77,17 @@ ARMS = {
                       ["sampler=all", "distill.enabled=true", "distill.teacher=initial", "distill.alpha=1.0",
                        "distill.anchor=10.0", "distill.anchor_only=true", "optim.lr=1e-5"]),
     "soft_self": ("SoFT on the model's own answers", "smollm2_soft_self", ["sampler=all"]),
+    "exit_readouts": ("the untouched model's exits with their own affine readouts, trunk frozen, self-distilled",
+                      "smollm2_soft", ["sampler=all", "model.exits.readout=affine", "model.exits.trunk=frozen",
+                                       "distill.enabled=true", "distill.teacher=self", "distill.alpha=1.0",
+                                       "optim.lr=1e-3"]),
+    # two stages: soft_all's model (its newest checkpoint, as the plain folder of its full model) with its
+    # exits' own readouts trained on top, trunk frozen; its a0 is measured against soft_all's model, which
+    # is its starting model (soft_all's own a0 is the one against SmolLM2)
+    "soft_then_readouts": ("soft_all's model, then its exits' own affine readouts, trunk frozen", "smollm2_soft",
+                           ["model.pretrained={runs}/soft_all/full-model", "sampler=all", "model.exits.readout=affine",
+                            "model.exits.trunk=frozen", "distill.enabled=true", "distill.teacher=self",
+                            "distill.alpha=1.0", "optim.lr=1e-3"]),
 }
 UNTOUCHED = ("untouched", "smollm2_soft", ["trainer.max_steps=0"])
 
@@ -138,7 +149,10 @@ def decode(run: Path, draft: dict, measure: bool = True) -> dict | None:
         return json.loads(out.read_text())
     if not measure:
         return None
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "decoding.py"), "--model", str(full_model(run)),
+    # a run whose exits read out through their own modules (model.exits) is decoded as the run itself: a
+    # plain folder of its full model would read every exit through the shared norm
+    own = _config(run).get("model", {}).get("exits", {}).get("readout", "shared") != "shared"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decoding.py"), "--model", str(run if own else full_model(run)),
            "--out", str(out), *DECODE, *(["--draft-exits", str(draft["exit"])] if draft.get("exit") else []),
            *(["--expected", str(draft["speedup"])] if draft.get("speedup") else [])]
     print("$ " + " ".join(cmd[1:]), flush=True)
@@ -148,6 +162,13 @@ def decode(run: Path, draft: dict, measure: bool = True) -> dict | None:
     doc["checkpoint"] = ckpt
     out.write_text(json.dumps(doc, indent=1))
     return doc
+
+
+def _config(run: Path) -> dict:
+    """The run's resolved config (``run/config.yaml``)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
 
 
 def full_model(run: Path) -> Path:
@@ -290,7 +311,8 @@ def main(argv=None) -> None:
         run = runs / name
         started = time.time()
         before = progress(run) if latest(run) is not None else None
-        info = train(run, recipe, overrides, None if name == "untouched" else args.minutes, args.set)
+        placed = [o.replace("{runs}", str(runs)) for o in overrides]  # (the record keeps "{runs}")
+        info = train(run, recipe, placed, None if name == "untouched" else args.minutes, args.set)
         info.update(progress(run), title=title, recipe=recipe, overrides=overrides)
         if before == progress(run) and name in earlier:  # nothing trained now: the load it trained at
             info["load"] = earlier[name].get("load", info["load"])

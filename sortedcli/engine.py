@@ -406,7 +406,9 @@ def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor,
     depths = [m.get(nest.scope.depth_dim) or top for m in members]
     states = exit_states(model, inputs, depths, keep)
     targets, count = task.kept_targets(batch), task.counted(batch)
-    leaves = {k: h.detach().requires_grad_() for k, h in states.items()}
+    # (a frozen trunk's states need no gradient: a readout whose own weights do not train either, such as
+    # the full model's there, is then not back-propagated at all)
+    leaves = {k: h.detach().requires_grad_(h.requires_grad) for k, h in states.items()}
     chunk = chunk or HEAD_CHUNK
     losses = [torch.zeros((), device=targets.device) for _ in members]
     labels = [torch.zeros((), device=targets.device) for _ in members]
@@ -427,7 +429,8 @@ def exit_losses(model: nn.Module, task: Task, batch, inputs, keep: torch.Tensor,
             elif distill is not None:
                 kd = task.distill_sum(z, ref, t, distill.temperature) / count
                 part = distill.alpha * kd + (1 - distill.alpha) * label
-            (part * scale).backward()
+            if part.requires_grad:
+                (part * scale).backward()
             losses[j] = losses[j] + part.detach()
             labels[j] = labels[j] + label.detach()
     # (a frozen trunk, model.exits.trunk=frozen: only the readouts train, and nothing goes back through it)

@@ -180,6 +180,18 @@ def test_cli_trains_exits_on_a_frozen_trunk_resumes_evals_generates_and_exports_
         assert g.returncode == 0, explain(g)
         texts.append(g.stdout)
     assert texts[0] == texts[1]  # drafting with exit 2's own readout, verified by the full model
+    # benchmarks/decoding.py decodes the run itself (its exits' own readouts), not a plain folder of it
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decoding.py"
+    spec = importlib.util.spec_from_file_location("bench_decoding_exit_readouts", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--model", str(run), "--prompts", "2", "--new-tokens", "6", "--reps", "1", "--ppl-items", "2",
+                          "--draft-exits", "2", "--draft-vocab", "0", "--threads", "1", "--out", str(tmp_path / "d.json")])
+    assert "the run's model" in results["model"]
+    assert results["methods"]["speculative, draft exit 2 (ours)"]["identical"] == 2
     p = cli(["export", "--budget", "0.8"], cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, explain(p)  # every exit within the budget is affine
     assert "within --budget 0.8 can be written as a Hugging Face folder (AutoModelForCausalLM) (an exit with its " \

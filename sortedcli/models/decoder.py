@@ -21,8 +21,10 @@ chunked attention) is refused in one line that names the class and what is suppo
 Sorted model (the registry entries ``causal_lm``, ``llama``, ``llama_tiny``; Sorted LLaMA / SoFT):
 
 - **depth**: the first k decoder layers; exit k reads the hidden state after layer k through the
-  model's own final norm and LM head (no new parameters). A dropped layer passes its hidden state on
-  unchanged, so the depth-k sub-model and exit k of a deeper pass are the same function.
+  model's own final norm and LM head (no new parameters), or through a readout of its own
+  (``model.exits``: its own norm, or an affine map and norm; see "the exits' own readouts" below). A
+  dropped layer passes its hidden state on unchanged, so the depth-k sub-model and exit k of a deeper
+  pass are the same function.
 - **heads** (separate q/k/v projections and per-head norms only): with grouped-query attention, whole
   key/value groups: k/v projections keep ``ceil(level x kv_heads)`` heads (unit ``head_dim``), the
   query projection that many groups of ``heads / kv_heads`` query heads. The rule: a level keeps whole

@@ -12,6 +12,10 @@ sub-model is one assignment on that scope, made by the context manager ``use``::
         logits = model(x)
 
 Outside ``use`` the model is the full model.
+
+``add_exit_readouts`` is the one addition to a model's weights: exits of a stack that read out through
+modules of their own (registered as ``sortednet_exits``, so those are new state_dict keys), which run in
+place of the shared module whenever their exit is read.
 """
 
 from __future__ import annotations
