@@ -287,7 +287,8 @@ def main(argv=None) -> dict:
             methods[f"speculative, draft exit {E}, vocab {n} (ours)"] = \
                 lambda p, E=E, vocab=vocab: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k,
                                                           eos=eos, draft_vocab=vocab, expected=args.expected)
-        methods[f"assistant_early_exit={E} (transformers)"] = lambda p, E=E: hf(p, assistant_early_exit=E)
+        if getattr(getattr(model, "sortednet", None), "exits", None) is None:  # (it would read the shared norm)
+            methods[f"assistant_early_exit={E} (transformers)"] = lambda p, E=E: hf(p, assistant_early_exit=E)
     methods["early exit (ours)"] = lambda p: D.early_exit(stack, p, thresholds=thresholds, max_new_tokens=N, eos=eos)
     chosen = None
     if args.max_ppl_increase > 0 and scored:

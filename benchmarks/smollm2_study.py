@@ -151,7 +151,7 @@ def decode(run: Path, draft: dict, measure: bool = True) -> dict | None:
         return None
     # a run whose exits read out through their own modules (model.exits) is decoded as the run itself: a
     # plain folder of its full model would read every exit through the shared norm
-    own = _config(run).get("model", {}).get("exits", {}).get("readout", "shared") != "shared"
+    own = ((_config(run).get("model") or {}).get("exits") or {}).get("readout", "shared") != "shared"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decoding.py"), "--model", str(run if own else full_model(run)),
            "--out", str(out), *DECODE, *(["--draft-exits", str(draft["exit"])] if draft.get("exit") else []),
            *(["--expected", str(draft["speedup"])] if draft.get("speedup") else [])]
@@ -312,6 +312,10 @@ def main(argv=None) -> None:
         started = time.time()
         before = progress(run) if latest(run) is not None else None
         placed = [o.replace("{runs}", str(runs)) for o in overrides]  # (the record keeps "{runs}")
+        for source in {o.split("{runs}/")[1].split("/")[0] for o in overrides if "{runs}/" in o}:
+            if latest(runs / source) is None:
+                raise SystemExit(f"arm {name} starts from the {source} arm's model: run --arms {source} first")
+            full_model(runs / source)  # its newest checkpoint, as a plain folder
         info = train(run, recipe, placed, None if name == "untouched" else args.minutes, args.set)
         info.update(progress(run), title=title, recipe=recipe, overrides=overrides)
         if before == progress(run) and name in earlier:  # nothing trained now: the load it trained at

@@ -209,6 +209,10 @@ BAD = {
     "frozen-shared": (["model.exits.trunk=frozen"], "set model.exits.readout=norm or affine"),
     "frozen-lora": (["model.exits.readout=norm", "model.exits.trunk=frozen", "model.lora.r=4"],
                     "model.exits.trunk=frozen and model.lora both choose what trains"),
+    "frozen-no-exit": (["model.exits.readout=affine", "model.exits.trunk=frozen", "dims=[ffn]"],
+                       "no sub-model of dims reads one: sort along depth"),
+    "frozen-only-full-depth": (["model.exits.readout=norm", "model.exits.trunk=frozen", "dims.depth.levels=[4]"],
+                               "no sub-model of dims reads one: sort along depth"),
     "unknown-key": (["+model.exits.head=own"], "unknown key model.exits.head: model.exits has readout, trunk"),
 }
 
@@ -217,6 +221,7 @@ def test_bad_exit_readout_settings_are_one_line_exit_2_and_write_nothing(tmp_pat
     def one(case):
         folder = tmp_path / case
         folder.mkdir()
-        return cli(["train", "model=llama_tiny", "data=hamlet", "dims=[depth]", *BAD[case][0]], cwd=folder), folder
+        return cli(["train", "model=llama_tiny", "data=hamlet", "dims=[depth]", "trainer.max_steps=1", *BAD[case][0]],
+                   cwd=folder), folder
 
     each_refused(BAD, one)

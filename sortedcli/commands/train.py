@@ -19,7 +19,7 @@ from ..engine import (NonFiniteLoss, Progress, calibration_batches, checkpoint_a
                       evaluate, fit, precision_label, steps_per_epoch)
 from ..errors import UsageError
 from ..models import hf
-from ..nest import synchronize
+from ..nest import EXITS, nesting, synchronize
 from ..tensorboard_log import TensorBoardLog
 from .loaded import check_fits
 
@@ -336,6 +336,20 @@ def check_context(data, model) -> None:
                          "(instructions), or use a model with a longer context")
 
 
+def check_something_trains(model: torch.nn.Module, grid) -> None:
+    """A model whose only trainable weights are its exits' own readouts (``model.exits.trunk=frozen``)
+    needs a sub-model that reads one, a depth below the full model's: else every step would train
+    nothing and the run would save the model it started from."""
+    nest = nesting(model)
+    if nest.exits is None or any(p.requires_grad for name, p in model.named_parameters()
+                                 if not name.startswith(EXITS + ".")):
+        return
+    if not any(str(sub.get(nest.scope.depth_dim)) in nest.exits for sub in grid):
+        raise UsageError(f"only the exits' own readouts train (model.exits.trunk=frozen), and no sub-model of dims "
+                         f"reads one: sort along depth with levels below the model's {nest.depth} layers "
+                         "(e.g. 'dims=[depth]')")
+
+
 def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None) -> Recipe:
     """Data, model (on the device, the same on every rank, or sharded), grid, sampler, teacher, optimizer
     and learning-rate schedule of the run, seeded by ``cfg.seed``."""
@@ -362,6 +376,7 @@ def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None
     elif not resuming and d.main and cfg.model.get("tokenizer") and tokenizer is not None:
         hf.keep_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
     grid = build_grid(cfg, model)
+    check_something_trains(model, grid)
     sampler = build_sampler(cfg, grid)
     for note in sampler.notes:  # a setting the schedule had to change (g above the grid's size)
         console.print(f"[yellow]{note}[/]")
