@@ -576,17 +576,20 @@ class ExitCosts:
     (attention over the cached context is not counted: it is small beside the projections at the
     contexts of a chat answer): a decoder layer, the full head (final norm and soft-cap are not
     counted), one confidence check (the head's rows over the confidence vocabulary, or the full
-    head), the keys/values of one skipped layer (:meth:`Stack.fill`)."""
+    head), the keys/values of one skipped layer (:meth:`Stack.fill`), and an exit's own readout
+    (``model.exits.readout=affine``: its map, run at every check; 0 for the shared readout)."""
 
     layer: float
     head: float
     check: float
     fill: float
+    readout: float = 0.0
 
     def token(self, exit, checks, layers: int):
         """Cost of a token that answered at ``exit`` after ``checks`` confidence checks (numbers or
-        tensors): its layers, its checks, the full head once, and the fill of the layers it skipped."""
-        return exit * self.layer + checks * self.check + self.head + (layers - exit) * self.fill
+        tensors): its layers, its checks (each through its exit's readout), the full head once, and
+        the fill of the layers it skipped."""
+        return exit * self.layer + checks * (self.check + self.readout) + self.head + (layers - exit) * self.fill
 
     def full(self, layers: int) -> float:
         """A token of plain greedy decoding: every layer and the head."""
@@ -598,7 +601,8 @@ def exit_costs(stack: Stack, vocab_rows: int | None = None) -> ExitCosts:
     ``stack.lm_head``, as :class:`~sortedcli.models.decoder.DecoderStack`): a layer is the
     multiply-adds of its Linear modules (mean over the layers), a fill its key/value projections
     (the fused qkv projection where there is one), a check ``vocab_rows`` rows of the head (None: all
-    of them). Any other stack counts layer passes only (layer 1, the rest 0)."""
+    of them), a readout what the stack's ``readout_macs()`` says (the mean over its exits' own readouts;
+    none: 0). Any other stack counts layer passes only (layer 1, the rest 0)."""
     base, lm_head = getattr(stack, "base", None), getattr(stack, "lm_head", None)
     layers = getattr(base, "layers", None)
     if layers is None or lm_head is None:
@@ -614,7 +618,9 @@ def exit_costs(stack: Stack, vocab_rows: int | None = None) -> ExitCosts:
     fill /= len(used)
     V, H = lm_head.weight.shape
     rows = V if vocab_rows is None else min(int(vocab_rows), V)
-    return ExitCosts(float(per_layer), float(V * H), float(rows * H), float(fill))
+    readout = getattr(stack, "readout_macs", None)
+    return ExitCosts(float(per_layer), float(V * H), float(rows * H), float(fill),
+                     float(readout()) if readout is not None else 0.0)
 
 
 @torch.inference_mode()

@@ -94,6 +94,18 @@ def test_flops_and_parameters_count_an_exits_own_readout():
             assert got[sub].params - shared[sub].params == (0 if full else extra_params), (readout, sub)
 
 
+def test_early_exit_counts_an_exits_own_map_at_every_check():
+    """exit_costs' readout: an affine exit's H x H map runs at each check (the mean over the exits); a
+    norm exit and the shared readout add nothing; a token's cost counts it once per check."""
+    from sortedcli import decoding as D
+
+    assert D.exit_costs(DecoderStack(_llama())).readout == 0
+    assert D.exit_costs(DecoderStack(_llama("norm"))).readout == 0
+    affine = D.exit_costs(DecoderStack(_llama("affine")), 20)
+    assert affine.readout == H * H and affine.check == 20 * H
+    assert affine.token(2, 2, 4) - D.exit_costs(DecoderStack(_llama()), 20).token(2, 2, 4) == 2 * H * H
+
+
 def test_a_norm_exit_is_cut_out_as_a_stock_model_and_an_affine_one_is_not_exportable(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
     model, sub = _moved(_llama("norm")), SubModel.of(depth=2)

@@ -626,6 +626,17 @@ class DecoderStack:
         with self._exit(layer):
             return _softcap(self.lm_head(self.base.norm(hidden)), self.lay.softcap)
 
+    def readout_macs(self) -> float:
+        """Multiply-adds per token of an exit's own readout beyond the shared one's (the Linear
+        weights of ``model.exits``' maps, the mean over the exits; 0 without them): what early exit
+        pays at every check on top of the head's rows (:func:`sortedcli.decoding.exit_costs`)."""
+        nest = getattr(self.model, "sortednet", None)
+        own = [] if nest is None or nest.exits is None else list(nest.exits.values())
+        if not own:
+            return 0.0
+        return sum(m.weight.numel() for readout in own for m in readout.modules()
+                   if isinstance(m, nn.Linear)) / len(own)
+
     def vocab_head(self, vocab: torch.Tensor):
         """The readout restricted to the token ids ``vocab``: the exit's final norm, then those rows of
         the LM head (gathered once, contiguous, so a draft step multiplies by |vocab| rows, not all).
