@@ -37,10 +37,11 @@ Measured, beside tokens/s:
   perplexity is the chooser's own measurement on the sequences it chose on.
 
 First, what verifying costs: one full-model step (with a KV cache of 32 tokens) of 1, 2, k+1
-tokens, against one token (``verify``). Where k+1 tokens cost about one token's time (bound by
-reading the weights, as on a GPU), self-speculation can win; where they cost much more (a CPU whose
-kernels switch from matrix-vector to matrix-matrix at 2 rows), verification is not free and the
-bound over-promises. Then ``c`` per draft exit from a timed decoding step (head included), with the
+tokens, against one token (``verify``; the sizes timed in turns, as eval's
+:func:`sortedcli.draft.verify_ratios`). Where k+1 tokens cost about one token's time (bound by
+reading the weights, as on a GPU), self-speculation can win; where they cost much more,
+verification is not free and the bound over-promises (SmolLM2-135M on 2 quiet EPYC cores: 2 tokens
+1.05x one, 5 tokens 1.55x, 9 tokens 1.9x). Then ``c`` per draft exit from a timed decoding step (head included), with the
 full head and with the draft head restricted to the N most frequent tokens (``--draft-vocab``,
 FR-Spec; counted on the GSM8K training split with the model's tokenizer, or on the prompts without
 one); self-speculation runs with and without that subset (greedy output identical either way).
@@ -84,15 +85,12 @@ def load_model(args, device, dtype):
 
     if args.model and (Path(args.model) / "checkpoints" / "latest").is_file():
         # a run folder: its sorted model as generate builds it, the exits' own readouts (model.exits) included
-        from sortedcli import models, runs
-        from sortedcli.build import plain
-        from sortedcli.commands.loaded import restore
+        from sortedcli import runs
+        from sortedcli.commands.generate import run_model
 
         run_dir, ckpt = runs.resolve_checkpoint(args.model, None)
-        run_cfg = runs.checkpoint_config(ckpt)
-        source = runs.self_contained(run_cfg, run_dir)
-        tokenizer = models.tokenizer(plain(source.model))
-        model = restore(ckpt, run_cfg, source, lm.model_args(tokenizer)).to(dtype)
+        model, tokenizer, _ = run_model(run_dir, ckpt)
+        model = model.to(dtype)
         what = f"{args.model} (the run's model, {ckpt.name})"
     elif args.model:
         model = LlamaForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
@@ -157,25 +155,6 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
         return out, time.perf_counter() - t
-
-
-@torch.inference_mode()
-def _verify_ms(stack, T: int, context: int = 32, reps: int = 5) -> float:
-    """Median ms of one full-model step of T tokens (all layers + head on every row), cache of ``context``."""
-    dev = stack.device
-    cache = stack.new_cache()
-    stack.layers(stack.embed(torch.zeros(1, context, dtype=torch.long, device=dev)), 0, stack.num_layers, cache,
-                 torch.arange(context, device=dev))
-    x = stack.embed(torch.zeros(1, T, dtype=torch.long, device=dev))
-    pos = torch.arange(context, context + T, device=dev)
-
-    def step():
-        stack.head(stack.layers(x, 0, stack.num_layers, cache, pos))
-        stack.crop(cache, context)
-
-    from sortedcli.engine import latency_ms
-
-    return latency_ms(step, dev, 2, reps)
 
 
 @torch.inference_mode()
@@ -252,9 +231,11 @@ def main(argv=None) -> dict:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
 
     # What verifying T tokens costs against one (full model, KV cache of 32 tokens, head on every row).
-    verify = {}
-    for T in sorted({1, 2, args.k + 1, 2 * args.k + 1}):
-        verify[T] = _verify_ms(stack, T)
+    # The sizes are timed in turns (sortedcli.draft.verify_ratios, as eval does): timed one size after
+    # the other, a burst of load once made 2 tokens cost 1.6x one and 5 tokens 1.5x.
+    from sortedcli.draft import verify_ratios
+
+    verify = verify_ratios(stack, tuple(sorted({1, 2, args.k + 1, 2 * args.k + 1})), reps=7, ms=True)
     note("verify cost, full model step of T tokens: " + ", ".join(
         f"T={T}: {ms:.1f} ms ({ms / verify[1]:.2f}x)" for T, ms in verify.items()))
     # The draft vocabularies: token ids ranked by frequency in training text.

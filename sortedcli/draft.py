@@ -12,8 +12,9 @@ For each trained exit E of a causal LM, ``sortednet eval`` measures
 
 and predicts the speed-up of drafting k tokens from E, ``(1 - a^(k+1)) / ((1 - a)(k c + v(k+1)))``
 (tokens per round over full-model costs per round). Where decoding is bound by reading the weights
-(a GPU at batch 1) v is about 1 and this is the paper's bound; on a CPU v(2) is already ~1.7, and
-a prediction that ignored it would over-promise and pick too long a draft. The exit and k with the best prediction are the run's draft: ``sortednet
+(a GPU at batch 1) v is about 1 and this is the paper's bound; on a CPU it grows with T (SmolLM2-135M
+on 2 quiet cores: v(2) = 1.05, v(5) = 1.55, v(9) = 1.9), and a prediction that ignored it would
+over-promise and pick too long a draft. The exit and k with the best prediction are the run's draft: ``sortednet
 generate --speculative`` uses them when no ``--draft-exit`` is given.
 
 The same is measured with the draft reading out through the N most frequent tokens of the training
@@ -144,14 +145,15 @@ def step_ms(stack, exit: int, context: int = 32, warmup: int = 3, reps: int = 10
 
 
 @torch.inference_mode()
-def verify_ratios(stack, sizes=VERIFY_SIZES, context: int = 32, warmup: int = 2, reps: int = 5) -> dict[int, float]:
+def verify_ratios(stack, sizes=VERIFY_SIZES, context: int = 32, warmup: int = 2, reps: int = 5,
+                  ms: bool = False) -> dict[int, float]:
     """``{T: time of one full-model step of T tokens / one token's}`` (KV cache of ``context`` tokens,
     the head on every row, as a verification pass computes it). The sizes are timed in turns, one step
     each per round, the order reversed every other round, and each is the median of its ``reps``: a
     burst of load then slows every size alike instead of the one measured at the time. A step of more
     tokens does more work than one of a single token, so a ratio below 1 is noise and counts as 1 (a
     busy machine once measured 3 tokens at 0.72x one, which predicted a 1.22x speed-up from an exit
-    agreeing on 3% of tokens)."""
+    agreeing on 3% of tokens). ``ms``: the medians themselves, in milliseconds, instead of ratios."""
     dev = stack.device
     cache = stack.new_cache()
     stack.layers(stack.embed(torch.zeros(1, context, dtype=torch.long, device=dev)), 0, stack.num_layers, cache,
@@ -173,6 +175,8 @@ def verify_ratios(stack, sizes=VERIFY_SIZES, context: int = 32, warmup: int = 2,
             if r >= warmup:
                 times[T].append(ms)
     median = {T: sorted(t)[len(t) // 2] for T, t in times.items()}
+    if ms:
+        return median
     one = median[sizes[0]]
     return {T: max(1.0, median[T] / one) if T > sizes[0] else median[T] / one for T in sizes}
 

@@ -115,16 +115,24 @@ def load_generator(cfg: DictConfig):
     if folder is not None:
         return load_pretrained(cfg, folder)
     run_dir, ckpt = runs.resolve_checkpoint(cfg.get("ckpt"), cfg.paths.runs)
+    model, tokenizer, run_cfg = run_model(run_dir, ckpt)
+    device, _ = build_device(cfg)
+    model.to(device).eval()
+    return models.entry(run_cfg.model.name).stack(model), tokenizer, run_cfg, ckpt, run_dir, model
+
+
+def run_model(run_dir: Path, ckpt: Path):
+    """``(model, tokenizer, run config)`` of checkpoint ``ckpt`` of the language-model run ``run_dir``,
+    on the CPU: the sorted model with the exits' own readouts (``model.exits``) and LoRA adapters
+    merged, the run's own copy of its tokenizer. What generate decodes with (and
+    ``benchmarks/decoding.py --model RUN``)."""
     run_cfg = runs.checkpoint_config(ckpt)
     entry = models.entry(run_cfg.model.name)
     if not entry.can_generate or run_cfg.data.name not in LANGUAGE:
         raise _not_a_language_model(run_dir, run_cfg.model.name, task_name(run_cfg.data), run_cfg.data.name)
     source = runs.self_contained(run_cfg, run_dir)  # the run's own copy of the pretrained config + tokenizer
     tokenizer = models.tokenizer(plain(source.model))
-    model = restore(ckpt, run_cfg, source, lm.model_args(tokenizer))  # LoRA adapters merged
-    device, _ = build_device(cfg)
-    model.to(device).eval()
-    return entry.stack(model), tokenizer, run_cfg, ckpt, run_dir, model
+    return restore(ckpt, run_cfg, source, lm.model_args(tokenizer)), tokenizer, run_cfg  # LoRA adapters merged
 
 
 def trained_exits(run_cfg, model, layers: int) -> list[int] | None:
