@@ -94,6 +94,34 @@ def test_flops_and_parameters_count_an_exits_own_readout():
             assert got[sub].params - shared[sub].params == (0 if full else extra_params), (readout, sub)
 
 
+def test_only_the_exits_the_grid_trains_get_a_readout(tmp_path):
+    """model.exits.at (the configs pass the depth dim's levels): readouts at those exits only, the full
+    depth keeping the model's own; an exit without one reads the shared readout; the composed configs
+    give a 10-exit recipe's levels, and 'all' where no depth is sorted."""
+    from sortedcli.build import plain
+    from sortedcli.models.decoder import exits_options
+
+    model = create("llama", vocab_size=VOCAB, config=dict(TINY), exits={"readout": "affine", "at": [2, 4]})
+    assert sorted(model.sortednet.exits) == ["2"]
+    assert {k.split(".")[1] for k in model.state_dict() if k.startswith(EXITS + ".")} == {"2"}
+    shared = _llama()
+    shared.load_state_dict({k: v for k, v in _moved(model).state_dict().items() if not k.startswith(EXITS)})
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    got, ref = run_exits(model, ids, [1, 2, 4]), run_exits(shared, ids, [1, 2, 4])
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[4], ref[4]) and not torch.allclose(got[2], ref[2])
+    from test_configs import conf, recipe
+
+    cfg = conf("train", ["model=llama_tiny", "dims=[depth]", "dims.depth.levels=[1,3,4]", "model.exits.readout=norm"])
+    assert exits_options(plain(cfg.model)["exits"])["at"] == [1, 3, 4]
+    cfg = conf("train", ["model=llama_tiny", "dims=[ffn]", "model.exits.readout=norm"])
+    assert exits_options(plain(cfg.model)["exits"])["at"] == "all"
+    cfg = recipe("smollm2_soft", ["model.exits.readout=affine"])
+    assert exits_options(plain(cfg.model)["exits"])["at"] == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    for bad in ([], [0], "some", [1.5], [True]):
+        with pytest.raises(Exception, match="model.exits.at must be 'all' or a list of layer counts"):
+            exits_options({"readout": "norm", "at": bad})
+
+
 def test_early_exit_counts_an_exits_own_map_at_every_check():
     """exit_costs' readout: an affine exit's H x H map runs at each check (the mean over the exits); a
     norm exit and the shared readout add nothing; a token's cost counts it once per check."""
@@ -225,7 +253,9 @@ BAD = {
                        "no sub-model of dims reads one: sort along depth"),
     "frozen-only-full-depth": (["model.exits.readout=norm", "model.exits.trunk=frozen", "dims.depth.levels=[4]"],
                                "no sub-model of dims reads one: sort along depth"),
-    "unknown-key": (["+model.exits.head=own"], "unknown key model.exits.head: model.exits has readout, trunk"),
+    "at-not-a-list": (["model.exits.readout=norm", "model.exits.at=some"],
+                      "model.exits.at must be 'all' or a list of layer counts"),
+    "unknown-key": (["+model.exits.head=own"], "unknown key model.exits.head: model.exits has at, readout, trunk"),
 }
 
 

@@ -301,7 +301,8 @@ def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, 
 # shared readout of layer 24 agrees with the full model on 0.43 of held-out answer tokens, its own
 # copy of the final norm on 0.63, and an affine map before that norm (the "tuned lens") on 0.79; after
 # an epoch of SoFT, 0.80 / 0.81 / 0.86 (docs/results/smollm2/exit-norm-probe). ``model.exits.readout``
-# gives every exit 1..L-1 its own module in place of the final norm (nest.add_exit_readouts):
+# gives each exit of ``model.exits.at`` (the configs: the depth dim's levels, the exits the grid trains;
+# ``all``: every exit 1..L-1) its own module in place of the final norm (nest.add_exit_readouts):
 #
 # - ``norm``: a copy of the final norm (H weights per exit). An exit cut out by export keeps it as
 #   its final norm: still a stock model;
@@ -316,11 +317,15 @@ def build_decoder(vocab_size: int | None = None, pretrained: str | None = None, 
 
 EXIT_READOUTS = ("shared", "norm", "affine")
 EXIT_TRUNKS = ("train", "frozen")
-EXIT_KEYS = ("readout", "trunk")
+EXIT_KEYS = ("readout", "trunk", "at")
 
 
 def exits_options(exits, lora: dict | None = None) -> dict | None:
-    """``model.exits`` checked: None for the shared readout, else ``{readout, trunk}``."""
+    """``model.exits`` checked: None for the shared readout, else ``{readout, trunk, at}``. ``at``: the
+    layer counts that get a readout, ``all`` (every exit 1..L-1) or a list (the configs pass the depth
+    dim's levels, ``${oc.select:dims.depth.levels,all}``: a readout for every exit the grid trains and
+    none for the 19 a 10-exit recipe on a 30-layer model never reads; the full depth keeps the model's
+    own readout, so it may be in the list)."""
     if exits is None:
         return None
     example = "model.exits.readout=norm|affine (and model.exits.trunk=frozen to train only them) or model.exits=null"
@@ -339,7 +344,14 @@ def exits_options(exits, lora: dict | None = None) -> dict | None:
                          "has none: set model.exits.readout=norm or affine")
     if trunk == "frozen" and lora is not None:
         raise UsageError("model.exits.trunk=frozen and model.lora both choose what trains: use one of them")
-    return None if readout == "shared" else {"readout": readout, "trunk": trunk}
+    at = exits.get("at", "all")
+    if at is None:
+        at = "all"
+    if at != "all" and not (isinstance(at, (list, tuple)) and at
+                            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in at)):
+        raise UsageError(f"model.exits.at must be 'all' or a list of layer counts (e.g. [15, 24]), got {at!r}")
+    return None if readout == "shared" else {"readout": readout, "trunk": trunk,
+                                             "at": at if at == "all" else sorted(set(at))}
 
 
 class ExitMap(nn.Module):
@@ -357,8 +369,9 @@ class ExitMap(nn.Module):
 
 
 def add_exits(model: nn.Module, exits: dict | None) -> nn.Module:
-    """Every exit 1..L-1 of a sorted decoder with its own readout (see above), in place; ``model``
-    unchanged when ``exits`` is None. With ``trunk=frozen`` only those readouts train."""
+    """The exits ``exits["at"]`` (every exit 1..L-1 for ``all``) of a sorted decoder with their own
+    readouts (see above), in place; ``model`` unchanged when ``exits`` is None. With ``trunk=frozen``
+    only those readouts train."""
     if exits is None:
         return model
     import copy
@@ -374,7 +387,14 @@ def add_exits(model: nn.Module, exits: dict | None) -> nn.Module:
             return own
         return nn.Sequential(ExitMap(model.config.hidden_size, weight.device, weight.dtype), own)
 
-    add_exit_readouts(model, norm, make, range(1, len(_base(model).layers)))
+    L = len(_base(model).layers)
+    at = exits.get("at", "all")
+    depths = range(1, L) if at == "all" else [k for k in at if k < L]
+    if not depths:  # (the configs' `at` is the depth dim's levels: dims.depth.levels=[L] reads no exit)
+        raise UsageError(f"model.exits.readout={exits['readout']} gives exits their own readouts at {at}, and no "
+                         f"sub-model of dims reads one: sort along depth with levels below the model's {L} "
+                         "layers (e.g. 'dims=[depth]'), or set model.exits=null")
+    add_exit_readouts(model, norm, make, depths)
     if exits["trunk"] == "frozen":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(EXITS + ".")
