@@ -153,6 +153,8 @@ def test_lora_soft_trains_evals_every_exit_resumes_generates_and_exports_a_merge
     (tmp_path / "qa.json").write_text(json.dumps(QA))
     p = cli(_train_args(home, "model.lora.r=4", "trainer.max_steps=2"), cwd=tmp_path)
     assert p.returncode == 0, explain(p)
+    # adapters beside random frozen weights: trained, and said (a pretrained model is what LoRA is for)
+    assert "model.lora trains only the adapters, and this model's frozen weights are random" in p.stdout
     run = run_folders(tmp_path / "runs")[0]
     # a safetensors checkpoint holding the base weights and the adapters; the optimizer knows the adapters only
     ckpt = runs.latest_checkpoint(run)

@@ -350,6 +350,17 @@ def check_something_trains(model: torch.nn.Module, grid) -> None:
                          "(e.g. 'dims=[depth]')")
 
 
+def warn_random_lora(model_cfg: DictConfig, console: Console) -> None:
+    """LoRA (``model.lora.r``) trains low-rank adapters beside frozen weights: on a model built from a
+    config (no ``model.pretrained``) those weights are random and stay so. Not refused (a tiny random
+    model is how the tests exercise it), but said, once, where a user starting a run sees it."""
+    lora = model_cfg.get("lora")
+    if lora is not None and lora.get("r") and not model_cfg.get("pretrained"):
+        console.print("[yellow]model.lora trains only the adapters, and this model's frozen weights are random "
+                      "(no model.pretrained): it will not learn much. Give model.pretrained=... or drop "
+                      "model.lora.r[/]", soft_wrap=True)
+
+
 def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None) -> Recipe:
     """Data, model (on the device, the same on every rank, or sharded), grid, sampler, teacher, optimizer
     and learning-rate schedule of the run, seeded by ``cfg.seed``."""
@@ -377,6 +388,8 @@ def setup(cfg: DictConfig, run_dir: Path, where: Launch, resumed: Resumed | None
         hf.keep_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
     grid = build_grid(cfg, model)
     check_something_trains(model, grid)
+    if not resuming and d.main:
+        warn_random_lora(cfg.model, console)
     sampler = build_sampler(cfg, grid)
     for note in sampler.notes:  # a setting the schedule had to change (g above the grid's size)
         console.print(f"[yellow]{note}[/]")
