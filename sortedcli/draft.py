@@ -171,9 +171,9 @@ def verify_ratios(stack, sizes=VERIFY_SIZES, context: int = 32, warmup: int = 2,
     times = {T: [] for T in sizes}
     for r in range(warmup + reps):
         for T in (sizes if r % 2 == 0 else sizes[::-1]):
-            ms = latency_ms(steps[T], dev, warmup=0, reps=1)
+            took = latency_ms(steps[T], dev, warmup=0, reps=1)
             if r >= warmup:
-                times[T].append(ms)
+                times[T].append(took)
     median = {T: sorted(t)[len(t) // 2] for T, t in times.items()}
     if ms:
         return median

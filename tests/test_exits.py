@@ -150,6 +150,8 @@ def test_verify_ratios_time_every_size_and_never_price_more_tokens_below_one():
     token, and no size priced below it (doing more work cannot be cheaper: that is noise)."""
     v = draft.verify_ratios(DecoderStack(tiny_llama(seed=1)), sizes=(1, 2, 5), warmup=1, reps=3)
     assert list(v) == [1, 2, 5] and v[1] == 1.0 and min(v[2], v[5]) >= 1.0
+    ms = draft.verify_ratios(DecoderStack(tiny_llama(seed=1)), sizes=(1, 2), warmup=1, reps=3, ms=True)
+    assert list(ms) == [1, 2] and all(0 < t < 10_000 for t in ms.values())  # the medians, in milliseconds
 
 
 def test_early_exit_thresholds_land_on_the_trained_exits():
