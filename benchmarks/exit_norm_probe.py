@@ -15,7 +15,14 @@ trained by KL(full || exit) on the study's GSM8K chats (the counted answer token
 - ``norm``: a final-norm weight per exit (576 numbers, started from the model's): it folds into an
   exported depth-k model as that model's ``norm.weight``, so a plain transformers model keeps loading;
 - ``affine``: a 576 x 576 linear map per exit before the norm (the "tuned lens"), started at the
-  identity; it costs 0.7 MFLOP a token beside the head's 57, but does not fold into a plain model.
+  identity; it costs 0.7 MFLOP a token beside the head's 57, but does not fold into a plain model;
+- ``mlp``: a residual MLP per exit before the norm, ``x + down(silu(up(rmsnorm(x))))`` with
+  ``--mlp-width`` hidden units (down started at zero: the identity first), a nonlinear readout
+  (Medusa's heads are residual blocks); ``affine_mlp``: the affine map's linear path beside it;
+- ``layer``: a readout that attends over the sequence, a trainable copy of decoder layer k (the next
+  one: it starts as exit k + 1's shared readout) and of the final norm, trained on whole sequences of
+  the layer-k states (``--layer-steps``, ``--layer-lr``); drafting with it costs k + 1 layers, so it
+  compares with exit k + 1's ``affine``.
 
 It reports top-1 agreement with the full model on the held-out split's counted tokens (eval's a) and
 the mean KL there, before and after; ``--samples N``: each exit's greedy answer (40 tokens, the
@@ -68,23 +75,118 @@ def hidden_states(model, data, items, exits, batch_size=4):
     return {k: torch.cat(v) for k, v in keep.items()}
 
 
+def sequence_states(model, data, items, k, batch_size=4):
+    """Per item: the hidden state after the first ``k`` layers at every position (T x H, padding
+    dropped), the counted positions (logits at t predict token t+1) and the last layer's hidden state
+    there: what a readout that attends over the sequence (``layer``) trains and is measured on."""
+    from torch.utils.data import DataLoader
+
+    layers, out, caught = model.model.layers, [], {}
+
+    def catch(j):
+        def hook(module, args, o):
+            caught[j] = o[0] if isinstance(o, tuple) else o
+        return hook
+
+    last = len(layers)
+    hooks = [layers[j - 1].register_forward_hook(catch(j)) for j in {k, last}]
+    try:
+        with torch.no_grad():
+            for batch in DataLoader(items, batch_size=batch_size, collate_fn=data.collate):
+                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                for i in range(batch["input_ids"].shape[0]):
+                    n = int(batch["attention_mask"][i].sum())  # right padding
+                    counted = torch.zeros(n, dtype=torch.bool)
+                    counted[:n - 1] = batch["labels"][i, 1:n] != -100
+                    out.append((caught[k][i, :n].clone(), counted, caught[last][i, :n][counted].clone()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+class LayerExit(torch.nn.Module):
+    """A readout that attends: a trainable copy of decoder layer ``k`` (the next one, so it starts as
+    the shared readout of exit k + 1), then a copy of the final norm and the LM head (frozen). Drafting
+    with it costs k + 1 layers (Kangaroo's adapter is an attention layer on a frozen shallow model)."""
+
+    def __init__(self, model, k):
+        super().__init__()
+        self.head, self.rotary = model.lm_head, model.model.rotary_emb
+        self.layer = copy.deepcopy(model.model.layers[k]).requires_grad_(True)
+        self.norm = copy.deepcopy(model.model.norm).requires_grad_(True)
+
+    def forward(self, h, counted):
+        """``h``: 1 x T x H states of one sequence; logits at its ``counted`` positions."""
+        pos = torch.arange(h.shape[1]).view(1, -1)
+        T = h.shape[1]
+        mask = torch.full((T, T), float("-inf")).triu(1).view(1, 1, T, T)
+        out = self.layer(h, attention_mask=mask, position_ids=pos,
+                         position_embeddings=self.rotary(h, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        return self.head(self.norm(out[0][counted]))
+
+
+def train_layer_exit(model, k, train, test, steps, lr, seqs_per_step=2):
+    exit = LayerExit(model, k)
+    opt = torch.optim.Adam([p for p in exit.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(k)
+
+    def run(item):
+        h, counted, top = item
+        return exit(h.unsqueeze(0), counted), teacher(model, top).log_softmax(-1)
+
+    for step in range(steps):
+        loss = 0.0
+        for i in torch.randint(0, len(train), (seqs_per_step,), generator=g).tolist():
+            s, t = run(train[i])
+            loss = loss + F.kl_div(s.log_softmax(-1), t, log_target=True, reduction="batchmean") / seqs_per_step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def score(items):
+        agree = kl = n = 0.0
+        with torch.no_grad():
+            for item in items:
+                s, t = run(item)
+                s = s.log_softmax(-1)
+                agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+                kl += F.kl_div(s, t, log_target=True, reduction="sum").item()
+                n += s.shape[0]
+        return agree / n, kl / n
+
+    return exit, score(test), score(train[:32])
+
+
 class Exit(torch.nn.Module):
     """One exit's readout: a copy of the model's own final norm (trained for ``norm`` and ``affine``),
     after the identity-started map for ``affine``, then the model's LM head (frozen)."""
 
-    def __init__(self, model, kind):
+    def __init__(self, model, kind, mlp_width: int = 1536):
         super().__init__()
         self.kind, self.head = kind, model.lm_head
         self.norm = copy.deepcopy(model.model.norm).requires_grad_(kind != "shared")
+        width = self.norm.weight.numel()
         if kind == "affine":
-            width = self.norm.weight.numel()
             self.map = torch.nn.Linear(width, width, bias=True)
             torch.nn.init.zeros_(self.map.weight)
             torch.nn.init.zeros_(self.map.bias)
+        elif kind in ("mlp", "affine_mlp"):  # x + down(silu(up(norm(x)))), down at zero: the identity first
+            self.map = torch.nn.Sequential(copy.deepcopy(model.model.norm).requires_grad_(True),
+                                           torch.nn.Linear(width, mlp_width), torch.nn.SiLU(),
+                                           torch.nn.Linear(mlp_width, width))
+            torch.nn.init.zeros_(self.map[3].weight)
+            torch.nn.init.zeros_(self.map[3].bias)
+            if kind == "affine_mlp":  # the affine map's linear path beside the MLP
+                self.linear = torch.nn.Linear(width, width, bias=False)
+                torch.nn.init.zeros_(self.linear.weight)
 
     def forward(self, h):
         if self.kind == "affine":
             h = h + self.map(h)
+        elif self.kind in ("mlp", "affine_mlp"):
+            h = h + self.map(h) + (self.linear(h) if self.kind == "affine_mlp" else 0)
         return self.head(self.norm(h))
 
 
@@ -139,7 +241,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, default=256, help="tokens per step")
     ap.add_argument("--lr", type=float, default=1e-2, help="Adam's for the norm weights")
     ap.add_argument("--map-lr", type=float, default=1e-3, help="Adam's for the affine map")
-    ap.add_argument("--kinds", default="shared,norm,affine")
+    ap.add_argument("--kinds", default="shared,norm,affine", help="of shared, norm, affine, mlp, affine_mlp")
+    ap.add_argument("--mlp-width", type=int, default=1536, help="hidden units of the mlp readouts")
+    ap.add_argument("--layer-steps", type=int, default=600, help="steps of the layer readout (2 sequences each)")
+    ap.add_argument("--layer-lr", type=float, default=1e-4, help="Adam's for the layer readout")
     ap.add_argument("--samples", type=int, default=0,
                     help="held-out questions answered greedily by each exit (and by the full model), 40 tokens")
     ap.add_argument("--out", default=None)
@@ -167,7 +272,7 @@ def main(argv=None) -> dict:
     last = model.config.num_hidden_layers
     print(f"hidden states: {train[last].shape[0]} train / {test[last].shape[0]} held-out tokens "
           f"({time.time() - t0:.0f} s)", flush=True)
-    results = {"model": args.model, "train_tokens": train[last].shape[0], "test_tokens": test[last].shape[0],
+    results = {"model": args.model, "mlp_width": args.mlp_width, "train_tokens": train[last].shape[0], "test_tokens": test[last].shape[0],
                "steps": args.steps, "tokens_per_step": args.tokens, "lr": args.lr, "map_lr": args.map_lr,
                "exits": {}}
     prompts = [[int(i) for i in it["input_ids"][:int((it["labels"] != -100).nonzero()[0])]]  # up to the answer
@@ -176,15 +281,27 @@ def main(argv=None) -> dict:
     if prompts:
         results["samples"] = {"prompts": [say(q) for q in prompts],
                               "full": [say(greedy(stack, None, last, q, 40, stop)) for q in prompts]}
+    kinds = args.kinds.split(",")
     for k in exits:
-        for kind in args.kinds.split(","):
-            exit = Exit(model, kind)
+        if "layer" in kinds and k < last:  # the readout that attends: trained on whole sequences, measured on every held-out one
+            t0 = time.time()
+            seq_train = sequence_states(model, data, Subset(data.train, range(min(args.train_items, len(data.train)))), k)
+            seq_test = sequence_states(model, data, data.test, k)
+            _, (a, kl), (a_train, _) = train_layer_exit(model, k, seq_train, seq_test, args.layer_steps, args.layer_lr)
+            del seq_train, seq_test
+            results["exits"].setdefault(str(k), {})["layer"] = {
+                "a": round(a, 4), "kl": round(kl, 3), "a_train": round(a_train, 4), "steps": args.layer_steps,
+                "lr": args.layer_lr, "seconds": round(time.time() - t0, 1), "draft_layers": k + 1}
+            print(f"exit {k} layer   a={a:.3f} (train {a_train:.3f}) KL={kl:.3f}  {time.time() - t0:.0f} s "
+                  f"(drafts with {k + 1} layers)", flush=True)
+        for kind in [x for x in kinds if x != "layer"]:
+            exit = Exit(model, kind, args.mlp_width)
             params = [p for p in exit.parameters() if p.requires_grad]
             t0 = time.time()
             if params:
+                mapped = [p for n, p in exit.named_parameters() if p.requires_grad and not n.startswith("norm.")]
                 opt = torch.optim.Adam([{"params": list(exit.norm.parameters()), "lr": args.lr},
-                                        *([{"params": list(exit.map.parameters()), "lr": args.map_lr}]
-                                          if kind == "affine" else [])])
+                                        *([{"params": mapped, "lr": args.map_lr}] if mapped else [])])
                 g = torch.Generator().manual_seed(k)
                 for step in range(args.steps):
                     idx = torch.randint(0, train[k].shape[0], (args.tokens,), generator=g)

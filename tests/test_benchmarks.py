@@ -185,12 +185,20 @@ def test_exit_norm_probe_reads_the_last_layer_as_the_full_model_does(tmp_path, l
     with benchmark("exit_norm_probe") as probe:
         result = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
                              "--exits", "2,4", "--train-items", "8", "--steps", "0", "--samples", "1",
+                             "--kinds", "shared,norm,affine,mlp,affine_mlp", "--mlp-width", "16",
                              "--out", str(tmp_path / "p.json")])
+        # the readout that attends, untrained, is layer 3 of 4 (a copy) read out: the full model
+        attends = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
+                              "--exits", "3", "--train-items", "8", "--kinds", "layer", "--layer-steps", "0"])
+        moved = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
+                            "--exits", "2", "--train-items", "8", "--kinds", "layer", "--layer-steps", "2"])
         trained = probe.main(["--model", str(tmp_path / "model"), "--run-config", str(tmp_path / "run.yaml"),
                               "--exits", "2", "--train-items", "8", "--steps", "2", "--tokens", "8"])
     assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(result))
     last, mid = result["exits"]["4"], result["exits"]["2"]
-    for kind in ("shared", "norm", "affine"):
+    assert attends["exits"]["3"]["layer"]["a"] == 1.0 and abs(attends["exits"]["3"]["layer"]["kl"]) < 1e-3
+    assert moved["exits"]["2"]["layer"]["steps"] == 2 and moved["exits"]["2"]["layer"]["draft_layers"] == 3
+    for kind in ("shared", "norm", "affine", "mlp", "affine_mlp"):
         assert last[kind]["a"] == 1.0 and abs(last[kind]["kl"]) < 1e-3, (kind, last[kind])
         assert mid[kind]["a"] == mid["shared"]["a"] and mid[kind]["kl"] == pytest.approx(mid["shared"]["kl"], abs=1e-3)
     assert mid["shared"]["a"] < 1
