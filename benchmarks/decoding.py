@@ -259,15 +259,31 @@ def main(argv=None) -> dict:
 
     methods = {"greedy (ours)": lambda p: D.generate(stack, p, max_new_tokens=N, eos=eos),
                "greedy (transformers)": lambda p: hf(p)}
+    # what generate passes from eval's measurements, from this run's own: check the first draft alone
+    # while cheaper (draft.check_first), give drafting up below the draft's break-even acceptance
+    ratios = {T: ms / verify[1] for T, ms in verify.items()}
+    first = drafting.check_first(ratios, args.k)
+
+    def give_up(c):
+        a = drafting.break_even(c, ratios)
+        return 0.4 if a is None else a
+
+    tuned = {}
     for E in drafts:
         methods[f"exit {E} alone, no EOS (ours)"] = lambda p, E=E: D.generate(stack, p, exit=E, max_new_tokens=N)
+        tuned[E, "full_head"] = give_up(costs[E]["full_head"])
         methods[f"speculative, draft exit {E} (ours)"] = \
             lambda p, E=E: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k, eos=eos,
-                                         expected=args.expected)
+                                         expected=args.expected, check_first=first, give_up=tuned[E, "full_head"])
         for n, vocab in vocabs.items():
+            tuned[E, n] = give_up(costs[E][n])
             methods[f"speculative, draft exit {E}, vocab {n} (ours)"] = \
-                lambda p, E=E, vocab=vocab: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k,
-                                                          eos=eos, draft_vocab=vocab, expected=args.expected)
+                lambda p, E=E, vocab=vocab, n=n: D.speculative(
+                    stack, p, draft_exit=E, max_new_tokens=N, k=args.k, eos=eos, draft_vocab=vocab,
+                    expected=args.expected, check_first=first, give_up=tuned[E, n])
+    note(f"check_first {first:.2f}; give up below first-draft acceptance " + ", ".join(
+        f"{E}{'' if n == 'full_head' else f'/{n}'}: {a:.2f}" for (E, n), a in tuned.items()))
+    for E in drafts:
         if getattr(getattr(model, "sortednet", None), "exits", None) is None:  # (it would read the shared norm)
             methods[f"assistant_early_exit={E} (transformers)"] = lambda p, E=E: hf(p, assistant_early_exit=E)
     methods["early exit (ours)"] = lambda p: D.early_exit(stack, p, thresholds=thresholds, max_new_tokens=N, eos=eos)

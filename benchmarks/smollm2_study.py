@@ -154,6 +154,7 @@ def decode(run: Path, draft: dict, measure: bool = True) -> dict | None:
     own = ((_config(run).get("model") or {}).get("exits") or {}).get("readout", "shared") != "shared"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decoding.py"), "--model", str(run if own else full_model(run)),
            "--out", str(out), *DECODE, *(["--draft-exits", str(draft["exit"])] if draft.get("exit") else []),
+           *(["--k", str(draft["k"])] if draft.get("k") else []),  # eval's k, as generate drafts
            *(["--expected", str(draft["speedup"])] if draft.get("speedup") else [])]
     print("$ " + " ".join(cmd[1:]), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:

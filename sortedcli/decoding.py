@@ -32,8 +32,10 @@ in :mod:`sortedcli.models` provides for a model family; nothing here names an ar
   the next round drafts 2 tokens (at most ``k``) and is timed as any other, growing as ``adaptive``
   says. A probe always checks its draft's position alone (that check is greedy's own step). A
   rejected probe is followed by another until the running estimate of first-draft acceptance
-  ((hits + 2) / (tries + 4)) is below 0.4, so one unlucky draft of a model that agrees does not cost it
-  8 greedy tokens. The first round after the opening greedy steps is such a probe too.
+  ((hits + 2) / (tries + 4)) is below ``give_up`` (0.4, or the acceptance at which this draft breaks
+  even, :func:`sortedcli.draft.break_even`, which ``generate`` passes from eval's measured costs: 0.18
+  for a draft as cheap as SmolLM2's exit 3 with an 8k head), so one unlucky draft of a model that
+  agrees does not cost it 8 greedy tokens. The first round after the opening greedy steps is such a probe too.
   Output is unchanged: a greedy step is the full model's own step.
 - :func:`early_exit`: per token, run the exits from the smallest up and stop at the first whose top
   probability reaches its threshold (Sorted LLaMA's "instance-aware dynamic inference"); the
@@ -258,7 +260,8 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
                 adaptive: bool = True, max_k: int = 16, sampling: Sampling | None = None,
                 eos: Iterable[int] | int | None = None, on_token: Callable[[int], None] | None = None,
                 draft_vocab=None, check_first: float = 0.5, fallback: bool = True,
-                expected: float | None = None, clock: Callable[[], float] = time.perf_counter) -> Decoded:
+                expected: float | None = None, give_up: float = 0.4,
+                clock: Callable[[], float] = time.perf_counter) -> Decoded:
     """The full model's output, drafted by its own first ``draft_exit`` layers (see module doc).
 
     ``k`` is the first draft length; with ``adaptive`` it grows by 2 (up to ``max_k``) after a round
@@ -276,10 +279,13 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
     :data:`DOUBT` tokens (then twice as far apart while drafting keeps losing): an exit that agrees
     often enough to pass probes but too seldom to pay for its rounds (SmolLM2's untouched exit 27,
     a = 0.57) otherwise loses a probe and a timed round every few tokens, until measured rounds
-    win."""
+    win. ``give_up``: the first-draft acceptance (running estimate) below which rejected probes send
+    decoding back to greedy for a while; the draft's break-even acceptance where its costs are known."""
     L = stack.num_layers
     if not 1 <= draft_exit < L:
         raise ValueError(f"draft_exit must be in 1..{L - 1} (below the full model's {L} layers), got {draft_exit}")
+    if not 0 <= give_up <= 1:
+        raise ValueError(f"give_up must be an acceptance rate in [0, 1], got {give_up}")
     if not 1 <= k <= max_k:
         raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
     E, dev = draft_exit, stack.device
@@ -396,7 +402,7 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
         if probing:  # accepted: draft k from the next round on (timed); rejected: greedy for a while
             probing = m < kk  # once the first drafts are seldom accepted (a running estimate, prior 1/2)
             k = k if probing or not adaptive else min(k, 2)  # accepted: grow from 2 rather than risk k at once
-            if probing and (first_hits + 2) / (first_tries + 4) < 0.4:
+            if probing and (first_hits + 2) / (first_tries + 4) < give_up:
                 greedy_left, backoff = backoff, min(2 * backoff, 128)
             continue
         if fallback and step_cost is not None:

@@ -83,6 +83,20 @@ def best_k(a: float, c: float, max_k: int = MAX_K, verify: dict[int, float] | No
     return max(((k, speedup(a, c, k, verify)) for k in range(1, max_k + 1)), key=lambda kv: kv[1])
 
 
+def break_even(c: float, verify: dict[int, float] | None = None, max_k: int = MAX_K) -> float | None:
+    """The lowest acceptance at which drafting (best k) stops losing to greedy decoding at cost ratio
+    ``c`` and verification costs ``verify``; None when even a = 1 loses. What
+    :func:`sortedcli.decoding.speculative` should give up below: on SmolLM2's exit 3 with an 8,192-token
+    draft head (c = 0.09, v(2) = 1.09) it is 0.18, so a fixed 0.4 dropped drafts that pay."""
+    if best_k(1.0, c, max_k, verify)[1] < 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if best_k(mid, c, max_k, verify)[1] >= 1 else (mid, hi)
+    return hi
+
+
 def restrict(logits: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     """``logits`` with every token outside ``vocab`` at -inf: its argmax is the draft's over ``vocab``."""
     out = torch.full_like(logits, float("-inf"))

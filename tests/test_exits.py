@@ -154,6 +154,20 @@ def test_verify_ratios_time_every_size_and_never_price_more_tokens_below_one():
     assert list(ms) == [1, 2] and all(0 < t < 10_000 for t in ms.values())  # the medians, in milliseconds
 
 
+def test_drafting_gives_up_below_the_acceptance_at_which_it_breaks_even():
+    """draft.break_even: the lowest a whose best predicted speed-up reaches 1 (a cheap draft pays at a
+    low acceptance, a dear one needs a high one, one dearer than a step never pays); speculative takes
+    it as give_up and refuses a rate outside [0, 1]."""
+    v = {1: 1.0, 2: 1.09, 3: 1.13, 5: 1.61, 9: 1.93, 17: 1.97}  # SmolLM2 on 2 quiet cores
+    cheap, dear = draft.break_even(0.09, v), draft.break_even(0.75, v)
+    assert 0.15 < cheap < 0.2 and 0.8 < dear < 0.9
+    assert draft.best_k(cheap, 0.09, verify=v)[1] == pytest.approx(1, abs=1e-6)
+    assert draft.best_k(cheap - 0.01, 0.09, verify=v)[1] < 1 < draft.best_k(cheap + 0.01, 0.09, verify=v)[1]
+    assert draft.break_even(1.2, v) is None
+    with pytest.raises(ValueError, match="give_up must be an acceptance rate"):
+        D.speculative(DecoderStack(tiny_llama()), [1, 2], draft_exit=1, give_up=1.5)
+
+
 def test_early_exit_thresholds_land_on_the_trained_exits():
     assert D.scaled_thresholds(30) == {9: 0.95, 12: 0.95, 15: 0.9, 18: 0.9, 21: 0.8, 24: 0.8, 27: 0.7}
     got = D.scaled_thresholds(30, exits=[8, 16, 24, 30])

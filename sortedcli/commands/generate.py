@@ -217,6 +217,20 @@ def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: 
                      "with 'dims=[depth]' and a sampler over the sub-models")
 
 
+def choose_give_up(run_dir, draft: int, vocab, ckpt=None) -> float:
+    """The first-draft acceptance below which speculative decoding goes back to greedy for a while:
+    the break-even acceptance of eval's chosen draft (its cost ratio and verification costs,
+    :func:`sortedcli.draft.break_even`) when this is that draft, else 0.4."""
+    from ..draft import break_even
+
+    chosen = eval_draft(run_dir, ckpt) or {}
+    same = chosen.get("exit") == draft and (chosen.get("vocab") or None) == (None if vocab is None else len(vocab))
+    if not same or not chosen.get("verify") or chosen.get("cost_ratio") is None:
+        return 0.4
+    a = break_even(float(chosen["cost_ratio"]), {int(t): float(x) for t, x in chosen["verify"].items()})
+    return 0.4 if a is None else a
+
+
 def choose_check_first(cfg, run_dir, k: int, console: Console, ckpt=None) -> float:
     """``check_first`` if given, else the one the verification costs ``sortednet eval`` measured call
     for (:func:`sortedcli.draft.check_first`), else 0.5."""
@@ -591,7 +605,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> D.Decoded:
             first = choose_check_first(cfg, run_dir, k, console, at)
             mode = f"self-speculative, draft exit {draft} of {L}" + ("" if vocab is None else f", draft vocab {len(vocab)}")
             out = D.speculative(stack, ids, draft_exit=draft, k=k, draft_vocab=vocab, check_first=first,
-                                expected=expected, **common)
+                                expected=expected, give_up=choose_give_up(run_dir, draft, vocab, at), **common)
         elif cfg.early_exit:
             thresholds, vocab, chosen_note = early_exit_settings(cfg, L, stack, run_cfg, run_dir, ckpt, trained,
                                                                   console)
