@@ -344,14 +344,15 @@ def exits_options(exits, lora: dict | None = None) -> dict | None:
                          "has none: set model.exits.readout=norm or affine")
     if trunk == "frozen" and lora is not None:
         raise UsageError("model.exits.trunk=frozen and model.lora both choose what trains: use one of them")
+    if readout == "shared":  # no exit has a readout of its own: `at` places none
+        return None
     at = exits.get("at", "all")
     if at is None:
         at = "all"
     if at != "all" and not (isinstance(at, (list, tuple)) and at
                             and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in at)):
         raise UsageError(f"model.exits.at must be 'all' or a list of layer counts (e.g. [15, 24]), got {at!r}")
-    return None if readout == "shared" else {"readout": readout, "trunk": trunk,
-                                             "at": at if at == "all" else sorted(set(at))}
+    return {"readout": readout, "trunk": trunk, "at": at if at == "all" else sorted(set(at))}
 
 
 class ExitMap(nn.Module):
