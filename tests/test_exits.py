@@ -204,8 +204,9 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     chosen = doc["draft"]
     verify = {int(t): x for t, x in chosen["verify"].items()}
     assert verify[1] == 1 and all(x > 0 for x in verify.values())
-    for e in (1, 3):
-        assert rows[e]["speedup"] == pytest.approx(draft.best_k(rows[e]["agreement"], rows[e]["cost_ratio"],
+    for e in (1, 3):  # predicted on the full model's own answers, the text drafts meet
+        assert 0 <= rows[e]["agreement_own_text"] <= 1
+        assert rows[e]["speedup"] == pytest.approx(draft.best_k(rows[e]["agreement_own_text"], rows[e]["cost_ratio"],
                                                                 verify=verify)[1])
     assert "agreement" not in rows[4]
     for e in (1, 3):  # the vocabulary is 300 tokens: no frequency-ranked subset (4096+) is smaller
@@ -214,6 +215,9 @@ def test_eval_measures_each_exit_and_generate_drafts_from_its_choice(tmp_path):
     assert sorted(ranks.tolist()) == list(range(ranks.numel()))
     chosen = doc["draft"]
     assert chosen["vocab"] is None and chosen["exit"] in (1, 3) and chosen["speedup"] == max(rows[e]["speedup"] for e in (1, 3))
+    assert chosen["agreement"] == rows[chosen["exit"]]["agreement_own_text"]
+    assert chosen["agreement_reference"] == rows[chosen["exit"]]["agreement"]
+    assert "agreement on the full model's own answers" in p.stdout
     assert set(chosen["samples"]) == {"1", "3", "4"} and all(len(v) == 3 for v in chosen["samples"].values())
     g = cli(["generate", "--speculative", "--max-tokens", "6", "The cat"], cwd=tmp_path)
     assert g.returncode == 0, explain(g)

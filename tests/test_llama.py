@@ -324,6 +324,29 @@ def test_submodels_of_a_llama_without_data_uses_the_models_own_data(tokenizer_di
     assert f" {human(sum(t.numel() for t in full.parameters()))} " in row, row
 
 
+def test_own_text_agreement_counts_the_full_models_own_greedy_answer(data, model):
+    """eval chooses the draft on the text drafts meet: the full model's greedy continuation of a
+    held-out prompt, teacher-forced. Each exit's agreement there is the fraction of continuation tokens
+    it predicts (the full model itself: 1), computed by hand from one pass."""
+    from sortedcli import decoding, draft
+    from sortedcli.commands.eval import sample_prompt
+
+    stack = entry("llama_tiny").stack(model)
+    prompts = [sample_prompt(data.test[i]) for i in range(3)]
+    got = draft.own_text_agreement(model, stack, data.task, prompts, [1, 2, 3], torch.device("cpu"), None,
+                                   new_tokens=6)
+    hits = dict.fromkeys((1, 2, 3), 0)
+    with torch.no_grad():
+        for p in prompts:
+            cont = decoding.generate(stack, p, max_new_tokens=6).tokens
+            ids = torch.tensor([p + cont])
+            out = run_exits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [1, 2, 3, 4])
+            assert out[4][0, len(p) - 1:-1].argmax(-1).tolist() == cont  # the full model's own answer
+            for e in (1, 2, 3):
+                hits[e] += int((out[e][0, len(p) - 1:-1].argmax(-1) == torch.tensor(cont)).sum())
+    assert got == pytest.approx({(e, None): hits[e] / (6 * len(prompts)) for e in (1, 2, 3)})
+
+
 def test_exit_agreement_gathered_at_answer_positions_equals_the_dense_count(data, model):
     """eval's agreement reads the exits out at the counted positions only (memory: a 49k head at every
     position of 10 exits ran a 24 GB machine out); the fractions equal the every-position count, with
