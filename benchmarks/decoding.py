@@ -261,22 +261,17 @@ def main(argv=None) -> dict:
                "greedy (transformers)": lambda p: hf(p)}
     # what generate passes from eval's measurements, from this run's own: check the first draft alone
     # while cheaper (draft.check_first), give drafting up below the draft's break-even acceptance
-    ratios = {T: ms / verify[1] for T, ms in verify.items()}
+    ratios = drafting.as_ratios(verify)
     first = drafting.check_first(ratios, args.k)
-
-    def give_up(c):
-        a = drafting.break_even(c, ratios)
-        return 0.4 if a is None else a
-
     tuned = {}
     for E in drafts:
         methods[f"exit {E} alone, no EOS (ours)"] = lambda p, E=E: D.generate(stack, p, exit=E, max_new_tokens=N)
-        tuned[E, "full_head"] = give_up(costs[E]["full_head"])
+        tuned[E, "full_head"] = drafting.give_up(costs[E]["full_head"], ratios)
         methods[f"speculative, draft exit {E} (ours)"] = \
             lambda p, E=E: D.speculative(stack, p, draft_exit=E, max_new_tokens=N, k=args.k, eos=eos,
                                          expected=args.expected, check_first=first, give_up=tuned[E, "full_head"])
         for n, vocab in vocabs.items():
-            tuned[E, n] = give_up(costs[E][n])
+            tuned[E, n] = drafting.give_up(costs[E][n], ratios)
             methods[f"speculative, draft exit {E}, vocab {n} (ours)"] = \
                 lambda p, E=E, vocab=vocab, n=n: D.speculative(
                     stack, p, draft_exit=E, max_new_tokens=N, k=args.k, eos=eos, draft_vocab=vocab,

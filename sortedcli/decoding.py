@@ -70,6 +70,10 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+#: the first-draft acceptance below which speculation goes back to greedy when the draft's costs are
+#: unknown (with them: :func:`sortedcli.draft.give_up`, the draft's break-even)
+GIVE_UP = 0.4
+
 # Sorted LLaMA's thresholds for LLaMA-2 13B (40 layers): exit layer -> top-probability threshold.
 PAPER_THRESHOLDS = {12: 0.95, 16: 0.95, 20: 0.9, 24: 0.9, 28: 0.8, 32: 0.8, 36: 0.7}
 
@@ -260,7 +264,7 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
                 adaptive: bool = True, max_k: int = 16, sampling: Sampling | None = None,
                 eos: Iterable[int] | int | None = None, on_token: Callable[[int], None] | None = None,
                 draft_vocab=None, check_first: float = 0.5, fallback: bool = True,
-                expected: float | None = None, give_up: float = 0.4,
+                expected: float | None = None, give_up: float = GIVE_UP,
                 clock: Callable[[], float] = time.perf_counter) -> Decoded:
     """The full model's output, drafted by its own first ``draft_exit`` layers (see module doc).
 

@@ -97,6 +97,15 @@ def break_even(c: float, verify: dict[int, float] | None = None, max_k: int = MA
     return hi
 
 
+def give_up(c: float | None, verify: dict[int, float] | None) -> float:
+    """``speculative(give_up=)`` for a draft of cost ratio ``c`` at verification costs ``verify``: its
+    :func:`break_even` acceptance, else (unmeasured, or a draft that never pays) the decoder's default."""
+    from .decoding import GIVE_UP
+
+    a = break_even(float(c), verify) if c is not None and verify else None
+    return GIVE_UP if a is None else a
+
+
 def restrict(logits: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     """``logits`` with every token outside ``vocab`` at -inf: its argmax is the draft's over ``vocab``."""
     out = torch.full_like(logits, float("-inf"))
@@ -216,10 +225,15 @@ def verify_ratios(stack, sizes=VERIFY_SIZES, context: int = 32, warmup: int = 2,
             if r >= warmup:
                 times[T].append(took)
     median = {T: sorted(t)[len(t) // 2] for T, t in times.items()}
-    if ms:
-        return median
-    one = median[sizes[0]]
-    return {T: max(1.0, median[T] / one) if T > sizes[0] else median[T] / one for T in sizes}
+    return median if ms else as_ratios(median)
+
+
+def as_ratios(ms: dict[int, float]) -> dict[int, float]:
+    """Verification times (``{T: ms}``, the smallest T first) as :func:`verify_ratios` gives them: over the
+    smallest size's, and never below 1 for a larger size (more work cannot be cheaper: that is noise)."""
+    sizes = list(ms)
+    one = ms[sizes[0]]
+    return {T: max(1.0, ms[T] / one) if T > sizes[0] else ms[T] / one for T in sizes}
 
 
 class _Restricted:

@@ -164,6 +164,9 @@ def test_drafting_gives_up_below_the_acceptance_at_which_it_breaks_even():
     assert draft.best_k(cheap, 0.09, verify=v)[1] == pytest.approx(1, abs=1e-6)
     assert draft.best_k(cheap - 0.01, 0.09, verify=v)[1] < 1 < draft.best_k(cheap + 0.01, 0.09, verify=v)[1]
     assert draft.break_even(1.2, v) is None
+    # what generate and the benchmark pass: the break-even, else (unmeasured, never pays) the default
+    assert draft.give_up(0.09, v) == cheap and draft.give_up(1.2, v) == D.GIVE_UP == draft.give_up(None, None)
+    assert draft.as_ratios({1: 40.0, 2: 44.0, 5: 38.0}) == {1: 1.0, 2: pytest.approx(1.1), 5: 1.0}
     with pytest.raises(ValueError, match="give_up must be an acceptance rate"):
         D.speculative(DecoderStack(tiny_llama()), [1, 2], draft_exit=1, give_up=1.5)
 

@@ -220,15 +220,12 @@ def choose_draft(cfg, run_dir, trained: list[int] | None, layers: int, console: 
 def choose_give_up(run_dir, draft: int, vocab, ckpt=None) -> float:
     """The first-draft acceptance below which speculative decoding goes back to greedy for a while:
     the break-even acceptance of eval's chosen draft (its cost ratio and verification costs,
-    :func:`sortedcli.draft.break_even`) when this is that draft, else 0.4."""
-    from ..draft import break_even
+    :func:`sortedcli.draft.give_up`) when this is that draft, else the decoder's default."""
+    from ..draft import give_up
 
     chosen = eval_draft(run_dir, ckpt) or {}
     same = chosen.get("exit") == draft and (chosen.get("vocab") or None) == (None if vocab is None else len(vocab))
-    if not same or not chosen.get("verify") or chosen.get("cost_ratio") is None:
-        return 0.4
-    a = break_even(float(chosen["cost_ratio"]), {int(t): float(x) for t, x in chosen["verify"].items()})
-    return 0.4 if a is None else a
+    return give_up(chosen.get("cost_ratio"), chosen.get("verify")) if same else give_up(None, None)
 
 
 def choose_check_first(cfg, run_dir, k: int, console: Console, ckpt=None) -> float:
