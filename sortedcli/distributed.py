@@ -263,18 +263,27 @@ def shard(model: nn.Module, param_dtype: torch.dtype | None = None) -> int:
     ``param_dtype`` (the run's autocast dtype: bf16 on a GPU that has it): FSDP2's mixed precision,
     the gathered parameters in that dtype (half the all-gather traffic and memory), the gradients
     reduced in fp32 and the sharded master weights and optimizer state kept in fp32. Returns the
-    number of groups."""
+    number of groups.
+
+    The exits' own readouts (``model.exits``) are groups of their own too. They run after the root's
+    forward (an exit is read from a hidden state caught on the way), and FSDP2 reduces a group's
+    gradients from a callback queued when the backward first reaches an output of a sharded module.
+    With a frozen trunk (``model.exits.trunk=frozen``) no output of the root or of a layer needs a
+    gradient, so with the readouts in the root group that callback never ran and each rank stepped on
+    its own batch's gradients (the readouts drifted 0.003 from the one-process run in one step); as
+    groups, their own outputs carry the hook."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .nest import nesting
 
     policy = MixedPrecisionPolicy() if param_dtype is None else \
         MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    units = nesting(model).units
-    for unit in units:
-        fully_shard(unit.module, mp_policy=policy)
+    nest = nesting(model)
+    readouts = [] if nest.exits is None else list(nest.exits.values())
+    for module in [unit.module for unit in nest.units] + readouts:
+        fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    return len(units) + 1
+    return len(nest.units) + len(readouts) + 1
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> tuple[dict, dict]:

@@ -253,13 +253,22 @@ def llama_args(tmp_path_factory):
             "eval.batch_size=8"]
 
 
-def test_fsdp_llama_matches_one_process_and_its_checkpoint_resumes_as_one(llama_args, tmp_path):
+#: the exits' own readouts on a frozen trunk, self-distilled (the study's exit_readouts arm): the readouts
+#: are modules outside the decoder layers (FSDP's units), trained alone, and the teacher is the same step's
+#: full model, detached
+READOUTS = ["model.exits.readout=affine", "model.exits.trunk=frozen", "distill.enabled=true",
+            "distill.teacher=self", "distill.alpha=1.0"]
+
+
+@pytest.mark.parametrize("extra", [[], READOUTS], ids=["soft", "exit-readouts"])
+def test_fsdp_llama_matches_one_process_and_its_checkpoint_resumes_as_one(llama_args, extra, tmp_path):
     """SoFT (every exit's loss) with FSDP2 over 2 gloo ranks: the prompt-masked token losses are weighted
     by each rank's share of the counted tokens, so the step is the global batch's; the full checkpoint it
-    writes resumes in a single process (the optimizer state by parameter name)."""
-    alone = cli(["train", *llama_args, "trainer.max_steps=3", "hydra.run.dir=alone"], cwd=tmp_path)
+    writes resumes in a single process (the optimizer state by parameter name). The same with the exits'
+    own readouts trained on a frozen trunk."""
+    alone = cli(["train", *llama_args, *extra, "trainer.max_steps=3", "hydra.run.dir=alone"], cwd=tmp_path)
     assert alone.returncode == 0, explain(alone)
-    sharded = cli(["train", *llama_args, "trainer.max_steps=2", "trainer.devices=2", "trainer.strategy=fsdp",
+    sharded = cli(["train", *llama_args, *extra, "trainer.max_steps=2", "trainer.devices=2", "trainer.strategy=fsdp",
                    "hydra.run.dir=sharded"], cwd=tmp_path)
     assert sharded.returncode == 0, explain(sharded)
     assert "x 2 processes (FSDP)" in sharded.stdout
