@@ -736,6 +736,48 @@ def choose_thresholds(confidence: torch.Tensor, nll: torch.Tensor, exits: list[i
     return {e: float(t) for e, t in zip(exits, taus.tolist()) if t <= 1}
 
 
+def oracle_cost(nll: torch.Tensor, exits: list[int], layers: int, max_increase: float, costs: ExitCosts) -> float:
+    """A floor under early exit's cost on a profile (:func:`exit_profile`'s ``nll``, positions x (exits +
+    1), the full model last): the lowest mean multiply-adds per token, over the full model's, of any
+    choice of one exit per position (or the full model) whose perplexity stays within ``1 +
+    max_increase`` of the full model's. It prices an oracle that knows every exit's NLL of the true next
+    token and pays no confidence check; each position is still charged its layers, the head and the
+    fills of the layers it skipped (:meth:`ExitCosts.token` with no checks). No threshold rule can cost
+    less on these positions, so ``1 / oracle_cost`` bounds the speed-up in multiply-adds that early exit
+    with these exits can reach at this perplexity. Computed as the Lagrangian dual of that choice (each
+    position picks its exit minimizing cost + lambda x its NLL increase; lambda set by bisection where
+    the picks' summed increase meets the allowance), which is a lower bound on the exact minimum."""
+    import math
+
+    L, N = int(layers), int(nll.shape[0])
+    if N == 0 or not exits:
+        return 1.0
+    if not 0 < max_increase:
+        raise ValueError(f"max_increase must be > 0, got {max_increase}")
+    if nll.shape[1] != len(exits) + 1:
+        raise ValueError("the profile's columns do not match the exits")
+    cost = costs.token(torch.tensor([*exits, L], dtype=torch.float64), 0, L)
+    extra = (nll - nll[:, -1:]).double()  # each exit's NLL over the full model's; 0 in the full column
+    allowance = math.log1p(max_increase) * N
+
+    def dual(lam: float) -> tuple[float, float]:
+        """(the dual function at lam, the summed NLL increase of the picks that attain it)"""
+        value = cost[None, :] + lam * extra
+        pick = value.argmin(1, keepdim=True)
+        return float(value.gather(1, pick).sum()) - lam * allowance, float(extra.gather(1, pick).sum())
+
+    value, spent = dual(0.0)
+    if spent <= allowance:  # the cheapest exit everywhere already keeps the perplexity: exact
+        return value / (N * costs.full(L))
+    lo, hi = 0.0, 1.0
+    while dual(hi)[1] > allowance:  # ends: the full model's column (increase 0) wins for a large lam
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if dual(mid)[1] > allowance else (lo, mid)
+    return min(1.0, max(dual(lo)[0], dual(hi)[0]) / (N * costs.full(L)))
+
+
 def tune_thresholds(stack: Stack, sequences, exits: Iterable[int], max_increase: float, *, vocab=None,
                     costs: ExitCosts | None = None, tries: int = 3) -> dict:
     """Thresholds for :func:`early_exit` from data: profile ``sequences`` (``(ids, score_from)``
@@ -746,7 +788,8 @@ def tune_thresholds(stack: Stack, sequences, exits: Iterable[int], max_increase:
     So the returned choice meets the bound on these sequences, as measured. Returns a dict:
     ``thresholds`` ({exit: threshold}), ``ppl_full`` (the full model's, from the profile pass),
     ``ppl_early_exit``, ``ppl_increase`` (ratio - 1), ``layer_passes`` (mean layers per token / L),
-    ``cost`` (mean multiply-adds per token / the full model's, :class:`ExitCosts`), ``exits``
+    ``cost`` (mean multiply-adds per token / the full model's, :class:`ExitCosts`), ``bound_cost``
+    (:func:`oracle_cost` on the profile: what no threshold choice can undercut), ``exits``
     ({layer: positions that left there}), ``tokens``, ``sequences``, ``tried`` (the choices measured)."""
     import math
 
@@ -790,6 +833,7 @@ def tune_thresholds(stack: Stack, sequences, exits: Iterable[int], max_increase:
     return {"thresholds": chosen, "max_ppl_increase": float(max_increase), "ppl_full": math.exp(full),
             "ppl_early_exit": math.exp(mean), "ppl_increase": math.exp(mean - full) - 1,
             "layer_passes": sum(used) / len(used) / L, "cost": spent / len(used) / costs.full(L),
+            "bound_cost": oracle_cost(nll, exits, L, max_increase, costs),
             "exits": {int(k): v for k, v in sorted(counts.items())}, "tokens": len(got),
             "sequences": len(sequences), "tried": tried,
             "costs": {"layer": costs.layer, "head": costs.head, "check": costs.check, "fill": costs.fill}}

@@ -221,6 +221,34 @@ def test_tuned_thresholds_meet_the_bound_on_the_data_they_were_chosen_on(model):
         assert got["ppl_increase"] == pytest.approx(increase, abs=1e-6)
         assert got["layer_passes"] == pytest.approx(sum(used) / len(used) / 6) and got["layer_passes"] < 1
         assert 0 < got["cost"] < 1 and got["tokens"] == len(full) and sum(got["exits"].values()) == len(full)
+        assert 0 < got["bound_cost"] < 1  # (the oracle's floor on the profile: see the brute-force test)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_oracle_floor_is_the_exact_minimum_within_one_positions_cost(seed):
+    """oracle_cost against every choice of exit for 7 positions (3^7), brute force: never above the
+    cheapest choice that keeps the perplexity, and below it by at most one position's cost range (the
+    dual of a sum over positions with one constraint leaves at most one position split)."""
+    import itertools
+
+    g = torch.Generator().manual_seed(seed)
+    N, exits, L, x = 7, [1, 2], 4, 0.1
+    full = torch.rand(N, generator=g, dtype=torch.float64) * 3
+    worse = [full + (torch.rand(N, generator=g, dtype=torch.float64) - 0.2) * spread for spread in (1.0, 0.3)]
+    nll = torch.stack([*worse, full], 1)  # the deeper exit nearer the full model; either sometimes below it
+    costs = D.ExitCosts(layer=1.0, head=0.5, check=0.1, fill=0.2)
+    per = [costs.token(layer, 0, L) for layer in (*exits, L)]
+    budget = float(nll[:, -1].sum()) + math.log1p(x) * N
+    best = min(sum(per[j] for j in pick) for pick in itertools.product(range(3), repeat=N)
+               if sum(float(nll[i, j]) for i, j in enumerate(pick)) <= budget + 1e-12)
+    exact = best / (N * costs.full(L))
+    got = D.oracle_cost(nll, exits, L, x, costs)
+    assert exact > per[0] / costs.full(L) + 1e-6  # the allowance binds: not every position can take exit 1
+    assert got <= exact + 1e-9
+    assert exact - got <= (max(per) - min(per)) / (N * costs.full(L)) + 1e-9
+    # a perplexity allowance nothing reaches: every position takes the cheapest exit
+    assert D.oracle_cost(nll, exits, L, 1e6, costs) == pytest.approx(per[0] / costs.full(L))
+    assert D.oracle_cost(nll, [], L, x, costs) == 1.0
 
 
 def test_tuning_falls_back_to_the_full_model_when_no_exit_can_be_good_enough():
