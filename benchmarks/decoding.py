@@ -295,7 +295,8 @@ def main(argv=None) -> dict:
         note(f"early-exit thresholds chosen on {len(scored)} held-out sequences: "
              f"{ {k: round(v, 3) for k, v in chosen['thresholds'].items()} }, measured ppl +{100 * chosen['ppl_increase']:.1f}%, "
              f"{chosen['layer_passes']:.2f} of the layer passes, {chosen['cost']:.2f} of the multiply-adds "
-             f"(an oracle's floor with these exits: {chosen['bound_cost']:.2f})")
+             f"(an oracle's floor with these exits: {chosen['bound_cost']:.2f}, "
+             f"{chosen['bound_cost_label_free']:.2f} not knowing the next token)")
         methods[chosen_name] = lambda p: D.early_exit(stack, p, thresholds=chosen["thresholds"], max_new_tokens=N,
                                                       eos=eos, vocab=confidence)
     methods["greedy full, no EOS (ours)"] = lambda p: D.generate(stack, p, max_new_tokens=N)
@@ -387,7 +388,7 @@ def main(argv=None) -> dict:
         results["methods"][chosen_name].update(
             ppl_full=chosen["ppl_full"], ppl_early_exit=chosen["ppl_early_exit"], ppl_tokens=chosen["tokens"],
             teacher_forced_layers_used=chosen["layer_passes"], macs_used=chosen["cost"],
-            macs_floor=chosen["bound_cost"],
+            macs_floor=chosen["bound_cost"], macs_floor_label_free=chosen["bound_cost_label_free"],
             chosen_thresholds=chosen["thresholds"], max_ppl_increase=args.max_ppl_increase)
 
     for name in names:

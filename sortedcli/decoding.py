@@ -634,7 +634,7 @@ def exit_costs(stack: Stack, vocab_rows: int | None = None) -> ExitCosts:
 
 
 @torch.inference_mode()
-def exit_profile(stack: Stack, sequences, exits: Iterable[int], vocab=None) -> tuple[torch.Tensor, torch.Tensor]:
+def exit_profile(stack: Stack, sequences, exits: Iterable[int], vocab=None, kl: bool = False) -> tuple[torch.Tensor, ...]:
     """One teacher-forced pass of the full model (every layer, one pass per sequence) over
     ``sequences`` (``(ids, score_from)`` pairs, scored as :func:`early_exit_nll` scores them): at
     every scored position, each exit's confidence as the rule reads it (``vocab`` as in
@@ -642,11 +642,13 @@ def exit_profile(stack: Stack, sequences, exits: Iterable[int], vocab=None) -> t
     positions x exits, and positions x (exits + 1) with the full model's NLL last. These are the
     exits' readouts on the full model's own states (every earlier token ran every layer); under
     early exit, earlier tokens that left early leave filled keys/values instead, which
-    :func:`tune_thresholds` measures afterwards."""
+    :func:`tune_thresholds` measures afterwards. ``kl``: a third tensor, positions x (exits + 1), each
+    exit's KL(full || exit) in nats (0 in the full model's column): the NLL increase the full model
+    itself expects from leaving there, without knowing the next token."""
     L, dev = stack.num_layers, stack.device
     layers = sorted({int(e) for e in exits if 1 <= int(e) < L})
     check = _confidence_head(stack, vocab)
-    confs, nlls = [], []
+    confs, nlls, kls = [], [], []
     for ids, first in sequences:
         ids = _prompt(stack, ids)[0]
         T = ids.numel()
@@ -654,7 +656,7 @@ def exit_profile(stack: Stack, sequences, exits: Iterable[int], vocab=None) -> t
             raise ValueError(f"score_from must be in 1..{T - 1}, got {first}")
         targets = ids[first:].view(-1, 1)
         cache, hidden, start = stack.new_cache(), stack.embed(ids[None]), 0
-        conf, nll = [], []
+        conf, nll, states = [], [], []
         for layer in [*layers, L]:
             hidden = stack.layers(hidden, start, layer, cache, _positions(0, T, dev))
             start = layer
@@ -663,12 +665,19 @@ def exit_profile(stack: Stack, sequences, exits: Iterable[int], vocab=None) -> t
             nll.append(-logp.gather(1, targets)[:, 0])
             if layer < L:
                 conf.append((logp.exp() if check is None else torch.softmax(check(h, layer).float(), -1)).amax(-1))
+                if kl:
+                    states.append((layer, h))
+            elif kl:  # each exit's readout again, against the full model's distribution
+                p = logp.exp()
+                kls.append(torch.stack([(p * (logp - torch.log_softmax(stack.head(s, e).float(), -1))).sum(-1)
+                                        for e, s in states] + [torch.zeros_like(nll[-1])], 1).clamp_min(0))
             del logp
         confs.append(torch.stack(conf, 1) if conf else torch.zeros(T - first, 0))
         nlls.append(torch.stack(nll, 1))
     if not nlls:
         raise ValueError("no sequences to profile")
-    return torch.cat(confs).double().cpu(), torch.cat(nlls).double().cpu()
+    out = (torch.cat(confs).double().cpu(), torch.cat(nlls).double().cpu())
+    return (*out, torch.cat(kls).double().cpu()) if kl else out
 
 
 def _policy(confidence, nll, taus, layers_of, costs: ExitCosts, L: int):
@@ -746,7 +755,9 @@ def oracle_cost(nll: torch.Tensor, exits: list[int], layers: int, max_increase: 
     less on these positions, so ``1 / oracle_cost`` bounds the speed-up in multiply-adds that early exit
     with these exits can reach at this perplexity. Computed as the Lagrangian dual of that choice (each
     position picks its exit minimizing cost + lambda x its NLL increase; lambda set by bisection where
-    the picks' summed increase meets the allowance), which is a lower bound on the exact minimum."""
+    the picks' summed increase meets the allowance), which is a lower bound on the exact minimum.
+    Given the profile's ``kl`` (full column 0) in place of ``nll``, the oracle knows what leaving
+    costs in expectation under the full model's distribution but not the next token."""
     import math
 
     L, N = int(layers), int(nll.shape[0])
@@ -789,7 +800,9 @@ def tune_thresholds(stack: Stack, sequences, exits: Iterable[int], max_increase:
     ``thresholds`` ({exit: threshold}), ``ppl_full`` (the full model's, from the profile pass),
     ``ppl_early_exit``, ``ppl_increase`` (ratio - 1), ``layer_passes`` (mean layers per token / L),
     ``cost`` (mean multiply-adds per token / the full model's, :class:`ExitCosts`), ``bound_cost``
-    (:func:`oracle_cost` on the profile: what no threshold choice can undercut), ``exits``
+    (:func:`oracle_cost` on the profile: what no threshold choice can undercut), ``bound_cost_label_free``
+    (the same for an oracle that knows each exit's KL(full || exit) but not the next token: the NLL
+    increase the full model expects, held to the same allowance), ``exits``
     ({layer: positions that left there}), ``tokens``, ``sequences``, ``tried`` (the choices measured)."""
     import math
 
@@ -797,7 +810,7 @@ def tune_thresholds(stack: Stack, sequences, exits: Iterable[int], max_increase:
     sequences = [(list(map(int, ids)), int(first)) for ids, first in sequences]
     exits = sorted({int(e) for e in exits if 1 <= int(e) < L})
     costs = costs or exit_costs(stack, None if vocab is None else len(vocab))
-    confidence, nll = exit_profile(stack, sequences, exits, vocab)
+    confidence, nll, kl = exit_profile(stack, sequences, exits, vocab, kl=True)
     full = float(nll[:, -1].mean())
     allowance, tried = float(max_increase), []
 
@@ -834,6 +847,7 @@ def tune_thresholds(stack: Stack, sequences, exits: Iterable[int], max_increase:
             "ppl_early_exit": math.exp(mean), "ppl_increase": math.exp(mean - full) - 1,
             "layer_passes": sum(used) / len(used) / L, "cost": spent / len(used) / costs.full(L),
             "bound_cost": oracle_cost(nll, exits, L, max_increase, costs),
+            "bound_cost_label_free": oracle_cost(kl, exits, L, max_increase, costs),
             "exits": {int(k): v for k, v in sorted(counts.items())}, "tokens": len(got),
             "sequences": len(sequences), "tried": tried,
             "costs": {"layer": costs.layer, "head": costs.head, "check": costs.check, "fill": costs.fill}}

@@ -221,7 +221,25 @@ def test_tuned_thresholds_meet_the_bound_on_the_data_they_were_chosen_on(model):
         assert got["ppl_increase"] == pytest.approx(increase, abs=1e-6)
         assert got["layer_passes"] == pytest.approx(sum(used) / len(used) / 6) and got["layer_passes"] < 1
         assert 0 < got["cost"] < 1 and got["tokens"] == len(full) and sum(got["exits"].values()) == len(full)
-        assert 0 < got["bound_cost"] < 1  # (the oracle's floor on the profile: see the brute-force test)
+        assert 0 < got["bound_cost"] < 1 and 0 < got["bound_cost_label_free"] <= 1  # (see the brute-force test)
+
+
+def test_the_profiles_kl_is_each_exits_divergence_from_the_full_model_from_transformers_hidden_states(model):
+    """exit_profile(kl=True) against transformers' own forward: exit k's logits are the LM head on the
+    final norm of hidden_states[k]; KL(full || exit) per scored position, 0 for the full model."""
+    stack = DecoderStack(model)
+    ids = prompts(1, seed=13)[0].tolist() + [5, 9, 11, 4, 7]
+    first = 3
+    _, nll, kl = D.exit_profile(stack, [(ids, first)], [2, 4], kl=True)
+    assert kl.shape == nll.shape == (len(ids) - first, 3)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    full = torch.log_softmax(out.logits[0, first - 1:-1].double(), -1)
+    for j, k in enumerate([2, 4]):
+        exit_ = torch.log_softmax(model.lm_head(model.model.norm(out.hidden_states[k]))[0, first - 1:-1].double(), -1)
+        want = (full.exp() * (full - exit_)).sum(-1)
+        assert torch.allclose(kl[:, j], want, atol=1e-4), (kl[:, j], want)
+    assert (kl[:, -1] == 0).all() and (kl[:, :-1] > 0).all()
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -406,7 +406,7 @@ def choose_early_exit(cfg, x: float, stack, run_cfg, run_dir, ckpt, trained, con
                          "levels, or sampler=full): --max-ppl-increase has no exits to choose thresholds for")
     cached = early_exit_choices(run_dir, ckpt).get("chosen", {}).get(_key(x))
     n = int(cfg.get("early_exit_items", EARLY_EXIT_ITEMS))
-    if cached and cached.get("items") == n and cached.get("candidates") == sorted(trained) and "bound_cost" in cached:
+    if cached and cached.get("items") == n and cached.get("candidates") == sorted(trained) and "bound_cost_label_free" in cached:
         if early_exit_choices(run_dir, ckpt).get("last") != _key(x):
             _save_choice(run_dir, ckpt, cached)  # the last one chosen: what --early-exit alone uses
         cached["source"] = f"cached in {Path(run_dir) / 'eval' / EARLY_EXIT_FILE}"
@@ -453,7 +453,8 @@ def early_exit_settings(cfg, L: int, stack, run_cfg, run_dir, ckpt, trained, con
     note = (f"; thresholds for ppl +{100 * choice['max_ppl_increase']:g}%: measured ppl "
             f"{choice['ppl_early_exit']:.3f} vs full {choice['ppl_full']:.3f} (+{100 * choice['ppl_increase']:.1f}%), "
             f"{choice['layer_passes']:.2f} of the layer passes, {choice['cost']:.2f} of the multiply-adds "
-            + (f"(no rule can go below {choice['bound_cost']:.2f} with these exits) " if "bound_cost" in choice else "")
+            + (f"(an oracle's floor with these exits: {choice['bound_cost']:.2f}, "
+               f"{choice['bound_cost_label_free']:.2f} not knowing the next token) " if "bound_cost_label_free" in choice else "")
             + f"({choice['tokens']} tokens, {choice['sequences']} held-out items)")
     return thresholds, vocab, note
 
