@@ -126,6 +126,23 @@ def test_speculative_falls_back_to_greedy_while_drafting_costs_more_per_token_an
     assert kept.tokens == hf_greedy(agree, prompt, 40) and kept.greedy_tokens == 2 and kept.acceptance > 0.7
 
 
+def test_one_rejected_round_is_no_verdict_drafting_that_wins_on_average_keeps_drafting():
+    """A draft accepted about 2 times in 3 wins over greedy on average, but a round rejected at once
+    costs more per token than a greedy step. Judged on single rounds, decoding went greedy for 34 of
+    these 64 tokens and, on the second prompt, ran slower than greedy (417 layer passes' time against
+    399); judged over JUDGE_ROUNDS rounds it keeps drafting and beats greedy on both."""
+    model = tiny_llama(calm_depth=0.3)
+    for seed in (9, 4):
+        prompt = prompts(1, seed=seed)[0]
+        plain = LayerClock(DecoderStack(model))
+        greedy = D.generate(plain, prompt, max_new_tokens=64)
+        timed = LayerClock(DecoderStack(model))
+        got = D.speculative(timed, prompt, draft_exit=2, max_new_tokens=64, k=2, clock=timed.clock)
+        assert got.tokens == greedy.tokens
+        assert got.acceptance < 0.8 and got.greedy_tokens == 2  # rejections happen; only the opening steps are greedy
+        assert timed.t < 0.9 * plain.t
+
+
 class ColdClock(LayerClock):
     """LayerClock whose first one-token step costs 100 layer passes more (cold kernels on a device)."""
 
