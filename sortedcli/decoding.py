@@ -267,6 +267,8 @@ DOUBT = 32
 #: 1.00-1.09x greedy where drafting throughout ran at 1.14-1.18x (8 rounds at 0.9: 1.06-1.08x)
 JUDGE_ROUNDS = 8
 ROUND_DECAY = 0.9
+#: timed rounds after which drafting is judged early when none of them accepted a draft
+JUDGE_MISSES = 3
 
 
 @torch.inference_mode()
@@ -424,16 +426,15 @@ def speculative(stack: Stack, prompt, *, draft_exit: int, max_new_tokens: int = 
             round_time = ROUND_DECAY * round_time + t1 - t0
             round_tokens = ROUND_DECAY * round_tokens + len(new)
             judged, hits = judged + 1, hits + (m > 0)
-            # a verdict after JUDGE_ROUNDS rounds, or sooner when none of 3 accepted a draft (an exit that
-            # passed its probe by luck, as the untouched model's a = 0.03 sometimes does)
-            if judged < JUDGE_ROUNDS and not (judged >= 3 and hits == 0):
-                pass
-            elif round_time / round_tokens > step_cost:  # drafting loses here: greedy for a while, then probe
-                greedy_left, backoff, probing = backoff, min(2 * backoff, 128), True
-                round_time = round_tokens = 0.0
-                judged = hits = 0
-            else:
-                backoff = 8
+            # a verdict after JUDGE_ROUNDS rounds, or sooner when none of JUDGE_MISSES accepted a draft (an
+            # exit that passed its probe by luck, as the untouched model's a = 0.03 sometimes does)
+            if judged >= JUDGE_ROUNDS or (judged >= JUDGE_MISSES and hits == 0):
+                if round_time / round_tokens > step_cost:  # drafting loses here: greedy for a while, then probe
+                    greedy_left, backoff, probing = backoff, min(2 * backoff, 128), True
+                    round_time = round_tokens = 0.0
+                    judged = hits = 0
+                else:
+                    backoff = 8
         if adaptive:
             k = min(k + 2, max_k) if m == kk and kk == k else (max(1, k - 1) if m < kk else k)
     return out
